@@ -1,0 +1,43 @@
+"""Turbo core: informativity-driven token merging, independent of any model library."""
+
+from .attention import add_size_bias, guide_attention, size_log_bias
+from .config import PRESETS, Fusion, Mode, TurboConfig, expand_r
+from .informativity import attention_concentration, attention_entropy, token_redundancy
+from .matching import BipartiteMatcher, Matcher, max_mergeable
+from .merging import Merger, SizeWeightedMerger, merge_sources
+from .plan import MergePlan
+from .reducer import TokenReducer
+from .restoring import CopyRestorer, Restorer
+from .scoring import InformationScorer, Scorer, TokenScores, fuse_information
+from .state import ReductionState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "BipartiteMatcher",
+    "CopyRestorer",
+    "Fusion",
+    "InformationScorer",
+    "Matcher",
+    "MergePlan",
+    "Merger",
+    "Mode",
+    "ReductionState",
+    "Restorer",
+    "Scorer",
+    "SizeWeightedMerger",
+    "TokenReducer",
+    "TokenScores",
+    "TurboConfig",
+    "add_size_bias",
+    "attention_concentration",
+    "attention_entropy",
+    "expand_r",
+    "fuse_information",
+    "guide_attention",
+    "max_mergeable",
+    "merge_sources",
+    "size_log_bias",
+    "token_redundancy",
+]

@@ -1,0 +1,242 @@
+"""Validated, immutable configuration of a token reducer, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "PRESETS",
+    "Fusion",
+    "Mode",
+    "RSpec",
+    "TurboConfig",
+    "expand_r",
+]
+
+
+class Fusion(str, Enum):
+    """How redundancy R and semantic value A fuse into the information degree E.
+
+    ``scale`` below is ``alpha * semantic_scale``; tokens with the highest E merge first.
+    """
+
+    DIFFERENCE = "difference"  # S1: E = R - scale * A  (the paper's default)
+    DIVISION = "division"  # S2: E = R / (scale * A)  (ranks exactly like R / A)
+    PRODUCT = "product"  # S3: E = R * (1 - scale * A)
+    LAYER_DYNAMIC = "layer_dynamic"  # S4: E = R - beta**|gamma - block| * scale * A
+
+
+class Mode(str, Enum):
+    """Which information the ranking uses."""
+
+    TURBO = "turbo"  # redundancy fused with semantics (``fusion``)
+    REDUNDANCY = "redundancy"  # ToMe: E = R
+    SEMANTICS = "semantics"  # semantics only: E = -A
+
+
+_FUSION_ALIASES = {
+    "s1": Fusion.DIFFERENCE,
+    "s2": Fusion.DIVISION,
+    "s3": Fusion.PRODUCT,
+    "s4": Fusion.LAYER_DYNAMIC,
+}
+_MODE_ALIASES = {
+    "tome": Mode.REDUNDANCY,
+    "redundancy-only": Mode.REDUNDANCY,
+    "redundancy_only": Mode.REDUNDANCY,
+    "semantics-only": Mode.SEMANTICS,
+    "semantics_only": Mode.SEMANTICS,
+}
+
+#: ``r`` as users write it: tokens removed per block (int), an explicit per-block list,
+#: or ToMe's ``(r, inflection)`` schedule with inflection in [-1, 1] (-1 decreasing).
+RSpec = int | Sequence[int] | tuple[int, float]
+
+
+def _parse_enum(enum_type: type[Enum], value: Any, name: str, aliases: Mapping[str, Enum]) -> Any:
+    if isinstance(value, enum_type):
+        return value
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in aliases:
+            return aliases[key]
+        for member in enum_type:
+            if member.value == key:
+                return member
+    allowed = sorted([m.value for m in enum_type] + list(aliases))
+    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_int(value: Any, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def _check_float(
+    value: Any, name: str, minimum: float | None = None, maximum: float | None = None
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {number}")
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {number}")
+    return number
+
+
+def _normalise_r(r: Any) -> int | tuple[int, ...] | tuple[int, float]:
+    """Validate ``r`` and return a hashable normal form (the config is frozen)."""
+    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        base = _check_int(r[0], "r[0] (tokens per block)")
+        inflection = _check_float(r[1], "r[1] (inflection)", -1.0, 1.0)
+        return (base, inflection)
+    if isinstance(r, (list, tuple)):
+        return tuple(_check_int(v, f"r[{i}]") for i, v in enumerate(r))
+    return _check_int(r, "r")
+
+
+def expand_r(r: RSpec, num_blocks: int) -> tuple[int, ...]:
+    """Tokens to remove in each of ``num_blocks`` blocks.
+
+    An int is the same for every block; a list is padded with zeros (an error if
+    longer than the model); ``(r, inflection)`` spreads ``num_blocks * r`` tokens
+    linearly, from ``r * (1 - inflection)`` in the first block to ``r * (1 + inflection)``
+    in the last (ToMe's schedule; inflection -1 decreases to zero, +1 increases).
+    """
+    _check_int(num_blocks, "num_blocks", 1)
+    r = _normalise_r(r)
+    if isinstance(r, int):
+        return (r,) * num_blocks
+    if len(r) == 2 and isinstance(r[1], float):
+        base, inflection = r
+        first = base * (1.0 - inflection)
+        last = 2 * base - first
+        step = (last - first) / max(num_blocks - 1, 1)
+        return tuple(int(first + step * i) for i in range(num_blocks))
+    per_block = tuple(int(v) for v in r)
+    if len(per_block) > num_blocks:
+        raise ValueError(
+            f"r lists {len(per_block)} blocks but the model has {num_blocks}; "
+            f"give at most {num_blocks} values"
+        )
+    return per_block + (0,) * (num_blocks - len(per_block))
+
+
+@dataclasses.dataclass(frozen=True)
+class TurboConfig:
+    """Everything that decides what a :class:`~turbo_core.TokenReducer` merges.
+
+    Args:
+        r: tokens removed per block: an int, a per-block list, or ``(r, inflection)``.
+        alpha: weight of the semantic value; ``0`` is exactly redundancy-only (ToMe).
+        semantic_scale: constant multiplying ``alpha``. The paper's formula is
+            ``E = R - alpha * A`` (scale 1); the authors' code multiplies by 30, so
+            reference ``alpha=5`` equals paper ``alpha=150``.
+        fusion: S1 ``difference`` (default), S2 ``division``, S3 ``product``,
+            S4 ``layer_dynamic`` (uses ``beta`` and ``gamma``).
+        beta, gamma: S4's decay base and the block where the semantic weight peaks.
+        mode: ``turbo``, ``redundancy`` (ToMe) or ``semantics`` (rank by -A only).
+        min_tokens: no merging in a block whose input has fewer tokens than this.
+        prop_attn: add ``log(size)`` to attention logits (proportional attention).
+        protected: leading tokens that never merge (CLS, distillation, registers).
+        trace_source: track which original tokens every output token stands for.
+    """
+
+    r: Any = 0
+    alpha: float = 1.0
+    semantic_scale: float = 1.0
+    fusion: Fusion = Fusion.DIFFERENCE
+    beta: float = 1.0
+    gamma: float = 0.0
+    mode: Mode = Mode.TURBO
+    min_tokens: int = 0
+    prop_attn: bool = True
+    protected: int = 1
+    trace_source: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise fields in place once
+        set_(self, "r", _normalise_r(self.r))
+        set_(self, "alpha", _check_float(self.alpha, "alpha", 0.0))
+        set_(self, "semantic_scale", _check_float(self.semantic_scale, "semantic_scale", 0.0))
+        set_(self, "fusion", _parse_enum(Fusion, self.fusion, "fusion", _FUSION_ALIASES))
+        set_(self, "beta", _check_float(self.beta, "beta", 0.0))
+        set_(self, "gamma", _check_float(self.gamma, "gamma"))
+        set_(self, "mode", _parse_enum(Mode, self.mode, "mode", _MODE_ALIASES))
+        set_(self, "min_tokens", _check_int(self.min_tokens, "min_tokens"))
+        set_(self, "protected", _check_int(self.protected, "protected"))
+        for flag in ("prop_attn", "trace_source"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+
+    @property
+    def semantic_weight(self) -> float:
+        """``alpha * semantic_scale``: the factor in front of A in the fusion."""
+        return self.alpha * self.semantic_scale
+
+    @property
+    def uses_semantics(self) -> bool:
+        """Whether the ranking needs the guide token's attention row at all."""
+        if self.mode is Mode.SEMANTICS:
+            return True
+        return self.mode is Mode.TURBO and self.semantic_weight > 0
+
+    def schedule(self, num_blocks: int) -> tuple[int, ...]:
+        """Tokens to remove in each block of a ``num_blocks``-deep model."""
+        return expand_r(self.r, num_blocks)
+
+    def replace(self, **changes: Any) -> TurboConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(
+                f"unknown TurboConfig field(s) {sorted(unknown)}; "
+                f"allowed: {[f.name for f in dataclasses.fields(self)]}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> TurboConfig:
+        """A named preset (see :data:`PRESETS`) with ``overrides`` applied."""
+        key = name.strip().lower()
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        return PRESETS[key].replace(**overrides) if overrides else PRESETS[key]
+
+
+# The authors' code scales the semantic term by a hard-coded 30 (E = R - 30 * alpha * A).
+REFERENCE_SEMANTIC_SCALE = 30.0
+
+PRESETS: dict[str, TurboConfig] = {
+    # The paper's formula as written: E = R - alpha * A, constant r.
+    "paper": TurboConfig(r=16, alpha=REFERENCE_SEMANTIC_SCALE * 5, semantic_scale=1.0),
+    # The reference code's conventions, per task (alpha=5 with the x30 scale).
+    "reference": TurboConfig(
+        r=30, alpha=5.0, semantic_scale=REFERENCE_SEMANTIC_SCALE, min_tokens=40
+    ),
+    "reference-blip-caption": TurboConfig(
+        r=30, alpha=5.0, semantic_scale=REFERENCE_SEMANTIC_SCALE, min_tokens=40
+    ),
+    "reference-blip-retrieval": TurboConfig(
+        r=30, alpha=5.0, semantic_scale=REFERENCE_SEMANTIC_SCALE, min_tokens=100
+    ),
+    "reference-blip-nlvr": TurboConfig(
+        r=30, alpha=5.0, semantic_scale=REFERENCE_SEMANTIC_SCALE, min_tokens=40
+    ),
+    "reference-blip-vqa": TurboConfig(
+        r=40, alpha=5.0, semantic_scale=REFERENCE_SEMANTIC_SCALE, min_tokens=40
+    ),
+    "reference-minigpt-v2": TurboConfig(r=12, alpha=5.0, semantic_scale=REFERENCE_SEMANTIC_SCALE),
+    # ToMe's own setting for ViT-B/16 at 224 px, as a redundancy-only baseline.
+    "tome": TurboConfig(r=13, alpha=0.0, mode=Mode.REDUNDANCY),
+}

@@ -1,0 +1,56 @@
+"""Matcher: bipartite soft matching from scores to an explicit :class:`MergePlan`."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from .plan import MergePlan
+from .scoring import TokenScores
+
+__all__ = ["BipartiteMatcher", "Matcher", "max_mergeable"]
+
+
+def max_mergeable(num_tokens: int, protected: int) -> int:
+    """The largest r one bipartite step allows: ``(N - protected) // 2`` (at least 0)."""
+    return max((num_tokens - protected) // 2, 0)
+
+
+@runtime_checkable
+class Matcher(Protocol):
+    """Turns scores into a plan removing (up to) ``r`` tokens."""
+
+    def match(self, scores: TokenScores, r: int) -> MergePlan: ...
+
+
+class BipartiteMatcher:
+    """Merge the ``r`` A tokens of highest degree into their most similar B token.
+
+    Output order: the protected tokens in their original order, then the A tokens
+    that stay (by position), then the unprotected B tokens (by position). ``r`` is
+    clipped to :func:`max_mergeable`; ties in degree go to the earlier token.
+    """
+
+    def match(self, scores: TokenScores, r: int) -> MergePlan:
+        degree, partner = scores.degree, scores.partner
+        batch, num_tokens, protected = degree.shape[0], scores.num_tokens, scores.protected
+        device = degree.device
+        r = min(r, max_mergeable(num_tokens, protected))
+        if r <= 0:
+            return MergePlan.identity(batch, num_tokens, device)
+
+        num_a, num_b = degree.shape[1], num_tokens // 2
+        protected_a, protected_b = (protected + 1) // 2, protected // 2
+        order = degree.sort(dim=-1, descending=True, stable=True).indices  # (B, Na)
+        src = order[:, :r]
+        # Protected A rows hold -inf, so they sort last and are the smallest indices here.
+        stay = order[:, r:].sort(dim=-1).values[:, protected_a:]
+        dst = partner.gather(1, src)
+
+        lead = torch.arange(protected, device=device).expand(batch, protected)
+        b_tokens = torch.arange(protected_b, num_b, device=device) * 2 + 1
+        kept_idx = torch.cat([lead, stay * 2, b_tokens.expand(batch, -1)], dim=1)
+        first_b_slot = protected + (num_a - protected_a - r)
+        merged_into = dst - protected_b + first_b_slot
+        return MergePlan(kept_idx, src * 2, merged_into, num_tokens)

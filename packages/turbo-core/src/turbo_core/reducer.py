@@ -1,0 +1,161 @@
+"""TokenReducer: scorer + matcher + merger + restorer, driven by a per-forward state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .attention import size_log_bias
+from .config import TurboConfig
+from .matching import BipartiteMatcher, Matcher
+from .merging import Merger, SizeWeightedMerger, merge_sources
+from .plan import MergePlan
+from .restoring import CopyRestorer, Restorer
+from .scoring import InformationScorer, Scorer
+from .state import ReductionState
+
+__all__ = ["TokenReducer"]
+
+
+def _check_sequence(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 3:
+        raise ValueError(
+            f"{name} must be 3-D (batch, tokens, channels), got shape {tuple(t.shape)}"
+        )
+
+
+class TokenReducer:
+    """Shortens a token sequence block by block (Turbo, or ToMe with ``alpha=0``).
+
+    Typical use inside a transformer block (after attention, before the MLP)::
+
+        state = reducer.start(num_blocks=len(blocks))   # once per forward pass
+        ...
+        x = x + attn(norm1(x), attn_mask=reducer.attention_bias(state, x.dtype))
+        x = reducer.step(x, metric=k.mean(1), state=state, semantic=cls_row)
+        x = x + mlp(norm2(x))
+
+    Each role is replaceable: pass any object with the protocol's method as
+    ``scorer``, ``matcher``, ``merger`` or ``restorer``.
+    """
+
+    def __init__(
+        self,
+        config: TurboConfig | None = None,
+        *,
+        scorer: Scorer | None = None,
+        matcher: Matcher | None = None,
+        merger: Merger | None = None,
+        restorer: Restorer | None = None,
+        **overrides: Any,
+    ) -> None:
+        config = config or TurboConfig()
+        self.config = config.replace(**overrides) if overrides else config
+        self.scorer = scorer if scorer is not None else InformationScorer(self.config)
+        self.matcher = matcher if matcher is not None else BipartiteMatcher()
+        self.merger = merger if merger is not None else SizeWeightedMerger()
+        self.restorer = restorer if restorer is not None else CopyRestorer()
+
+    def __repr__(self) -> str:
+        return f"TokenReducer({self.config})"
+
+    def start(self, num_blocks: int) -> ReductionState:
+        """A fresh state for one forward pass through ``num_blocks`` blocks."""
+        return ReductionState(schedule=self.config.schedule(num_blocks))
+
+    def effective_r(self, num_tokens: int, r: int) -> int:
+        """``r`` after the minimum-token threshold and the bipartite limit."""
+        if num_tokens < self.config.min_tokens:
+            return 0
+        return max(min(r, (num_tokens - self.config.protected) // 2), 0)
+
+    def plan(
+        self,
+        metric: torch.Tensor,
+        semantic: torch.Tensor | None = None,
+        r: int = 0,
+        block_index: int = 0,
+    ) -> MergePlan:
+        """Plan removing up to ``r`` tokens from a sequence with this ``metric``.
+
+        Args:
+            metric: ``(B, N, D)`` similarity features (e.g. keys averaged over heads).
+            semantic: ``(B, N)`` attention of the guide token to every token.
+            r: tokens to remove; clipped as :meth:`effective_r` says.
+            block_index: position of the block (used by the S4 fusion).
+        """
+        _check_sequence("metric", metric)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"r must be an int >= 0, got {r!r}")
+        batch, num_tokens = metric.shape[:2]
+        if semantic is not None and semantic.shape != (batch, num_tokens):
+            raise ValueError(
+                f"semantic must have shape (B, N) = {(batch, num_tokens)} to match metric, "
+                f"got {tuple(semantic.shape)}"
+            )
+        r = self.effective_r(num_tokens, r)
+        if r == 0:
+            return MergePlan.identity(batch, num_tokens, metric.device)
+        scores = self.scorer.score(metric, semantic, self.config.protected, block_index)
+        return self.matcher.match(scores, r)
+
+    def merge(
+        self, x: torch.Tensor, plan: MergePlan, state: ReductionState | None = None
+    ) -> torch.Tensor:
+        """Apply ``plan`` to ``x``; with a state, also carry its sizes and sources."""
+        _check_sequence("x", x)
+        if x.shape[:2] != (plan.batch_size, plan.num_tokens):
+            raise ValueError(
+                f"x has (B, N) = {tuple(x.shape[:2])} but the plan was made for "
+                f"{(plan.batch_size, plan.num_tokens)}"
+            )
+        if state is None:
+            return self.merger.merge(x, plan)[0]
+        if self.config.trace_source and state.source is None:
+            state.source = torch.arange(plan.num_tokens, device=x.device).expand(x.shape[0], -1)
+        x, state.size = self.merger.merge(x, plan, state.size)
+        if self.config.trace_source and plan.r:
+            state.source = merge_sources(state.source, plan)
+        return x
+
+    def step(
+        self,
+        x: torch.Tensor,
+        metric: torch.Tensor,
+        state: ReductionState,
+        semantic: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One block's reduction: plan with the scheduled r, merge, advance the state.
+
+        Args:
+            x: ``(B, N, C)`` hidden states.
+            metric: ``(B, N, D)`` similarity features for the same tokens.
+            state: this forward pass's state (from :meth:`start`).
+            semantic: ``(B, N)`` guide-token attention, needed unless redundancy-only.
+        """
+        _check_sequence("x", x)
+        _check_sequence("metric", metric)
+        if metric.shape[:2] != x.shape[:2]:
+            raise ValueError(
+                f"metric has (B, N) = {tuple(metric.shape[:2])} but x has {tuple(x.shape[:2])}"
+            )
+        scheduled = state.r_for_current_block()
+        plan = self.plan(metric, semantic, scheduled, state.block_index)
+        x = self.merge(x, plan, state)
+        state.r_applied.append(plan.r)
+        state.token_counts.append(x.shape[1])
+        state.block_index += 1
+        return x
+
+    def restore(self, y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+        """Back to the plan's input length and order (merge-and-restore)."""
+        return self.restorer.restore(y, plan)
+
+    def attention_bias(self, state: ReductionState, dtype: torch.dtype) -> torch.Tensor | None:
+        """``log(size)`` as an SDPA additive mask, or None (no merge yet / prop_attn off)."""
+        if not self.config.prop_attn:
+            return None
+        return size_log_bias(state.size, dtype)

@@ -1,0 +1,48 @@
+"""Per-forward state of a reducer: sizes, sources and the position in the schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["ReductionState"]
+
+
+@dataclasses.dataclass
+class ReductionState:
+    """Everything one forward pass accumulates. Create one per forward pass.
+
+    Keeping it in one object (never on the model or in globals) means two models,
+    two threads or a re-entrant call each have their own, and nothing leaks from
+    one forward into the next.
+
+    Attributes:
+        schedule: tokens to remove in each block.
+        size: ``(B, N, 1)`` float32, original tokens each current token stands for;
+            ``None`` until the first merge (all ones).
+        source: ``(B, N_original)`` int64, current slot of every original token;
+            ``None`` unless source tracking is on.
+        block_index: blocks that have called :meth:`TokenReducer.step` so far.
+        token_counts: sequence length after each step, for inspection.
+        r_applied: tokens actually removed in each step (after clipping).
+    """
+
+    schedule: tuple[int, ...]
+    size: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+    block_index: int = 0
+    token_counts: list[int] = dataclasses.field(default_factory=list)
+    r_applied: list[int] = dataclasses.field(default_factory=list)
+
+    def r_for_current_block(self) -> int:
+        """Scheduled r of the block about to run (0 past the end of the schedule)."""
+        if self.block_index < len(self.schedule):
+            return self.schedule[self.block_index]
+        return 0
+
+    def sizes_for(self, x: torch.Tensor) -> torch.Tensor:
+        """Current sizes, materialised as ones when nothing has merged yet."""
+        if self.size is not None:
+            return self.size
+        return torch.ones(*x.shape[:2], 1, dtype=torch.float32, device=x.device)

@@ -1,0 +1,130 @@
+"""Config validation, schedules and presets; bad input raises errors naming the parameter."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from turbo_core import PRESETS, TokenReducer, TurboConfig, expand_r
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"r": -1}, "r must be an int >= 0"),
+        ({"r": [3, -2]}, r"r\[1\] must be an int >= 0"),
+        ({"r": 2.5}, "r must be an int"),
+        ({"r": (8, 1.5)}, r"r\[1\] \(inflection\) must be <= 1.0"),
+        ({"alpha": math.nan}, "alpha must be a finite number"),
+        ({"alpha": -0.1}, "alpha must be >= 0.0"),
+        ({"fusion": "S9"}, "fusion must be one of"),
+        ({"mode": "fast"}, "mode must be one of"),
+        ({"min_tokens": -3}, "min_tokens must be an int >= 0"),
+        ({"protected": -1}, "protected must be an int >= 0"),
+        ({"beta": math.inf}, "beta must be a finite number"),
+        ({"prop_attn": 1}, "prop_attn must be a bool"),
+    ],
+)
+def test_bad_config_names_the_parameter(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        TurboConfig(**kwargs)
+
+
+def test_aliases_and_enums_normalise():
+    assert TurboConfig(fusion="S3").fusion.value == "product"
+    assert TurboConfig(mode="tome").mode.value == "redundancy"
+    assert TurboConfig(r=[1, 2]).r == (1, 2)
+
+
+def test_config_is_immutable_and_hashable():
+    config = TurboConfig(r=[4, 4], alpha=2)
+    with pytest.raises(AttributeError):
+        config.alpha = 3.0  # type: ignore[misc]
+    assert hash(config) == hash(TurboConfig(r=(4, 4), alpha=2.0))
+    with pytest.raises(TypeError, match="unknown TurboConfig field"):
+        config.replace(alfa=1.0)
+
+
+def test_schedules():
+    assert expand_r(5, 4) == (5, 5, 5, 5)
+    assert expand_r([3, 2], 4) == (3, 2, 0, 0)
+    assert expand_r((8, 0.0), 3) == (8, 8, 8)
+    decreasing = expand_r((8, -1.0), 5)  # from 2r down to 0, same total as constant r
+    assert decreasing == (16, 12, 8, 4, 0)
+    with pytest.raises(ValueError, match="r lists 3 blocks but the model has 2"):
+        expand_r([1, 1, 1], 2)
+    with pytest.raises(ValueError, match="num_blocks must be an int >= 1"):
+        expand_r(3, 0)
+
+
+@given(st.integers(0, 40), st.floats(-1, 1), st.integers(2, 24))
+def test_inflected_schedule_is_monotone_and_keeps_the_budget(r, inflection, blocks):
+    schedule = expand_r((r, inflection), blocks)
+    assert len(schedule) == blocks and min(schedule) >= 0
+    steps = [b - a for a, b in itertools.pairwise(schedule)]
+    assert all(s <= 1 for s in steps) if inflection <= 0 else all(s >= -1 for s in steps)
+    assert abs(sum(schedule) - r * blocks) <= blocks  # truncation loses < 1 per block
+
+
+def test_presets_document_the_reference_scale():
+    reference = TurboConfig.from_preset("reference")
+    paper = TurboConfig.from_preset("paper")
+    assert reference.semantic_weight == paper.semantic_weight == 150.0
+    assert TurboConfig.from_preset("reference-blip-vqa").r == 40
+    assert TurboConfig.from_preset("reference-minigpt-v2", r=6).r == 6
+    assert PRESETS["tome"].uses_semantics is False
+    with pytest.raises(ValueError, match="unknown preset 'nope'; available"):
+        TurboConfig.from_preset("nope")
+
+
+def test_bad_tensors_name_the_parameter():
+    reducer = TokenReducer(r=2)
+    x = torch.randn(2, 9, 4)
+    state = reducer.start(1)
+    with pytest.raises(ValueError, match=r"x must be 3-D \(batch, tokens, channels\)"):
+        reducer.step(x[0], x, state)
+    with pytest.raises(ValueError, match=r"metric has \(B, N\) = \(2, 8\) but x has \(2, 9\)"):
+        reducer.step(x, x[:, :8], state)
+    with pytest.raises(ValueError, match=r"semantic must have shape \(B, N\)"):
+        reducer.plan(x, torch.rand(2, 5), 2)
+    with pytest.raises(ValueError, match="needs the semantic row"):
+        reducer.plan(x, None, 2)
+    with pytest.raises(ValueError, match="r must be an int >= 0"):
+        reducer.plan(x, torch.rand(2, 9), -1)
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
+        reducer.step([[1.0]], x, state)  # type: ignore[arg-type]
+    plan = reducer.plan(x, torch.rand(2, 9), 2)
+    with pytest.raises(ValueError, match="but the plan was made for"):
+        reducer.merge(torch.randn(2, 7, 4), plan)
+    with pytest.raises(ValueError, match=r"y must be \(B, 7, C\)"):
+        reducer.restore(torch.randn(2, 9, 4), plan)
+
+
+def test_replaceable_roles_are_used():
+    calls = []
+
+    class CountingRestorer:
+        def restore(self, y, plan):
+            calls.append(plan.r)
+            return y.gather(1, plan.assignment()[..., None].expand(-1, -1, y.shape[-1]))
+
+    reducer = TokenReducer(TurboConfig(r=3, alpha=0.0), restorer=CountingRestorer())
+    x = torch.randn(1, 10, 4)
+    plan = reducer.plan(x, None, 3)
+    assert reducer.restore(reducer.merge(x, plan), plan).shape == x.shape
+    assert calls == [3]
+
+
+def test_states_are_independent_between_forwards():
+    reducer = TokenReducer(TurboConfig(r=2, alpha=0.0, trace_source=True))
+    x = torch.randn(1, 12, 4)
+    first, second = reducer.start(2), reducer.start(2)
+    reducer.step(x, x, first)
+    assert second.block_index == 0 and second.size is None and second.source is None
+    out = reducer.step(x, x, second)
+    assert out.shape[1] == 10 and first.block_index == second.block_index == 1
