@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -26,6 +27,8 @@ class ReductionState:
         block_index: blocks that have called :meth:`TokenReducer.step` so far.
         token_counts: sequence length after each step, for inspection.
         r_applied: tokens actually removed in each step (after clipping).
+        extras: scratch space for an adapter within one forward pass (e.g. the
+            attention sub-layer hands its metric to the block that merges).
     """
 
     schedule: tuple[int, ...]
@@ -34,6 +37,7 @@ class ReductionState:
     block_index: int = 0
     token_counts: list[int] = dataclasses.field(default_factory=list)
     r_applied: list[int] = dataclasses.field(default_factory=list)
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def r_for_current_block(self) -> int:
         """Scheduled r of the block about to run (0 past the end of the schedule)."""

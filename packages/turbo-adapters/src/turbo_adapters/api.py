@@ -1,0 +1,84 @@
+"""The user-facing entry points: apply, remove, patched."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from turbo_core import TurboConfig
+
+from .handle import TurboHandle, handle_of
+from .registry import adapter_for_model, get_adapter
+
+__all__ = ["apply", "remove", "patched", "resolve_config"]
+
+
+def resolve_config(preset_or_config: str | TurboConfig | None, **overrides: Any) -> TurboConfig:
+    """A config from a preset name, a config, or None (defaults), plus overrides."""
+    if preset_or_config is None:
+        config = TurboConfig()
+    elif isinstance(preset_or_config, str):
+        config = TurboConfig.from_preset(preset_or_config)
+    elif isinstance(preset_or_config, TurboConfig):
+        config = preset_or_config
+    else:
+        raise TypeError(
+            "preset_or_config must be a preset name, a TurboConfig or None, "
+            f"got {type(preset_or_config).__name__}"
+        )
+    return config.replace(**overrides) if overrides else config
+
+
+def apply(
+    model: nn.Module,
+    preset_or_config: str | TurboConfig | None = None,
+    *,
+    adapter: str | None = None,
+    **overrides: Any,
+) -> TurboHandle:
+    """Patch ``model`` in place with Turbo and return its handle.
+
+    Args:
+        model: a supported model (timm, torchvision, transformers ...).
+        preset_or_config: a preset name (``"reference"``, ``"tome"`` ...), a
+            :class:`~turbo_core.TurboConfig`, or None for the defaults.
+        adapter: adapter or model name to use instead of detecting it from ``model``.
+        **overrides: config fields to change (``r=13``, ``alpha=0``). ``protected``
+            defaults to the model's own prefix tokens (CLS, distillation, registers).
+
+    Raises:
+        RuntimeError: if ``model`` is already patched.
+    """
+    if handle_of(model) is not None:
+        raise RuntimeError(
+            "model is already patched by Turbo; call turbo_adapters.remove(model) "
+            "first, or change settings on the handle (handle.r = ...)"
+        )
+    config = resolve_config(preset_or_config, **overrides)
+    chosen = get_adapter(adapter) if adapter is not None else adapter_for_model(model)
+    if not chosen.matches(model):
+        raise TypeError(f"adapter {chosen.name!r} cannot patch a {type(model).__name__}")
+    return chosen.patch(model, config, explicit=frozenset(overrides))
+
+
+def remove(model: nn.Module) -> None:
+    """Undo :func:`apply`: classes and forwards are the originals again."""
+    handle = handle_of(model)
+    if handle is None:
+        raise ValueError("model is not patched by Turbo")
+    handle.remove()
+
+
+@contextlib.contextmanager
+def patched(
+    model: nn.Module, preset_or_config: str | TurboConfig | None = None, **overrides: Any
+) -> Iterator[TurboHandle]:
+    """``with patched(model, r=13) as handle: ...`` applies on entry and removes on exit."""
+    handle = apply(model, preset_or_config, **overrides)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,7 @@
+"""Imports the adapter modules shipped with turbo-adapters so they register themselves.
+
+Each module imports its model library lazily, inside ``matches`` and ``patch``, so
+importing them costs nothing when the library is not installed.
+"""
+
+from . import vit_timm  # noqa: F401

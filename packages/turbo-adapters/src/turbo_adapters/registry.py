@@ -1,0 +1,144 @@
+"""Adapter registry: model names, model types and model objects -> the adapter that patches them.
+
+Third-party packages add adapters with the :func:`register_adapter` decorator or
+through the ``turbo_adapters.adapters`` entry-point group (an entry point names a
+module or callable; loading it registers its adapters)::
+
+    [project.entry-points."turbo_adapters.adapters"]
+    my_model = "my_package.turbo_adapter"
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.metadata
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from torch import nn
+
+__all__ = [
+    "Adapter",
+    "ENTRY_POINT_GROUP",
+    "adapter_for_model",
+    "get_adapter",
+    "list_adapters",
+    "register_adapter",
+]
+
+ENTRY_POINT_GROUP = "turbo_adapters.adapters"
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """What an adapter provides.
+
+    Attributes:
+        name: unique adapter name (``"timm-vit"``).
+        model_names: glob patterns of names users write (``"vit_*"``, ``"google/vit-*"``).
+        model_types: ``config.model_type`` values (transformers) it handles.
+    """
+
+    name: str
+    model_names: tuple[str, ...]
+    model_types: tuple[str, ...]
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this adapter can patch ``model`` (checked by class, not by path)."""
+        ...
+
+    def patch(self, model: nn.Module, config: Any, explicit: frozenset[str] = frozenset()) -> Any:
+        """Patch ``model`` in place and return its :class:`~turbo_adapters.TurboHandle`.
+
+        ``explicit`` names the config fields the user set by keyword; the adapter
+        fills the others that depend on the model (``protected``) from the model.
+        """
+        ...
+
+
+_ADAPTERS: dict[str, Adapter] = {}
+_entry_points_loaded = False
+
+
+def register_adapter(adapter: Any = None, *, replace: bool = False) -> Any:
+    """Register an adapter class or instance; usable as a decorator.
+
+    A class is instantiated without arguments. Registering a second adapter under
+    an existing name is an error unless ``replace=True``.
+    """
+
+    def add(obj: Any) -> Any:
+        instance = obj() if isinstance(obj, type) else obj
+        missing = [
+            a
+            for a in ("name", "model_names", "model_types", "matches", "patch")
+            if not hasattr(instance, a)
+        ]
+        if missing:
+            raise TypeError(f"adapter {obj!r} lacks {missing}; see turbo_adapters.Adapter")
+        if instance.name in _ADAPTERS and not replace:
+            raise ValueError(
+                f"an adapter named {instance.name!r} is already registered; "
+                "pass replace=True to override it"
+            )
+        _ADAPTERS[instance.name] = instance
+        return obj
+
+    return add if adapter is None else add(adapter)
+
+
+def _load_builtin_and_entry_points() -> None:
+    global _entry_points_loaded
+    from . import builtin  # noqa: F401  (registers the adapters shipped here)
+
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        loaded = entry_point.load()
+        if isinstance(loaded, Callable) and not isinstance(loaded, type):  # type: ignore[arg-type]
+            loaded()
+
+
+def list_adapters() -> dict[str, tuple[str, ...]]:
+    """Every adapter with the model names and types it answers to."""
+    _load_builtin_and_entry_points()
+    return {name: a.model_names + a.model_types for name, a in sorted(_ADAPTERS.items())}
+
+
+def _supported_names() -> str:
+    return "; ".join(f"{name}: {', '.join(pats)}" for name, pats in list_adapters().items())
+
+
+def get_adapter(name: str) -> Adapter:
+    """The adapter for a model name as users write it.
+
+    Accepts adapter names, timm names (with or without a pretrained tag after the
+    dot), hub ids (``google/vit-base-patch16-224``), ``config.model_type`` values
+    and torchvision builder or weight names. Matching is case-insensitive.
+    """
+    _load_builtin_and_entry_points()
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("name must be a non-empty model name")
+    key = name.strip().lower()
+    if key in _ADAPTERS:
+        return _ADAPTERS[key]
+    candidates = {key, key.split(".", 1)[0]}  # timm pretrained tags: name.tag
+    for adapter in _ADAPTERS.values():
+        if any(c == t for c in candidates for t in adapter.model_types):
+            return adapter
+        if any(fnmatch.fnmatchcase(c, p.lower()) for c in candidates for p in adapter.model_names):
+            return adapter
+    raise KeyError(f"no Turbo adapter for {name!r}. Supported: {_supported_names()}")
+
+
+def adapter_for_model(model: nn.Module) -> Adapter:
+    """The adapter that recognises ``model`` by its classes."""
+    _load_builtin_and_entry_points()
+    for adapter in _ADAPTERS.values():
+        if adapter.matches(model):
+            return adapter
+    raise TypeError(
+        f"no Turbo adapter recognises {type(model).__module__}.{type(model).__name__}. "
+        f"Supported: {_supported_names()}"
+    )
