@@ -13,7 +13,7 @@ from turbo_core import TurboConfig
 from .handle import TurboHandle, handle_of
 from .registry import adapter_for_model, get_adapter
 
-__all__ = ["apply", "remove", "patched", "resolve_config"]
+__all__ = ["apply", "patched", "remove", "resolve_config"]
 
 
 def resolve_config(preset_or_config: str | TurboConfig | None, **overrides: Any) -> TurboConfig:

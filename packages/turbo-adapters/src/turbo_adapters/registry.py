@@ -18,8 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 
 __all__ = [
-    "Adapter",
     "ENTRY_POINT_GROUP",
+    "Adapter",
     "adapter_for_model",
     "get_adapter",
     "list_adapters",
