@@ -258,3 +258,59 @@ def test_broken_size_update_is_caught():
     state = reducer.start(1)
     out = reducer.step(case.x, case.metric, state)
     assert state.sizes_for(out).sum() != case.batch * case.tokens
+
+
+@st.composite
+def padded_cases(draw):
+    case = draw(cases(dtypes=[torch.float32], max_tokens=30))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    mask = torch.rand(case.batch, case.tokens, generator=g) < draw(st.floats(0.2, 0.9))
+    mask[:, : max(case.protected, 1)] = True  # protected tokens (and the first) are real
+    return case, mask
+
+
+@given(padded_cases(), st.lists(st.integers(0, 8), min_size=1, max_size=3))
+def test_padding_never_contaminates_real_tokens(case_and_mask, schedule):
+    case, mask = case_and_mask
+    reducer = reducer_for(case, r=schedule, alpha=1.0, trace_source=True)
+
+    def run(x, metric):
+        state = reducer.start(num_blocks=len(schedule), token_mask=mask)
+        for _ in schedule:
+            x = reducer.step(x, metric, state, torch.ones(x.shape[:2]).softmax(-1))
+            metric = x
+        return x, state
+
+    out, state = run(case.x, case.metric)
+    # sizes count real tokens only; padding has size 0
+    assert torch.equal(state.size.sum(dim=(1, 2)), mask.sum(dim=1).float())
+    # changing what the padding holds changes nothing that real tokens see
+    pad = ~mask[..., None]
+    other, other_state = run(
+        torch.where(pad, torch.randn(case.x.shape) * 100, case.x),
+        torch.where(pad, torch.randn(case.metric.shape) * 100, case.metric),
+    )
+    real_slots = state.size[..., 0] > 0
+    if state.source is not None:
+        for b in range(case.batch):
+            real_tokens = mask[b].nonzero().flatten()
+            mine = out[b, state.source[b, real_tokens]]
+            theirs = other[b, other_state.source[b, real_tokens]]
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(out[real_slots], other[real_slots], rtol=1e-5, atol=1e-5)
+    # attention bias masks padding exactly
+    bias = reducer.attention_bias(state, torch.float32)
+    if bias is not None:
+        assert torch.equal(bias[:, 0, 0] == -torch.inf, ~real_slots)
+
+
+def test_padding_ranks_after_real_tokens():
+    # one sequence: CLS, 6 real tokens, 6 padding; r=3 must merge only real tokens
+    mask = torch.tensor([[True] * 7 + [False] * 6])
+    x = torch.randn(1, 13, 4)
+    reducer = TokenReducer(TurboConfig(r=3, alpha=0.0, protected=1))
+    plan = reducer.plan(x, None, 3, token_mask=mask)
+    assert all(mask[0, i] for i in plan.merged_idx[0].tolist())
+    seeds = plan.kept_idx[0, plan.merged_into[0]]
+    assert all(mask[0, i] for i in seeds.tolist())

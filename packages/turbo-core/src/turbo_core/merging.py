@@ -67,7 +67,9 @@ class SizeWeightedMerger:
         merged = _rows(x, plan.merged_idx)  # (B, r, C)
         merged_size = _rows(size, plan.merged_idx)  # (B, r, 1)
         new_size = _add_rows(kept_size, into, merged_size)
-        weight = (merged_size / _rows(new_size, into)).to(x.dtype)
+        # clamp: padding has size 0, and padding merged into padding stays size 0
+        total = _rows(new_size, into).clamp_min(torch.finfo(new_size.dtype).tiny)
+        weight = (merged_size / total).to(x.dtype)
         delta = (merged - _rows(kept, into)) * weight  # (B, r, C)
         return _add_rows(kept, into, delta), new_size
 

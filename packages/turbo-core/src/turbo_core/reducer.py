@@ -62,9 +62,25 @@ class TokenReducer:
     def __repr__(self) -> str:
         return f"TokenReducer({self.config})"
 
-    def start(self, num_blocks: int) -> ReductionState:
-        """A fresh state for one forward pass through ``num_blocks`` blocks."""
-        return ReductionState(schedule=self.config.schedule(num_blocks))
+    def start(self, num_blocks: int, token_mask: torch.Tensor | None = None) -> ReductionState:
+        """A fresh state for one forward pass through ``num_blocks`` blocks.
+
+        Args:
+            num_blocks: depth of the model (for the r schedule).
+            token_mask: optional ``(B, N)`` bool, False at padding. Padding gets size 0:
+                proportional attention then masks it (log 0 = -inf), size-weighted
+                averages ignore it, and it never merges with real tokens.
+        """
+        state = ReductionState(schedule=self.config.schedule(num_blocks))
+        if token_mask is not None:
+            if token_mask.dim() != 2 or token_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"token_mask must be a (B, N) bool tensor, got {token_mask.dtype} "
+                    f"of shape {tuple(token_mask.shape)}"
+                )
+            state.size = token_mask.to(torch.float32).unsqueeze(-1)
+            state.padded = True
+        return state
 
     def effective_r(self, num_tokens: int, r: int) -> int:
         """``r`` after the minimum-token threshold and the bipartite limit."""
@@ -78,6 +94,7 @@ class TokenReducer:
         semantic: torch.Tensor | None = None,
         r: int = 0,
         block_index: int = 0,
+        token_mask: torch.Tensor | None = None,
     ) -> MergePlan:
         """Plan removing up to ``r`` tokens from a sequence with this ``metric``.
 
@@ -86,6 +103,7 @@ class TokenReducer:
             semantic: ``(B, N)`` attention of the guide token to every token.
             r: tokens to remove; clipped as :meth:`effective_r` says.
             block_index: position of the block (used by the S4 fusion).
+            token_mask: ``(B, N)`` bool, False at padding (see :meth:`start`).
         """
         _check_sequence("metric", metric)
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
@@ -99,7 +117,14 @@ class TokenReducer:
         r = self.effective_r(num_tokens, r)
         if r == 0:
             return MergePlan.identity(batch, num_tokens, metric.device)
-        scores = self.scorer.score(metric, semantic, self.config.protected, block_index)
+        if token_mask is not None and token_mask.shape != (batch, num_tokens):
+            raise ValueError(
+                f"token_mask must have shape (B, N) = {(batch, num_tokens)}, "
+                f"got {tuple(token_mask.shape)}"
+            )
+        scores = self.scorer.score(
+            metric, semantic, self.config.protected, block_index, token_mask=token_mask
+        )
         return self.matcher.match(scores, r)
 
     def merge(
@@ -114,6 +139,10 @@ class TokenReducer:
             )
         if state is None:
             return self.merger.merge(x, plan)[0]
+        if state.size is not None and state.size.shape[1] != plan.num_tokens:
+            raise ValueError(
+                f"state tracks {state.size.shape[1]} tokens but the plan is for {plan.num_tokens}"
+            )
         if self.config.trace_source and state.source is None:
             state.source = torch.arange(plan.num_tokens, device=x.device).expand(x.shape[0], -1)
         x, state.size = self.merger.merge(x, plan, state.size)
@@ -143,7 +172,7 @@ class TokenReducer:
                 f"metric has (B, N) = {tuple(metric.shape[:2])} but x has {tuple(x.shape[:2])}"
             )
         scheduled = state.r_for_current_block()
-        plan = self.plan(metric, semantic, scheduled, state.block_index)
+        plan = self.plan(metric, semantic, scheduled, state.block_index, state.token_mask())
         x = self.merge(x, plan, state)
         state.r_applied.append(plan.r)
         state.token_counts.append(x.shape[1])
@@ -155,7 +184,14 @@ class TokenReducer:
         return self.restorer.restore(y, plan)
 
     def attention_bias(self, state: ReductionState, dtype: torch.dtype) -> torch.Tensor | None:
-        """``log(size)`` as an SDPA additive mask, or None (no merge yet / prop_attn off)."""
-        if not self.config.prop_attn:
+        """Additive SDPA mask: ``log(size)`` (proportional attention), or None before any merge.
+
+        With ``prop_attn=False`` only padding is masked (``-inf``), if there is any.
+        """
+        if state.size is None:
             return None
-        return size_log_bias(state.size, dtype)
+        if self.config.prop_attn:
+            return size_log_bias(state.size, dtype)
+        if state.padded:
+            return size_log_bias((state.size > 0).to(state.size.dtype), dtype)
+        return None

@@ -45,6 +45,7 @@ class Scorer(Protocol):
         semantic: torch.Tensor | None,
         protected: int,
         block_index: int,
+        token_mask: torch.Tensor | None = None,
     ) -> TokenScores: ...
 
 
@@ -92,7 +93,14 @@ class InformationScorer:
         semantic: torch.Tensor | None,
         protected: int,
         block_index: int,
+        token_mask: torch.Tensor | None = None,
     ) -> TokenScores:
+        """Scores of every A token; ``token_mask`` (B, N) marks real tokens (False = padding).
+
+        Real tokens merge only into real tokens and padding only into padding; real
+        tokens rank before padding, so padding merges only when a sequence has no real
+        candidate left (and then harmlessly: padding has size 0).
+        """
         num_tokens = metric.shape[1]
         # float32 at least: rankings from half-precision cosines tie far too often.
         work_dtype = torch.promote_types(metric.dtype, torch.float32)
@@ -103,9 +111,19 @@ class InformationScorer:
         protected_a, protected_b = (protected + 1) // 2, protected // 2
         if protected_b:
             similarity[:, :, :protected_b] = -torch.inf  # never a destination
+        if token_mask is not None:
+            real_a, real_b = token_mask[:, ::2], token_mask[:, 1::2]
+            mixed = real_a.unsqueeze(-1) != real_b.unsqueeze(-2)
+            similarity.masked_fill_(mixed, -torch.inf)
         redundancy, partner = similarity.max(dim=-1)
         semantic_a = None if semantic is None else semantic[:, ::2].to(work_dtype)
         degree = fuse_information(redundancy, semantic_a, self.config, block_index)
+        if token_mask is not None:
+            # Tiers, highest first: real tokens with a partner, padding, real tokens
+            # without a partner, protected tokens (-inf, below).
+            lowest = torch.finfo(work_dtype).min
+            degree = torch.where(redundancy == -torch.inf, lowest, degree)
+            degree = torch.where(real_a, degree, lowest / 4)
         if protected_a:
             degree = degree.clone() if degree is redundancy else degree
             degree[:, :protected_a] = -torch.inf  # never a source

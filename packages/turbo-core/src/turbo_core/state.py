@@ -27,6 +27,7 @@ class ReductionState:
         block_index: blocks that have called :meth:`TokenReducer.step` so far.
         token_counts: sequence length after each step, for inspection.
         r_applied: tokens actually removed in each step (after clipping).
+        padded: whether the sequence has padding (size-0 tokens) that must stay apart.
         extras: scratch space for an adapter within one forward pass (e.g. the
             attention sub-layer hands its metric to the block that merges).
     """
@@ -37,7 +38,14 @@ class ReductionState:
     block_index: int = 0
     token_counts: list[int] = dataclasses.field(default_factory=list)
     r_applied: list[int] = dataclasses.field(default_factory=list)
+    padded: bool = False
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def token_mask(self) -> torch.Tensor | None:
+        """``(B, N)`` bool, True for real tokens; None when there is no padding."""
+        if not self.padded or self.size is None:
+            return None
+        return self.size[..., 0] > 0
 
     def r_for_current_block(self) -> int:
         """Scheduled r of the block about to run (0 past the end of the schedule)."""
