@@ -95,13 +95,16 @@ class TurboHandle:
         return self._state.get()
 
     @contextlib.contextmanager
-    def forward_scope(self) -> Iterator[ReductionState]:
-        """Enter one forward pass; nested entries (forward -> forward_features) share it."""
+    def forward_scope(self, token_mask: torch.Tensor | None = None) -> Iterator[ReductionState]:
+        """Enter one forward pass; nested entries (forward -> forward_features) share it.
+
+        ``token_mask`` (B, N) bool marks real tokens (False = padding) for text models.
+        """
         active = self._state.get()
         if active is not None:
             yield active
             return
-        state = self.reducer.start(self.num_blocks)
+        state = self.reducer.start(self.num_blocks, token_mask=token_mask)
         token = self._state.set(state)
         try:
             yield state
