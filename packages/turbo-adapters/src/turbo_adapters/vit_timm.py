@@ -78,30 +78,34 @@ class _TurboTimmVisionTransformer:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
 
     def forward_features(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "grad_checkpointing", False) and torch.is_grad_enabled():
+            # checkpointing re-runs blocks during backward, outside this forward's state,
+            # so the recomputed blocks would neither see the sizes nor merge
+            raise RuntimeError(
+                "Turbo does not support grad_checkpointing; call "
+                "model.set_grad_checkpointing(False) or run under torch.no_grad()"
+            )
         with self._turbo_handle.forward_scope():
             return super().forward_features(*args, **kwargs)  # type: ignore[misc]
 
-    def forward_head(self, *args: Any, **kwargs: Any) -> Any:
-        with self._turbo_handle.forward_scope():
-            return super().forward_head(*args, **kwargs)  # type: ignore[misc]
+    def _pool_sizes(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Sizes of the tokens in ``x``: this forward's, or the last forward's when the
+        head runs on its own after ``forward_features`` (timm's usual split)."""
+        handle = self._turbo_handle
+        state = handle.current_state()
+        if state is None or state.block_index == 0:
+            state = handle.last_state
+        size = None if state is None else state.size
+        return size if size is not None and size.shape[:2] == x.shape[:2] else None
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        state = self._turbo_handle.current_state()
         pool_type = self.global_pool if pool_type is None else pool_type
-        if (
-            state is None
-            or state.size is None
-            or self.attn_pool is not None
-            or pool_type
-            not in (
-                "avg",
-                "avgmax",
-            )
-        ):
+        size = self._pool_sizes(x)
+        if size is None or self.attn_pool is not None or pool_type not in ("avg", "avgmax"):
             return super().pool(x, pool_type)  # type: ignore[misc]
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        tokens, size = x[:, start:], state.size[:, start:]
-        mean = size_weighted_mean(tokens, size)
+        tokens = x[:, start:]
+        mean = size_weighted_mean(tokens, size[:, start:])
         return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
 
 
@@ -110,7 +114,17 @@ class TimmViTAdapter:
     """timm ``VisionTransformer`` and its DeiT/AugReg/DINO/register variants."""
 
     name = "timm-vit"
-    model_names = ("vit_*", "deit_*", "deit3_*", "timm/vit_*", "timm/deit*", "vit-*-timm")
+    # timm names start with a size word of two or more letters (vit_base_patch16_224);
+    # torchvision's builders are vit_<letter>_<patch> (vit_b_16) and belong to torchvision-vit.
+    model_names = (
+        "vit_[!_][!_]*",
+        "deit_*",
+        "deit3_*",
+        "flexivit_*",
+        "timm/vit_*",
+        "timm/deit*",
+        "vit-*-timm",
+    )
     model_types = ()
 
     def matches(self, model: nn.Module) -> bool:

@@ -1,0 +1,367 @@
+"""The timm ViT adapter on tiny random-init timm models of every supported variant.
+
+Oracles: the unpatched timm model (r = 0, remove), an eager re-implementation of the
+blocks with an explicit softmax (r > 0), slow pooling loops over the source map, and
+per-sample runs for batching.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import turbo_adapters as ta
+from turbo_core import TokenReducer, TurboConfig
+
+timm_vt = pytest.importorskip("timm.models.vision_transformer")
+timm_deit = pytest.importorskip("timm.models.deit")
+
+DEPTH = 4
+PATCHES = 16  # 32 px images, 8 px patches
+
+VARIANTS = {
+    "cls": {},
+    "avg": {"class_token": False, "global_pool": "avg"},
+    "distilled": {"distilled": True},
+    "registers": {"reg_tokens": 4},
+    "layerscale": {"init_values": 1e-5},
+    "qk_norm": {"qk_norm": True},
+}
+
+
+def make_vit(variant: str = "cls", seed: int = 0, **extra) -> nn.Module:
+    kwargs = dict(VARIANTS[variant], **extra)
+    distilled = kwargs.pop("distilled", False)
+    cls = timm_deit.VisionTransformerDistilled if distilled else timm_vt.VisionTransformer
+    torch.manual_seed(seed)
+    model = cls(
+        img_size=32, patch_size=8, embed_dim=48, depth=DEPTH, num_heads=4, num_classes=10, **kwargs
+    )
+    _informative_init(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def _informative_init(model: nn.Module) -> None:
+    """Weights large enough that attention is peaked and tokens differ (timm's init gives
+    near-uniform attention, which would hide errors in q, k or the size bias)."""
+    for name, p in model.named_parameters():
+        if name.endswith("gamma"):  # LayerScale keeps its init_values
+            continue
+        if p.dim() >= 2 and "token" not in name and "pos_embed" not in name:
+            gain = 3.0 if "qkv" in name else 1.0
+            fan_in = p[0].numel()
+            nn.init.normal_(p, std=gain / fan_in**0.5)
+        elif "norm" in name and name.endswith("weight"):
+            nn.init.normal_(p, mean=1.0, std=0.2)
+        else:  # biases, tokens, position embeddings
+            nn.init.normal_(p, std=0.5)
+
+
+def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(batch, 3, 32, 32)
+
+
+def expected_counts(num_tokens: int, protected: int, schedule) -> list[int]:
+    counts = []
+    for r in schedule:
+        num_tokens -= max(min(r, (num_tokens - protected) // 2), 0)
+        counts.append(num_tokens)
+    return counts
+
+
+def slot_counts(source: torch.Tensor, num_slots: int) -> torch.Tensor:
+    return torch.stack([torch.bincount(row, minlength=num_slots) for row in source])
+
+
+def eager_turbo_features(model: nn.Module, x: torch.Tensor, config: TurboConfig):
+    """The blocks re-written with an explicit softmax, proportional attention and the
+    CLS row taken from the full attention matrix; merging through the core reducer."""
+    reducer = TokenReducer(config)
+    state = reducer.start(len(model.blocks))
+    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    for blk in model.blocks:
+        attn = blk.attn
+        y = blk.norm1(h)
+        batch, tokens, channels = y.shape
+        qkv = attn.qkv(y).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        logits = (q @ k.transpose(-1, -2)) * attn.scale
+        if state.size is not None:
+            logits = logits + state.size[:, None, None, :, 0].log()
+        weights = logits.softmax(dim=-1)
+        out = (weights @ v).transpose(1, 2).reshape(batch, tokens, channels)
+        h = h + blk.ls1(attn.proj(attn.norm(out)))
+        semantic = weights[:, :, 0].mean(dim=1)  # CLS row, averaged over heads
+        h = reducer.step(h, k.mean(dim=1), state, semantic)
+        h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+    return model.norm(h), state
+
+
+# ------------------------------------------------------------------ equivalence
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("fused", [True, False])
+def test_r0_equals_unpatched(variant: str, fused: bool) -> None:
+    model = make_vit(variant)
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    x = images()
+    with torch.no_grad():
+        ref_features, ref_logits = model.forward_features(x), model(x)
+        handle = ta.apply(model, r=0)
+        features, logits = model.forward_features(x), model(x)
+    tokens = PATCHES + model.num_prefix_tokens
+    assert handle.last_state.token_counts == [tokens] * DEPTH
+    # fused SDPA against timm's fused (same kernel) or eager (float32 rounding) attention
+    tol = 1e-5 if fused else 2e-4
+    torch.testing.assert_close(features, ref_features, atol=tol, rtol=tol)
+    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("variant", ["cls", "registers", "qk_norm"])
+def test_merging_matches_eager_oracle(variant: str) -> None:
+    model = make_vit(variant)
+    x = images(3)
+    handle = ta.apply(model, r=3, alpha=2.0, trace_source=True)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        got = handle.last_state
+        ref, oracle_state = eager_turbo_features(model, x, handle.config)
+    assert got.token_counts == oracle_state.token_counts
+    assert torch.equal(got.source, oracle_state.source)
+    torch.testing.assert_close(features, ref, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------- schedule, sources
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("r", [2, [3, 0, 5, 1], (4, -1.0)])
+def test_token_counts_follow_schedule(variant: str, r) -> None:
+    model = make_vit(variant)
+    handle = ta.apply(model, r=r, trace_source=True)
+    with torch.no_grad():
+        features = model.forward_features(images())
+    state = handle.last_state
+    prefix = model.num_prefix_tokens
+    schedule = TurboConfig(r=r).schedule(DEPTH)
+    counts = expected_counts(PATCHES + prefix, prefix, schedule)
+    assert state.token_counts == counts
+    assert features.shape[1] == counts[-1]
+    assert state.source.shape == (2, PATCHES + prefix)
+    assert torch.equal(slot_counts(state.source, counts[-1]).float(), state.size[..., 0])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_alpha_zero_equals_redundancy_mode(variant: str) -> None:
+    model = make_vit(variant)
+    x = images(3)
+    sources, outputs = [], []
+    for overrides in ({"alpha": 0.0}, {"mode": "redundancy", "alpha": 3.0}):
+        with ta.patched(model, r=4, trace_source=True, **overrides) as handle, torch.no_grad():
+            outputs.append(model(x))
+            sources.append(handle.last_state.source)
+    assert torch.equal(sources[0], sources[1])
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("variant", ["cls", "distilled", "registers"])
+def test_protected_tokens_never_merge(variant: str) -> None:
+    model = make_vit(variant)
+    handle = ta.apply(model, r=8, trace_source=True)
+    with torch.no_grad():
+        model(images(4))
+    prefix = model.num_prefix_tokens
+    assert handle.config.protected == prefix
+    source = handle.last_state.source
+    counts = slot_counts(source, handle.last_state.token_counts[-1])
+    # each prefix token keeps its own slot, at the front, and nothing joins it
+    assert torch.equal(source[:, :prefix], torch.arange(prefix).expand(4, prefix))
+    assert torch.all(counts[:, :prefix] == 1)
+    assert handle.last_state.token_counts[-1] < PATCHES  # merging did happen
+
+
+def test_avg_pool_is_size_weighted() -> None:
+    model = make_vit("avg")
+    model.reset_classifier(0)  # the model returns the pooled (fc-normed) features
+    x = images(3)
+    handle = ta.apply(model, r=3, trace_source=True)
+    with torch.no_grad():
+        pooled = model(x)
+        features = model.forward_features(x)
+        split = model.forward_head(features, pre_logits=True)  # pooled outside forward()
+    state = handle.last_state
+    assert features.shape[1] < PATCHES
+    # slow recomputation 1: every original patch once, through the source map
+    by_source = torch.stack(
+        [
+            torch.stack([features[b, slot] for slot in state.source[b].tolist()]).mean(0)
+            for b in range(3)
+        ]
+    )
+    # slow recomputation 2: sum(size * x) / sum(size) with explicit loops
+    by_size = torch.stack(
+        [
+            sum(state.size[b, n, 0] * features[b, n] for n in range(features.shape[1]))
+            / state.size[b].sum()
+            for b in range(3)
+        ]
+    )
+    torch.testing.assert_close(by_source, by_size, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, model.fc_norm(by_size), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split, pooled, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(pooled, model.fc_norm(features.mean(1)), atol=1e-4)
+
+
+# ----------------------------------------------------------------- patch / remove
+@pytest.mark.parametrize("variant", ["cls", "distilled"])
+def test_remove_restores_model_exactly(variant: str) -> None:
+    model = make_vit(variant)
+    x = images()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    with torch.no_grad():
+        ref = model(x)
+        handle = ta.apply(model, r=3)
+        merged = model(x)
+        assert handle.last_state.token_counts[-1] < PATCHES
+        assert set(model.state_dict()) == set(before)
+        ta.remove(model)
+        after = model(x)
+    assert not torch.equal(merged, ref)
+    assert torch.equal(after, ref)
+    assert [type(m) for m in model.modules()] == classes
+    state = model.state_dict()
+    assert list(state) == list(before)
+    assert all(torch.equal(state[k], before[k]) for k in before)
+    assert ta.handle_of(model) is None
+
+
+def test_patching_twice_raises() -> None:
+    model = make_vit()
+    ta.apply(model, r=2)
+    with pytest.raises(RuntimeError, match="already patched"):
+        ta.apply(model, r=2)
+
+
+def test_patched_context_manager() -> None:
+    model = make_vit()
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+        with ta.patched(model, r=3) as handle:
+            merged = model(x)
+            assert ta.handle_of(model) is handle
+            assert handle.last_state.token_counts[-1] < PATCHES
+        after = model(x)
+    assert not torch.equal(merged, ref)
+    assert torch.equal(after, ref)
+    assert type(model) is timm_vt.VisionTransformer
+
+
+def test_changing_r_on_the_handle_takes_effect() -> None:
+    model = make_vit()
+    handle = ta.apply(model, r=0)
+    with torch.no_grad():
+        model(images())
+        assert handle.last_state.token_counts == [PATCHES + 1] * DEPTH
+        handle.r = 2
+        model(images())
+        assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [2] * DEPTH)
+        handle.r = [0, 4]
+        model(images())
+        assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [0, 4, 0, 0])
+    assert ta.handle_of(model) is handle
+
+
+# --------------------------------------------------------------- batch and dtype
+def test_batched_equals_per_sample() -> None:
+    model = make_vit()
+    x = images(5)
+    handle = ta.apply(model, r=3, trace_source=True)
+    with torch.no_grad():
+        batched = model(x)
+        batched_source = handle.last_state.source
+        for i in range(5):
+            single = model(x[i : i + 1])
+            assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [3] * DEPTH)
+            assert torch.equal(handle.last_state.source[0], batched_source[i])
+            torch.testing.assert_close(single[0], batched[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["cls", "avg", "distilled"])
+def test_bfloat16(variant: str) -> None:
+    model = make_vit(variant).to(torch.bfloat16)
+    x = images().to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        handle = ta.apply(model, r=0)
+        same = model(x)
+        handle.r = 3
+        merged = model(x)
+    assert same.dtype == merged.dtype == torch.bfloat16
+    torch.testing.assert_close(same, ref, atol=5e-2, rtol=5e-2)
+    assert torch.isfinite(merged.float()).all()
+    assert handle.last_state.token_counts[-1] < PATCHES
+    assert handle.last_state.size.dtype == torch.float32
+
+
+@pytest.mark.parametrize("variant", ["cls", "avg", "layerscale"])
+def test_gradients_are_finite(variant: str) -> None:
+    model = make_vit(variant).train()
+    x = images().requires_grad_(True)
+    handle = ta.apply(model, r=3, alpha=1.0)
+    model(x).logsumexp(-1).sum().backward()
+    assert handle.last_state.token_counts[-1] < PATCHES
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_grad_checkpointing_is_refused() -> None:
+    model = make_vit().train()
+    model.set_grad_checkpointing(True)
+    ta.apply(model, r=2)
+    with pytest.raises(RuntimeError, match="grad_checkpointing"):
+        model(images())
+
+
+# ----------------------------------------------------------------- pruned heads
+def _prune_heads(model: nn.Module, keep: int) -> None:
+    """Slice every block's qkv/proj Linear to the first ``keep`` heads; set nothing else."""
+    for blk in model.blocks:
+        attn = blk.attn
+        width, dim = attn.num_heads * attn.head_dim, attn.qkv.in_features
+        rows = torch.cat([torch.arange(keep * attn.head_dim) + i * width for i in range(3)])
+        qkv = nn.Linear(dim, rows.numel(), bias=attn.qkv.bias is not None)
+        qkv.weight.data.copy_(attn.qkv.weight.data[rows])
+        if attn.qkv.bias is not None:
+            qkv.bias.data.copy_(attn.qkv.bias.data[rows])
+        proj = nn.Linear(keep * attn.head_dim, attn.proj.out_features)
+        proj.weight.data.copy_(attn.proj.weight.data[:, : keep * attn.head_dim])
+        proj.bias.data.copy_(attn.proj.bias.data)
+        attn.qkv, attn.proj = qkv, proj
+
+
+def test_pruned_heads_run_patched() -> None:
+    model = make_vit(qkv_bias=True)
+    _prune_heads(model, keep=2)
+    # oracle: the same pruned weights with timm told the new head count
+    oracle = copy.deepcopy(model)
+    for blk in oracle.blocks:
+        blk.attn.num_heads, blk.attn.attn_dim = 2, 2 * blk.attn.head_dim
+    x = images()
+    with torch.no_grad():
+        ref = oracle(x)
+        handle = ta.apply(model, r=0)
+        same = model(x)
+        handle.r = 3
+        merged = model(x)
+    torch.testing.assert_close(same, ref, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(merged).all()
+    assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [3] * DEPTH)
