@@ -58,7 +58,7 @@ def test_timm_names(model_name: str) -> None:
 
 def test_every_timm_vision_transformer_name_resolves_to_timm() -> None:
     names = timm.list_models(module=["vision_transformer", "deit"])
-    names = [n for n in names if n.startswith(("vit_", "deit"))]
+    names = [n for n in names if n.startswith(("vit_", "deit", "flexivit", "eva_"))]
     assert len(names) > 100
     assert {ta.get_adapter(n).name for n in names} == {"timm-vit"}
 

@@ -7,3 +7,4 @@ importing them costs nothing when the library is not installed.
 from . import vit_timm  # noqa: F401
 from . import bert_hf  # noqa: F401
 from . import vit_torchvision  # noqa: F401
+from . import eva  # noqa: F401

@@ -103,7 +103,7 @@ class _TurboTimmVisionTransformer:
         size = self._pool_sizes(x)
         if size is None or self.attn_pool is not None or pool_type not in ("avg", "avgmax"):
             return super().pool(x, pool_type)  # type: ignore[misc]
-        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
         tokens = x[:, start:]
         mean = size_weighted_mean(tokens, size[:, start:])
         return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
@@ -121,6 +121,7 @@ class TimmViTAdapter:
         "deit_*",
         "deit3_*",
         "flexivit_*",
+        "eva_large_patch14_*",  # timm builds these with VisionTransformer, not Eva
         "timm/vit_*",
         "timm/deit*",
         "vit-*-timm",
