@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.metadata
+import re
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -127,8 +128,16 @@ def get_adapter(name: str) -> Adapter:
     for adapter in _ADAPTERS.values():
         if any(c == t for c in candidates for t in adapter.model_types):
             return adapter
-        if any(fnmatch.fnmatchcase(c, p.lower()) for c in candidates for p in adapter.model_names):
-            return adapter
+    # the most specific matching pattern wins (most literal characters), not the first
+    best: tuple[int, Adapter] | None = None
+    for adapter in _ADAPTERS.values():
+        for pattern in adapter.model_names:
+            if any(fnmatch.fnmatchcase(c, pattern.lower()) for c in candidates):
+                literal = len(re.sub(r"\[[^\]]*\]|[*?]", "", pattern))
+                if best is None or literal > best[0]:
+                    best = (literal, adapter)
+    if best is not None:
+        return best[1]
     raise KeyError(f"no Turbo adapter for {name!r}. Supported: {_supported_names()}")
 
 
