@@ -8,3 +8,6 @@ from . import vit_timm  # noqa: F401
 from . import bert_hf  # noqa: F401
 from . import vit_torchvision  # noqa: F401
 from . import eva  # noqa: F401
+from . import vit_hf  # noqa: F401
+from . import dinov2_hf  # noqa: F401
+from . import clip  # noqa: F401
