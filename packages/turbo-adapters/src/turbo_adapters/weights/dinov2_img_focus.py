@@ -326,7 +326,7 @@ def _to_uint8_chw(image: Any, index: int) -> torch.Tensor:
         image = np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"images[{index}] must be HxWx3 (or HxW grey), got shape {image.shape}.")
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # writable copy
 
 
 def dinov2_preprocess(images: Sequence[Any], size: int = 224) -> torch.Tensor:
