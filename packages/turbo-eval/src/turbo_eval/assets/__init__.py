@@ -1,0 +1,1 @@
+"""Loaders for the real models and data that ship inside packages (all offline)."""

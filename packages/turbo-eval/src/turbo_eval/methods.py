@@ -1,0 +1,78 @@
+"""The methods compared in every task, as Turbo config overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .suite import Suite
+
+__all__ = ["Cell", "cells_for", "method_overrides"]
+
+LABELS = {
+    "baseline": "baseline",
+    "redundancy": "redundancy-only (ToMe)",
+    "semantics": "semantics-only",
+    "turbo": "Turbo",
+}
+
+
+def method_overrides(
+    method: str, r: int, suite: Suite, alpha: float | None = None
+) -> dict[str, Any] | None:
+    """Config overrides for ``method`` at ``r``; None means the unpatched model."""
+    if method == "baseline":
+        return None
+    if method == "redundancy":
+        return {"r": r, "mode": "redundancy", "alpha": 0.0}
+    if method == "semantics":
+        return {"r": r, "mode": "semantics"}
+    if method == "turbo":
+        return {
+            "r": r,
+            "mode": "turbo",
+            "alpha": suite.alpha[0] if alpha is None else alpha,
+            "semantic_scale": suite.semantic_scale,
+            "fusion": suite.fusion,
+        }
+    raise ValueError(f"method must be one of {sorted(LABELS)}, got {method!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One (model, task, method, r) result cell."""
+
+    model: str
+    task: str
+    method: str
+    r: int
+    alpha: float | None = None  # turbo only
+
+    @property
+    def key(self) -> str:
+        safe = self.model.replace("/", "--")
+        alpha = "" if self.alpha is None else f"__a{self.alpha:g}"
+        return f"{safe}__{self.task}__{self.method}__r{self.r}{alpha}"
+
+    @property
+    def label(self) -> str:
+        if self.method == "baseline":
+            return LABELS["baseline"]
+        alpha = "" if self.alpha is None else f" α={self.alpha:g}"  # noqa: RUF001
+        return f"{LABELS[self.method]}{alpha} r={self.r}"
+
+    def overrides(self, suite: Suite) -> dict[str, Any] | None:
+        return method_overrides(self.method, self.r, suite, self.alpha)
+
+
+def cells_for(suite: Suite, model: str, task: str) -> list[Cell]:
+    """Baseline once, then every other method at every r of the model's sweep."""
+    spec = suite.model(model)
+    cells = [Cell(model, task, "baseline", 0)] if "baseline" in suite.methods else []
+    for r in spec.r:
+        for method in suite.methods:
+            if method == "turbo":
+                cells += [Cell(model, task, method, r, alpha) for alpha in suite.alpha]
+            elif method != "baseline":
+                cells.append(Cell(model, task, method, r))
+    return cells

@@ -1,0 +1,85 @@
+"""Metrics: top-1, kNN classification, retrieval recall, embedding fidelity (pure torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["cosine_fidelity", "knn_classify", "retrieval_recall", "top1_accuracy"]
+
+
+def top1_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of ``predicted`` class ids (or ``(N, C)`` scores) equal to ``labels``."""
+    if predicted.dim() == 2:
+        predicted = predicted.argmax(dim=-1)
+    if predicted.shape != labels.shape:
+        raise ValueError(
+            f"predicted {tuple(predicted.shape)} and labels {tuple(labels.shape)} "
+            "must have the same length"
+        )
+    if labels.numel() == 0:
+        raise ValueError("labels must not be empty")
+    return float((predicted.cpu() == labels.cpu()).float().mean())
+
+
+def knn_classify(
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    test: torch.Tensor,
+    k: int = 20,
+    num_classes: int | None = None,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Predicted class per test row: cosine kNN with DINO's weighted vote.
+
+    Each of the ``k`` nearest train features votes for its class with weight
+    ``exp(cos / temperature)``; the class with the largest total wins (ties: lowest id).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
+    k = min(k, train.shape[0])
+    train_n = F.normalize(train.float(), dim=-1)
+    labels = train_labels.to(train_n.device).long()
+    out = []
+    for start in range(0, test.shape[0], chunk):
+        query = F.normalize(test[start : start + chunk].float(), dim=-1)
+        similarity, index = (query @ train_n.T).topk(k, dim=-1)
+        votes = torch.zeros(query.shape[0], num_classes, device=query.device)
+        votes.scatter_add_(1, labels[index], (similarity / temperature).exp())
+        out.append(votes.argmax(dim=-1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def retrieval_recall(similarity: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Recall@k both ways for a square query x document matrix whose diagonal is the truth.
+
+    Keys: ``q2d_r{k}`` (row i finds column i among its top k) and ``d2q_r{k}``.
+    """
+    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"similarity must be square, got {tuple(similarity.shape)}")
+    n = similarity.shape[0]
+    truth = torch.arange(n, device=similarity.device)
+    result = {}
+    for name, matrix in (("q2d", similarity), ("d2q", similarity.T)):
+        # rank of the true match: how many candidates score strictly higher
+        true_score = matrix[truth, truth].unsqueeze(1)
+        rank = (matrix > true_score).sum(dim=1)
+        for k in ks:
+            result[f"{name}_r{k}"] = float((rank < k).float().mean())
+    return result
+
+
+def cosine_fidelity(features: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Mean and minimum cosine between matching rows of two embedding sets."""
+    if features.shape != reference.shape:
+        raise ValueError(
+            f"features {tuple(features.shape)} and reference {tuple(reference.shape)} must match"
+        )
+    cosine = F.cosine_similarity(features.float(), reference.float(), dim=-1)
+    return {"cosine": float(cosine.mean()), "cosine_min": float(cosine.min())}

