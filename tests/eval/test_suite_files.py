@@ -48,7 +48,7 @@ def test_good_toml_and_yaml_parse_to_the_same_suite(tmp_path):
     )
     from_toml, from_yaml = load_suite(toml_path), load_suite(yaml_path)
     assert from_toml.models == from_yaml.models and from_toml.tasks == from_yaml.tasks
-    assert from_toml.alpha == 2.0 and from_toml.methods == ("baseline", "turbo")
+    assert from_toml.alpha == (2.0,) and from_toml.methods == ("baseline", "turbo")
     assert from_toml.models[0].r == (4, 8)
 
 
