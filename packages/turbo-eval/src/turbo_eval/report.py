@@ -93,12 +93,14 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 def markdown_table(rows: Sequence[Row]) -> str:
     """One table per (model, task), methods side by side at each r, like the paper's tables."""
     out: list[str] = []
-    groups: dict[tuple[str, str], list[Row]] = {}
+    groups: dict[tuple[str, str, str], list[Row]] = {}
     for row in rows:
-        groups.setdefault((row.model, row.task), []).append(row)
-    for (model, task), group in groups.items():
+        groups.setdefault((row.run, row.model, row.task), []).append(row)
+    several_runs = len({row.run for row in rows}) > 1
+    for (run, model, task), group in groups.items():
         metric = group[0].metric
-        out.append(f"### {model} / {task}\n")
+        where = f" ({Path(run).name})" if several_runs else ""
+        out.append(f"### {model} / {task}{where}\n")
         out.append(
             f"| method | r | {metric} | Δ vs baseline | GFLOPs/item | FLOPs ratio "
             "| items/s (this CPU) | throughput |"

@@ -1,0 +1,282 @@
+"""turbo-eval end to end: run, resume, report, bench and torchrun, on a tiny DINOv2 and real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("mlxtend")
+pytest.importorskip("skimage")
+
+from turbo_eval.cli import main  # noqa: E402
+from turbo_eval.tasks import TASK_KINDS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=7,
+        image_size=56,
+    )
+    model = transformers.Dinov2Model(config).eval()
+    with torch.no_grad():  # sharper attention than the default init, so ranks differ
+        for name, param in model.named_parameters():
+            if name.endswith("weight") and param.dim() == 2:
+                param.mul_(4.0)
+    path = tmp_path_factory.mktemp("models") / "tiny-dinov2"
+    model.save_pretrained(path)
+    return path
+
+
+def write_suite(folder: Path, model: Path) -> Path:
+    suite = folder / "suite.toml"
+    suite.write_text(
+        textwrap.dedent(f"""\
+        [suite]
+        name = "tiny"
+        batch_size = 8
+        alpha = [1.0]
+        semantic_scale = 30.0
+        throughput_batch = 4
+        throughput_repeats = 2
+
+        [[models]]
+        name = "{model}"
+        resolution = 56
+        r = [6]
+
+        [[tasks]]
+        kind = "knn"
+        model = "{model}"
+        dataset = "mnist"
+        train_per_class = 3
+        test_per_class = 2
+        k = 3
+
+        [[tasks]]
+        kind = "fidelity"
+        model = "{model}"
+        max_images = 3
+    """)
+    )
+    return suite
+
+
+def cell_files(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+
+
+def test_run_writes_every_cell_table_and_plot(tiny_dinov2, tmp_path, capsys):
+    suite = write_suite(tmp_path, tiny_dinov2)
+    out = tmp_path / "results"
+    assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "### " in printed and "Turbo α=1" in printed
+
+    run = json.loads((out / "run.json").read_text())
+    env = run["environment"]
+    assert env["seed"] == 0 and env["torch_threads"] >= 1 and env["packages"]["torch"]
+    assert {"git_commit", "cpu", "python"} <= set(env)
+    assert run["suite"]["models"][0]["r"] == [6]
+
+    rows = json.loads((out / "table.json").read_text())
+    # 2 tasks x (baseline + redundancy + semantics + turbo)
+    assert len(rows) == 8 and len(cell_files(out)) == 8
+    assert {r["method"] for r in rows} == {"baseline", "redundancy", "semantics", "turbo"}
+    for row in rows:
+        if row["method"] == "baseline":
+            assert row["delta"] == 0.0 and row["flops_ratio"] == pytest.approx(1.0)
+        else:
+            assert row["flops_ratio"] > 1.05  # r=6 of 64 patches per block, 2 blocks
+            assert row["speedup"] > 0
+    fidelity = {r["method"]: r["value"] for r in rows if r["task"] == "fidelity"}
+    assert fidelity["baseline"] == pytest.approx(1.0, abs=1e-5)
+    assert all(0.0 < v <= 1.0 + 1e-6 for v in fidelity.values())
+    assert (out / "table.csv").read_text().count("\n") == 9
+    from PIL import Image
+
+    with Image.open(out / "pareto.png") as image:
+        assert image.size[0] > 400
+
+
+def test_results_are_deterministic_for_a_seed(tiny_dinov2, tmp_path):
+    suite = write_suite(tmp_path, tiny_dinov2)
+    metrics = []
+    for name in ("a", "b"):
+        main(["run", str(suite), "--out", str(tmp_path / name), "--no-progress"])
+        metrics.append(
+            {
+                p.name: json.loads(p.read_text())["metrics"]
+                for p in (tmp_path / name / "cells").glob("*.json")
+            }
+        )
+    assert metrics[0] == metrics[1]
+
+
+def test_interrupted_run_resumes_without_recomputing(tiny_dinov2, tmp_path, monkeypatch):
+    suite = write_suite(tmp_path, tiny_dinov2)
+    out = tmp_path / "results"
+    fidelity = TASK_KINDS["fidelity"]
+    original = fidelity.evaluate
+    calls = {"n": 0}
+
+    def flaky(self, progress):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during the third fidelity cell
+        return original(self, progress)
+
+    monkeypatch.setattr(fidelity, "evaluate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", str(suite), "--out", str(out), "--no-progress"])
+    done = cell_files(out)
+    assert len(done) == 4 + 2  # all kNN cells, two fidelity cells
+
+    monkeypatch.setattr(fidelity, "evaluate", original)
+    evaluated = []
+    knn = TASK_KINDS["knn"]
+    knn_original = knn.evaluate
+    monkeypatch.setattr(
+        knn, "evaluate", lambda self, p: evaluated.append(1) or knn_original(self, p)
+    )
+    assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 0
+    after = cell_files(out)
+    assert len(after) == 8 and not evaluated  # kNN cells were all done: none recomputed
+    assert all(after[name] == stamp for name, stamp in done.items())
+
+
+def test_resume_refuses_a_different_suite(tiny_dinov2, tmp_path):
+    suite = write_suite(tmp_path, tiny_dinov2)
+    out = tmp_path / "results"
+    main(["run", str(suite), "--out", str(out), "--no-progress"])
+    suite.write_text(suite.read_text().replace("r = [6]", "r = [5]"))
+    with pytest.raises(RuntimeError, match="different suite"):
+        main(["run", str(suite), "--out", str(out), "--no-progress"])
+
+
+def test_invalid_suite_reports_lines_before_loading(tmp_path, capsys):
+    suite = tmp_path / "bad.toml"
+    suite.write_text(
+        '[suite]\nmethods = ["tome9"]\n[[models]]\nname = "x"\n'
+        '[[tasks]]\nkind = "knn"\nmodel = "y"\n'
+    )
+    assert main(["run", str(suite), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.toml:2: suite.methods" in err and "bad.toml:7: tasks[0].model" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_combines_runs(tiny_dinov2, tmp_path):
+    suite = write_suite(tmp_path, tiny_dinov2)
+    main(["run", str(suite), "--out", str(tmp_path / "one"), "--no-progress"])
+    main(["run", str(suite), "--out", str(tmp_path / "two"), "--no-progress"])
+    assert (
+        main(
+            [
+                "report",
+                str(tmp_path / "one"),
+                str(tmp_path / "two"),
+                "--out",
+                str(tmp_path / "combined"),
+            ]
+        )
+        == 0
+    )
+    rows = json.loads((tmp_path / "combined" / "table.json").read_text())
+    assert len(rows) == 16 and {Path(r["run"]).name for r in rows} == {"one", "two"}
+    assert (tmp_path / "combined" / "table.md").read_text().count("### ") == 4
+
+
+def test_bench_reports_flops_memory_and_throughput(tiny_dinov2, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "bench",
+                str(tiny_dinov2),
+                "--r",
+                "0,8",
+                "--batch",
+                "2",
+                "--repeats",
+                "1",
+                "--resolution",
+                "56",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    figures = json.loads(out.read_text())
+    configs = figures["configs"]
+    assert set(configs) == {
+        "unpatched",
+        "turbo r=0",
+        "redundancy r=0",
+        "turbo r=8",
+        "redundancy r=8",
+    }
+    assert configs["turbo r=0"]["flops_ratio"] == pytest.approx(1.0)
+    assert configs["turbo r=8"]["flops_ratio"] > 1.1  # 2 blocks: 65 -> 57 -> 49 tokens
+    assert configs["turbo r=8"]["tokens_after_last_block"] == 65 - 16
+    assert configs["turbo r=8"]["peak_memory_bytes"] < configs["unpatched"]["peak_memory_bytes"]
+    assert "| turbo r=8 |" in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equals_single_process(tiny_dinov2, tmp_path):
+    suite = write_suite(tmp_path, tiny_dinov2)
+    single, double = tmp_path / "single", tmp_path / "double"
+    main(["run", str(suite), "--out", str(single), "--no-progress"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "turbo_eval",
+        "run",
+        str(suite),
+        "--out",
+        str(double),
+        "--no-progress",
+    ]
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for path in (single / "cells").glob("*.json"):
+        mine = json.loads(path.read_text())["metrics"]
+        theirs = json.loads((double / "cells" / path.name).read_text())["metrics"]
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert theirs[key] == pytest.approx(mine[key], abs=1e-6), (path.name, key)
+    assert (double / "table.md").is_file()
