@@ -86,7 +86,7 @@ def test_run_writes_every_cell_table_and_plot(tiny_dinov2, tmp_path, capsys):
     out = tmp_path / "results"
     assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "### " in printed and "Turbo α=1" in printed
+    assert "### " in printed and "Turbo α=1" in printed  # noqa: RUF001
 
     run = json.loads((out / "run.json").read_text())
     env = run["environment"]
