@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -30,9 +32,19 @@ def attention_flops(
 
     Shapes are ``(B, H, L, E)`` for the query, ``(B, H, S, E)`` and ``(B, H, S, Ev)``.
     """
+    if not len(query_shape) == len(key_shape) == len(value_shape) >= 2:
+        raise ValueError(
+            "query_shape, key_shape and value_shape must have the same rank (>= 2), got "
+            f"{tuple(query_shape)}, {tuple(key_shape)}, {tuple(value_shape)}"
+        )
     *batch, length, embed = query_shape
     source = key_shape[-2]
     value_embed = value_shape[-1]
+    if key_shape[-1] != embed or value_shape[-2] != source:
+        raise ValueError(
+            "key_shape must be (..., S, E) and value_shape (..., S, Ev) for query_shape "
+            f"(..., L, E), got {tuple(query_shape)}, {tuple(key_shape)}, {tuple(value_shape)}"
+        )
     batch_heads = 1
     for size in batch:
         batch_heads *= size
@@ -131,14 +143,25 @@ class _LiveTensorBytes(TorchDispatchMode):
             self.live -= size
             self._seen.discard(key)
 
-        import weakref
-
         weakref.finalize(storage, release, None)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for item in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(item, torch.Tensor):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # Views, in-place and out= results share an argument's storage: no new bytes.
+        # Without this, a view of a tensor made before the call counted as allocated.
+        # lift_fresh is the exception: its argument is the fresh data of torch.tensor(...).
+        inputs = (
+            set()
+            if func is aten.lift_fresh.default
+            else {
+                t.untyped_storage().data_ptr()
+                for t in pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
+        )
+        for item in pytree.tree_leaves(out):
+            if isinstance(item, torch.Tensor) and item.untyped_storage().data_ptr() not in inputs:
                 self._track(item)
         return out
 

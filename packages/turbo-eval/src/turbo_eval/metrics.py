@@ -42,7 +42,24 @@ def knn_classify(
         raise ValueError(f"k must be >= 1, got {k}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if train.dim() != 2 or test.dim() != 2 or train.shape[1] != test.shape[1]:
+        raise ValueError(
+            f"train {tuple(train.shape)} and test {tuple(test.shape)} must be (N, D) "
+            "matrices with the same D"
+        )
+    if train.shape[0] == 0 or train_labels.shape != (train.shape[0],):
+        raise ValueError(
+            f"train_labels {tuple(train_labels.shape)} must hold one label per train row "
+            f"and train must not be empty (got {train.shape[0]} rows)"
+        )
+    if int(train_labels.min()) < 0:
+        raise ValueError(f"train_labels must be >= 0, got {int(train_labels.min())}")
+    highest = int(train_labels.max())
+    num_classes = highest + 1 if num_classes is None else num_classes
+    if num_classes <= highest:
+        raise ValueError(f"num_classes must be > the largest label {highest}, got {num_classes}")
     k = min(k, train.shape[0])
     train_n = F.normalize(train.float(), dim=-1)
     labels = train_labels.to(train_n.device).long()
@@ -51,9 +68,12 @@ def knn_classify(
         query = F.normalize(test[start : start + chunk].float(), dim=-1)
         similarity, index = (query @ train_n.T).topk(k, dim=-1)
         votes = torch.zeros(query.shape[0], num_classes, device=query.device)
-        votes.scatter_add_(1, labels[index], (similarity / temperature).exp())
+        # exp((cos - best) / T): the same ranking of classes as exp(cos / T) (a positive
+        # factor per row) without overflowing float32 once T < 1/88.7
+        weights = ((similarity - similarity[:, :1]) / temperature).exp()
+        votes.scatter_add_(1, labels[index], weights)
         out.append(votes.argmax(dim=-1))
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=train.device)
 
 
 def retrieval_recall(similarity: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -63,6 +83,12 @@ def retrieval_recall(similarity: torch.Tensor, ks: Sequence[int] = (1, 5)) -> di
     """
     if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
         raise ValueError(f"similarity must be square, got {tuple(similarity.shape)}")
+    if similarity.shape[0] == 0:
+        raise ValueError("similarity must not be empty")
+    if torch.isnan(similarity).any():
+        raise ValueError("similarity must not contain NaN (a NaN true score would rank first)")
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError(f"ks must be non-empty and every k >= 1, got {tuple(ks)}")
     n = similarity.shape[0]
     truth = torch.arange(n, device=similarity.device)
     result = {}
@@ -81,5 +107,7 @@ def cosine_fidelity(features: torch.Tensor, reference: torch.Tensor) -> dict[str
         raise ValueError(
             f"features {tuple(features.shape)} and reference {tuple(reference.shape)} must match"
         )
+    if features.dim() == 0 or features.numel() == 0:
+        raise ValueError(f"features must hold at least one row, got {tuple(features.shape)}")
     cosine = F.cosine_similarity(features.float(), reference.float(), dim=-1)
     return {"cosine": float(cosine.mean()), "cosine_min": float(cosine.min())}

@@ -67,7 +67,9 @@ def _rgb(image: np.ndarray) -> np.ndarray:
             else np.clip(image, 0, 255).astype(np.uint8)
         )
     if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
+        image = image[:, :, None]
+    if image.shape[2] == 1:  # grey, as a plane or with one channel
+        image = np.repeat(image, 3, axis=2)
     if image.shape[2] == 4:
         image = image[:, :, :3]
     return np.ascontiguousarray(image)

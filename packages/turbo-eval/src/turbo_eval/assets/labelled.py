@@ -60,11 +60,20 @@ def read_idx(path: str | Path) -> np.ndarray:
     if raw[2] not in dtypes:
         raise ValueError(f"{path}: unknown IDX element type 0x{raw[2]:02x}")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated header ({ndim} dimensions announced)")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape} but holds {data.size} values")
-    return data.reshape(shape)
+    dtype = np.dtype(dtypes[raw[2]])
+    body = len(raw) - 4 - 4 * ndim
+    if body != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(
+            f"{path}: header says {shape} of {dtype.itemsize}-byte values "
+            f"but the file holds {body} bytes"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(shape)
+    # a writable array in native byte order: torch.from_numpy refuses big-endian
+    # arrays and warns on read-only ones
+    return data.astype(dtype.newbyteorder("="))
 
 
 def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> LabelledImages:
@@ -98,6 +107,16 @@ def stratified_subset(
     labels: np.ndarray, per_class: int, seed: int, exclude: np.ndarray | None = None
 ) -> np.ndarray:
     """Indices of ``per_class`` items of every class, drawn with ``seed``, sorted."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array, got shape {labels.shape}")
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    if exclude is not None and (exclude.dtype != np.bool_ or exclude.shape != labels.shape):
+        raise ValueError(
+            f"exclude must be a boolean mask of shape {labels.shape}, "
+            f"got {exclude.dtype} {exclude.shape}"
+        )
     rng = np.random.default_rng(seed)
     taken = np.zeros(len(labels), dtype=bool) if exclude is None else exclude.copy()
     chosen = []
@@ -148,6 +167,8 @@ def load_knn_split(
 
 def load_image_folder(root: str | Path, limit: int | None = None) -> LabelledImages:
     """An ImageNet-style folder: one sub-folder per class (sorted names = class ids)."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")

@@ -42,6 +42,8 @@ def load_definition_pairs(
     Pairs whose words appear in their own definition are skipped (too easy), as are
     duplicate definitions.
     """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
