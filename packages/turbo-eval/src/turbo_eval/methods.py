@@ -9,6 +9,9 @@ from .suite import Suite
 
 __all__ = ["Cell", "cells_for", "method_overrides"]
 
+#: Turbo settings a suite may give per model (``[[models]] min_tokens = 12``).
+MODEL_TURBO_OPTIONS = ("min_tokens", "prop_attn")
+
 LABELS = {
     "baseline": "baseline",
     "redundancy": "redundancy-only (ToMe)",
@@ -62,7 +65,12 @@ class Cell:
         return f"{LABELS[self.method]}{alpha} r={self.r}"
 
     def overrides(self, suite: Suite) -> dict[str, Any] | None:
-        return method_overrides(self.method, self.r, suite, self.alpha)
+        """The method's config plus the model's own Turbo settings (e.g. ``min_tokens``)."""
+        overrides = method_overrides(self.method, self.r, suite, self.alpha)
+        if overrides is not None:
+            options = suite.model(self.model).options
+            overrides.update({k: options[k] for k in MODEL_TURBO_OPTIONS if k in options})
+        return overrides
 
 
 def cells_for(suite: Suite, model: str, task: str) -> list[Cell]:
