@@ -128,3 +128,19 @@ def test_states_are_independent_between_forwards():
     assert second.block_index == 0 and second.size is None and second.source is None
     out = reducer.step(x, x, second)
     assert out.shape[1] == 10 and first.block_index == second.block_index == 1
+
+
+def test_clipping_r_is_reported():
+    import warnings
+
+    from turbo_core import RClippedWarning
+
+    reducer = TokenReducer(TurboConfig(r=10, alpha=0.0, protected=1))
+    x = torch.randn(1, 9, 4)
+    with pytest.warns(RClippedWarning, match="r=10 clipped to 4"):
+        out = reducer.step(x, x, reducer.start(1))
+    assert out.shape[1] == 5
+    below = TokenReducer(TurboConfig(r=10, alpha=0.0, min_tokens=20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the threshold is by design: no warning
+        assert below.step(x, x, below.start(1)).shape[1] == 9

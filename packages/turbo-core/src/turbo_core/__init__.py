@@ -6,7 +6,7 @@ from .informativity import attention_concentration, attention_entropy, token_red
 from .matching import BipartiteMatcher, Matcher, max_mergeable
 from .merging import Merger, SizeWeightedMerger, merge_sources
 from .plan import MergePlan
-from .reducer import TokenReducer
+from .reducer import RClippedWarning, TokenReducer
 from .restoring import CopyRestorer, Restorer
 from .scoring import InformationScorer, Scorer, TokenScores, fuse_information
 from .state import ReductionState
@@ -23,6 +23,7 @@ __all__ = [
     "MergePlan",
     "Merger",
     "Mode",
+    "RClippedWarning",
     "ReductionState",
     "Restorer",
     "Scorer",

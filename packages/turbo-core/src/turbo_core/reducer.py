@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -15,7 +16,11 @@ from .restoring import CopyRestorer, Restorer
 from .scoring import InformationScorer, Scorer
 from .state import ReductionState
 
-__all__ = ["TokenReducer"]
+__all__ = ["RClippedWarning", "TokenReducer"]
+
+
+class RClippedWarning(UserWarning):
+    """A block's scheduled r exceeded what its sequence allows and was clipped."""
 
 
 def _check_sequence(name: str, t: torch.Tensor) -> None:
@@ -173,6 +178,14 @@ class TokenReducer:
             )
         scheduled = state.r_for_current_block()
         plan = self.plan(metric, semantic, scheduled, state.block_index, state.token_mask())
+        if plan.r < scheduled and x.shape[1] >= self.config.min_tokens:
+            warnings.warn(
+                f"block {state.block_index}: r={scheduled} clipped to {plan.r}, the most one "
+                f"bipartite step allows for {x.shape[1]} tokens with {self.config.protected} "
+                "protected; see state.r_applied",
+                RClippedWarning,
+                stacklevel=2,
+            )
         x = self.merge(x, plan, state)
         state.r_applied.append(plan.r)
         state.token_counts.append(x.shape[1])
