@@ -17,7 +17,7 @@ from torch import nn
 
 from turbo_core import TurboConfig
 
-from .common import fused_attention, make_handle
+from .common import fused_attention, is_instance, make_handle
 from .handle import TurboHandle
 from .registry import register_adapter
 
@@ -96,11 +96,7 @@ class BertAdapter:
     model_types = ("bert",)
 
     def matches(self, model: nn.Module) -> bool:
-        try:
-            from transformers import BertModel
-        except ImportError:
-            return False
-        return isinstance(model, BertModel)
+        return is_instance(model, "transformers", "BertModel")
 
     def patch(
         self, model: nn.Module, config: TurboConfig, explicit: frozenset[str] = frozenset()

@@ -10,6 +10,7 @@ averages patch tokens weighted by how many original patches each stands for.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -122,6 +123,8 @@ class HFCLIPVisionAdapter:
     model_types = ("clip", "clip_vision_model")
 
     def matches(self, model: nn.Module) -> bool:
+        if "transformers" not in sys.modules:  # cannot be a transformers model
+            return False
         try:
             classes = _clip_classes()
         except ImportError:

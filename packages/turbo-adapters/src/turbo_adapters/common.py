@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +13,24 @@ from turbo_core import ReductionState, TurboConfig
 
 from .handle import TurboHandle
 
-__all__ = ["fused_attention", "make_handle", "size_weighted_mean"]
+__all__ = ["fused_attention", "is_instance", "make_handle", "size_weighted_mean"]
+
+
+def is_instance(model: nn.Module, module: str, *class_names: str) -> bool:
+    """``isinstance(model, module.ClassName)`` without importing a library needlessly.
+
+    A model can only be an instance of a library's class if that library is already
+    imported, so adapters of libraries that are not loaded answer False at once
+    (asking every adapter never imports timm, torchvision or transformers).
+    """
+    if module.split(".")[0] not in sys.modules:
+        return False
+    try:
+        found = importlib.import_module(module)
+    except ImportError:
+        return False
+    classes = tuple(getattr(found, name) for name in class_names if hasattr(found, name))
+    return bool(classes) and isinstance(model, classes)
 
 
 def make_handle(

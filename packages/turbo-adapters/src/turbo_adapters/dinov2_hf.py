@@ -9,6 +9,7 @@ reshaped to the patch grid) is not supported: merged tokens have no grid.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -109,6 +110,8 @@ class HFDinov2Adapter:
     model_types = ("dinov2",)
 
     def matches(self, model: nn.Module) -> bool:
+        if "transformers" not in sys.modules:  # cannot be a transformers model
+            return False
         try:
             classes = _dinov2_classes()
         except ImportError:

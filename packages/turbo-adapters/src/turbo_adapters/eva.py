@@ -23,7 +23,7 @@ from torch import nn
 
 from turbo_core import ReductionState, TurboConfig
 
-from .common import fused_attention, make_handle
+from .common import fused_attention, is_instance, make_handle
 from .handle import TurboHandle
 from .registry import register_adapter
 from .vit_timm import _TurboTimmVisionTransformer
@@ -191,11 +191,7 @@ class TimmEvaAdapter:
     model_types = ()
 
     def matches(self, model: nn.Module) -> bool:
-        try:
-            from timm.models.eva import Eva
-        except ImportError:
-            return False
-        return isinstance(model, Eva)
+        return is_instance(model, "timm.models.eva", "Eva")
 
     def patch(
         self, model: nn.Module, config: TurboConfig, explicit: frozenset[str] = frozenset()

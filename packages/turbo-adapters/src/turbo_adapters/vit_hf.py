@@ -20,6 +20,7 @@ transformers 4 (``attention.attention.query``) is refused with a clear error.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -260,6 +261,8 @@ class HFViTAdapter:
     model_types = ("vit", "deit")
 
     def matches(self, model: nn.Module) -> bool:
+        if "transformers" not in sys.modules:  # cannot be a transformers model
+            return False
         try:
             classes = _vit_classes()
         except ImportError:

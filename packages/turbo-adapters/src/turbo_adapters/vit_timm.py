@@ -16,7 +16,7 @@ from torch import nn
 
 from turbo_core import TurboConfig
 
-from .common import fused_attention, make_handle, size_weighted_mean
+from .common import fused_attention, is_instance, make_handle, size_weighted_mean
 from .handle import TurboHandle
 from .registry import register_adapter
 
@@ -129,11 +129,7 @@ class TimmViTAdapter:
     model_types = ()
 
     def matches(self, model: nn.Module) -> bool:
-        try:
-            from timm.models.vision_transformer import VisionTransformer
-        except ImportError:
-            return False
-        return isinstance(model, VisionTransformer)
+        return is_instance(model, "timm.models.vision_transformer", "VisionTransformer")
 
     def patch(
         self, model: nn.Module, config: TurboConfig, explicit: frozenset[str] = frozenset()

@@ -18,7 +18,7 @@ from torch import nn
 
 from turbo_core import ReductionState, TurboConfig
 
-from .common import fused_attention, make_handle
+from .common import fused_attention, is_instance, make_handle
 from .handle import TurboHandle
 from .registry import register_adapter
 
@@ -93,11 +93,7 @@ class TorchvisionViTAdapter:
     model_types = ()
 
     def matches(self, model: nn.Module) -> bool:
-        try:
-            from torchvision.models.vision_transformer import VisionTransformer
-        except ImportError:
-            return False
-        return isinstance(model, VisionTransformer)
+        return is_instance(model, "torchvision.models.vision_transformer", "VisionTransformer")
 
     def patch(
         self, model: nn.Module, config: TurboConfig, explicit: frozenset[str] = frozenset()
