@@ -37,13 +37,16 @@ def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return flat.view(batch, idx.shape[1], channels)
 
 
-def _add_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """A copy of ``base`` with ``rows[b, k]`` added to row ``idx[b, k]`` (duplicates sum)."""
+def _add_rows_(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Add ``rows[b, k]`` to row ``idx[b, k]`` of ``base`` in place (duplicates sum).
+
+    Only for tensors this module just created (fresh ``index_select`` results).
+    """
     batch, num_rows, channels = base.shape
-    flat = base.reshape(batch * num_rows, channels).index_add(
+    base.view(batch * num_rows, channels).index_add_(
         0, _flat_index(idx, num_rows), rows.reshape(-1, channels)
     )
-    return flat.view(batch, num_rows, channels)
+    return base
 
 
 class SizeWeightedMerger:
@@ -66,12 +69,12 @@ class SizeWeightedMerger:
         kept_size = _rows(size, plan.kept_idx)  # (B, N - r, 1)
         merged = _rows(x, plan.merged_idx)  # (B, r, C)
         merged_size = _rows(size, plan.merged_idx)  # (B, r, 1)
-        new_size = _add_rows(kept_size, into, merged_size)
+        new_size = _add_rows_(kept_size, into, merged_size)
         # clamp: padding has size 0, and padding merged into padding stays size 0
         total = _rows(new_size, into).clamp_min(torch.finfo(new_size.dtype).tiny)
         weight = (merged_size / total).to(x.dtype)
         delta = (merged - _rows(kept, into)) * weight  # (B, r, C)
-        return _add_rows(kept, into, delta), new_size
+        return _add_rows_(kept, into, delta), new_size
 
 
 def merge_sources(source: torch.Tensor | None, plan: MergePlan) -> torch.Tensor:
