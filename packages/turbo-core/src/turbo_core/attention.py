@@ -47,11 +47,13 @@ def guide_attention(
     scale = key.shape[-1] ** -0.5 if scale is None else scale
     # float32 for the softmax: this row decides rankings, half precision ties too often.
     work = torch.promote_types(key.dtype, torch.float32)
-    logits = (key.to(work) @ guide_query.to(work).unsqueeze(-1)).squeeze(-1) * scale  # (B, H, N)
+    # scale the (B, H, D) query rather than the (B, H, N) logits: fewer multiplications
+    query = (guide_query.to(work) * scale).unsqueeze(-1)
+    logits = (key.to(work) @ query).squeeze(-1)  # (B, H, N)
     if size is not None:
-        logits = logits + size.reshape(size.shape[0], 1, -1).float().log()
+        logits += size.reshape(size.shape[0], 1, -1).to(work).log()
     if key_padding_mask is not None:
-        logits = logits.masked_fill(~key_padding_mask[:, None, :], -math.inf)
+        logits.masked_fill_(~key_padding_mask[:, None, :], -math.inf)
     return logits.softmax(dim=-1).mean(dim=1)
 
 
