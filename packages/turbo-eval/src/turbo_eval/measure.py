@@ -60,22 +60,49 @@ def _sdpa_formula(
     return attention_flops(tuple(query_shape), tuple(key_shape), tuple(value_shape))
 
 
+def _sdpa_backward_formula(
+    grad_out_shape: Any,
+    query_shape: Any,
+    key_shape: Any,
+    value_shape: Any,
+    *args: Any,
+    **kwargs: Any,
+) -> int:
+    # the backward's four matmuls: dV = P^T dO and dP = dO V^T (the value side),
+    # dQ = dS K and dK = dS^T Q (the query-key side): twice the forward
+    return 2 * _sdpa_formula(query_shape, key_shape, value_shape)
+
+
 def _cpu_attention_ops() -> dict[Any, Callable[..., int]]:
-    ops = {}
+    # Fused kernels that torch's own registry leaves out (it covers the CUDA ones).
+    # The math fallback needs nothing: it decomposes into matmuls that are counted.
+    ops: dict[Any, Callable[..., int]] = {}
     for name in (
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_fused_attention_overrideable",
+        "_scaled_dot_product_attention_math_for_mps",
     ):
         packet = getattr(aten, name, None)
         if packet is not None:
             ops[packet] = _sdpa_formula
+    for name in (
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+        "_scaled_dot_product_fused_attention_overrideable_backward",
+    ):
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            ops[packet] = _sdpa_backward_formula
     return ops
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    """Total FLOPs of one call of ``fn``, fused CPU attention included."""
+def count_flops(fn: Callable[..., Any], *inputs: Any) -> int:
+    """Total FLOPs of one call ``fn(*inputs)``, fused CPU attention included.
+
+    Matmul-like ops only, as torch's ``FlopCounterMode`` counts them (2 per
+    multiply-add); attention counts its two matmuls, causal or not.
+    """
     with FlopCounterMode(display=False, custom_mapping=_cpu_attention_ops()) as counter:
-        fn()
+        fn(*inputs)
     return int(counter.get_total_flops())
 
 
@@ -85,11 +112,16 @@ def interleaved_throughput(
     repeats: int = 5,
     warmup: int = 1,
     baseline: str | None = None,
+    synchronize: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Time every callable once per round, round after round.
 
-    Returns ``{"methods": {name: {"median_s", "items_per_s", "speedup"}}, "baseline",
-    "rounds"}``; ``speedup`` is the median over rounds of ``t_baseline / t_method``.
+    Returns ``{"methods": {name: {"median_s", "items_per_s", "speedup", "seconds"}},
+    "baseline", "rounds"}``; ``speedup`` is the median over rounds of
+    ``t_baseline / t_method``. Each round starts one method later than the last, so
+    no method always runs right after the same neighbour. Pass
+    ``synchronize=torch.cuda.synchronize`` for asynchronous devices; grad mode
+    (``torch.inference_mode()`` or not) is the caller's.
     """
     if not fns:
         raise ValueError("fns must name at least one callable")
@@ -102,10 +134,15 @@ def interleaved_throughput(
         for fn in fns.values():
             fn()
     seconds: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    sync = synchronize if synchronize is not None else (lambda: None)
+    names = list(fns)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            sync()
             start = time.perf_counter()
-            fn()
+            fns[name]()
+            sync()
             seconds[name].append(time.perf_counter() - start)
     methods = {}
     for name, times in seconds.items():

