@@ -165,10 +165,10 @@ def test_top1_accuracy_bad_inputs_raise():
 
 
 def _recall_oracle(matrix: list[list[float]], k: int) -> float:
-    """Row i is a hit when fewer than k columns score strictly above column i."""
+    """Row i is a hit when fewer than k other columns score at least as high as column i."""
     hits = 0
     for i, row in enumerate(matrix):
-        above = sum(1 for value in row if value > row[i])
+        above = sum(1 for j, value in enumerate(row) if j != i and value >= row[i])
         hits += above < k
     return hits / len(matrix)
 
@@ -194,14 +194,20 @@ def test_retrieval_recall_hand_computed():
     assert set(got) == {f"{d}_r{k}" for d in ("q2d", "d2q") for k in (1, 2, 3)}
 
 
-def test_retrieval_recall_ties_do_not_push_the_rank():
-    # every candidate ties with the truth: nothing scores strictly higher
-    assert retrieval_recall(torch.ones(4, 4), ks=(1,)) == {"q2d_r1": 1.0, "d2q_r1": 1.0}
-    # a tie plus one strictly higher: rank 1 (a miss at k=1, a hit at k=2)
+def test_retrieval_recall_ties_count_against_the_truth():
+    # collapsed embeddings (everything ties) must not look like perfect retrieval
+    assert retrieval_recall(torch.ones(4, 4), ks=(1, 4)) == {
+        "q2d_r1": 0.0,
+        "q2d_r4": 1.0,
+        "d2q_r1": 0.0,
+        "d2q_r4": 1.0,
+    }
+    # row 0: one tie and one strictly higher -> rank 2 (a miss at k=2, a hit at k=3)
     sim = torch.tensor([[0.5, 0.5, 0.6], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    got = retrieval_recall(sim, ks=(1, 2))
+    got = retrieval_recall(sim, ks=(1, 2, 3))
     assert got["q2d_r1"] == pytest.approx(2 / 3)
-    assert got["q2d_r2"] == pytest.approx(1.0)
+    assert got["q2d_r2"] == pytest.approx(2 / 3)
+    assert got["q2d_r3"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("seed", range(4))

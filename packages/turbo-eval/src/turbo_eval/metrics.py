@@ -93,9 +93,11 @@ def retrieval_recall(similarity: torch.Tensor, ks: Sequence[int] = (1, 5)) -> di
     truth = torch.arange(n, device=similarity.device)
     result = {}
     for name, matrix in (("q2d", similarity), ("d2q", similarity.T)):
-        # rank of the true match: how many candidates score strictly higher
+        # rank of the true match: how many OTHER candidates score at least as high.
+        # Ties count against the truth, so collapsed (identical) embeddings score 0,
+        # not a perfect recall.
         true_score = matrix[truth, truth].unsqueeze(1)
-        rank = (matrix > true_score).sum(dim=1)
+        rank = (matrix >= true_score).sum(dim=1) - 1
         for k in ks:
             result[f"{name}_r{k}"] = float((rank < k).float().mean())
     return result

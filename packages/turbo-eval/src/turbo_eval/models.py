@@ -151,12 +151,16 @@ def _text_mean_features(
     module: nn.Module, inputs: dict[str, torch.Tensor], handle: TurboHandle | None
 ) -> torch.Tensor:
     """Sentence embedding: mean over real tokens, weighted by token size when merged."""
+    from .assets.text import mean_pool
+
     hidden = module(**inputs).last_hidden_state
-    if handle is not None and handle.last_state is not None and handle.last_state.size is not None:
-        weights = handle.last_state.size.to(hidden.dtype)
+    state = handle.last_state if handle is not None else None
+    if state is not None and state.size is not None and state.size.shape[1] == hidden.shape[1]:
+        # merged (or padded) tokens: padding has size 0, so sizes are the mask and weights
+        sizes = state.size[..., 0]
+        pooled = mean_pool(hidden, sizes > 0, sizes=sizes)
     else:
-        weights = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
+        pooled = mean_pool(hidden, inputs["attention_mask"])
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 

@@ -143,7 +143,11 @@ def run_suite(
             task: Task = TASK_KINDS[task_spec.kind](
                 task_spec.options, model, suite.seed, batch_size, quick=quick
             )
-            facts = task.prepare(bar)
+            try:
+                facts = task.prepare(bar)
+            except FileNotFoundError as missing:  # a dataset that is not installed here
+                log(f"[{model_spec.name}/{task.name}] SKIPPED: {missing}")
+                continue
             log(f"[{model_spec.name}/{task.name}] {facts}")
             for cell in bar(todo[task.name], f"{task.name} cells"):
                 model.set_method(cell.overrides(suite))
