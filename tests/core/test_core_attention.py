@@ -59,3 +59,20 @@ def test_add_size_bias_combines_boolean_and_additive_masks():
     )
     assert add_size_bias(allowed, None, torch.float32) is allowed
     assert size_log_bias(None, torch.float32) is None
+
+
+@given(
+    st.integers(0, 10**6),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.integers(1, 20),
+    st.integers(1, 8),
+)
+def test_guide_row_of_keys_sliced_from_a_fused_qkv(seed, batch, heads, tokens, dim):
+    # (B, N, 3, H, D) -> q, k, v as (B, H, N, D) views: the layout timm/torchvision produce
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, tokens, 3, heads, dim, generator=g)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    _, weights = eager_attention(q.contiguous(), k.contiguous(), v.contiguous())
+    row = guide_attention(q[:, :, 0], k)
+    torch.testing.assert_close(row, weights[:, :, 0].mean(dim=1), rtol=1e-5, atol=1e-6)

@@ -48,13 +48,34 @@ def guide_attention(
     # float32 for the softmax: this row decides rankings, half precision ties too often.
     work = torch.promote_types(key.dtype, torch.float32)
     # scale the (B, H, D) query rather than the (B, H, N) logits: fewer multiplications
-    query = (guide_query.to(work) * scale).unsqueeze(-1)
-    logits = (key.to(work) @ query).squeeze(-1)  # (B, H, N)
+    query = guide_query.to(work) * scale
+    logits = _guide_logits(key.to(work), query)  # (B, H, N)
     if size is not None:
         logits += size.reshape(size.shape[0], 1, -1).to(work).log()
     if key_padding_mask is not None:
         logits.masked_fill_(~key_padding_mask[:, None, :], -math.inf)
     return logits.softmax(dim=-1).mean(dim=1)
+
+
+def _guide_logits(key: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``key @ query`` per head: (B, H, N, D) x (B, H, D) -> (B, H, N).
+
+    Keys sliced from a fused qkv projection are (B, N, H, D) in memory. A batched
+    matmul over (B, H) would first copy all keys; instead, view them as (B, N, H*D)
+    and multiply by a block-diagonal (B, H*D, H) query: one matmul, no copy.
+    """
+    batch, heads, tokens, dim = key.shape
+    by_token = key.transpose(1, 2)  # (B, N, H, D) view
+    if key.is_contiguous() or by_token.stride(2) != dim or by_token.stride(3) != 1:
+        return (key @ query.unsqueeze(-1)).squeeze(-1)
+    flat = by_token.as_strided(
+        (batch, tokens, heads * dim), (by_token.stride(0), by_token.stride(1), 1)
+    )
+    eye = torch.eye(heads, dtype=query.dtype, device=query.device)
+    block_diagonal = (query.unsqueeze(-1) * eye.view(1, heads, 1, heads)).reshape(
+        batch, heads * dim, heads
+    )
+    return torch.bmm(flat, block_diagonal).transpose(1, 2)
 
 
 def size_log_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
