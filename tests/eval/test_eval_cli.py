@@ -236,6 +236,9 @@ def test_bench_reports_flops_memory_and_throughput(tiny_dinov2, tmp_path, capsys
     assert configs["turbo r=8"]["flops_ratio"] > 1.1  # 2 blocks: 65 -> 57 -> 49 tokens
     assert configs["turbo r=8"]["tokens_after_last_block"] == 65 - 16
     assert configs["turbo r=8"]["peak_memory_bytes"] < configs["unpatched"]["peak_memory_bytes"]
+    assert set(figures["turbo_over_redundancy"]) == {"r=0", "r=8"}
+    assert all(ratio > 0 for ratio in figures["turbo_over_redundancy"].values())
+    assert len(configs["turbo r=8"]["seconds"]) == 1  # one interleaved round
     assert "| turbo r=8 |" in capsys.readouterr().out
 
 

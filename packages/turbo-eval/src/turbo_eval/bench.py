@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,7 +84,17 @@ def bench_model(
             latency_s=t["median_s"],
             speedup=t["speedup"],
             flops_ratio=base_flops / row["flops_per_item"] if row["flops_per_item"] else None,
+            seconds=t["seconds"],
         )
+    # Turbo against redundancy-only at the same r: median of the per-round ratios
+    versus = {}
+    for r in r_values:
+        turbo, tome = f"turbo r={r}", f"redundancy r={r}"
+        if turbo in rows and tome in rows:
+            ratios = [
+                a / b for a, b in zip(rows[tome]["seconds"], rows[turbo]["seconds"], strict=True)
+            ]
+            versus[f"r={r}"] = statistics.median(ratios)
     return {
         "model": name,
         "batch": batch,
@@ -93,6 +104,7 @@ def bench_model(
         "semantic_scale": semantic_scale,
         "torch_threads": torch.get_num_threads(),
         "configs": rows,
+        "turbo_over_redundancy": versus,
     }
 
 
@@ -112,5 +124,9 @@ def format_bench(figures: dict[str, Any]) -> str:
             f"| {key} | {tokens if tokens is not None else '-'} | {row['flops_per_item'] / 1e9:.2f} "
             f"| {row['flops_ratio']:.2f}x | {row['items_per_s']:.1f} | {row['latency_s']:.3f} "
             f"| {row['speedup']:.2f}x | {row['peak_memory_bytes'] / 2**20:.0f} |"
+        )
+    for r, ratio in figures.get("turbo_over_redundancy", {}).items():
+        lines.append(
+            f"\nTurbo / redundancy-only throughput at {r}: {ratio:.3f} (median of per-round ratios)"
         )
     return "\n".join(lines)
