@@ -10,7 +10,6 @@ averages patch tokens weighted by how many original patches each stands for.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -22,9 +21,9 @@ from .common import make_handle, size_weighted_mean
 from .handle import TurboHandle
 from .registry import register_adapter
 from .vit_hf import (
+    HFAdapterBase,
     TurboHFScope,
     find_one,
-    layer_attentions,
     patch_layers,
     refuse_checkpointing,
     swap_hf_class,
@@ -115,34 +114,24 @@ def _clip_classes() -> dict[str, Any]:
 
 
 @register_adapter
-class HFCLIPVisionAdapter:
+class HFCLIPVisionAdapter(HFAdapterBase):
     """The vision tower of transformers CLIP models (text tower untouched)."""
 
     name = "hf-clip"
     model_names = ("openai/clip-vit-*", "laion/clip-vit-*")
     model_types = ("clip", "clip_vision_model")
 
-    def matches(self, model: nn.Module) -> bool:
-        if "transformers" not in sys.modules:  # cannot be a transformers model
-            return False
-        try:
-            classes = _clip_classes()
-        except ImportError:
-            return False
-        return isinstance(model, classes["models"])
+    classes = staticmethod(_clip_classes)
 
     def patch(
         self, model: nn.Module, config: TurboConfig, explicit: frozenset[str] = frozenset()
     ) -> TurboHandle:
-        classes = _clip_classes()
+        classes = self.classes()
         vision = find_one(model, classes["vision"], "CLIPVisionModel")
         # by class inside the vision tower only: the text tower uses the same layer classes
-        layers = [m for m in vision.modules() if isinstance(m, classes["layers"])]
-        if not layers:
-            raise TypeError(f"{type(model).__name__} has no vision CLIPEncoderLayer to patch")
-        pairs = layer_attentions(layers, classes["attentions"])
+        pairs = self.layer_pairs(vision, classes, "vision CLIPEncoderLayer")
         handle = make_handle(
-            model, config, explicit, self.name, len(layers), prefix_tokens=1, has_cls=True
+            model, config, explicit, self.name, len(pairs), prefix_tokens=1, has_cls=True
         )
         if isinstance(model, classes["clip_model"]):
             top: type = _TurboCLIPModel

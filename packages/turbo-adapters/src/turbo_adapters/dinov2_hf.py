@@ -9,7 +9,6 @@ reshaped to the patch grid) is not supported: merged tokens have no grid.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -21,9 +20,9 @@ from .common import make_handle, size_weighted_mean
 from .handle import TurboHandle
 from .registry import register_adapter
 from .vit_hf import (
+    HFAdapterBase,
     TurboHFScope,
     find_one,
-    layer_attentions,
     patch_layers,
     refuse_checkpointing,
     swap_hf_class,
@@ -102,33 +101,23 @@ def _dinov2_classes() -> dict[str, tuple[type, ...]]:
 
 
 @register_adapter
-class HFDinov2Adapter:
+class HFDinov2Adapter(HFAdapterBase):
     """transformers ``Dinov2Model`` and ``Dinov2ForImageClassification``."""
 
     name = "hf-dinov2"
     model_names = ("facebook/dinov2-*",)
     model_types = ("dinov2",)
 
-    def matches(self, model: nn.Module) -> bool:
-        if "transformers" not in sys.modules:  # cannot be a transformers model
-            return False
-        try:
-            classes = _dinov2_classes()
-        except ImportError:
-            return False
-        return isinstance(model, classes["models"])
+    classes = staticmethod(_dinov2_classes)
 
     def patch(
         self, model: nn.Module, config: TurboConfig, explicit: frozenset[str] = frozenset()
     ) -> TurboHandle:
-        classes = _dinov2_classes()
+        classes = self.classes()
         backbone = find_one(model, classes["backbones"], "Dinov2Model")
-        layers = [m for m in backbone.modules() if isinstance(m, classes["layers"])]
-        if not layers:
-            raise TypeError(f"{type(model).__name__} has no Dinov2Layer to patch")
-        pairs = layer_attentions(layers, classes["attentions"])
+        pairs = self.layer_pairs(backbone, classes, "Dinov2Layer")
         handle = make_handle(
-            model, config, explicit, self.name, len(layers), prefix_tokens=1, has_cls=True
+            model, config, explicit, self.name, len(pairs), prefix_tokens=1, has_cls=True
         )
         top = _TurboDinov2Classifier if isinstance(model, classes["classifiers"]) else TurboHFScope
         swap_hf_class(handle, model, top)

@@ -227,6 +227,34 @@ def find_one(model: nn.Module, classes: tuple[type, ...], what: str) -> nn.Modul
     return found[0]
 
 
+class HFAdapterBase:
+    """What the transformers adapters share: matching and finding layers by class.
+
+    Subclasses set ``classes`` to a function returning ``{"models", "layers",
+    "attentions", ...}`` tuples of transformers classes (imported lazily).
+    """
+
+    classes: Any
+
+    def matches(self, model: nn.Module) -> bool:
+        if "transformers" not in sys.modules:  # cannot be a transformers model
+            return False
+        try:
+            found = self.classes()
+        except ImportError:
+            return False
+        return isinstance(model, found["models"])
+
+    def layer_pairs(
+        self, root: nn.Module, classes: dict[str, Any], what: str
+    ) -> list[tuple[nn.Module, nn.Module]]:
+        """Every ``classes["layers"]`` module under ``root`` with its self-attention."""
+        layers = [m for m in root.modules() if isinstance(m, classes["layers"])]
+        if not layers:
+            raise TypeError(f"{type(root).__name__} has no {what} to patch")
+        return layer_attentions(layers, classes["attentions"])
+
+
 def layer_attentions(
     layers: list[nn.Module], attention_classes: tuple[type, ...]
 ) -> list[tuple[nn.Module, nn.Module]]:
@@ -253,36 +281,26 @@ def patch_layers(
 
 
 @register_adapter
-class HFViTAdapter:
+class HFViTAdapter(HFAdapterBase):
     """transformers ``ViTModel`` / ``ViTForImageClassification`` and the DeiT equivalents."""
 
     name = "hf-vit"
     model_names = ("google/vit-*", "facebook/deit-*")
     model_types = ("vit", "deit")
 
-    def matches(self, model: nn.Module) -> bool:
-        if "transformers" not in sys.modules:  # cannot be a transformers model
-            return False
-        try:
-            classes = _vit_classes()
-        except ImportError:
-            return False
-        return isinstance(model, classes["models"])
+    classes = staticmethod(_vit_classes)
 
     def patch(
         self, model: nn.Module, config: TurboConfig, explicit: frozenset[str] = frozenset()
     ) -> TurboHandle:
-        classes = _vit_classes()
+        classes = self.classes()
         backbone = find_one(model, classes["backbones"], "ViT/DeiT backbone")
-        layers = [m for m in backbone.modules() if isinstance(m, classes["layers"])]
-        if not layers:
-            raise TypeError(f"{type(model).__name__} has no ViT/DeiT layers to patch")
-        pairs = layer_attentions(layers, classes["attentions"])
+        pairs = self.layer_pairs(backbone, classes, "ViT/DeiT layers")
         embeddings = backbone.embeddings
         # CLS, plus DeiT's distillation token: both stay in front, never merged
         prefix = 1 + int(getattr(embeddings, "distillation_token", None) is not None)
         handle = make_handle(
-            model, config, explicit, self.name, len(layers), prefix_tokens=prefix, has_cls=True
+            model, config, explicit, self.name, len(pairs), prefix_tokens=prefix, has_cls=True
         )
         swap_hf_class(handle, model, TurboHFScope)
         if backbone is not model:
