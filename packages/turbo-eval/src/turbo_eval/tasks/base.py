@@ -8,6 +8,7 @@ and register with :func:`register_task`; nothing else in turbo-eval changes.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ __all__ = ["TASK_KINDS", "Progress", "Task", "register_task"]
 Progress = Callable[[Any, str], Any]
 
 
-class Task:
+class Task(abc.ABC):
     """Base class of a benchmark task.
 
     Class attributes:
@@ -69,17 +70,17 @@ class Task:
                 problems.append((key, f"must be >= 0, got {value!r}"))
         return problems
 
+    @abc.abstractmethod
     def prepare(self, progress: Progress) -> dict[str, Any]:
         """Load data; return facts for the results file (dataset name, sizes)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def evaluate(self, progress: Progress) -> dict[str, float]:
         """Metrics of the model as currently configured; must include ``self.metric``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def speed_items(self) -> Sequence[Any]:
         """A representative batch of raw items for throughput and FLOPs."""
-        raise NotImplementedError
 
     def batched_features(self, items: Sequence[Any], progress: Progress, label: str) -> Any:
         """Features of ``items`` in batches (spread over ranks when distributed)."""
