@@ -6,8 +6,18 @@ from .informativity import attention_concentration, attention_entropy, token_red
 from .matching import BipartiteMatcher, Matcher, max_mergeable
 from .merging import Merger, SizeWeightedMerger, merge_sources
 from .plan import MergePlan
-from .reducer import RClippedWarning, TokenReducer
+from .reducer import TokenReducer
 from .restoring import CopyRestorer, Restorer
+from .schedule import (
+    CountRule,
+    Ratio,
+    RClippedWarning,
+    ResolvedSchedule,
+    RSpec,
+    Target,
+    max_removable,
+    resolve_schedule,
+)
 from .scoring import InformationScorer, Scorer, TokenScores, fuse_information
 from .state import ReductionState
 
@@ -17,6 +27,7 @@ __all__ = [
     "PRESETS",
     "BipartiteMatcher",
     "CopyRestorer",
+    "CountRule",
     "Fusion",
     "InformationScorer",
     "Matcher",
@@ -24,10 +35,14 @@ __all__ = [
     "Merger",
     "Mode",
     "RClippedWarning",
+    "RSpec",
+    "Ratio",
     "ReductionState",
+    "ResolvedSchedule",
     "Restorer",
     "Scorer",
     "SizeWeightedMerger",
+    "Target",
     "TokenReducer",
     "TokenScores",
     "TurboConfig",
@@ -38,7 +53,9 @@ __all__ = [
     "fuse_information",
     "guide_attention",
     "max_mergeable",
+    "max_removable",
     "merge_sources",
+    "resolve_schedule",
     "size_log_bias",
     "token_redundancy",
 ]
