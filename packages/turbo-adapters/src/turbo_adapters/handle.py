@@ -132,7 +132,7 @@ class TurboHandle:
         the ranking uses semantics.
         """
         num_tokens = k.shape[2]
-        if self.reducer.effective_r(num_tokens, state.r_for_current_block()) == 0:
+        if self.reducer.r_now(state, num_tokens) == 0:  # resolves the schedule at block 0
             state.extras[_PENDING] = None
             return
         metric = k.mean(dim=1)  # (B, N, D): keys averaged over heads, as in ToMe
