@@ -107,7 +107,7 @@ class TokenReducer:
         """
         return state.resolve(
             self.config.r,
-            num_tokens,
+            int(num_tokens),  # a traced (symbolic) shape becomes the concrete count
             protected=self.config.protected_tokens,
             min_tokens=self.config.min_tokens,
         )

@@ -69,9 +69,13 @@ class Target:
     """Reach ``tokens`` tokens after the last block, removing about as many in each block.
 
     Block ``i`` of ``L`` removes ``ceil((N_i - tokens) / (L - i))`` (at least 0), so the
-    removal is spread evenly and later blocks absorb whatever earlier ones could not.
-    A target that the clip limits make unreachable is reported in
-    :attr:`ResolvedSchedule.clipped`, not raised.
+    removal is spread evenly. Only where that share would leave the target out of reach
+    of the later blocks' clip limits (halving is the most a block can do) does
+    :func:`resolve_schedule` ask for the nearest amount that keeps it reachable. A
+    target no schedule can reach is not an error: every block then asks for all the
+    excess, the clip shows in :attr:`ResolvedSchedule.clipped`, and
+    :attr:`ResolvedSchedule.final_tokens` says where it ended (a target above the
+    input count, or below ``min_tokens``, ends above it without any clipping).
 
     Args:
         tokens: sequence length wanted after the last block, at least 1.
@@ -290,19 +294,27 @@ def _resolve(
     rule: CountRule | None,
 ) -> ResolvedSchedule:
     static = None if isinstance(spec, (Ratio, Target)) else expand_r(spec, num_blocks)
+    target_reach = None
+    if isinstance(spec, Target) and spec.tokens <= num_tokens:
+        # Which counts entering each block can still end exactly on the target.
+        every_block = (1,) * num_blocks
+        target_reach = _reachable(every_block, spec.tokens, num_tokens, protected, min_tokens)
     applied: list[int] = []
     requested: list[int] = []
     clipped: list[tuple[int, int, int]] = []
     count = num_tokens
     for block in range(num_blocks):
+        limit = max_removable(count, protected, min_tokens)
         if isinstance(spec, Ratio):
             want = spec.request(count)
         elif isinstance(spec, Target):
             want = spec.request(count, num_blocks - block)
+            if target_reach is not None:
+                want = _keep_target_reachable(spec, want, count, target_reach[block + 1], limit)
         else:
             assert static is not None  # every other form is static
             want = static[block]
-        got = min(want, max_removable(count, protected, min_tokens))
+        got = min(want, limit)
         if got < want and count >= min_tokens:  # the threshold is by design, not a clip
             clipped.append((block, want, got))
         requested.append(want)
@@ -332,6 +344,17 @@ def _resolve(
         unadjusted=unadjusted,
         rule=rule,
     )
+
+
+def _keep_target_reachable(
+    target: Target, even: int, count: int, reach_after: list[bool], limit: int
+) -> int:
+    """The even share, or the amount nearest to it (the larger on a tie) after which the
+    later blocks can still end on the target; all the excess if none can."""
+    valid = [v for v in range(limit + 1) if reach_after[count - v]]
+    if not valid:
+        return max(count - target.tokens, 0)
+    return min(valid, key=lambda v: (abs(v - even), -v))
 
 
 def _counts(num_tokens: int, r: Sequence[int]) -> tuple[int, ...]:
