@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -225,11 +224,10 @@ def layout_attention(
 
 
 # ------------------------------------------------- transformers attention registry
-# attention module -> (the site it reports to, the implementation it had before);
-# weak, so a deleted model frees its entries
-_BOUND: weakref.WeakKeyDictionary[nn.Module, tuple[ReductionSite, str | None]] = (
-    weakref.WeakKeyDictionary()
-)
+# on each bound attention module: (the site it reports to, the implementation it had
+# before). On the module, not in a global table, so it dies with the model and
+# torch.compile guards on a plain attribute.
+_BINDING = "_turbo_attention_site"
 _registered = False
 
 
@@ -248,7 +246,7 @@ def _turbo_attention_function(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention-function signature; ``(B, N, H, D)`` out, as they expect."""
-    site, previous = _BOUND.get(module, (None, "sdpa"))
+    site, previous = module.__dict__.get(_BINDING, (None, "sdpa"))
     call = None if site is None else site.current()
     if call is None:
         # called outside a Turbo call (the module used on its own): what it did before
@@ -299,7 +297,7 @@ def use_turbo_attention(
         configs[id(config)] = config
     previous = {key: c._attn_implementation_internal for key, c in configs.items()}
     for module in attentions:
-        _BOUND[module] = (site, previous[id(module.config)])
+        module.__dict__[_BINDING] = (site, previous[id(module.config)])
     for config in configs.values():
         config._attn_implementation_internal = TURBO_ATTENTION
 
@@ -307,6 +305,6 @@ def use_turbo_attention(
         for key, config in configs.items():
             config._attn_implementation_internal = previous[key]
         for module in attentions:
-            _BOUND.pop(module, None)
+            module.__dict__.pop(_BINDING, None)
 
     patch.add_cleanup(undo)
