@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .model_side import MODEL_SIDE, SIDE_LABELS, split_method
 from .suite import Suite
 
 __all__ = ["Cell", "cells_for", "method_overrides"]
@@ -23,7 +24,17 @@ LABELS = {
 def method_overrides(
     method: str, r: int, suite: Suite, alpha: float | None = None
 ) -> dict[str, Any] | None:
-    """Config overrides for ``method`` at ``r``; None means the unpatched model."""
+    """Config overrides for ``method`` at ``r``; None means the unpatched dense model.
+
+    A method stacked on a model-side step (``"turbo+int8"``, or ``"int8"`` alone) also
+    names that step under :data:`~turbo_eval.model_side.MODEL_SIDE`.
+    """
+    base, side = split_method(method)
+    if side is not None:
+        if side not in SIDE_LABELS:
+            raise ValueError(f"model-side step must be one of {sorted(SIDE_LABELS)}, got {side!r}")
+        overrides = method_overrides(base, r, suite, alpha) or {}
+        return {**overrides, MODEL_SIDE: side}
     if method == "baseline":
         return None
     if method == "redundancy":
@@ -59,28 +70,32 @@ class Cell:
 
     @property
     def label(self) -> str:
-        if self.method == "baseline":
-            return LABELS["baseline"]
+        base, side = split_method(self.method)
+        if base == "baseline":
+            return LABELS["baseline"] if side is None else SIDE_LABELS[side]
         alpha = "" if self.alpha is None else f" α={self.alpha:g}"  # noqa: RUF001
-        return f"{LABELS[self.method]}{alpha} r={self.r}"
+        stacked = "" if side is None else f" + {SIDE_LABELS[side]}"
+        return f"{LABELS[base]}{stacked}{alpha} r={self.r}"
 
     def overrides(self, suite: Suite) -> dict[str, Any] | None:
         """The method's config plus the model's own Turbo settings (e.g. ``min_tokens``)."""
         overrides = method_overrides(self.method, self.r, suite, self.alpha)
-        if overrides is not None:
+        if overrides is not None and split_method(self.method)[0] != "baseline":
             options = suite.model(self.model).options
             overrides.update({k: options[k] for k in MODEL_TURBO_OPTIONS if k in options})
         return overrides
 
 
 def cells_for(suite: Suite, model: str, task: str) -> list[Cell]:
-    """Baseline once, then every other method at every r of the model's sweep."""
+    """Unpatched methods once (baseline, and model-side steps alone such as ``int8``), then
+    every Turbo method at every r of the model's sweep."""
     spec = suite.model(model)
-    cells = [Cell(model, task, "baseline", 0)] if "baseline" in suite.methods else []
+    unpatched = [m for m in suite.methods if split_method(m)[0] == "baseline"]
+    cells = [Cell(model, task, method, 0) for method in unpatched]
     for r in spec.r:
         for method in suite.methods:
-            if method == "turbo":
+            if split_method(method)[0] == "turbo":
                 cells += [Cell(model, task, method, r, alpha) for alpha in suite.alpha]
-            elif method != "baseline":
+            elif method not in unpatched:
                 cells.append(Cell(model, task, method, r))
     return cells

