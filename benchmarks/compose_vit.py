@@ -75,6 +75,12 @@ def main() -> None:
     parser.add_argument(
         "--r", type=int, default=13, help="tokens merged per block (default %(default)s)"
     )
+    parser.add_argument(
+        "--flops-batch",
+        type=int,
+        default=4,
+        help="images for the FLOPs count (default %(default)s)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default %(default)s)")
     parser.add_argument(
         "--upop-keep",
@@ -117,6 +123,7 @@ def main() -> None:
             model = copy.deepcopy(model)
             ta.apply(model, "reference", r=args.r)
         fns[method] = lambda m=model: m(images)
+        flop_fns[method] = lambda m=model: m(images[: args.flops_batch])
 
     rows: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
