@@ -128,6 +128,7 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
         for method, fn in fns.items():
+            print(f"counting FLOPs and peak memory: {method}", flush=True)
             model = fn.__defaults__[0]  # type: ignore[index]
             rows[method] = {
                 # per image: every image is merged on its own, so a smaller batch counts the same
@@ -135,6 +136,7 @@ def main() -> None:
                 "peak_activation_mb": peak_memory(fn) / 2**20,
                 "weight_mb": weight_bytes(model) / 2**20,
             }
+        print(f"timing {len(fns)} methods interleaved, {args.repeats} rounds", flush=True)
         timing = interleaved_throughput(
             fns, items_per_call=args.batch, repeats=args.repeats, warmup=1, baseline="baseline"
         )
