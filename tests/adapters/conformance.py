@@ -261,7 +261,9 @@ def check_accelerate_hooks(case: Case) -> None:
     run(case, model, args)
     depth = len(case.blocks(model))
     assert Counting.calls - calls == depth  # the hooks still run around every block
-    assert patch.last_state.token_counts == expected_counts(case.tokens, case.prefix, [case.r] * depth)
+    assert patch.last_state.token_counts == expected_counts(
+        case.tokens, case.prefix, [case.r] * depth
+    )
     ta.remove(model)
     torch.testing.assert_close(run(case, model, args), ref)
     remove_hook_from_submodules(model)
@@ -271,7 +273,9 @@ def check_accelerate_hooks(case: Case) -> None:
     patch = ta.apply(model, r=case.r)
     _dispatch(case, model)
     run(case, model, args)
-    assert patch.last_state.token_counts == expected_counts(case.tokens, case.prefix, [case.r] * depth)
+    assert patch.last_state.token_counts == expected_counts(
+        case.tokens, case.prefix, [case.r] * depth
+    )
     ta.remove(model)
     torch.testing.assert_close(run(case, model, args), ref)
 
@@ -329,7 +333,9 @@ def check_torch_pruning(case: Case) -> None:
     out = run(case, model, args)
     depth = len(case.blocks(model))
     assert torch.isfinite(out).all()
-    assert patch.last_state.token_counts == expected_counts(case.tokens, case.prefix, [case.r] * depth)
+    assert patch.last_state.token_counts == expected_counts(
+        case.tokens, case.prefix, [case.r] * depth
+    )
 
 
 def check_torchao_int8(case: Case) -> None:
@@ -345,7 +351,9 @@ def check_torchao_int8(case: Case) -> None:
     out = run(case, model, args)
     depth = len(case.blocks(model))
     assert torch.isfinite(out).all()
-    assert patch.last_state.token_counts == expected_counts(case.tokens, case.prefix, [case.r] * depth)
+    assert patch.last_state.token_counts == expected_counts(
+        case.tokens, case.prefix, [case.r] * depth
+    )
 
 
 CHECKS = {

@@ -146,7 +146,9 @@ def install_blocks(
         if spec.layout is not None:
             install_layout_attention(patch, site, spec.part(block, spec.attn), spec.layout)
 
-        def forward(original: Callable[..., Any], x: Any, *args: Any, _b: nn.Module = block, **kw: Any) -> Any:
+        def forward(
+            original: Callable[..., Any], x: Any, *args: Any, _b: nn.Module = block, **kw: Any
+        ) -> Any:
             call = site.current()
             if call is None:
                 return original(x, *args, **kw)

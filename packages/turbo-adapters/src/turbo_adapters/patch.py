@@ -137,7 +137,11 @@ class TurboPatch:
         under an accelerate hook, the hook's ``_old_forward`` is wrapped instead, so the
         hook (device placement, offloading) keeps running around Turbo.
         """
-        hooked = name == "forward" and "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__
+        hooked = (
+            name == "forward"
+            and "_hf_hook" in module.__dict__
+            and "_old_forward" in module.__dict__
+        )
         original = module.__dict__["_old_forward"] if hooked else getattr(module, name)
         previous = module.__dict__.get(name, _MISSING)
 
