@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import threading
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -338,6 +339,16 @@ def check_torch_pruning(case: Case) -> None:
     )
 
 
+def check_bypass_is_reported(case: Case) -> None:
+    """Blocks whose forward another library replaced after apply: a warning, not silence."""
+    model = case.build()
+    ta.apply(model, r=case.r)
+    for block in case.blocks(model):
+        block.forward = types.MethodType(type(block).forward, block)  # Turbo's wrapper gone
+    with pytest.warns(ta.TurboBypassWarning, match="nothing was merged"):
+        run(case, model, case.inputs(2))
+
+
 def check_torchao_int8(case: Case) -> None:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -369,6 +380,7 @@ CHECKS = {
     "threads": check_threads,
     "torch_pruning": check_torch_pruning,
     "torchao_int8": check_torchao_int8,
+    "bypass_is_reported": check_bypass_is_reported,
 }
 
 
