@@ -10,6 +10,7 @@ from typing import Any
 
 __all__ = [
     "PRESETS",
+    "SEMANTIC_NORMS",
     "Fusion",
     "Mode",
     "RSpec",
@@ -51,6 +52,9 @@ _MODE_ALIASES = {
     "semantics-only": Mode.SEMANTICS,
     "semantics_only": Mode.SEMANTICS,
 }
+
+#: Allowed ``TurboConfig.semantic_norm`` values: none (reference) or by sequence length.
+SEMANTIC_NORMS = ("none", "length")
 
 #: ``r`` as users write it: tokens removed per block (int), an explicit per-block list,
 #: or ToMe's ``(r, inflection)`` schedule with inflection in [-1, 1] (-1 decreasing).
@@ -150,6 +154,9 @@ class TurboConfig:
         prop_attn: add ``log(size)`` to attention logits (proportional attention).
         protected: leading tokens that never merge (CLS, distillation, registers).
         trace_source: track which original tokens every output token stands for.
+        semantic_norm: ``"none"`` (the reference) or ``"length"``: multiply the semantic
+            value by the number of (real) tokens so its mean is 1 at any length. A is a
+            softmax over N tokens, so without it the same alpha weighs less as N grows.
     """
 
     r: Any = 0
@@ -163,6 +170,7 @@ class TurboConfig:
     prop_attn: bool = True
     protected: int = 1
     trace_source: bool = False
+    semantic_norm: str = "none"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise fields in place once
@@ -175,6 +183,10 @@ class TurboConfig:
         set_(self, "mode", _parse_enum(Mode, self.mode, "mode", _MODE_ALIASES))
         set_(self, "min_tokens", _check_int(self.min_tokens, "min_tokens"))
         set_(self, "protected", _check_int(self.protected, "protected"))
+        if self.semantic_norm not in SEMANTIC_NORMS:
+            raise ValueError(
+                f"semantic_norm must be one of {list(SEMANTIC_NORMS)}, got {self.semantic_norm!r}"
+            )
         for flag in ("prop_attn", "trace_source"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
