@@ -38,7 +38,12 @@ def measure_speed(
     repeats: int,
     progress: Callable[[Any, str], Any],
 ) -> dict[str, Any]:
-    """Throughput (interleaved, one process) and FLOPs per item of every cell's method."""
+    """FLOPs per item of every cell's method, and throughput timed per r.
+
+    Methods at the same r cost the same FLOPs, so they are timed together: one
+    interleaved group per r (with the baseline in each), so the ratios that rank
+    them come from the same rounds of the same stretch of time.
+    """
     from .measure import count_flops, interleaved_throughput
 
     inputs = model.prepare(items)
@@ -52,14 +57,31 @@ def measure_speed(
         return run
 
     fns = {key: runner(overrides) for key, overrides in configs.items()}
+    baseline_key = next((c.key for c in cells if c.method == "baseline"), None)
+    groups: dict[int, list[str]] = {}
+    for cell in cells:
+        if cell.method != "baseline":
+            groups.setdefault(cell.r, []).append(cell.key)
     flops = {}
+    timing: dict[str, Any] = {"methods": {}, "groups": {}, "rounds": repeats}
     with torch.inference_mode():
         for key, fn in progress(list(fns.items()), "FLOPs"):
             flops[key] = count_flops(fn) / len(items)
-        baseline_key = next((c.key for c in cells if c.method == "baseline"), cells[0].key)
-        timing = interleaved_throughput(
-            fns, items_per_call=len(items), repeats=repeats, warmup=1, baseline=baseline_key
-        )
+        for r, keys in progress(sorted(groups.items()), "throughput per r"):
+            members = ([baseline_key] if baseline_key else []) + keys
+            group = interleaved_throughput(
+                {key: fns[key] for key in members},
+                items_per_call=len(items),
+                repeats=repeats,
+                warmup=1,
+                baseline=members[0],
+            )
+            timing["groups"][str(r)] = group
+            for key in keys:
+                timing["methods"][key] = group["methods"][key]
+            if baseline_key and baseline_key not in timing["methods"]:
+                timing["methods"][baseline_key] = group["methods"][baseline_key]
+        timing["baseline"] = baseline_key
     model.set_method(None)
     return {
         "batch": len(items),
@@ -153,7 +175,8 @@ def run_suite(
                 model.set_method(cell.overrides(suite))
                 torch.manual_seed(suite.seed)
                 started = time.perf_counter()
-                metrics = task.evaluate(bar)
+                metrics = dict(task.evaluate(bar))
+                items = metrics.pop("items", None)
                 state = model.handle.last_state if model.handle else None
                 if not main:
                     continue
@@ -164,6 +187,8 @@ def run_suite(
                         "label": cell.label,
                         "metric": task.metric,
                         "metrics": metrics,
+                        "item_score": task.item_score or None,
+                        "items": items,
                         "data": facts,
                         "seconds": time.perf_counter() - started,
                         "token_counts": list(state.token_counts) if state else None,
