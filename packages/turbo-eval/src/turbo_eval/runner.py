@@ -86,10 +86,54 @@ def measure_speed(
     return {
         "batch": len(items),
         "repeats": repeats,
+        "measured_on_task": cells[0].task if cells else None,
         "flops_per_item": flops,
         "timing": timing,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _shared_speed(
+    store: ResultStore, suite: Suite, model: str, task: str, modality: str
+) -> dict[str, Any] | None:
+    """Another image task's speed figures of the same model, re-keyed for ``task``.
+
+    Images are resized to the model's resolution, so every image task feeds the same
+    tensor shapes and the same methods cost the same: timing them once per model
+    leaves the time for the quality cells. Text lengths differ per task: never shared.
+    """
+    if modality != "image":
+        return None
+    for other in suite.tasks:
+        if other.model != model or other.name == task:
+            continue
+        speed = store.read_speed(model, other.name)
+        if speed is None:
+            continue
+        old, new = f"__{other.name}__", f"__{task}__"
+
+        def rekey(mapping: dict[str, Any], old: str = old, new: str = new) -> dict[str, Any]:
+            return {key.replace(old, new, 1): value for key, value in mapping.items()}
+
+        timing = dict(speed["timing"])
+        timing["methods"] = rekey(timing["methods"])
+        timing["groups"] = {
+            r: {
+                **group,
+                "methods": rekey(group["methods"]),
+                "baseline": group["baseline"].replace(old, new, 1),
+            }
+            for r, group in timing.get("groups", {}).items()
+        }
+        if timing.get("baseline"):
+            timing["baseline"] = timing["baseline"].replace(old, new, 1)
+        return {
+            **speed,
+            "flops_per_item": rekey(speed["flops_per_item"]),
+            "timing": timing,
+            "measured_on_task": speed.get("measured_on_task", other.name),
+        }
+    return None
 
 
 def _check_resume(store: ResultStore, suite: Suite, quick: bool) -> None:
@@ -197,12 +241,13 @@ def run_suite(
                 log(f"  {cell.label:<32} {task.metric}={metrics[task.metric]:.4f}")
             if main and store.read_speed(model_spec.name, task.name) is None:
                 cells = cells_for(suite, model_spec.name, task.name)
-                items = list(task.speed_items())[: suite.throughput_batch]
-                store.write_speed(
-                    model_spec.name,
-                    task.name,
-                    measure_speed(model, cells, suite, items, suite.throughput_repeats, bar),
-                )
+                shared = _shared_speed(store, suite, model_spec.name, task.name, model.modality)
+                if shared is None:
+                    items = list(task.speed_items())[: suite.throughput_batch]
+                    shared = measure_speed(
+                        model, cells, suite, items, suite.throughput_repeats, bar
+                    )
+                store.write_speed(model_spec.name, task.name, shared)
             distributed.barrier()
         model.set_method(None)
     return store
