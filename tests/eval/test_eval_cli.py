@@ -202,6 +202,7 @@ def test_invalid_suite_reports_lines_before_loading(tmp_path, capsys):
     assert main(["run", str(suite), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "bad.toml:2: suite.methods" in err and "bad.toml:7: tasks[0].model" in err
+    assert err.startswith("turbo-eval run: argument suite:")
     assert not (tmp_path / "o").exists()
 
 

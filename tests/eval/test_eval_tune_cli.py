@@ -120,6 +120,7 @@ def test_every_option_says_its_default_and_range():
         (["visualize", "m", "x.png", "--r", "-2"], "argument --r: expected an int >= 0"),
         (["tune", "m", "--tolerance", "lots"], "argument --tolerance: tolerance must be"),
         (["--threads", "0", "report", "x"], "argument --threads: expected an int >= 1"),
+        (["report", "/no/such/results"], "argument results: /no/such/results is not a turbo-eval"),
     ],
 )
 def test_errors_name_the_argument(argv, argument, capsys):

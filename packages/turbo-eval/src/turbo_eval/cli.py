@@ -270,7 +270,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         suite = load_suite(args.suite) if args.suite else default_suite(quick=args.quick)
     except (SuiteError, FileNotFoundError) as error:
-        print(f"turbo-eval: {error}", file=sys.stderr)
+        print(f"turbo-eval run: argument suite: {error}", file=sys.stderr)
         return 2
     if args.validate_only:
         print(f"{suite.source}: OK ({len(suite.models)} models, {len(suite.tasks)} tasks)")
@@ -300,7 +300,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import collect_rows, markdown_table, write_report
 
     out = args.out or args.results[0]
-    paths = write_report(args.results, out)
+    try:
+        paths = write_report(args.results, out)
+    except (FileNotFoundError, ValueError) as error:  # not a results folder, or empty
+        build_parser().error(f"argument results: {error}")
     print(markdown_table(collect_rows(args.results)))
     for kind, path in paths.items():
         print(f"{kind:>8}: {path}")
