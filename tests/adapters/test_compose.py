@@ -31,13 +31,7 @@ TOKENS = (IMAGE // PATCH) ** 2 + 1
 R = 3
 NARROW = [1.0, 0.5, 0.25]  # per-layer head width kept: 8, 4, 2 channels per head
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def timm_dense() -> nn.Module:
@@ -240,7 +234,7 @@ def test_recipes_return_working_patches() -> None:
     for make in (
         lambda: compose.quantize_then_patch(timm_dense(), "torchao", skip=["head"], r=R),
         lambda: compose.prune_then_patch(timm_dense(), x, quantize="torchao", r=R),
-        lambda: compose.narrow_then_patch(timm_dense(), NARROW, quantize="quanto", r=R),
+        lambda: compose.narrow_then_patch(timm_dense(), NARROW, quantize="torchao", r=R),
     ):
         patch = make()
         run(patch.model, x)
@@ -288,7 +282,7 @@ def test_errors_name_the_parameter_and_range() -> None:
         compose.quantize_weights(timm_dense(), "torchao", "int4")
     with pytest.raises(ValueError, match="keep must be 'heads' or 'head_dim'"):
         compose.load_pruned(timm_dense(), {}, keep="width")
-    quantized = compose.quantize_weights(timm_dense(), "quanto")
+    quantized = compose.quantize_weights(timm_dense(), "torchao")
     with pytest.raises(TypeError, match="prune before quantizing"):
         compose.narrow_heads(quantized, 0.5)
     state = timm_dense().state_dict()

@@ -57,8 +57,17 @@ def save_tiny_llama(folder: Path) -> None:
     ).save_pretrained(folder)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _logs_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """gptqmodel writes ``logs/`` into the working directory: keep it out of the checkout."""
+    before = Path.cwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(before)
+
+
 @pytest.fixture(scope="module")
-def quantized_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def quantized_folder(_logs_in_tmp: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("gptq")
     save_tiny_llama(root / "dense")
     generator = torch.Generator().manual_seed(0)

@@ -24,17 +24,10 @@ from turbo_adapters import token_sizes  # noqa: E402
 from turbo_adapters.families import bert, clip, hf_vit, timm_eva, timm_vit  # noqa: E402
 from turbo_adapters.families import torchvision_vit as tv  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMAGE, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 48, 4, 4
 TOKENS = (IMAGE // PATCH) ** 2 + 1  # 16 patches + CLS
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: thread start-up costs more than it saves, and CI has 2 cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -44,7 +37,11 @@ def informative(model: nn.Module, seed: int = 0) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() >= 2 and "embed" not in name and "token" not in name:
-            gain = 3.0 if any(s in name for s in ("qkv", "q_proj", "k_proj", "query", "key", "in_proj")) else 1.0
+            gain = (
+                3.0
+                if any(s in name for s in ("qkv", "q_proj", "k_proj", "query", "key", "in_proj"))
+                else 1.0
+            )
             p.copy_(torch.randn(p.shape, generator=generator) * gain / p[0].numel() ** 0.5)
         elif "norm" in name.lower() and name.endswith("weight"):
             p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
@@ -188,7 +185,11 @@ def hf_qk(attention: str, q: str = "q_proj", k: str = "k_proj", scale: str = "sc
     def qk(model: nn.Module, block: nn.Module, x: torch.Tensor):
         attn = block.get_submodule(attention)
         dim = getattr(attn, "head_dim", getattr(attn, "attention_head_size", None))
-        return heads(getattr(attn, q)(x), dim), heads(getattr(attn, k)(x), dim), getattr(attn, scale)
+        return (
+            heads(getattr(attn, q)(x), dim),
+            heads(getattr(attn, k)(x), dim),
+            getattr(attn, scale),
+        )
 
     return qk
 
@@ -249,12 +250,27 @@ def bert_pooled(model: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
 
 CASES = [
     Case(
-        "timm-vit", build_timm_vit, images, call, TOKENS, 1,
-        lambda m: list(m.blocks), timm_vit.TIMM_BLOCK, timm_qk, prune=prune_timm,
+        "timm-vit",
+        build_timm_vit,
+        images,
+        call,
+        TOKENS,
+        1,
+        lambda m: list(m.blocks),
+        timm_vit.TIMM_BLOCK,
+        timm_qk,
+        prune=prune_timm,
     ),
     Case(
-        "timm-eva", build_eva, images, call, TOKENS, 1,
-        lambda m: list(m.blocks), timm_eva.eva_block(build_eva().blocks[0].attn), eva_qk,
+        "timm-eva",
+        build_eva,
+        images,
+        call,
+        TOKENS,
+        1,
+        lambda m: list(m.blocks),
+        timm_eva.eva_block(build_eva().blocks[0].attn),
+        eva_qk,
         cannot={
             "torchao_int8": "timm's fused-qkv EvaAttention calls F.linear(x, weight, bias=...) "
             "itself, which torchao 0.18's int8 weight rejects (tested with split q/k/v in "
@@ -265,39 +281,83 @@ CASES = [
         },
     ),
     Case(
-        "torchvision-vit", build_torchvision, images, call, TOKENS, 1,
-        lambda m: list(m.encoder.layers), tv.TORCHVISION_BLOCK, torchvision_qk,
+        "torchvision-vit",
+        build_torchvision,
+        images,
+        call,
+        TOKENS,
+        1,
+        lambda m: list(m.encoder.layers),
+        tv.TORCHVISION_BLOCK,
+        torchvision_qk,
         prune=prune_torchvision,
-        cannot={"cpu_offload": "nn.MultiheadAttention fails under accelerate's cpu_offload "
-                "unpatched (its out_proj weight is read outside out_proj's forward)"},
+        cannot={
+            "cpu_offload": "nn.MultiheadAttention fails under accelerate's cpu_offload "
+            "unpatched (its out_proj weight is read outside out_proj's forward)"
+        },
     ),
     Case(
-        "hf-vit", build_hf("ViTForImageClassification", "ViTConfig", num_labels=10), images,
-        lambda m, a: m(*a).logits, TOKENS, 1, of_class("ViTLayer"),
-        hf_vit.HF_VIT_LAYER, hf_qk("attention"), prune=prune_hf("ViTAttention", "classifier"),
+        "hf-vit",
+        build_hf("ViTForImageClassification", "ViTConfig", num_labels=10),
+        images,
+        lambda m, a: m(*a).logits,
+        TOKENS,
+        1,
+        of_class("ViTLayer"),
+        hf_vit.HF_VIT_LAYER,
+        hf_qk("attention"),
+        prune=prune_hf("ViTAttention", "classifier"),
     ),
     Case(
         "hf-deit-teacher",
-        build_hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=10), images,
-        lambda m, a: m(*a).logits, TOKENS + 1, 2, of_class("DeiTLayer"),
-        hf_vit.HF_VIT_LAYER, hf_qk("attention"), prune=prune_hf("DeiTAttention", None),
+        build_hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=10),
+        images,
+        lambda m, a: m(*a).logits,
+        TOKENS + 1,
+        2,
+        of_class("DeiTLayer"),
+        hf_vit.HF_VIT_LAYER,
+        hf_qk("attention"),
+        prune=prune_hf("DeiTAttention", None),
     ),
     Case(
-        "hf-dinov2", build_hf("Dinov2ForImageClassification", "Dinov2Config", num_labels=10),
-        images, lambda m, a: m(*a).logits, TOKENS, 1, of_class("Dinov2Layer"),
-        hf_vit.DINOV2_LAYER, hf_qk("attention"),
-        cannot={"torch_pruning": "torch-pruning cannot trace the classifier's [CLS, mean] "
-                "concatenation: the unpatched pruned model fails"},
+        "hf-dinov2",
+        build_hf("Dinov2ForImageClassification", "Dinov2Config", num_labels=10),
+        images,
+        lambda m, a: m(*a).logits,
+        TOKENS,
+        1,
+        of_class("Dinov2Layer"),
+        hf_vit.DINOV2_LAYER,
+        hf_qk("attention"),
+        cannot={
+            "torch_pruning": "torch-pruning cannot trace the classifier's [CLS, mean] "
+            "concatenation: the unpatched pruned model fails"
+        },
     ),
     Case(
-        "hf-clip", build_hf("CLIPVisionModel", "CLIPVisionConfig"), images, clip_pooled,
-        TOKENS, 1, of_class("CLIPEncoderLayer"), clip.CLIP_LAYER,
-        hf_qk("self_attn", scale="scale"), prune=prune_hf("CLIPAttention", None),
+        "hf-clip",
+        build_hf("CLIPVisionModel", "CLIPVisionConfig"),
+        images,
+        clip_pooled,
+        TOKENS,
+        1,
+        of_class("CLIPEncoderLayer"),
+        clip.CLIP_LAYER,
+        hf_qk("self_attn", scale="scale"),
+        prune=prune_hf("CLIPAttention", None),
     ),
     Case(
-        "hf-bert", build_bert, bert_inputs, bert_pooled, 12, 1,
-        of_class("BertLayer"), bert.BERT_LAYER,
-        hf_qk("attention.self", q="query", k="key"), r=2,
+        "hf-bert",
+        build_bert,
+        bert_inputs,
+        bert_pooled,
+        12,
+        1,
+        of_class("BertLayer"),
+        bert.BERT_LAYER,
+        hf_qk("attention.self", q="query", k="key"),
+        r=2,
         prune=prune_hf("BertSelfAttention", "pooler", ("query", "key", "value")),
     ),
 ]

@@ -12,7 +12,15 @@ is patched.
 
 from .api import apply, patched, remove, resolve_config
 from .attention import QKVLayout, attend, layout_attention, use_turbo_attention
-from .blocks import BlockSpec, install_blocks, install_scope, run_block, size_weighted_mean, token_sizes
+from .blocks import (
+    BlockSpec,
+    TurboBypassWarning,
+    install_blocks,
+    install_scope,
+    run_block,
+    size_weighted_mean,
+    token_sizes,
+)
 from .patch import TurboHandle, TurboPatch, handle_of
 from .registry import (
     ENTRY_POINT_GROUP,
@@ -34,6 +42,7 @@ __all__ = [
     "QKVLayout",
     "ReductionSite",
     "SiteCall",
+    "TurboBypassWarning",
     "TurboHandle",
     "TurboPatch",
     "adapter_for_model",

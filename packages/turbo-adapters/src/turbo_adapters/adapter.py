@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import importlib
 import sys
+
 from torch import nn
 
 from turbo_core import TurboConfig

@@ -50,7 +50,7 @@ def _model_mask(call: SiteCall, attn_mask: torch.Tensor | None, tokens: int) -> 
         return None
     if attn_mask.shape[-1] != tokens or call.state.size is not None:
         raise ValueError(
-            "an attention mask is not supported while Turbo merges tokens: it would no "
+            "attention_mask (attn_mask) is not supported while Turbo merges tokens: it would no "
             "longer line up with the merged sequence (padding is handled through token_mask)"
         )
     return attn_mask

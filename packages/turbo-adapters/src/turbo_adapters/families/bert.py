@@ -66,7 +66,11 @@ class BertAdapter(HFAdapter):
                 "add_cross_attention must be False)"
             )
         layers = list(model.encoder.layer)
-        odd = {type(layer).__name__ for layer in layers if not isinstance(layer, self.classes()["layers"])}
+        odd = {
+            type(layer).__name__
+            for layer in layers
+            if not isinstance(layer, self.classes()["layers"])
+        }
         if odd:
             raise TypeError(f"hf-bert supports BertLayer, found {sorted(odd)}")
         site = patch.add_site(ReductionSite("text", model_defaults(config, 1), len(layers)))

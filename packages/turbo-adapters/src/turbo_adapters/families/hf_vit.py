@@ -58,7 +58,9 @@ def find_one(model: nn.Module, classes: tuple[type, ...], what: str) -> nn.Modul
     """The single submodule (or ``model`` itself) that is an instance of ``classes``."""
     found = [m for m in model.modules() if isinstance(m, classes)]
     if len(found) != 1:
-        raise TypeError(f"expected exactly one {what} in {type(model).__name__}, found {len(found)}")
+        raise TypeError(
+            f"expected exactly one {what} in {type(model).__name__}, found {len(found)}"
+        )
     return found[0]
 
 
@@ -70,7 +72,9 @@ def install_hf_layers(
         raise TypeError("found no transformer layers to patch")
     for layer in layers:
         spec.check(layer)
-    use_turbo_attention(patch, site, [spec.part(l, spec.owner or spec.attn) for l in layers])
+    use_turbo_attention(
+        patch, site, [spec.part(layer, spec.owner or spec.attn) for layer in layers]
+    )
     install_blocks(patch, site, layers, spec)
 
 
@@ -151,9 +155,7 @@ class HFDinov2Adapter(HFAdapter):
         backbone = find_one(model, classes["backbones"], "Dinov2Model")
         layers = [m for m in backbone.modules() if isinstance(m, classes["layers"])]
         pooled = backbone is not model  # the classifier averages the patch tokens
-        site = ReductionSite(
-            "vision", model_defaults(config, 1), len(layers), needs_source=pooled
-        )
+        site = ReductionSite("vision", model_defaults(config, 1), len(layers), needs_source=pooled)
         patch.add_site(site)
         install_hf_layers(patch, site, layers, DINOV2_LAYER)
         install_scope(patch, site, backbone, restore=pooled)

@@ -151,7 +151,9 @@ class TimmEvaAdapter(FamilyAdapter):
         odd = {type(b).__name__ for b in blocks if type(b) is not EvaBlock}
         odd |= {type(b.attn).__name__ for b in blocks if not isinstance(b.attn, EvaAttention)}
         if odd:
-            raise TypeError(f"timm-eva supports EvaBlock with EvaAttention; this model has {sorted(odd)}")
+            raise TypeError(
+                f"timm-eva supports EvaBlock with EvaAttention; this model has {sorted(odd)}"
+            )
         config = model_defaults(config, int(model.num_prefix_tokens))
         site = ReductionSite(
             "vision",
@@ -164,7 +166,9 @@ class TimmEvaAdapter(FamilyAdapter):
         install_blocks(patch, site, blocks, eva_block(blocks[0].attn))
         refuse_grad_checkpointing(patch, model)
 
-        def record_grid(original: Callable[..., Any], x: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        def record_grid(
+            original: Callable[..., Any], x: torch.Tensor, *args: Any, **kw: Any
+        ) -> Any:
             call = site.current()
             if call is not None:
                 if model.training and model.patch_drop is not None and model.rope is not None:
@@ -173,7 +177,11 @@ class TimmEvaAdapter(FamilyAdapter):
                         "set patch_drop_rate=0 or call model.eval()"
                     )
                 embed = model.patch_embed
-                grid = embed.dynamic_feat_size(tuple(x.shape[-2:])) if model.dynamic_img_size else embed.grid_size
+                grid = (
+                    embed.dynamic_feat_size(tuple(x.shape[-2:]))
+                    if model.dynamic_img_size
+                    else embed.grid_size
+                )
                 call.state.extras[_GRID] = tuple(grid)
             return original(x, *args, **kw)
 
