@@ -72,6 +72,11 @@ class LoadedModel:
             self.sides[name] = build_side(dense, name, self.options, example)  # type: ignore[arg-type]
         return self.sides[name]
 
+    @property
+    def is_dense(self) -> bool:
+        """Whether the module is the dense model (no model-side step applied)."""
+        return self.module is self.sides.get(None, self.module)
+
     def set_method(self, overrides: dict[str, Any] | None) -> None:
         """Unpatched for ``None`` (baseline); otherwise patched with ``overrides``.
 

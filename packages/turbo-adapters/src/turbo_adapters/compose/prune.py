@@ -121,12 +121,16 @@ def _per_layer(name: str, value: float | Sequence[float], count: int) -> list[fl
     return [float(v) for v in values]
 
 
-def _sliced(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
+def _require_plain(linear: nn.Module) -> None:
     if type(linear) is not nn.Linear or type(linear.weight) is not nn.Parameter:
         raise TypeError(
             f"narrowing needs plain nn.Linear layers (prune before quantizing), got "
-            f"{type(linear).__name__} with a {type(linear.weight).__name__} weight"
+            f"{type(linear).__name__} with a {type(getattr(linear, 'weight', None)).__name__} weight"
         )
+
+
+def _sliced(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
+    _require_plain(linear)
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     if rows is not None:
@@ -156,6 +160,8 @@ def _narrow_attention(attention: nn.Module, fraction: float) -> int:
         raise ValueError(f"{type(attention).__name__}: {heads} heads x {head_dim} != width {width}")
     keep = max(1, round(head_dim * fraction))
     linears = _qkv_linears(attention)
+    for linear in linears:
+        _require_plain(linear)
     # importance of channel c: its rows in q, k and v, over all heads
     if len(linears) == 1:
         rows = linears[0].weight.detach().float().reshape(3, heads, head_dim, -1)
@@ -182,6 +188,8 @@ def _narrow_attention(attention: nn.Module, fraction: float) -> int:
 
 
 def _narrow_mlp(fc1: nn.Linear, fc2: nn.Linear, fraction: float) -> tuple[nn.Linear, nn.Linear]:
+    _require_plain(fc1)
+    _require_plain(fc2)
     hidden = fc1.out_features
     keep = max(1, round(hidden * fraction))
     score = fc1.weight.detach().float().norm(dim=1) * fc2.weight.detach().float().norm(dim=0)

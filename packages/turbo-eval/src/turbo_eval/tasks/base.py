@@ -98,7 +98,8 @@ class Task(abc.ABC):
         """
         from ..distributed import map_batches
 
-        unpatched = self.model.handle is None
+        # the dense model without Turbo (not a quantized or pruned copy of it)
+        unpatched = self.model.handle is None and getattr(self.model, "is_dense", True)
         cache: dict[str, Any] = self.__dict__.setdefault("_baseline_features", {})
         if unpatched and label in cache:
             return cache[label]
