@@ -59,8 +59,9 @@ def _is_attention(module: nn.Module) -> bool:
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every self-attention module with a ``head_dim`` and a fused or split q/k/v, by name.
 
-    Covers timm ``Attention``, transformers ViT/DeiT/DINOv2/CLIP/SigLIP/BLIP attention
-    (``qkv`` or ``q_proj``/``k_proj``/``v_proj``) and BERT-style ``query``/``key``/``value``.
+    Covers timm ``Attention`` and transformers ViT/DeiT/DINOv2/CLIP/SigLIP attention
+    (``qkv`` or ``q_proj``/``k_proj``/``v_proj``). BERT (``attention_head_size``, no
+    ``head_dim``) is not covered.
     """
     return {name: m for name, m in model.named_modules() if _is_attention(m)}
 
