@@ -43,6 +43,8 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.bert:BertAdapter",
     "turbo_adapters.families.timm_eva:TimmEvaAdapter",
     "turbo_adapters.families.blip:BlipAdapter",
+    "turbo_adapters.families.blip2:Blip2Adapter",
+    "turbo_adapters.families.blip2:InstructBlipAdapter",
 )
 
 
