@@ -358,3 +358,78 @@ def test_from_pretrained_on_a_local_checkpoint(tmp_path) -> None:
     patch.configure(min_tokens=0)
     assert model.generate(pixel_values=pixels, max_new_tokens=5).shape == reference.shape
     assert patch.last_state.token_counts[-1] == 5
+
+
+# ------------------------------------------------------------ cross-modal guidance
+@torch.no_grad()
+def test_cross_modal_r0_equals_unpatched_and_reduces_once_per_call() -> None:
+    model = build("BlipForImageTextRetrieval")
+    pixels, question = images(3), text(3)
+    reference = model(input_ids=question, pixel_values=pixels).itm_score
+    patch = ta.apply(model, r=0)
+    site = blip.use_cross_modal_guidance(patch, r=0)
+    torch.testing.assert_close(model(input_ids=question, pixel_values=pixels).itm_score, reference)
+    assert site.last_state.token_counts == [TOKENS]
+    lengths = _cross_key_lengths(model.text_encoder)
+    second = next(
+        m
+        for n, m in model.text_encoder.named_modules()
+        if n.endswith("layer.1.crossattention.self")
+    )
+    seen: list[int] = []
+    second.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states"].shape[1]), with_kwargs=True
+    )
+    patch.configure(site="vision", r=2)
+    patch.configure(site=blip.CROSS_SITE, r=3)
+    scores = model(input_ids=question, pixel_values=pixels).itm_score
+    assert scores.shape == (3, 2) and torch.isfinite(scores).all()
+    assert patch.sites["vision"].last_state.token_counts == [15, 13, 11, 9]
+    assert site.last_state.token_counts == [6]
+    assert lengths[-1] == 6 and seen[-1] == 6  # every cross-attention sees the reduced image
+    assert float(site.last_state.size.sum(dim=1)[0]) == TOKENS  # sizes carried from the tower
+
+
+@pytest.mark.parametrize("reduce", ["merge", "prune"])
+@torch.no_grad()
+def test_cross_modal_decisions_follow_the_text(reduce: str) -> None:
+    model = build("BlipForQuestionAnswering")
+    pixels = images(2)
+    patch = ta.apply(model, r=0)
+    site = blip.use_cross_modal_guidance(
+        patch, r=5, reduce=reduce, trace_source=True, mode="semantics"
+    )
+    sources = []
+    for seed in (1, 2):
+        question = text(2, seed=seed)
+        answers = model.generate(input_ids=question, pixel_values=pixels, max_new_tokens=3)
+        assert answers.shape[0] == 2
+        sources.append(site.last_state.source)
+    assert site.last_state.token_counts == [TOKENS - 5]
+    assert not torch.equal(sources[0], sources[1])  # another question, other tokens kept
+    if reduce == "prune":  # survivors keep their sizes: nothing was averaged in
+        assert torch.all(site.last_state.size == 1)
+
+
+@torch.no_grad()
+def test_cross_modal_alpha0_equals_redundancy_and_remove_restores() -> None:
+    model = build("BlipForImageTextRetrieval")
+    pixels, question = images(2), text(2)
+    reference = model(input_ids=question, pixel_values=pixels).itm_score
+    patch = ta.apply(model, r=0)
+    site = blip.use_cross_modal_guidance(patch, r=4, trace_source=True, alpha=0.0)
+    alpha0 = model(input_ids=question, pixel_values=pixels).itm_score
+    source = site.last_state.source
+    patch.configure(site=blip.CROSS_SITE, mode="redundancy", alpha=3.0)
+    torch.testing.assert_close(model(input_ids=question, pixel_values=pixels).itm_score, alpha0)
+    assert torch.equal(site.last_state.source, source)
+    ta.remove(model)
+    assert torch.equal(model(input_ids=question, pixel_values=pixels).itm_score, reference)
+
+
+def test_cross_modal_needs_a_text_encoder() -> None:
+    patch = ta.apply(build("BlipForConditionalGeneration"), r=2)
+    with pytest.raises(TypeError, match="cross-attends"):
+        blip.use_cross_modal_guidance(patch, r=2)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        blip.use_cross_modal_guidance(patch, r=2, reduce="drop")
