@@ -433,3 +433,49 @@ def test_cross_modal_needs_a_text_encoder() -> None:
         blip.use_cross_modal_guidance(patch, r=2)
     with pytest.raises(ValueError, match="reduce must be one of"):
         blip.use_cross_modal_guidance(patch, r=2, reduce="drop")
+
+
+# ------------------------------------------------- proportional attention downstream
+def _duplicated(image: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Every merged token repeated as many times as it has members: attending to these
+    copies is exactly proportional attention over the merged tokens (an oracle that
+    shares nothing with the bias)."""
+    return image.gather(1, source.unsqueeze(-1).expand(-1, -1, image.shape[-1]))
+
+
+@torch.no_grad()
+def test_size_bias_downstream_equals_attending_to_copies() -> None:
+    model = build("BlipForConditionalGeneration")
+    pixels, ids = images(2), text(2)
+    patch = ta.apply(model, r=3, trace_source=True)
+    plain = model(pixel_values=pixels, input_ids=ids).logits
+    blip.use_size_bias_downstream(patch)
+    biased = model(pixel_values=pixels, input_ids=ids).logits
+    image = model.vision_model(pixel_values=pixels).last_hidden_state
+    copies = _duplicated(image, patch.last_state.source)
+    assert copies.shape[1] == TOKENS
+    oracle = model.text_decoder(input_ids=ids, encoder_hidden_states=copies).logits
+    torch.testing.assert_close(biased, oracle, atol=2e-5, rtol=2e-5)
+    assert not torch.allclose(biased, plain, atol=1e-4)
+    for beams in (1, 3):  # every step and every beam sees the bias
+        out = model.generate(pixel_values=pixels, max_new_tokens=5, num_beams=beams)
+        assert out.shape[0] == 2
+
+
+@torch.no_grad()
+def test_size_bias_downstream_r0_and_remove() -> None:
+    model = build("BlipForQuestionAnswering")
+    pixels, question = images(2), text(2)
+    reference = model.generate(input_ids=question, pixel_values=pixels, max_new_tokens=4)
+    patch = ta.apply(model, r=0)
+    blip.use_size_bias_downstream(patch)
+    blip.use_cross_modal_guidance(patch, r=0)
+    assert torch.equal(
+        model.generate(input_ids=question, pixel_values=pixels, max_new_tokens=4), reference
+    )
+    patch.r = 3
+    assert model.generate(input_ids=question, pixel_values=pixels, max_new_tokens=4).shape[0] == 2
+    ta.remove(model)
+    assert torch.equal(
+        model.generate(input_ids=question, pixel_values=pixels, max_new_tokens=4), reference
+    )

@@ -254,3 +254,88 @@ def _reduce_image(
     state.token_counts.append(reduced.shape[1])
     state.block_index += 1
     return reduced
+
+
+# ------------------------------------------------- proportional attention downstream
+_IMAGE_SIZES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "turbo_blip_image_sizes", default=None
+)
+
+
+def use_size_bias_downstream(patch: TurboPatch) -> None:
+    """Let the text side's cross-attentions see ``log(size)`` of merged image tokens.
+
+    Off by default, as in the authors' code (the decoder and text encoder attend to
+    merged tokens with an all-ones mask). When on, every cross-attention over the image
+    (the caption decoder's, the ITM/VQA text encoder's; not the VQA answer decoder's,
+    which attends to the question) adds ``log(size)`` to its logits, at every decoding
+    step and for every beam (sizes follow generate's ``repeat_interleave`` expansion).
+    The bias reaches the library's attention as its ``encoder_attention_mask``.
+    """
+    if patch.adapter_name != BlipAdapter.name or "vision" not in patch.sites:
+        raise TypeError("use_size_bias_downstream needs a patch made by the hf-blip adapter")
+    model, vision = patch.model, patch.sites["vision"]
+    tower = find_one(model, BlipAdapter().classes()["tower"], "BLIP vision tower")
+    readers = [getattr(model, name, None) for name in ("text_decoder", "text_encoder")]
+    if isinstance(model, BlipAdapter().classes()["models"][2]):  # VQA: decoder reads the question
+        readers = [model.text_encoder]
+    cross = [
+        layer.crossattention.self
+        for reader in readers
+        if reader is not None
+        for layer in reader.modules()
+        if hasattr(layer, "crossattention")
+    ]
+    if not cross:
+        raise TypeError(f"{type(model).__name__} has no cross-attention over the image")
+
+    def record(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        output = original(*args, **kwargs)
+        sizes = _IMAGE_SIZES.get()
+        if sizes is not None and vision.current() is None:  # the outermost tower call
+            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            sizes["size"] = token_sizes(hidden)
+        return output
+
+    patch.override(tower, "forward", record)
+
+    def entry(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if _IMAGE_SIZES.get() is not None:
+            return original(*args, **kwargs)
+        token = _IMAGE_SIZES.set({"size": None})
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _IMAGE_SIZES.reset(token)
+
+    for name in ("forward", "generate"):
+        if hasattr(model, name):
+            patch.override(model, name, entry)
+    for attention in cross:
+        _install_size_bias(patch, attention)
+
+
+def _image_sizes(image: torch.Tensor) -> torch.Tensor | None:
+    """``(B', N, 1)`` sizes of the image tokens a cross-attention receives, or None."""
+    text = _TEXT_CALL.get()
+    if text is not None and image is text.get("reduced"):
+        return text["call"].state.size
+    sizes = _IMAGE_SIZES.get()
+    size = None if sizes is None else sizes["size"]
+    if size is None or size.shape[1] != image.shape[1] or image.shape[0] % size.shape[0]:
+        return None
+    repeats = image.shape[0] // size.shape[0]  # generate expands rows by repeat_interleave
+    return size if repeats == 1 else size.repeat_interleave(repeats, dim=0)
+
+
+def _install_size_bias(patch: TurboPatch, attention: nn.Module) -> None:
+    def forward(original: Callable[..., Any], hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        image = kwargs.get("encoder_hidden_states")
+        if image is not None:
+            size = _image_sizes(image)
+            if size is not None:
+                bias = size.reshape(size.shape[0], 1, 1, -1).log().to(hidden_states.dtype)
+                kwargs["encoder_attention_mask"] = bias
+        return original(hidden_states, *args, **kwargs)
+
+    patch.override(attention, "forward", forward)
