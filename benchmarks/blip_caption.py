@@ -107,6 +107,7 @@ def bench_blip(args: argparse.Namespace) -> dict[str, Any]:
             }
             for name in models
         }
+        print(json.dumps({"agreement": report["agreement"]}), flush=True)
         for what, fn in (
             ("vision", lambda m: m.vision_model(pixel_values=pixels)),
             ("captioning", caption),
@@ -127,6 +128,7 @@ def bench_blip(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 for name, t in timing["methods"].items()
             }
+            print(json.dumps({what: report[what]}), flush=True)  # partial results first
     return report
 
 
