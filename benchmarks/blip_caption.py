@@ -71,6 +71,14 @@ def photos(batch: int, size: int) -> torch.Tensor:
     return (pixels - mean) / std
 
 
+def sharing(model: torch.nn.Module, build: Any) -> torch.nn.Module:
+    """A second instance of ``model`` (own modules and config) on the same weight storage."""
+    with torch.device("meta"):
+        twin = build(copy.deepcopy(model.config))
+    twin.load_state_dict(model.state_dict(), assign=True)
+    return twin.eval()
+
+
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Share of positions where two id tensors agree."""
     return float((a == b).float().mean())
@@ -138,8 +146,7 @@ def bench_blip2(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     config = transformers.Blip2VisionConfig(**BLIP2_VIT_G)
     base = transformers.Blip2VisionModel(config).eval()
-    r0 = copy.deepcopy(base)
-    turbo = copy.deepcopy(base)
+    r0, turbo = (sharing(base, lambda c: transformers.Blip2VisionModel(c)) for _ in range(2))
     ta.apply(r0, args.preset, r=0)
     overrides = {} if args.r is None else {"r": args.r}
     patch = ta.apply(turbo, args.preset, **overrides)
