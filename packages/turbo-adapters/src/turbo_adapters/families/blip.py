@@ -276,9 +276,15 @@ def use_size_bias_downstream(patch: TurboPatch) -> None:
         raise TypeError("use_size_bias_downstream needs a patch made by the hf-blip adapter")
     model, vision = patch.model, patch.sites["vision"]
     tower = find_one(model, BlipAdapter().classes()["tower"], "BLIP vision tower")
-    readers = [getattr(model, name, None) for name in ("text_decoder", "text_encoder")]
-    if isinstance(model, BlipAdapter().classes()["models"][2]):  # VQA: decoder reads the question
-        readers = [model.text_encoder]
+    from transformers.models.blip.modeling_blip import BlipForQuestionAnswering
+
+    # the VQA answer decoder cross-attends to the question, not to the image
+    names = (
+        ("text_encoder",)
+        if isinstance(model, BlipForQuestionAnswering)
+        else ("text_decoder", "text_encoder")
+    )
+    readers = [getattr(model, name, None) for name in names]
     cross = [
         layer.crossattention.self
         for reader in readers
