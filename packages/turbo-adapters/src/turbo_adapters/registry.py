@@ -45,6 +45,7 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.blip:BlipAdapter",
     "turbo_adapters.families.blip2:Blip2Adapter",
     "turbo_adapters.families.blip2:InstructBlipAdapter",
+    "turbo_adapters.families.lavis:LavisViTAdapter",
 )
 
 
