@@ -3,7 +3,7 @@
 Both are found by structure (a ``VisionTransformer`` whose blocks hold ``norm1``,
 ``attn``, ``norm2``, ``mlp``), so the modules work however they were imported (LAVIS
 itself needs transformers < 4.27; its two encoder modules load on their own). One q/k/v
-layout describes both attentions: a fused ``qkv`` (BLIP: with bias; EVA: bias-free with
+layout form describes both attentions: a fused ``qkv`` (BLIP: with bias; EVA: bias-free with
 separate ``q_bias``/``v_bias``), ``scale``, ``num_heads``, ``proj``. A LAVIS user
 patches the image encoder of a LAVIS model::
 
@@ -17,6 +17,7 @@ gradient checkpointing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -30,29 +31,33 @@ from ..blocks import BlockSpec, install_blocks, install_scope
 from ..patch import TurboPatch
 from ..site import ReductionSite
 
-__all__ = ["LAVIS_ATTENTION", "LAVIS_BLOCK", "LavisViTAdapter", "lavis_kind"]
+__all__ = [
+    "EVA_ATTENTION",
+    "EVA_BLOCK",
+    "LAVIS_ATTENTION",
+    "LAVIS_BLOCK",
+    "LavisViTAdapter",
+    "lavis_kind",
+]
 
-#: ``Attention`` of both encoders (missing ``q_bias``/``v_bias`` or None add nothing).
-LAVIS_ATTENTION = QKVLayout(
+_COMMON: dict[str, Any] = dict(
     fused="qkv",
-    qkv_biases=("q_bias", None, "v_bias"),
     num_heads="num_heads",
     scale="scale",
     dropout="attn_drop",
     out="proj",
     out_dropout="proj_drop",
 )
-#: ``Block`` of both encoders (EVA's ``gamma_1``/``gamma_2`` layer scale may be None).
+#: ``lavis.models.vit.Attention`` (BLIP): a fused ``qkv`` with its own bias.
+LAVIS_ATTENTION = QKVLayout(**_COMMON)
+#: ``lavis.models.eva_vit.Attention``: bias-free ``qkv`` plus ``q_bias``/``v_bias`` (or None).
+EVA_ATTENTION = QKVLayout(qkv_biases=("q_bias", None, "v_bias"), **_COMMON)
+#: ``lavis.models.vit.Block``.
 LAVIS_BLOCK = BlockSpec(
-    norm1="norm1",
-    attn="attn",
-    ls1="gamma_1",
-    drop1="drop_path",
-    norm2="norm2",
-    mlp="mlp",
-    ls2="gamma_2",
-    drop2="drop_path",
+    norm1="norm1", attn="attn", drop1="drop_path", norm2="norm2", mlp="mlp", drop2="drop_path"
 )
+#: ``lavis.models.eva_vit.Block`` (its ``gamma_1``/``gamma_2`` layer scale may be None).
+EVA_BLOCK = dataclasses.replace(LAVIS_BLOCK, ls1="gamma_1", ls2="gamma_2")
 
 
 def lavis_kind(model: nn.Module) -> str | None:
@@ -76,7 +81,9 @@ def lavis_kind(model: nn.Module) -> str | None:
     return None
 
 
-def _install_attention(patch: TurboPatch, site: ReductionSite, attention: nn.Module) -> None:
+def _install_attention(
+    patch: TurboPatch, site: ReductionSite, attention: nn.Module, layout: QKVLayout
+) -> None:
     """``attention`` on Turbo's path during a call; its extra argument must be inert."""
 
     def forward(original: Callable[..., Any], x: Any, extra: Any = None, **kwargs: Any) -> Any:
@@ -89,7 +96,7 @@ def _install_attention(patch: TurboPatch, site: ReductionSite, attention: nn.Mod
                 "Turbo cannot merge tokens with attention maps registered (register_blk) or "
                 "a relative position bias; call turbo_adapters.remove(model) for those"
             )
-        return layout_attention(attention, LAVIS_ATTENTION, x, site, call)
+        return layout_attention(attention, layout, x, site, call)
 
     patch.override(attention, "forward", forward)
 
@@ -116,13 +123,15 @@ class LavisViTAdapter(FamilyAdapter):
             or any(b.attn.relative_position_bias_table is not None for b in blocks)
         ):
             raise TypeError("lavis-vit does not support EVA's relative position bias")
+        layout = EVA_ATTENTION if kind == "eva" else LAVIS_ATTENTION
+        spec = EVA_BLOCK if kind == "eva" else LAVIS_BLOCK
         for block in blocks:
-            LAVIS_BLOCK.check(block)
-            LAVIS_ATTENTION.check(block.attn)
+            spec.check(block)
+            layout.check(block.attn)
         site = patch.add_site(ReductionSite("vision", model_defaults(config, 1), len(blocks)))
         for block in blocks:
-            _install_attention(patch, site, block.attn)
-        install_blocks(patch, site, blocks, LAVIS_BLOCK)
+            _install_attention(patch, site, block.attn, layout)
+        install_blocks(patch, site, blocks, spec)
         if hasattr(model, "forward_features"):
             install_scope(patch, site, model, "forward_features")
         install_scope(patch, site, model, "forward")
