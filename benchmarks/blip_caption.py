@@ -115,6 +115,10 @@ def bench_blip(args: argparse.Namespace) -> dict[str, Any]:
             }
             for name in models
         }
+        # with random weights the decoder may ignore the image: then agreement says little
+        report["distinct_unpatched_captions"] = len(
+            {tuple(row.tolist()) for row in ids["unpatched"]}
+        )
         print(json.dumps({"agreement": report["agreement"]}), flush=True)
         for what, fn in (
             ("vision", lambda m: m.vision_model(pixel_values=pixels)),
