@@ -120,6 +120,8 @@ class QKVLayout:
             fused projection (EVA, BLIP-2); a None entry adds zeros.
         q_norm, k_norm: per-head norms applied to q and k.
         head_dim: attribute with the head width; heads are read from the tensor.
+        num_heads: for modules without a head-width attribute (LAVIS, BLIP's original
+            ViT): attribute with the head count; the width is read from the tensor.
         scale: attribute with the logit scale (default ``head_dim ** -0.5``).
         dropout: attribute with the attention dropout (an ``nn.Dropout`` or a float).
         out_norm, gate: timm's post-attention norm and sigmoid gate (from the input).
@@ -134,6 +136,7 @@ class QKVLayout:
     q_norm: str | None = None
     k_norm: str | None = None
     head_dim: str = "head_dim"
+    num_heads: str | None = None
     scale: str | None = "scale"
     dropout: str | None = None
     out_norm: str | None = None
@@ -149,7 +152,7 @@ class QKVLayout:
 
     def check(self, module: nn.Module) -> None:
         """Raise a TypeError naming what ``module`` lacks."""
-        names = [self.fused, *(self.split or ()), self.out, self.head_dim]
+        names = [self.fused, *(self.split or ()), self.out, self.num_heads or self.head_dim]
         names += [n for n in (*(self.qkv_biases or ()), self.q_norm, self.k_norm) if n]
         missing = [n for n in names if n is not None and not hasattr(module, n)]
         if missing:
@@ -162,7 +165,10 @@ def _part(module: nn.Module, name: str | None) -> Any:
 
 def project_qkv(module: nn.Module, layout: QKVLayout, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``(B, N, C)`` -> q, k, v as ``(B, H, N, D)`` with H read from the tensors."""
-    head_dim = int(getattr(module, layout.head_dim))
+    if layout.num_heads is not None:
+        split = {"h": int(getattr(module, layout.num_heads))}
+    else:
+        split = {"d": int(getattr(module, layout.head_dim))}
     if layout.project is not None:
         flat = layout.project(module, x)
     elif layout.fused is not None:
@@ -175,7 +181,7 @@ def project_qkv(module: nn.Module, layout: QKVLayout, x: torch.Tensor) -> tuple[
         flat = qkv.chunk(3, dim=-1)
     else:
         flat = tuple(getattr(module, name)(x) for name in layout.split)  # type: ignore[union-attr]
-    q, k, v = (rearrange(t, "b n (h d) -> b h n d", d=head_dim) for t in flat)
+    q, k, v = (rearrange(t, "b n (h d) -> b h n d", **split) for t in flat)
     norm_q, norm_k = _part(module, layout.q_norm), _part(module, layout.k_norm)
     if norm_q is not None:
         q = norm_q(q)

@@ -42,6 +42,10 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.clip:HFCLIPVisionAdapter",
     "turbo_adapters.families.bert:BertAdapter",
     "turbo_adapters.families.timm_eva:TimmEvaAdapter",
+    "turbo_adapters.families.blip:BlipAdapter",
+    "turbo_adapters.families.blip2:Blip2Adapter",
+    "turbo_adapters.families.blip2:InstructBlipAdapter",
+    "turbo_adapters.families.lavis:LavisViTAdapter",
 )
 
 

@@ -1,0 +1,347 @@
+"""transformers BLIP (v1): captioning, image-text retrieval (ITM + ITC) and VQA.
+
+One site over the vision tower's ``BlipEncoderLayer`` blocks. ``BlipAttention`` has no
+attention registry (fused ``qkv``, ``projection``, eager softmax that always
+materialises the probabilities); on Turbo's path it is described by
+:data:`BLIP_ATTENTION` and runs fused SDPA with the exact CLS row, so a patched BLIP is
+faster at r = 0 too, with the same numbers.
+
+Downstream needs nothing: the text decoder and the ITM/VQA text encoder cross-attend
+to however many image tokens arrive (the library builds their all-ones mask from the
+image length), ITC reads token 0, the CLS, which is protected and stays first. The
+vision tower runs once per ``generate`` (captions, VQA answers), so image tokens are
+reduced once per call and the decoder's KV cache holds the reduced tokens for every
+step, beam and batch row. As in the authors' code, the cross-attentions see merged
+tokens without the ``log(size)`` bias.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from turbo_core import TurboConfig
+from turbo_core.merging import merge_sources
+
+from ..adapter import model_defaults
+from ..attention import QKVLayout, layout_attention
+from ..blocks import BlockSpec, install_blocks, install_scope, token_sizes
+from ..patch import TurboPatch
+from ..site import ReductionSite
+from .hf_vit import HFAdapter, find_one
+
+__all__ = [
+    "BLIP_ATTENTION",
+    "BLIP_LAYER",
+    "CROSS_SITE",
+    "BlipAdapter",
+    "install_blip_attention",
+    "use_cross_modal_guidance",
+]
+
+#: ``BlipAttention``: one fused ``qkv`` Linear (with bias), ``projection`` out.
+BLIP_ATTENTION = QKVLayout(
+    fused="qkv", head_dim="head_dim", scale="scale", dropout="dropout", out="projection"
+)
+#: ``BlipEncoderLayer``; the attention is installed by :func:`install_blip_attention`.
+BLIP_LAYER = BlockSpec(norm1="layer_norm1", attn="self_attn", norm2="layer_norm2", mlp="mlp")
+
+
+def install_blip_attention(
+    patch: TurboPatch, site: ReductionSite, attention: nn.Module, layout: QKVLayout = BLIP_ATTENTION
+) -> None:
+    """``attention`` on Turbo's path during a call, keeping its ``(output, weights)`` return.
+
+    The weights are None on Turbo's path (they are never materialised); transformers'
+    output recorders then see None instead of a wrong slice of the output.
+    """
+    layout.check(attention)
+
+    def forward(original: Callable[..., Any], hidden_states: Any = None, **kwargs: Any) -> Any:
+        call = site.current()
+        if call is None:
+            return original(hidden_states, **kwargs)
+        return layout_attention(attention, layout, hidden_states, site, call), None
+
+    patch.override(attention, "forward", forward)
+
+
+class BlipAdapter(HFAdapter):
+    """``BlipForConditionalGeneration``, ``BlipForImageTextRetrieval``,
+    ``BlipForQuestionAnswering``, ``BlipModel`` and ``BlipVisionModel``."""
+
+    name = "hf-blip"
+    model_names = (
+        "Salesforce/blip-image-captioning-*",
+        "Salesforce/blip-itm-*",
+        "Salesforce/blip-vqa-*",
+        "blip-image-captioning-*",
+        "blip-itm-*",
+        "blip-vqa-*",
+    )
+    model_types = ("blip", "blip_vision_model")
+
+    def classes(self) -> dict[str, Any]:
+        from transformers.models.blip import modeling_blip as blip
+
+        return {
+            "models": (
+                blip.BlipForConditionalGeneration,
+                blip.BlipForImageTextRetrieval,
+                blip.BlipForQuestionAnswering,
+                blip.BlipModel,
+                blip.BlipVisionModel,
+            ),
+            "tower": (blip.BlipVisionModel,),
+            "layers": (blip.BlipEncoderLayer,),
+            "attention": (blip.BlipAttention,),
+        }
+
+    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
+        classes = self.classes()
+        tower = find_one(model, classes["tower"], "BLIP vision tower")
+        layers = list(tower.encoder.layers)
+        odd = {type(layer).__name__ for layer in layers if not isinstance(layer, classes["layers"])}
+        odd |= {
+            type(layer.self_attn).__name__
+            for layer in layers
+            if not isinstance(layer.self_attn, classes["attention"])
+        }
+        if not layers or odd:
+            raise TypeError(
+                f"hf-blip supports BlipEncoderLayer with BlipAttention; this model has {sorted(odd)}"
+            )
+        for layer in layers:  # check everything before patching anything
+            BLIP_LAYER.check(layer)
+            BLIP_ATTENTION.check(layer.self_attn)
+        site = ReductionSite("vision", model_defaults(config, 1), len(layers))
+        patch.add_site(site)
+        for layer in layers:
+            install_blip_attention(patch, site, layer.self_attn)
+        install_blocks(patch, site, layers, BLIP_LAYER)
+        install_scope(patch, site, tower)
+
+
+# ------------------------------------------------------------ cross-modal guidance
+#: The image tensor a BLIP text encoder call received and, once ranked, its reduction.
+_TEXT_CALL: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "turbo_blip_text_call", default=None
+)
+CROSS_SITE = "text-guided"
+_REDUCTIONS = ("merge", "prune")
+
+
+def use_cross_modal_guidance(
+    patch: TurboPatch, r: int, *, reduce: str = "merge", **changes: Any
+) -> ReductionSite:
+    """Reduce the image tokens once more, ranked by the text, before the cross-attentions.
+
+    For models whose text encoder cross-attends to the image (``BlipForImageTextRetrieval``
+    with the ITM head, ``BlipForQuestionAnswering``): at the first cross-attention the
+    text tokens' attention over the image tokens (averaged over heads and real text
+    tokens) is the semantic value, the image keys the redundancy metric; ``r`` tokens
+    are merged (size-weighted) or pruned (dropped; the survivors keep their sizes) and
+    every cross-attention of the call sees the reduced image. The CLS stays first.
+    The vision tower keeps its own CLS-guided schedule (``patch.configure(site="vision",
+    r=...)``); this site is ``patch.sites["text-guided"]`` (``patch.configure(
+    site="text-guided", r=..., alpha=...)``).
+
+    Args:
+        patch: a patch made by the hf-blip adapter.
+        r: image tokens this step removes (clipped like any block's r).
+        reduce: ``"merge"`` or ``"prune"``.
+        **changes: config fields for this site (``alpha``, ``mode``, ``trace_source`` ...);
+            the rest is the vision site's config with ``min_tokens=0``.
+    """
+    if reduce not in _REDUCTIONS:
+        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+    if patch.adapter_name != BlipAdapter.name or "vision" not in patch.sites:
+        raise TypeError("use_cross_modal_guidance needs a patch made by the hf-blip adapter")
+    encoder = getattr(patch.model, "text_encoder", None)
+    layers = list(getattr(getattr(encoder, "encoder", None), "layer", []))
+    if not layers or not all(hasattr(layer, "crossattention") for layer in layers):
+        raise TypeError(
+            f"{type(patch.model).__name__} has no text encoder that cross-attends to the image "
+            "(cross-modal guidance needs BlipForImageTextRetrieval or BlipForQuestionAnswering)"
+        )
+    config = patch.sites["vision"].config.replace(r=r, min_tokens=0, **changes)
+    site = patch.add_site(ReductionSite(CROSS_SITE, config, 1))
+
+    def entry(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        image = kwargs.get("encoder_hidden_states")
+        if image is None:
+            return original(*args, **kwargs)
+        with site.scope() as call:
+            text_mask = kwargs.get("attention_mask")
+            if text_mask is None and len(args) > 1:
+                text_mask = args[1]
+            token = _TEXT_CALL.set({"call": call, "image": image, "mask": text_mask})
+            try:
+                return original(*args, **kwargs)
+            finally:
+                _TEXT_CALL.reset(token)
+
+    patch.override(encoder, "forward", entry)
+    for layer in layers:
+        _install_cross_attention(patch, site, layer.crossattention, reduce)
+    return site
+
+
+def _install_cross_attention(
+    patch: TurboPatch, site: ReductionSite, attention: nn.Module, reduce: str
+) -> None:
+    def forward(
+        original: Callable[..., Any],
+        hidden_states: Any,
+        attention_mask: Any = None,
+        encoder_hidden_states: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        text = _TEXT_CALL.get()
+        if text is None or encoder_hidden_states is not text["image"]:
+            return original(hidden_states, attention_mask, encoder_hidden_states, **kwargs)
+        if "reduced" not in text:  # the first cross-attention of this call ranks
+            text["reduced"] = _reduce_image(site, text, attention.self, hidden_states, reduce)
+        # BLIP's image mask is all ones; the reduced image has no padding either
+        return original(hidden_states, None, text["reduced"], **kwargs)
+
+    patch.override(attention, "forward", forward)
+
+
+def _reduce_image(
+    site: ReductionSite,
+    text: dict[str, Any],
+    attention: nn.Module,
+    hidden_states: torch.Tensor,
+    reduce: str,
+) -> torch.Tensor:
+    """Rank the image tokens by the text's attention and remove the site's r of them."""
+    call, image = text["call"], text["image"]
+    state, reducer = call.state, call.reducer
+    width = attention.attention_head_size
+    q = rearrange(attention.query(hidden_states), "b t (h d) -> b h t d", d=width)
+    k = rearrange(attention.key(image), "b n (h d) -> b h n d", d=width)
+    probs = ((q @ k.transpose(-1, -2)) * width**-0.5).softmax(dim=-1).mean(dim=1)  # (B, T, N)
+    mask = text["mask"]
+    weight = torch.ones(probs.shape[:2], dtype=probs.dtype, device=probs.device)
+    if mask is not None and mask.dim() == 2:
+        weight = mask.to(probs.dtype)
+    semantic = (probs * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True)  # (B, N)
+    r = reducer.r_now(state, image.shape[1])
+    sizes = token_sizes(image)
+    state.size = None if sizes is None else sizes.clone()
+    plan = reducer.plan(k.mean(dim=1), semantic.float(), r)
+    if reduce == "merge":
+        reduced = reducer.merge(image, plan, state)
+    else:
+        if reducer.config.trace_source and state.source is None:
+            state.source = torch.arange(image.shape[1], device=image.device).expand(
+                image.shape[0], -1
+            )
+        if reducer.config.trace_source and plan.r:
+            state.source = merge_sources(state.source, plan)
+        index = plan.kept_idx.unsqueeze(-1)
+        reduced = image.gather(1, index.expand(-1, -1, image.shape[-1]))
+        if plan.r:
+            sizes = state.sizes_for(image)
+            state.size = sizes.gather(1, index)
+    state.r_applied.append(plan.r)
+    state.token_counts.append(reduced.shape[1])
+    state.block_index += 1
+    return reduced
+
+
+# ------------------------------------------------- proportional attention downstream
+_IMAGE_SIZES: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "turbo_blip_image_sizes", default=None
+)
+
+
+def use_size_bias_downstream(patch: TurboPatch) -> None:
+    """Let the text side's cross-attentions see ``log(size)`` of merged image tokens.
+
+    Off by default, as in the authors' code (the decoder and text encoder attend to
+    merged tokens with an all-ones mask). When on, every cross-attention over the image
+    (the caption decoder's, the ITM/VQA text encoder's; not the VQA answer decoder's,
+    which attends to the question) adds ``log(size)`` to its logits, at every decoding
+    step and for every beam (sizes follow generate's ``repeat_interleave`` expansion).
+    The bias reaches the library's attention as its ``encoder_attention_mask``.
+    """
+    if patch.adapter_name != BlipAdapter.name or "vision" not in patch.sites:
+        raise TypeError("use_size_bias_downstream needs a patch made by the hf-blip adapter")
+    model, vision = patch.model, patch.sites["vision"]
+    tower = find_one(model, BlipAdapter().classes()["tower"], "BLIP vision tower")
+    from transformers.models.blip.modeling_blip import BlipForQuestionAnswering
+
+    # the VQA answer decoder cross-attends to the question, not to the image
+    names = (
+        ("text_encoder",)
+        if isinstance(model, BlipForQuestionAnswering)
+        else ("text_decoder", "text_encoder")
+    )
+    readers = [getattr(model, name, None) for name in names]
+    cross = [
+        layer.crossattention.self
+        for reader in readers
+        if reader is not None
+        for layer in reader.modules()
+        if hasattr(layer, "crossattention")
+    ]
+    if not cross:
+        raise TypeError(f"{type(model).__name__} has no cross-attention over the image")
+
+    def record(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        output = original(*args, **kwargs)
+        sizes = _IMAGE_SIZES.get()
+        if sizes is not None and vision.current() is None:  # the outermost tower call
+            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            sizes["size"] = token_sizes(hidden)
+        return output
+
+    patch.override(tower, "forward", record)
+
+    def entry(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if _IMAGE_SIZES.get() is not None:
+            return original(*args, **kwargs)
+        token = _IMAGE_SIZES.set({"size": None})
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _IMAGE_SIZES.reset(token)
+
+    for name in ("forward", "generate"):
+        if hasattr(model, name):
+            patch.override(model, name, entry)
+    for attention in cross:
+        _install_size_bias(patch, attention)
+
+
+def _image_sizes(image: torch.Tensor) -> torch.Tensor | None:
+    """``(B', N, 1)`` sizes of the image tokens a cross-attention receives, or None."""
+    text = _TEXT_CALL.get()
+    if text is not None and image is text.get("reduced"):
+        return text["call"].state.size
+    sizes = _IMAGE_SIZES.get()
+    size = None if sizes is None else sizes["size"]
+    if size is None or size.shape[1] != image.shape[1] or image.shape[0] % size.shape[0]:
+        return None
+    repeats = image.shape[0] // size.shape[0]  # generate expands rows by repeat_interleave
+    return size if repeats == 1 else size.repeat_interleave(repeats, dim=0)
+
+
+def _install_size_bias(patch: TurboPatch, attention: nn.Module) -> None:
+    def forward(original: Callable[..., Any], hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        image = kwargs.get("encoder_hidden_states")
+        if image is not None:
+            size = _image_sizes(image)
+            if size is not None:
+                bias = size.reshape(size.shape[0], 1, 1, -1).log().to(hidden_states.dtype)
+                kwargs["encoder_attention_mask"] = bias
+        return original(hidden_states, *args, **kwargs)
+
+    patch.override(attention, "forward", forward)

@@ -1,0 +1,268 @@
+"""hf-blip2 / hf-instructblip: the vision tower through the attention registry, tiny models.
+
+Oracles: the unpatched model (logits, ITM/ITC scores, greedy and beam ids with OPT and
+T5 language models, after ``remove``), per-row calls, and the conformance kit's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from conformance import Case, parametrize, run_check  # noqa: E402
+from test_blip import peaked, prune_mlp  # noqa: E402
+
+import turbo_adapters as ta  # noqa: E402
+from turbo_adapters.families import blip2  # noqa: E402
+
+IMAGE, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 48, 4, 4
+TOKENS = (IMAGE // PATCH) ** 2 + 1
+QUERIES, IMAGE_TOKEN, LM_VOCAB = 4, 69, 70
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+VISION = dict(
+    hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+    intermediate_size=2 * WIDTH, image_size=IMAGE, patch_size=PATCH, qkv_bias=True,
+)  # fmt: skip
+QFORMER = dict(
+    vocab_size=60, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
+    intermediate_size=2 * WIDTH, encoder_hidden_size=WIDTH, max_position_embeddings=40,
+    cross_attention_frequency=1,
+)  # fmt: skip
+OPT = dict(
+    model_type="opt", vocab_size=LM_VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+    bos_token_id=2, eos_token_id=2, pad_token_id=1,
+)  # fmt: skip
+T5 = dict(
+    model_type="t5", vocab_size=LM_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+    num_heads=4, decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, bos_token_id=2,
+)  # fmt: skip
+
+
+def config(cls: str = "Blip2Config", text: dict[str, Any] | None = None) -> Any:
+    return getattr(transformers, cls)(
+        vision_config=VISION, qformer_config=QFORMER, text_config=text or OPT,
+        num_query_tokens=QUERIES, image_token_index=IMAGE_TOKEN,
+    )  # fmt: skip
+
+
+def build(cls: str, text: dict[str, Any] | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    config_cls = "InstructBlipConfig" if cls.startswith("InstructBlip") else "Blip2Config"
+    made = config(config_cls, text)
+    made.qformer_config.use_qformer_text_input = cls == "Blip2ForImageTextRetrieval"
+    if cls.endswith("VisionModel"):
+        made = made.vision_config
+    return peaked(getattr(transformers, cls)(made))
+
+
+def images(batch: int) -> torch.Tensor:
+    return torch.randn(batch, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(batch))
+
+
+def prompt(batch: int) -> torch.Tensor:
+    """Image placeholders followed by a few text tokens (what the processor makes)."""
+    text = torch.randint(3, 60, (batch, 5), generator=torch.Generator().manual_seed(batch))
+    return torch.cat([torch.full((batch, QUERIES), IMAGE_TOKEN), text], dim=1)
+
+
+def qformer_text(batch: int) -> torch.Tensor:
+    return torch.randint(3, 60, (batch, 6), generator=torch.Generator().manual_seed(batch + 7))
+
+
+def qk(model: nn.Module, block: nn.Module, x: torch.Tensor):
+    attn = block.self_attn
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x).view(batch, tokens, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], attn.scale
+
+
+def layers(name: str) -> Any:
+    return lambda model: [m for m in model.modules() if type(m).__name__ == name]
+
+
+def lm_logits(model: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
+    return model(pixel_values=args[0], input_ids=args[1]).logits
+
+
+def retrieval_scores(model: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
+    pixels, ids = args  # ids: image placeholders, then text (the model slices them off)
+    mask = torch.ones_like(ids)
+    itm = model(pixel_values=pixels, input_ids=ids, use_image_text_matching_head=True)
+    itc = model(
+        pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=False
+    )
+    return torch.cat([itm.logits_per_image, itc.logits_per_image.diagonal().unsqueeze(-1)], -1)
+
+
+def instruct_logits(model: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
+    pixels, ids, instruction = args
+    return model(pixel_values=pixels, input_ids=ids, qformer_input_ids=instruction).logits
+
+
+CASES = [
+    Case(
+        "hf-blip2-vision",
+        lambda: build("Blip2VisionModel"),
+        lambda b: (images(b),),
+        lambda m, a: m(*a).last_hidden_state[:, 0],
+        TOKENS,
+        1,
+        layers("Blip2EncoderLayer"),
+        blip2.BLIP2_LAYER,
+        qk,
+        prune=prune_mlp,
+    ),
+    Case(
+        "hf-blip2-opt",
+        lambda: build("Blip2ForConditionalGeneration"),
+        lambda b: (images(b), prompt(b)),
+        lm_logits,
+        TOKENS,
+        1,
+        layers("Blip2EncoderLayer"),
+        blip2.BLIP2_LAYER,
+        qk,
+        cannot={"torch_pruning": "covered by hf-blip2-vision (tracing the LM is not the point)"},
+    ),
+    Case(
+        "hf-instructblip",
+        lambda: build("InstructBlipForConditionalGeneration"),
+        lambda b: (images(b), prompt(b), qformer_text(b)),
+        instruct_logits,
+        TOKENS,
+        1,
+        layers("InstructBlipEncoderLayer"),
+        blip2.BLIP2_LAYER,
+        qk,
+        cannot={"torch_pruning": "covered by hf-blip2-vision (tracing the LM is not the point)"},
+    ),
+]
+
+
+@parametrize(CASES)
+def test_conformance(case: Case, check: str) -> None:
+    if case.id != "hf-blip2-vision" and check in ("compile", "threads", "roles_survive_settings"):
+        pytest.skip("tower-level behaviour, run once on hf-blip2-vision (CI budget)")
+    run_check(case, check)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("language_model", ["opt", "t5"])
+def test_generate_r0_equals_unpatched_and_r_reduces_once(language_model: str) -> None:
+    model = build("Blip2ForConditionalGeneration", OPT if language_model == "opt" else T5)
+    pixels = images(4)
+    greedy = model.generate(pixel_values=pixels, max_new_tokens=5)
+    beams = model.generate(pixel_values=pixels, max_new_tokens=5, num_beams=2)
+    patch = ta.apply(model, r=0)
+    assert torch.equal(model.generate(pixel_values=pixels, max_new_tokens=5), greedy)
+    assert torch.equal(model.generate(pixel_values=pixels, max_new_tokens=5, num_beams=2), beams)
+    patch.r = 3
+    calls = [0]
+    model.vision_model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    reduced = model.generate(pixel_values=pixels, max_new_tokens=5, min_new_tokens=5)
+    assert calls == [1] and patch.last_state.token_counts == [14, 11, 8, 5]
+    for b in (0, 3):  # batch 1 equals its row in batch 4
+        alone = model.generate(pixel_values=pixels[b : b + 1], max_new_tokens=5, min_new_tokens=5)
+        assert torch.equal(alone[0], reduced[b])
+    beam = model.generate(pixel_values=pixels, max_new_tokens=5, min_new_tokens=5, num_beams=3)
+    assert calls == [4] and beam.shape[0] == 4
+    ta.remove(model)
+    assert torch.equal(model.generate(pixel_values=pixels, max_new_tokens=5), greedy)
+
+
+@torch.no_grad()
+def test_retrieval_and_model_classes() -> None:
+    pixels, ids = images(3), prompt(3)
+    retrieval = build("Blip2ForImageTextRetrieval")
+    reference = retrieval_scores(retrieval, (pixels, ids))
+    patch = ta.apply(retrieval, r=0)
+    torch.testing.assert_close(retrieval_scores(retrieval, (pixels, ids)), reference)
+    patch.r = 3
+    scores = retrieval_scores(retrieval, (pixels, ids))
+    assert scores.shape == reference.shape and torch.isfinite(scores).all()
+    assert patch.last_state.token_counts == [14, 11, 8, 5]
+
+    model = build("Blip2Model")
+
+    def queries() -> torch.Tensor:
+        out = model.get_qformer_features(pixel_values=pixels)
+        return getattr(out, "last_hidden_state", out)
+
+    reference = queries()
+    patch = ta.apply(model, r=0)
+    torch.testing.assert_close(queries(), reference)
+    patch.r = 3
+    assert queries().shape == reference.shape  # always num_query_tokens, whatever the image length
+
+
+@torch.no_grad()
+def test_instructblip_generate() -> None:
+    model = build("InstructBlipForConditionalGeneration")
+    pixels, ids = images(2), qformer_text(2)
+    reference = model.generate(pixel_values=pixels, qformer_input_ids=ids, max_new_tokens=4)
+    patch = ta.apply(model, r=0)
+    assert torch.equal(
+        model.generate(pixel_values=pixels, qformer_input_ids=ids, max_new_tokens=4), reference
+    )
+    patch.r = 3
+    out = model.generate(pixel_values=pixels, qformer_input_ids=ids, max_new_tokens=4, num_beams=2)
+    assert out.shape[0] == 2 and patch.last_state.token_counts[-1] == 5
+
+
+def test_only_the_vision_config_selects_turbo() -> None:
+    model = build("Blip2ForConditionalGeneration")
+    before = {
+        "qformer": model.qformer.config._attn_implementation,
+        "lm": model.language_model.config._attn_implementation,
+    }
+    ta.apply(model, r=2)
+    assert model.vision_model.config._attn_implementation == "turbo"
+    assert model.qformer.config._attn_implementation == before["qformer"]
+    assert model.language_model.config._attn_implementation == before["lm"]
+    ta.remove(model)
+    assert model.vision_model.config._attn_implementation != "turbo"
+
+
+@pytest.mark.parametrize(
+    ("name", "adapter"),
+    [
+        ("Salesforce/blip2-opt-2.7b", "hf-blip2"),
+        ("Salesforce/blip2-flan-t5-xl", "hf-blip2"),
+        ("Salesforce/blip2-itm-vit-g", "hf-blip2"),
+        ("blip-2", "hf-blip2"),
+        ("Salesforce/instructblip-vicuna-7b", "hf-instructblip"),
+        ("instructblip", "hf-instructblip"),
+    ],
+)
+def test_registry_names(name: str, adapter: str) -> None:
+    assert ta.get_adapter(name).name == adapter
+
+
+@torch.no_grad()
+def test_from_pretrained_on_a_local_checkpoint(tmp_path) -> None:
+    build("Blip2ForConditionalGeneration").save_pretrained(tmp_path)
+    model = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert ta.adapter_for_model(model).name == "hf-blip2"
+    pixels = images(2)
+    reference = model.generate(pixel_values=pixels, max_new_tokens=4)
+    patch = ta.apply(model, r=0)
+    assert torch.equal(model.generate(pixel_values=pixels, max_new_tokens=4), reference)
+    patch.r = 2
+    model.generate(pixel_values=pixels, max_new_tokens=4)
+    assert patch.last_state.token_counts == [15, 13, 11, 9]
