@@ -42,6 +42,7 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.clip:HFCLIPVisionAdapter",
     "turbo_adapters.families.bert:BertAdapter",
     "turbo_adapters.families.timm_eva:TimmEvaAdapter",
+    "turbo_adapters.families.llava:LlavaAdapter",
 )
 
 
