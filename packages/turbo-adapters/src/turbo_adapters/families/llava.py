@@ -155,7 +155,11 @@ def _feature_layers(config: Any, num_layers: int) -> int:
 
 
 def _pad_id(model: nn.Module) -> int:
-    for config in (getattr(model, "generation_config", None), model.config, getattr(model.config, "text_config", None)):
+    for config in (
+        getattr(model, "generation_config", None),
+        model.config,
+        getattr(model.config, "text_config", None),
+    ):
         pad = getattr(config, "pad_token_id", None) if config is not None else None
         if isinstance(pad, int):
             return pad
@@ -215,7 +219,9 @@ class LlavaAdapter(HFAdapter):
                 "adds newline tokens, which merged tower tokens no longer fill"
             )
         elif not isinstance(inner.vision_tower, classes["clip_tower"]):
-            patch.tower_refusal = f"the vision tower is a {type(inner.vision_tower).__name__}, not CLIP"
+            patch.tower_refusal = (
+                f"the vision tower is a {type(inner.vision_tower).__name__}, not CLIP"
+            )
         else:
             self._install_tower(patch, inner, config)
             patch.tower_available = True
@@ -253,11 +259,21 @@ class LlavaAdapter(HFAdapter):
     def _install_llm(self, patch: LlavaPatch, inner: nn.Module, layers: list[nn.Module]) -> None:
         for index, layer in enumerate(layers):
 
-            def forward(original: Callable[..., Any], *args: Any, _i: int = index, _l: nn.Module = layer, **kw: Any) -> Any:
+            def forward(
+                original: Callable[..., Any],
+                *args: Any,
+                _i: int = index,
+                _l: nn.Module = layer,
+                **kw: Any,
+            ) -> Any:
                 call = CURRENT.get()
                 if call is None:
                     return original(*args, **kw)
-                k = call.state.layer if call.image_mask is None and call.state else call.settings.layer
+                k = (
+                    call.state.layer
+                    if call.image_mask is None and call.state
+                    else call.settings.layer
+                )
                 if _i < k:
                     return original(*args, **kw)
                 hidden = args[0] if args else kw.pop("hidden_states")
@@ -340,7 +356,9 @@ class LlavaAdapter(HFAdapter):
                 finally:
                     CURRENT.reset(token)
                 if call.image_mask is not None and call.state is not None:
-                    set_cache_state(named.get("past_key_values") or output.past_key_values, call.state)
+                    set_cache_state(
+                        named.get("past_key_values") or output.past_key_values, call.state
+                    )
                 return output
 
         patch.override(inner, "forward", inner_forward)
@@ -356,12 +374,17 @@ class LlavaAdapter(HFAdapter):
             self._install_generate(patch, model, shrink)
 
     def _install_generate(
-        self, patch: LlavaPatch, model: nn.Module, shrink: Callable[[dict[str, Any]], dict[str, Any]]
+        self,
+        patch: LlavaPatch,
+        model: nn.Module,
+        shrink: Callable[[dict[str, Any]], dict[str, Any]],
     ) -> None:
         def generate(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             with _mode_scope(patch, kwargs) as modes:
                 if "llm" in modes and max(kwargs.get("num_beams", 1) or 1, 1) > 1:
-                    raise ValueError("llm mode supports num_beams=1 only (its cache is not reordered)")
+                    raise ValueError(
+                        "llm mode supports num_beams=1 only (its cache is not reordered)"
+                    )
                 if "tower" not in modes or kwargs.get("pixel_values") is None:
                     return original(*args, **kwargs)
                 named = dict(kwargs)

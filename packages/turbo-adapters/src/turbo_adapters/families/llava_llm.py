@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LLMCacheState", "LLMReduction", "LLMCall", "reduce_at_layer"]
+__all__ = ["LLMCacheState", "LLMCall", "LLMReduction", "reduce_at_layer"]
 
 _STATE_ATTR = "_turbo_llm_state"
 METHODS = ("prune", "merge")
@@ -151,12 +151,11 @@ def text_attention(
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     positions = torch.arange(n, device=x.device)
     last = (n - 1) - valid.flip(-1).to(torch.int64).argmax(-1)  # (B,) last valid token
-    if rank == "last":
-        queries = F.one_hot(last, n).bool()
-    else:
-        queries = valid & ~image_mask
+    queries = F.one_hot(last, n).bool() if rank == "last" else valid & ~image_mask
     logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * float(attn.scaling)
-    allowed = valid[:, None, None, :] & (positions[None, None, None, :] <= positions[None, None, :, None])
+    allowed = valid[:, None, None, :] & (
+        positions[None, None, None, :] <= positions[None, None, :, None]
+    )
     logits = logits.masked_fill(~allowed, -math.inf)
     probs = logits.softmax(-1).nan_to_num(0.0).mean(1)  # (B, Nq, Nk)
     weights = queries.float()
@@ -221,8 +220,10 @@ def reduce_at_layer(
     """Prefill at layer K: rank, keep (or merge), and prepare kwargs for layers >= K."""
     assert call.image_mask is not None
     batch, n, _ = hidden.shape
-    valid = call.mask2d.bool() if call.mask2d is not None else torch.ones(
-        batch, n, dtype=torch.bool, device=hidden.device
+    valid = (
+        call.mask2d.bool()
+        if call.mask2d is not None
+        else torch.ones(batch, n, dtype=torch.bool, device=hidden.device)
     )
     image_mask = call.image_mask & valid
     pos_emb = kwargs["position_embeddings"]
