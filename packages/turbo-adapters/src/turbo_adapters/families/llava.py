@@ -337,7 +337,7 @@ class LlavaAdapter(HFAdapter):
             if state is not None and cached > 0:  # decoding after an LLM-mode prefill
                 return LLMCall(patch.llm, None, mask2d, cache, state=state)
             ids = named.get("input_ids")
-            if "llm" not in patch.active_modes() or ids is None or patch.llm.keep >= 1:
+            if "llm" not in patch.active_modes() or ids is None:
                 return None
             image_mask = ids == image_token
             if cached > 0 or not bool(image_mask.any()):

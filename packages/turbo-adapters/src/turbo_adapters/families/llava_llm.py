@@ -43,7 +43,8 @@ class LLMReduction:
 
     Attributes:
         layer: decoder layer K whose input is reduced (0 <= K < number of layers).
-        keep: fraction of each row's image tokens kept, in (0, 1]; 1 does nothing.
+        keep: fraction of each row's image tokens kept, in (0, 1] (1 keeps them all; layers
+            >= K still run on the re-laid sequence, which drops left padding).
         method: ``"prune"`` (FastV) or ``"merge"`` (Turbo's fusion, dropped tokens
             averaged into kept ones).
         rank: attention of the ``"last"`` prompt token, or mean over all ``"text"`` tokens.
