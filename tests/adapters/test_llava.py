@@ -13,11 +13,11 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-import turbo_adapters as ta  # noqa: E402
-from turbo_adapters.families.llava import LlavaPatch  # noqa: E402
-from turbo_adapters.families.llava_llm import LLMReduction, cache_state  # noqa: E402
+import turbo_adapters as ta
+from turbo_adapters.families.llava import LlavaPatch
+from turbo_adapters.families.llava_llm import LLMReduction, cache_state
 
 IMG = 99
 PAD = 0
@@ -60,7 +60,7 @@ def rows(images: list[int], per_image: int = PER_IMAGE) -> list[list[int]]:
         row = [1, 5 + b, 6]
         for i in range(count):
             row += [IMG] * per_image + [7 + i]
-        out.append(row + [8, 9 + b])
+        out.append([*row, 8, 9 + b])
     return out
 
 
@@ -198,10 +198,10 @@ def _ranked_kept(model, embeds: torch.Tensor, image: torch.Tensor, keep: int) ->
     d = attn.head_dim
     q = attn.q_proj(x).view(1, n, -1, d).transpose(1, 2)
     k = attn.k_proj(x).view(1, n, -1, d).transpose(1, 2)
-    rot = lambda t: torch.cat([-t[..., d // 2 :], t[..., : d // 2]], -1)  # noqa: E731
+    rot = lambda t: torch.cat([-t[..., d // 2 :], t[..., : d // 2]], -1)
     q = q * cos[:, None] + rot(q) * sin[:, None]
     k = k * cos[:, None] + rot(k) * sin[:, None]
-    k = torch.cat([k, k], 1) if False else k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
     scores = ((q[:, :, -1:] @ k.transpose(-1, -2)) * d**-0.5).softmax(-1).mean(1)[0, 0]
     image_idx = image.nonzero().squeeze(-1)
     top = image_idx[scores[image_idx].argsort(descending=True)[:keep]]
