@@ -43,6 +43,7 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.bert:BertAdapter",
     "turbo_adapters.families.timm_eva:TimmEvaAdapter",
     "turbo_adapters.families.llava:LlavaAdapter",
+    "turbo_adapters.families.minigpt:MiniGPTv2Adapter",
 )
 
 

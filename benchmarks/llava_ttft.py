@@ -1,0 +1,182 @@
+"""LLaVA-1.5 with Turbo on this CPU: time to first token, tokens/s and prefill FLOPs.
+
+A medium config with LLaVA-1.5 shapes: the CLIP ViT-L/14 tower at 336 px at full
+size (24 layers, width 1024, 577 tokens), the 2-layer MLP projector, and a
+LLaMA-7B-wide language model (width 4096, 32 heads, MLP 11008, vocab 32064) shrunk
+in depth (``--llm-layers``, default 2). Random weights (seeded; linear layers at
+1.2/sqrt(fan_in) so greedy answers are not degenerate): quality is fidelity to the
+unpatched model, not accuracy.
+
+Modes, all on one patched model and selected per call (``turbo_mode``):
+  unpatched  turbo_mode="none" (the library's own forward and generate)
+  tower      Turbo in the CLIP tower at --r, placeholder runs shortened
+  llm        FastV-style at decoder layer --layer keeping --keep of the image tokens
+  both       tower and llm
+
+Per batch size: TTFT (generate with 1 new token) and tokens/s of generate with
+--new-tokens tokens, median over interleaved rounds; speedup = median per-round
+ratio over unpatched; prefill GFLOPs (turbo_eval.measure.count_flops, fused attention
+included); first-token agreement, first-token logit KL(unpatched || mode) and
+answer agreement (share of rows whose --new-tokens greedy tokens equal unpatched's).
+
+Usage: python benchmarks/llava_ttft.py [--batch 1 4 --r 20 --layer 1 --keep 0.25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import turbo_adapters as ta
+from turbo_adapters.families.llava_llm import LLMReduction
+from turbo_eval.measure import count_flops
+
+IMAGE_TOKEN = 32000
+PAD = 0
+
+
+def build(llm_layers: int, seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+    )  # fmt: skip
+    text = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=llm_layers,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, pad_token_id=PAD,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=576,
+    )  # fmt: skip
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for part in (model.model.language_model, model.model.multi_modal_projector, model.lm_head):
+            for weight in (p for p in part.parameters() if p.dim() == 2):
+                weight.normal_(0.0, 1.2 / weight.shape[1] ** 0.5)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def inputs(batch: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """One image per row, prompts of different lengths (left padded)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for b in range(batch):
+        question = torch.randint(100, 30000, (8 + 3 * b,), generator=g).tolist()
+        prompts.append(
+            [1, 3148, 1001, 29901, *[IMAGE_TOKEN] * 576, 13, *question, 319, 1799, 29901]
+        )
+    width = max(len(p) for p in prompts)
+    ids = torch.full((batch, width), PAD)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
+    pixels = torch.randn(batch, 3, 336, 336, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def greedy(model: Any, feed: dict[str, torch.Tensor], mode: str, new: int) -> Any:
+    return model.generate(
+        **feed, max_new_tokens=new, min_new_tokens=new, do_sample=False, turbo_mode=mode,
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+
+
+def timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--llm-layers", type=int, default=2)
+    parser.add_argument("--r", type=int, default=20)
+    parser.add_argument("--layer", type=int, default=1)
+    parser.add_argument("--keep", type=float, default=0.25)
+    parser.add_argument("--method", default="prune", choices=["prune", "merge"])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["none", "tower", "llm", "both"])
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+
+    model = build(args.llm_layers)
+    patch = ta.apply(model, r=args.r)
+    patch.llm = LLMReduction(layer=args.layer, keep=args.keep, method=args.method)
+    results: dict[str, Any] = {"args": vars(args), "batches": {}}
+    print(
+        f"LLaVA-1.5 medium: CLIP ViT-L/14-336 (24 layers), LLaMA width 4096 x {args.llm_layers} layers"
+    )
+    print(
+        f"tower r={args.r}; llm K={args.layer} keep={args.keep} {args.method}; {torch.get_num_threads()} threads"
+    )
+    with torch.inference_mode():
+        for batch in args.batch:
+            feed = inputs(batch)
+            reference = greedy(model, feed, "none", args.new_tokens)  # also the warm-up
+            ref_first = reference.logits[0].float().log_softmax(-1)
+            ttft: dict[str, list[float]] = {m: [] for m in args.modes}
+            total: dict[str, list[float]] = {m: [] for m in args.modes}
+            for round_ in range(args.repeats):  # interleaved, one mode later each round
+                shift = round_ % len(args.modes)
+                for mode in args.modes[shift:] + args.modes[:shift]:
+                    ttft[mode].append(timed(lambda m=mode, f=feed: greedy(model, f, m, 1)))
+                    total[mode].append(
+                        timed(lambda m=mode, f=feed: greedy(model, f, m, args.new_tokens))
+                    )
+            rows = {}
+            for mode in args.modes:
+                out = greedy(model, feed, mode, args.new_tokens)
+                first = out.logits[0].float().log_softmax(-1)
+                kl = (ref_first.exp() * (ref_first - first)).sum(-1).mean().item()
+                new = slice(feed["input_ids"].shape[1], None)
+                agree_first = (first.argmax(-1) == ref_first.argmax(-1)).float().mean().item()
+                agree_answer = (
+                    (out.sequences[:, new] == reference.sequences[:, new])
+                    .all(-1)
+                    .float()
+                    .mean()
+                    .item()
+                )
+                flops = count_flops(lambda m=mode, f=feed: model(**f, turbo_mode=m, logits_to_keep=1))
+                speed = [b / t for b, t in zip(ttft["none"], ttft[mode], strict=True)]
+                rows[mode] = {
+                    "ttft_s": statistics.median(ttft[mode]),
+                    "ttft_speedup": statistics.median(speed),
+                    "tokens_per_s": batch * args.new_tokens / statistics.median(total[mode]),
+                    "prefill_gflops": flops / 1e9,
+                    "first_token_agreement": agree_first,
+                    "first_token_kl": kl,
+                    "answer_agreement": agree_answer,
+                    "ttft_rounds": ttft[mode],
+                }
+            base = rows["none"]
+            print(f"\nbatch {batch} ({args.repeats} rounds, medians)")
+            print(
+                f"{'mode':8} {'TTFT s':>8} {'TTFT x':>7} {'tok/s':>7} {'tok/s x':>8} {'GFLOPs':>8} {'FLOPs x':>8} {'1st agr':>8} {'KL':>8} {'ans agr':>8}"
+            )
+            for mode, row in rows.items():
+                print(
+                    f"{mode:8} {row['ttft_s']:8.2f} {row['ttft_speedup']:7.2f} {row['tokens_per_s']:7.2f} "
+                    f"{row['tokens_per_s'] / base['tokens_per_s']:8.2f} {row['prefill_gflops']:8.0f} "
+                    f"{base['prefill_gflops'] / row['prefill_gflops']:8.2f} {row['first_token_agreement']:8.2f} "
+                    f"{row['first_token_kl']:8.4f} {row['answer_agreement']:8.2f}"
+                )
+            results["batches"][str(batch)] = rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
