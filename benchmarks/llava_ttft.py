@@ -148,7 +148,9 @@ def main() -> None:
                     .mean()
                     .item()
                 )
-                flops = count_flops(lambda m=mode, f=feed: model(**f, turbo_mode=m, logits_to_keep=1))
+                flops = count_flops(
+                    lambda m=mode, f=feed: model(**f, turbo_mode=m, logits_to_keep=1)
+                )
                 speed = [b / t for b, t in zip(ttft["none"], ttft[mode], strict=True)]
                 rows[mode] = {
                     "ttft_s": statistics.median(ttft[mode]),
