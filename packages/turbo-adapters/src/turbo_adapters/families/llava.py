@@ -11,7 +11,8 @@ or per call (``model.generate(..., turbo_mode="llm")``; also ``forward``):
   ``forward`` and ``generate``. ``generate`` returns the caller's original prompt
   followed by the new tokens, so ``out[:, input_ids.shape[1]:]`` is still the answer.
   ``forward`` returns logits for the shortened sequence (labels are shortened alike).
-  LLaVA-NeXT refuses tower mode: its ``pack_image_features`` needs the full crop grids.
+  LLaVA-NeXT refuses tower mode: its ``pack_image_features`` needs the full crop grids;
+  its patches start in LLM mode.
 - ``"llm"``: FastV-style reduction at decoder layer K (:mod:`.llava_llm`), set with
   ``patch.llm = LLMReduction(layer=2, keep=0.5, method="prune" | "merge")``.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -225,7 +227,19 @@ class LlavaAdapter(HFAdapter):
         else:
             self._install_tower(patch, inner, config)
             patch.tower_available = True
-        patch.modes = "tower" if patch.tower_available else "none"
+        if patch.tower_available:
+            patch.modes = "tower"
+        elif patch.llm.layer < patch.num_text_layers:
+            patch.modes = "llm"
+        else:
+            warnings.warn(
+                f"Turbo cannot act on this {type(model).__name__} by default: tower mode is "
+                f"not available ({patch.tower_refusal}) and the language model has only "
+                f"{patch.num_text_layers} layers; set patch.llm = LLMReduction(layer=...) "
+                "and patch.modes = 'llm'",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self._install_llm(patch, inner, layers)
         self._install_entries(patch, model, inner)
 
