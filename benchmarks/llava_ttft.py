@@ -2,8 +2,8 @@
 
 A medium config with LLaVA-1.5 shapes: the CLIP ViT-L/14 tower at 336 px at full
 size (24 layers, width 1024, 577 tokens), the 2-layer MLP projector, and a
-LLaMA-7B-wide language model (width 4096, 32 heads, MLP 11008, vocab 32064) shrunk
-in depth (``--llm-layers``, default 2). Random weights (seeded; linear layers at
+LLaMA-7B-wide language model (width 4096, 32 heads, MLP 11008, vocab 32064, tied
+input/output embeddings to save memory) shrunk in depth (``--llm-layers``, default 2). Random weights (seeded; linear layers at
 1.2/sqrt(fan_in) so greedy answers are not degenerate): quality is fidelity to the
 unpatched model, not accuracy.
 
@@ -51,6 +51,7 @@ def build(llm_layers: int, seed: int = 0) -> LlavaForConditionalGeneration:
     text = LlamaConfig(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=llm_layers,
         num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, pad_token_id=PAD,
+        tie_word_embeddings=True,  # one 32064 x 4096 matrix: memory on a shared machine
     )  # fmt: skip
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=576,
@@ -182,9 +183,9 @@ def main() -> None:
                     f"{row['first_token_kl']:8.4f} {row['answer_agreement']:8.2f}"
                 )
             results["batches"][str(batch)] = rows
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            if args.json:  # after every batch size: a later one may not finish
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

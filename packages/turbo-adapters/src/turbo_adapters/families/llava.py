@@ -356,6 +356,12 @@ class LlavaAdapter(HFAdapter):
             image_mask = ids == image_token
             if cached > 0 or not bool(image_mask.any()):
                 return None
+            implementation = str(inner.language_model.config._attn_implementation or "")
+            if implementation.startswith("flash") or implementation == "flex_attention":
+                raise ValueError(
+                    f"llm mode needs an attention that takes a 4-D additive mask (sdpa or "
+                    f"eager); the language model uses {implementation!r}"
+                )
             return LLMCall(patch.llm, image_mask, mask2d, cache)
 
         def inner_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
