@@ -42,19 +42,28 @@ IMAGE_TOKEN = 32000
 PAD = 0
 
 
-def build(llm_layers: int, seed: int = 0) -> LlavaForConditionalGeneration:
+#: (image size, tower width, tower layers, heads, LLM width, LLM MLP, LLM heads)
+SHAPES = {
+    "medium": (336, 1024, 24, 16, 4096, 11008, 32),
+    "tiny": (56, 64, 4, 4, 64, 128, 4),  # a smoke test of this script
+}
+
+
+def build(llm_layers: int, shape: str = "medium", seed: int = 0) -> LlavaForConditionalGeneration:
+    size, width, depth, heads, llm_width, llm_mlp, llm_heads = SHAPES[shape]
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth,
+        num_attention_heads=heads, image_size=size, patch_size=14, hidden_act="quick_gelu",
     )  # fmt: skip
     text = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=llm_layers,
-        num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, pad_token_id=PAD,
-        tie_word_embeddings=True,  # one 32064 x 4096 matrix: memory on a shared machine
+        hidden_size=llm_width, intermediate_size=llm_mlp, num_hidden_layers=llm_layers,
+        num_attention_heads=llm_heads, num_key_value_heads=llm_heads, vocab_size=32064,
+        pad_token_id=PAD, tie_word_embeddings=True,  # one 32064-row matrix: memory
     )  # fmt: skip
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=576,
+        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+        image_seq_length=(size // 14) ** 2,
     )  # fmt: skip
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -65,14 +74,26 @@ def build(llm_layers: int, seed: int = 0) -> LlavaForConditionalGeneration:
     return model
 
 
-def inputs(batch: int, seed: int = 1) -> dict[str, torch.Tensor]:
+def inputs(batch: int, shape: str = "medium", seed: int = 1) -> dict[str, torch.Tensor]:
     """One image per row, prompts of different lengths (left padded)."""
+    size = SHAPES[shape][0]
     g = torch.Generator().manual_seed(seed)
     prompts = []
     for b in range(batch):
         question = torch.randint(100, 30000, (8 + 3 * b,), generator=g).tolist()
         prompts.append(
-            [1, 3148, 1001, 29901, *[IMAGE_TOKEN] * 576, 13, *question, 319, 1799, 29901]
+            [
+                1,
+                3148,
+                1001,
+                29901,
+                *[IMAGE_TOKEN] * (size // 14) ** 2,
+                13,
+                *question,
+                319,
+                1799,
+                29901,
+            ]
         )
     width = max(len(p) for p in prompts)
     ids = torch.full((batch, width), PAD)
@@ -80,7 +101,7 @@ def inputs(batch: int, seed: int = 1) -> dict[str, torch.Tensor]:
     for b, p in enumerate(prompts):
         ids[b, width - len(p) :] = torch.tensor(p)
         mask[b, width - len(p) :] = 1
-    pixels = torch.randn(batch, 3, 336, 336, generator=g)
+    pixels = torch.randn(batch, 3, size, size, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
@@ -95,12 +116,6 @@ def log(message: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def timed(fn: Any) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
@@ -113,79 +128,97 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["none", "tower", "llm", "both"])
     parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.add_argument("--shape", default="medium", choices=sorted(SHAPES))
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOPs count")
+    parser.add_argument(
+        "--no-answers", action="store_true", help="TTFT only (no --new-tokens answers)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
-    model = build(args.llm_layers)
+    model = build(args.llm_layers, args.shape)
     patch = ta.apply(model, r=args.r)
     patch.llm = LLMReduction(layer=args.layer, keep=args.keep, method=args.method)
     results: dict[str, Any] = {"args": vars(args), "batches": {}}
     print(
-        f"LLaVA-1.5 medium: CLIP ViT-L/14-336 (24 layers), LLaMA width 4096 x {args.llm_layers} layers"
+        f"LLaVA-1.5 {args.shape} {SHAPES[args.shape]} (image, tower width/layers/heads, "
+        f"LLM width/MLP/heads) x {args.llm_layers} LLM layers"
     )
     print(
         f"tower r={args.r}; llm K={args.layer} keep={args.keep} {args.method}; {torch.get_num_threads()} threads"
     )
     with torch.inference_mode():
         flops = {}  # per row: FLOPs scale with the batch
-        for mode in args.modes:
-            one = inputs(1)
+        for mode in args.modes if not args.no_flops else ():
+            one = inputs(1, args.shape)
             flops[mode] = count_flops(
                 lambda m=mode, f=one: model(**f, turbo_mode=m, logits_to_keep=1)
             )
+            log(f"prefill FLOPs {mode}: {flops[mode] / 1e9:.0f} G per row")
+        greedy(model, inputs(1, args.shape), "none", 1)  # warm-up
         for batch in args.batch:
-            feed = inputs(batch)
-            greedy(model, feed, "none", 1)  # warm-up
+            feed = inputs(batch, args.shape)
             ttft: dict[str, list[float]] = {m: [] for m in args.modes}
+            first_out: dict[str, Any] = {}
             for round_ in range(args.repeats):  # interleaved, one mode later each round
                 shift = round_ % len(args.modes)
                 for mode in args.modes[shift:] + args.modes[:shift]:
-                    ttft[mode].append(timed(lambda m=mode, f=feed: greedy(model, f, m, 1)))
+                    start = time.perf_counter()
+                    first_out[mode] = greedy(model, feed, mode, 1)
+                    ttft[mode].append(time.perf_counter() - start)
                     log(f"batch {batch} round {round_} {mode}: TTFT {ttft[mode][-1]:.2f} s")
             outputs, total = {}, {}
-            for mode in args.modes:  # one full answer per mode: tokens/s and agreement
-                start = time.perf_counter()
+            for mode in args.modes if not args.no_answers else ():
+                start = time.perf_counter()  # one full answer per mode: tokens/s, agreement
                 outputs[mode] = greedy(model, feed, mode, args.new_tokens)
                 total[mode] = time.perf_counter() - start
                 log(f"batch {batch} {mode}: {args.new_tokens} tokens in {total[mode]:.2f} s")
-            reference = outputs["none"]
-            ref_first = reference.logits[0].float().log_softmax(-1)
+            ref_first = first_out["none"].logits[0].float().log_softmax(-1)
             new = slice(feed["input_ids"].shape[1], None)
             rows = {}
-            for mode, out in outputs.items():
-                first = out.logits[0].float().log_softmax(-1)
-                answers = out.sequences[:, new] == reference.sequences[:, new]
+            for mode in args.modes:
+                first = first_out[mode].logits[0].float().log_softmax(-1)
                 speed = [b / t for b, t in zip(ttft["none"], ttft[mode], strict=True)]
-                rows[mode] = {
+                row: dict[str, Any] = {
                     "ttft_s": statistics.median(ttft[mode]),
                     "ttft_speedup": statistics.median(speed),
-                    "tokens_per_s": batch * args.new_tokens / total[mode],
-                    "prefill_gflops_per_row": flops[mode] / 1e9,
+                    "prefill_gflops_per_row": flops[mode] / 1e9 if flops else None,
                     "first_token_agreement": (first.argmax(-1) == ref_first.argmax(-1))
                     .float()
                     .mean()
                     .item(),
                     "first_token_kl": (ref_first.exp() * (ref_first - first)).sum(-1).mean().item(),
-                    "answer_agreement": answers.all(-1).float().mean().item(),
-                    "token_agreement": answers.float().mean().item(),
                     "ttft_rounds": ttft[mode],
                 }
-            base = rows["none"]
+                if outputs:
+                    same = outputs[mode].sequences[:, new] == outputs["none"].sequences[:, new]
+                    row["tokens_per_s"] = batch * args.new_tokens / total[mode]
+                    row["tokens_per_s_ratio"] = total["none"] / total[mode]
+                    row["answer_agreement"] = same.all(-1).float().mean().item()
+                    row["token_agreement"] = same.float().mean().item()
+                rows[mode] = row
             print(f"\nbatch {batch} (TTFT: median of {args.repeats} rounds; GFLOPs per row)")
             print(
-                f"{'mode':8} {'TTFT s':>8} {'TTFT x':>7} {'tok/s':>7} {'tok/s x':>8} {'GFLOPs':>8} {'FLOPs x':>8} {'1st agr':>8} {'KL':>8} {'ans agr':>8}"
+                f"{'mode':8} {'TTFT s':>8} {'TTFT x':>7} {'tok/s':>7} {'tok/s x':>8} {'GFLOPs':>8} "
+                f"{'FLOPs x':>8} {'1st agr':>8} {'KL':>8} {'ans agr':>8} {'tok agr':>8}"
             )
             for mode, row in rows.items():
                 print(
-                    f"{mode:8} {row['ttft_s']:8.2f} {row['ttft_speedup']:7.2f} {row['tokens_per_s']:7.2f} "
-                    f"{row['tokens_per_s'] / base['tokens_per_s']:8.2f} {row['prefill_gflops_per_row']:8.0f} "
-                    f"{base['prefill_gflops_per_row'] / row['prefill_gflops_per_row']:8.2f} {row['first_token_agreement']:8.2f} "
-                    f"{row['first_token_kl']:8.4f} {row['answer_agreement']:8.2f}"
+                    f"{mode:8} {row['ttft_s']:8.2f} {row['ttft_speedup']:7.2f} "
+                    f"{_fmt(row.get('tokens_per_s'), 7)} {_fmt(row.get('tokens_per_s_ratio'), 8)} "
+                    f"{_fmt(row['prefill_gflops_per_row'], 8, '.0f')} "
+                    f"{_fmt(flops and flops['none'] / flops[mode], 8)} "
+                    f"{row['first_token_agreement']:8.2f} {row['first_token_kl']:8.4f} "
+                    f"{_fmt(row.get('answer_agreement'), 8)} {_fmt(row.get('token_agreement'), 8)}"
                 )
             results["batches"][str(batch)] = rows
             if args.json:  # after every batch size: a later one may not finish
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
+
+
+def _fmt(value: Any, width: int, spec: str = ".2f") -> str:
+    return f"{value:{width}{spec}}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
 
 
 if __name__ == "__main__":
