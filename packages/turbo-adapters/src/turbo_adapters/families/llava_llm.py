@@ -145,21 +145,29 @@ def text_attention(
     x = layer.input_layernorm(hidden)
     batch, n, _ = x.shape
     head_dim = attn.head_dim
-    q = attn.q_proj(x).view(batch, n, -1, head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(batch, n, -1, head_dim).transpose(1, 2)
     cos, sin = position_embeddings
-    q, k = _rotary(attn)(q, k, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     positions = torch.arange(n, device=x.device)
     last = (n - 1) - valid.flip(-1).to(torch.int64).argmax(-1)  # (B,) last valid token
-    queries = F.one_hot(last, n).bool() if rank == "last" else valid & ~image_mask
+    if rank == "last":  # one query row per sequence: project only that token
+        rows = last[:, None]  # (B, 1)
+        weights = torch.ones(batch, 1, device=x.device)
+    else:
+        rows = positions.expand(batch, n)
+        weights = (valid & ~image_mask).float()
+    pick = rows[:, :, None]
+    x_q = x.gather(1, pick.expand(-1, -1, x.shape[-1]))
+    q = attn.q_proj(x_q).view(batch, rows.shape[1], -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, n, -1, head_dim).transpose(1, 2)
+    cos_q = cos.expand(batch, -1, -1).gather(1, pick.expand(-1, -1, cos.shape[-1]))
+    sin_q = sin.expand(batch, -1, -1).gather(1, pick.expand(-1, -1, sin.shape[-1]))
+    rotary = _rotary(attn)
+    q, _ = rotary(q, q, cos_q, sin_q)
+    _, k = rotary(k, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * float(attn.scaling)
-    allowed = valid[:, None, None, :] & (
-        positions[None, None, None, :] <= positions[None, None, :, None]
-    )
+    allowed = valid[:, None, None, :] & (positions[None, None, None, :] <= rows[:, None, :, None])
     logits = logits.masked_fill(~allowed, -math.inf)
     probs = logits.softmax(-1).nan_to_num(0.0).mean(1)  # (B, Nq, Nk)
-    weights = queries.float()
     return (probs * weights[:, :, None]).sum(1) / weights.sum(1).clamp(min=1)[:, None]
 
 
