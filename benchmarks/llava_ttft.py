@@ -129,12 +129,14 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["none", "tower", "llm", "both"])
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--shape", default="medium", choices=sorted(SHAPES))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOPs count")
     parser.add_argument(
         "--no-answers", action="store_true", help="TTFT only (no --new-tokens answers)"
     )
     args = parser.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = build(args.llm_layers, args.shape)
     patch = ta.apply(model, r=args.r)
