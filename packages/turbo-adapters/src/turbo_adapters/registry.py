@@ -46,6 +46,8 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.blip2:Blip2Adapter",
     "turbo_adapters.families.blip2:InstructBlipAdapter",
     "turbo_adapters.families.lavis:LavisViTAdapter",
+    "turbo_adapters.families.llava:LlavaAdapter",
+    "turbo_adapters.families.minigpt:MiniGPTv2Adapter",
 )
 
 

@@ -1,0 +1,294 @@
+"""LLM mode for LLaVA-style models: FastV-style reduction of image tokens at decoder layer K.
+
+At the input of decoder layer ``K`` (prefill only), the image tokens are ranked by the
+attention that the last prompt token (``rank="last"``) or every text token
+(``rank="text"``) pays them, computed with layer K's own q/k projections and rotary
+embedding. A fraction ``keep`` of each row's image tokens stays:
+
+- ``method="prune"`` drops the least attended ones (FastV);
+- ``method="merge"`` ranks by Turbo's fusion ``E = R - alpha * A`` (R: the token's
+  highest cosine similarity to another image token of its row, A: its attention,
+  normalised to mean 1) and averages every dropped token into its most similar kept
+  token (size-weighted); later layers add ``log(size)`` to the merged keys' logits.
+
+Layers K.. then run on the shorter sequence: kept tokens keep their original rotary
+positions, the attention mask is rebuilt from the kept columns (rows that keep fewer
+tokens than the longest row carry masked filler slots), and the KV cache of those
+layers holds only the kept tokens. The cache carries what the decode steps need
+(``LLMCacheState``), so ``generate`` and hand-written decode loops stay consistent.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import math
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LLMCacheState", "LLMCall", "LLMReduction", "reduce_at_layer"]
+
+_STATE_ATTR = "_turbo_llm_state"
+METHODS = ("prune", "merge")
+RANKS = ("last", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMReduction:
+    """Settings of LLM mode.
+
+    Attributes:
+        layer: decoder layer K whose input is reduced (0 <= K < number of layers).
+        keep: fraction of each row's image tokens kept, in (0, 1] (1 keeps them all; layers
+            >= K still run on the re-laid sequence, which drops left padding).
+        method: ``"prune"`` (FastV) or ``"merge"`` (Turbo's fusion, dropped tokens
+            averaged into kept ones).
+        rank: attention of the ``"last"`` prompt token, or mean over all ``"text"`` tokens.
+        alpha: weight of the attention against redundancy for ``"merge"``.
+    """
+
+    layer: int = 2
+    keep: float = 0.5
+    method: str = "prune"
+    rank: str = "last"
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer must be an int >= 0, got {self.layer!r}")
+        if not isinstance(self.keep, (int, float)) or not 0.0 < float(self.keep) <= 1.0:
+            raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.rank not in RANKS:
+            raise ValueError(f"rank must be one of {RANKS}, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha < 0:
+            raise ValueError(f"alpha must be a number >= 0, got {self.alpha!r}")
+
+
+@dataclasses.dataclass
+class LLMCacheState:
+    """What layers >= K need after the prefill (lives on the KV cache object).
+
+    Attributes:
+        layer: the K the prefill used.
+        prefill_len: length of the prompt before reduction (the other layers' cache).
+        kept: ``(B, N')`` original positions of the kept slots (sorted per row).
+        key_valid: ``(B, N')`` False at filler slots and padding.
+        size: ``(B, N')`` original tokens each slot stands for.
+    """
+
+    layer: int
+    prefill_len: int
+    kept: torch.Tensor
+    key_valid: torch.Tensor
+    size: torch.Tensor
+
+
+@dataclasses.dataclass
+class LLMCall:
+    """One forward of the language model in LLM mode (prefill or decode step)."""
+
+    settings: LLMReduction
+    image_mask: torch.Tensor | None  # (B, N) at prefill, None when decoding
+    mask2d: torch.Tensor | None  # the 2-D padding mask given to the model, if any
+    cache: Any
+    state: LLMCacheState | None = None
+    layer_kwargs: dict[str, Any] | None = None  # replaced kwargs for layers >= K
+
+
+CURRENT: contextvars.ContextVar[LLMCall | None] = contextvars.ContextVar(
+    "turbo_llava_llm_call", default=None
+)
+
+
+def cache_state(cache: Any) -> LLMCacheState | None:
+    """The LLM-mode state a KV cache carries, if any."""
+    if cache is None:
+        return None
+    found = getattr(cache, "__dict__", {}).get(_STATE_ATTR)
+    return found if isinstance(found, LLMCacheState) else None
+
+
+def set_cache_state(cache: Any, state: LLMCacheState | None) -> None:
+    if cache is None:
+        return
+    if state is None:
+        cache.__dict__.pop(_STATE_ATTR, None)
+    else:
+        cache.__dict__[_STATE_ATTR] = state
+
+
+# ------------------------------------------------------------------- scoring
+def _rotary(attn: nn.Module) -> Any:
+    return getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")  # noqa: B009
+
+
+def text_attention(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    valid: torch.Tensor,
+    image_mask: torch.Tensor,
+    rank: str,
+) -> torch.Tensor:
+    """``(B, N)`` attention paid to every token by the last or all text tokens of layer K.
+
+    Recomputed from the layer's own norm, q/k projections and rotary embedding
+    (heads averaged; one query row for ``"last"``).
+    """
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    batch, n, _ = x.shape
+    head_dim = attn.head_dim
+    cos, sin = position_embeddings
+    positions = torch.arange(n, device=x.device)
+    last = (n - 1) - valid.flip(-1).to(torch.int64).argmax(-1)  # (B,) last valid token
+    if rank == "last":  # one query row per sequence: project only that token
+        rows = last[:, None]  # (B, 1)
+        weights = torch.ones(batch, 1, device=x.device)
+    else:
+        rows = positions.expand(batch, n)
+        weights = (valid & ~image_mask).float()
+    pick = rows[:, :, None]
+    x_q = x.gather(1, pick.expand(-1, -1, x.shape[-1]))
+    q = attn.q_proj(x_q).view(batch, rows.shape[1], -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, n, -1, head_dim).transpose(1, 2)
+    cos_q = cos.expand(batch, -1, -1).gather(1, pick.expand(-1, -1, cos.shape[-1]))
+    sin_q = sin.expand(batch, -1, -1).gather(1, pick.expand(-1, -1, sin.shape[-1]))
+    rotary = _rotary(attn)
+    q, _ = rotary(q, q, cos_q, sin_q)
+    _, k = rotary(k, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * float(attn.scaling)
+    allowed = valid[:, None, None, :] & (positions[None, None, None, :] <= rows[:, None, :, None])
+    logits = logits.masked_fill(~allowed, -math.inf)
+    probs = logits.softmax(-1).nan_to_num(0.0).mean(1)  # (B, Nq, Nk)
+    return (probs * weights[:, :, None]).sum(1) / weights.sum(1).clamp(min=1)[:, None]
+
+
+# ---------------------------------------------------------------- selection
+def _select_row(
+    hidden: torch.Tensor,
+    attention: torch.Tensor,
+    image_idx: torch.Tensor,
+    settings: LLMReduction,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row: (kept image positions, merged hidden of the row, sizes of the row)."""
+    size = torch.ones(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
+    n = image_idx.numel()
+    keep = max(1, math.ceil(settings.keep * n - 1e-9)) if n else 0
+    if keep >= n:
+        return image_idx, hidden, size
+    a = attention[image_idx]
+    a = a / a.mean().clamp(min=1e-12)
+    if settings.method == "prune":
+        order = torch.argsort(a, descending=True, stable=True)  # most attended first
+        return image_idx[order[:keep]].sort().values, hidden, size
+    feats = F.normalize(hidden[image_idx].float(), dim=-1)
+    sim = feats @ feats.T
+    sim.fill_diagonal_(-math.inf)
+    energy = sim.max(-1).values - settings.alpha * a  # Turbo: redundant and unattended first
+    order = torch.argsort(energy, stable=True)  # lowest energy is kept
+    kept_local, dropped_local = order[:keep], order[keep:]
+    sim.fill_diagonal_(1.0)
+    target = kept_local[sim[dropped_local][:, kept_local].argmax(-1)]  # local index of target
+    merged = hidden.clone()
+    dst = image_idx[target]
+    src = image_idx[dropped_local]
+    total = torch.zeros_like(hidden).index_add_(0, dst, hidden[src].to(hidden.dtype))
+    count = torch.zeros_like(size).index_add_(0, dst, torch.ones_like(size[src]))
+    kept_pos = image_idx[kept_local]
+    merged[kept_pos] = (hidden[kept_pos] + total[kept_pos]) / (1 + count[kept_pos])[:, None]
+    size[kept_pos] = size[kept_pos] + count[kept_pos]
+    return kept_pos.sort().values, merged, size
+
+
+def _mask(
+    key_valid: torch.Tensor, size: torch.Tensor, q_len: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(B, 1, q, kv)`` additive mask: causal on slots, filler/padding keys masked,
+    ``log(size)`` on merged keys; every query sees at least itself."""
+    kv = key_valid.shape[1]
+    q_pos = torch.arange(kv - q_len, kv, device=key_valid.device)
+    k_pos = torch.arange(kv, device=key_valid.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]
+    allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
+    bias = size.to(dtype).clamp(min=1).log()[:, None, :].expand(-1, q_len, -1)
+    neg = torch.finfo(dtype).min
+    return torch.where(allowed, bias, torch.full_like(bias, neg))[:, None]
+
+
+def reduce_at_layer(
+    call: LLMCall, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """Prefill at layer K: rank, keep (or merge), and prepare kwargs for layers >= K."""
+    assert call.image_mask is not None
+    batch, n, _ = hidden.shape
+    valid = (
+        call.mask2d.bool()
+        if call.mask2d is not None
+        else torch.ones(batch, n, dtype=torch.bool, device=hidden.device)
+    )
+    image_mask = call.image_mask & valid
+    pos_emb = kwargs["position_embeddings"]
+    attention = text_attention(layer, hidden, pos_emb, valid, image_mask, call.settings.rank)
+    rows_pos, rows_hidden, rows_size, keep_counts = [], [], [], []
+    for b in range(batch):
+        image_idx = image_mask[b].nonzero().squeeze(-1)
+        kept_img, h, size = _select_row(hidden[b], attention[b], image_idx, call.settings)
+        text_idx = (valid[b] & ~image_mask[b]).nonzero().squeeze(-1)
+        chosen = torch.cat([text_idx, kept_img]).sort().values
+        rows_pos.append(chosen)
+        rows_hidden.append(h)
+        rows_size.append(size)
+        keep_counts.append(chosen.numel())
+    width = max(keep_counts)
+    kept = torch.empty(batch, width, dtype=torch.long, device=hidden.device)
+    key_valid = torch.zeros(batch, width, dtype=torch.bool, device=hidden.device)
+    for b, chosen in enumerate(rows_pos):
+        # fillers: the unchosen positions nearest the start (masked, never attended)
+        spare = torch.ones(n, dtype=torch.bool, device=hidden.device)
+        spare[chosen] = False
+        filler = spare.nonzero().squeeze(-1)[: width - chosen.numel()]
+        slots = torch.cat([filler, chosen]).sort().values
+        kept[b] = slots
+        key_valid[b] = ~spare[slots]
+    merged = torch.stack(rows_hidden)
+    sizes = torch.stack(rows_size)
+    index = kept[:, :, None]
+    new_hidden = merged.gather(1, index.expand(-1, -1, merged.shape[-1]))
+    size = sizes.gather(1, kept)
+    cos, sin = pos_emb
+    cos = cos.expand(batch, -1, -1).gather(1, index.expand(-1, -1, cos.shape[-1]))
+    sin = sin.expand(batch, -1, -1).gather(1, index.expand(-1, -1, sin.shape[-1]))
+    call.state = LLMCacheState(call.settings.layer, n, kept, key_valid, size)
+    call.layer_kwargs = {
+        "position_embeddings": (cos, sin),
+        "attention_mask": _mask(key_valid, size, width, hidden.dtype),
+    }
+    if kwargs.get("position_ids") is not None:
+        position_ids = kwargs["position_ids"]
+        call.layer_kwargs["position_ids"] = position_ids.expand(batch, -1).gather(1, kept)
+    return new_hidden
+
+
+def decode_kwargs(call: LLMCall, q_len: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Mask for layers >= K on a decode step (their cache holds the kept slots)."""
+    state = call.state
+    assert state is not None
+    cached = call.cache.get_seq_length(state.layer)  # slots already in layer K's cache
+    new = cached + q_len - state.kept.shape[1]  # tokens after the prompt, incl. this step
+    batch = state.kept.shape[0]
+    device = state.kept.device
+    if call.mask2d is not None:
+        tail = call.mask2d[:, state.prefill_len : state.prefill_len + new].bool()
+    else:
+        tail = torch.ones(batch, new, dtype=torch.bool, device=device)
+    key_valid = torch.cat([state.key_valid, tail], dim=1)
+    size = torch.cat([state.size, torch.ones(batch, new, dtype=state.size.dtype, device=device)], 1)
+    return {"attention_mask": _mask(key_valid, size, q_len, dtype)}

@@ -1,0 +1,5 @@
+"""Models assembled from maintained parts (timm, transformers, peft) for families that ship none."""
+
+from .minigpt import MiniGPTv2, MiniGPTv2Config, load_minigptv2, official_lora_key
+
+__all__ = ["MiniGPTv2", "MiniGPTv2Config", "load_minigptv2", "official_lora_key"]

@@ -1,0 +1,326 @@
+"""LLaVA-1.5 (transformers 5) with Turbo: tower mode and LLM mode.
+
+Oracles: the unpatched model (r = 0 / keep = 1 token for token; after ``remove``);
+the unpatched model fed hand-built shortened prompts with the merged tower features
+(tower mode); the unpatched language model run on the kept embeddings at their
+original positions, with the ranking recomputed here (LLM mode at K = 0); each row
+generated alone (batches with padding and different image counts).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import turbo_adapters as ta
+from turbo_adapters.families.llava import LlavaPatch
+from turbo_adapters.families.llava_llm import LLMReduction, cache_state
+
+IMG = 99
+PAD = 0
+PER_IMAGE = 64  # (32 / 4) ** 2 patches, CLS dropped
+NEW = 6
+
+
+def build(seed: int = 0) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        image_size=32, patch_size=4, initializer_range=0.2,
+    )  # fmt: skip
+    text = LlamaConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, pad_token_id=PAD, initializer_range=0.1,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMG,
+        image_seq_length=PER_IMAGE, projector_hidden_act="gelu",
+    )  # fmt: skip
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # weights large enough that greedy answers vary between prompts
+        for part in (model.model.language_model, model.model.multi_modal_projector, model.lm_head):
+            for weight in (p for p in part.parameters() if p.dim() == 2):
+                weight.normal_(0.0, 1.2 / weight.shape[1] ** 0.5)
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> LlavaForConditionalGeneration:
+    return build()
+
+
+def rows(images: list[int], per_image: int = PER_IMAGE) -> list[list[int]]:
+    """One prompt per row with ``images[b]`` images (text tokens differ per row)."""
+    out = []
+    for b, count in enumerate(images):
+        row = [1, 5 + b, 6]
+        for i in range(count):
+            row += [IMG] * per_image + [7 + i]
+        out.append([*row, 8, 9 + b])
+    return out
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
+    return ids, mask
+
+
+def pixels(count: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def generate(model, ids, mask, px, **kw) -> torch.Tensor:
+    if px is not None:
+        kw["pixel_values"] = px
+    with torch.no_grad():
+        return model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW,
+            do_sample=False, **kw,
+        )  # fmt: skip
+
+
+BATCH = [2, 1, 0]  # images per row: different counts, one row text-only
+
+
+# ------------------------------------------------------------------- r = 0
+def test_registry_and_class_matching(model) -> None:
+    assert ta.get_adapter("llava-hf/llava-1.5-7b-hf").name == "llava"
+    assert ta.get_adapter("llava-hf/llava-v1.6-mistral-7b-hf").name == "llava"
+    assert ta.get_adapter("llava_next").name == "llava"
+    assert ta.adapter_for_model(model).name == "llava"
+
+
+@pytest.mark.parametrize("mode", ["tower", "llm", "both"])
+def test_r0_equals_unpatched_greedy(model, mode: str) -> None:
+    ids, mask = left_pad(rows(BATCH))
+    px = pixels(sum(BATCH))
+    reference = generate(model, ids, mask, px)
+    patch = ta.apply(model, r=0)
+    try:
+        patch.llm = LLMReduction(layer=1, keep=1.0)
+        out = generate(model, ids, mask, px, turbo_mode=mode)
+    finally:
+        patch.remove()
+    assert torch.equal(out, reference)
+    assert len(set(reference[:, -NEW:].flatten().tolist())) > 2  # the model is not degenerate
+
+
+# -------------------------------------------------------------- tower mode
+def test_tower_generate_matches_unpatched_on_hand_shortened_prompts(model) -> None:
+    prompts = rows(BATCH)
+    ids, mask = left_pad(prompts)
+    px = pixels(sum(BATCH))
+    patch = ta.apply(model, r=5)
+    try:
+        out = generate(model, ids, mask, px)
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=px, return_dict=True)
+    finally:
+        patch.remove()
+    merged = features.pooler_output[0].shape[0]
+    assert merged == PER_IMAGE + 1 - 5 * 3 - 1  # 3 layers reach the feature layer (-2)
+    # the callers' prompt comes back in front of the new tokens
+    assert out.shape == (3, ids.shape[1] + NEW)
+    assert torch.equal(out[:, : ids.shape[1]], ids)
+    short_ids, short_mask = left_pad(rows(BATCH, per_image=merged))
+    with torch.no_grad():
+        expected = model.generate(
+            input_ids=short_ids, attention_mask=short_mask, mm_encoder_outputs={"image": features},
+            max_new_tokens=NEW, do_sample=False,
+        )  # fmt: skip
+    assert torch.equal(out[:, -NEW:], expected[:, -NEW:])
+
+
+@pytest.mark.parametrize("batch", [[1], [2, 1, 0]])
+def test_tower_generate_batch_rows_equal_single_rows(model, batch: list[int]) -> None:
+    prompts = rows(batch)
+    ids, mask = left_pad(prompts)
+    px = pixels(sum(batch))
+    patch = ta.apply(model, r=4)
+    try:
+        out = generate(model, ids, mask, px)
+        start = 0
+        for b, p in enumerate(prompts):
+            one = torch.tensor([p])
+            sub = px[start : start + batch[b]] if batch[b] else None
+            start += batch[b]
+            alone = generate(model, one, torch.ones_like(one), sub)
+            assert torch.equal(out[b, -NEW:], alone[0, -NEW:])
+            assert torch.equal(alone[0, : len(p)], one[0])
+    finally:
+        patch.remove()
+
+
+def test_tower_forward_shortens_ids_labels_and_reports_merge(model) -> None:
+    ids, mask = left_pad(rows([1, 2]))
+    px = pixels(3)
+    labels = torch.where(ids == IMG, -100, ids)
+    patch = ta.apply(model, r=6)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels)
+        counts = patch.last_state.token_counts
+    finally:
+        patch.remove()
+    assert counts == [65 - 6, 65 - 12, 65 - 18]
+    merged = counts[-1] - 1
+    assert out.logits.shape[1] == ids.shape[1] - 2 * (PER_IMAGE - merged)  # longest row: 2 images
+    assert torch.isfinite(out.loss)
+
+
+def test_tower_mode_off_per_call_is_unpatched(model) -> None:
+    ids, mask = left_pad(rows([1]))
+    px = pixels(1)
+    reference = generate(model, ids, mask, px)
+    with ta.patched(model, r=8):
+        assert torch.equal(generate(model, ids, mask, px, turbo_mode="none"), reference)
+
+
+# ---------------------------------------------------------------- LLM mode
+def _ranked_kept(model, embeds: torch.Tensor, image: torch.Tensor, keep: int) -> torch.Tensor:
+    """Independent FastV ranking at layer 0: last token's attention, heads averaged."""
+    lm = model.model.language_model
+    layer = lm.layers[0]
+    attn = layer.self_attn
+    n = embeds.shape[1]
+    positions = torch.arange(n)[None]
+    cos, sin = lm.rotary_emb(embeds, positions)
+    x = layer.input_layernorm(embeds)
+    d = attn.head_dim
+    q = attn.q_proj(x).view(1, n, -1, d).transpose(1, 2)
+    k = attn.k_proj(x).view(1, n, -1, d).transpose(1, 2)
+    rot = lambda t: torch.cat([-t[..., d // 2 :], t[..., : d // 2]], -1)
+    q = q * cos[:, None] + rot(q) * sin[:, None]
+    k = k * cos[:, None] + rot(k) * sin[:, None]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    scores = ((q[:, :, -1:] @ k.transpose(-1, -2)) * d**-0.5).softmax(-1).mean(1)[0, 0]
+    image_idx = image.nonzero().squeeze(-1)
+    top = image_idx[scores[image_idx].argsort(descending=True)[:keep]]
+    text_idx = (~image).nonzero().squeeze(-1)
+    return torch.cat([text_idx, top]).sort().values
+
+
+def test_llm_prune_at_layer0_matches_unpatched_on_kept_tokens(model) -> None:
+    prompt = rows([1])[0]
+    ids = torch.tensor([prompt])
+    px = pixels(1)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        feats = model.model.get_image_features(pixel_values=px, return_dict=True).pooler_output[0]
+        embeds[ids == IMG] = feats
+        kept = _ranked_kept(model, embeds, ids[0] == IMG, PER_IMAGE // 4)
+    patch = ta.apply(model, r=0)
+    try:
+        patch.modes = "llm"
+        patch.llm = LLMReduction(layer=0, keep=0.25)
+        out = generate(model, ids, torch.ones_like(ids), px)
+        with torch.no_grad():
+            cache_out = model(input_ids=ids, pixel_values=px, use_cache=True)
+        state = cache_state(cache_out.past_key_values)
+    finally:
+        patch.remove()
+    assert torch.equal(state.kept[0], kept)
+    # oracle: unpatched LM on the kept embeddings at their original positions, recomputed
+    # in full every step (use_cache=True only so transformers does not read the position
+    # gaps as packed sequences)
+    lm_embeds = embeds[:, kept]
+    positions = kept[None].clone()
+    tokens = []
+    with torch.no_grad():
+        for _ in range(NEW):
+            logits = model(inputs_embeds=lm_embeds, position_ids=positions, use_cache=True).logits
+            token = logits[0, -1].argmax()
+            tokens.append(int(token))
+            lm_embeds = torch.cat([lm_embeds, model.get_input_embeddings()(token)[None, None]], 1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], 1)
+    assert out[0, -NEW:].tolist() == tokens
+    assert torch.allclose(
+        cache_out.logits[0, -1],
+        model(inputs_embeds=embeds[:, kept], position_ids=kept[None]).logits[0, -1],
+        atol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("method", ["prune", "merge"])
+def test_llm_batch_rows_equal_single_rows(model, method: str) -> None:
+    prompts = rows(BATCH)
+    ids, mask = left_pad(prompts)
+    px = pixels(sum(BATCH))
+    patch = ta.apply(model, r=0)
+    try:
+        patch.modes = "llm"
+        patch.llm = LLMReduction(layer=2, keep=0.3, method=method, rank="text")
+        out = generate(model, ids, mask, px)
+        start = 0
+        for b, p in enumerate(prompts):
+            one = torch.tensor([p])
+            sub = px[start : start + BATCH[b]] if BATCH[b] else None
+            start += BATCH[b]
+            alone = generate(model, one, torch.ones_like(one), sub)
+            assert torch.equal(out[b, -NEW:], alone[0, -NEW:]), b
+    finally:
+        patch.remove()
+
+
+def test_llm_reduces_the_late_layers_cache(model) -> None:
+    ids = torch.tensor(rows([2]))
+    patch = ta.apply(model, r=0)
+    try:
+        patch.llm = LLMReduction(layer=2, keep=0.5)
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=pixels(2), use_cache=True, turbo_mode="llm")
+    finally:
+        patch.remove()
+    cache = out.past_key_values
+    n = ids.shape[1]
+    assert cache.get_seq_length(0) == cache.get_seq_length(1) == n
+    assert cache.get_seq_length(2) == cache.get_seq_length(3) == n - PER_IMAGE
+    assert out.logits.shape[1] == n - PER_IMAGE
+
+
+# ---------------------------------------------------------- settings, undo
+def test_errors_name_the_parameter(model) -> None:
+    patch = ta.apply(model, r=2)
+    try:
+        assert isinstance(patch, LlavaPatch)
+        with pytest.raises(ValueError, match="layer must be in \\[0, 3\\]"):
+            patch.llm = LLMReduction(layer=4)
+        with pytest.raises(ValueError, match="keep must be a fraction in \\(0, 1\\]"):
+            LLMReduction(keep=0.0)
+        with pytest.raises(ValueError, match="method must be one of"):
+            LLMReduction(method="drop")
+        with pytest.raises(ValueError, match="turbo mode must be"):
+            patch.modes = "vision"
+        ids, mask = left_pad(rows([1]))
+        with pytest.raises(ValueError, match="turbo mode must be"):
+            generate(model, ids, mask, pixels(1), turbo_mode="fast")
+    finally:
+        patch.remove()
+
+
+def test_remove_restores_exactly() -> None:
+    model = build(seed=3)
+    ids, mask = left_pad(rows([1, 2]))
+    px = pixels(3)
+    reference = generate(model, ids, mask, px)  # transformers installs its lazy hooks
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dicts = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    attn_impl = model.config.vision_config._attn_implementation
+    patch = ta.apply(model, r=4)
+    patch.modes = "both"
+    generate(model, ids, mask, px)
+    patch.remove()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for name, m in model.named_modules():
+        assert set(m.__dict__) == set(dicts[name]), name
+    assert model.config.vision_config._attn_implementation == attn_impl
+    assert torch.equal(generate(model, ids, mask, px), reference)
