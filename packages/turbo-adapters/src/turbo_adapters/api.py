@@ -17,7 +17,6 @@ from .site import ROLE_NAMES
 __all__ = ["apply", "patched", "remove", "resolve_config"]
 
 
-
 def resolve_config(preset_or_config: str | TurboConfig | None, **overrides: Any) -> TurboConfig:
     """A config from a preset name, a config, or None (defaults), plus overrides."""
     if preset_or_config is None:
