@@ -57,11 +57,14 @@ def apply(
             "model is already patched by Turbo; call turbo_adapters.remove(model) "
             "first, or change settings on the handle (handle.r = ...)"
         )
-    config = resolve_config(preset_or_config, **overrides)
     chosen = get_adapter(adapter) if adapter is not None else adapter_for_model(model)
     if not chosen.matches(model):
         raise TypeError(f"adapter {chosen.name!r} cannot patch a {type(model).__name__}")
-    return chosen.patch(model, config, explicit=frozenset(overrides))
+    # adapter-specific settings (e.g. Stable Diffusion's ratios) go to the adapter
+    extra = getattr(chosen, "options", frozenset())
+    options = {k: overrides.pop(k) for k in list(overrides) if k in extra}
+    config = resolve_config(preset_or_config, **overrides)
+    return chosen.patch(model, config, explicit=frozenset(overrides), **options)
 
 
 def remove(model: nn.Module) -> None:

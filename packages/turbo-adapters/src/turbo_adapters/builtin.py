@@ -14,3 +14,4 @@ from . import dinov2_hf  # noqa: F401
 from . import clip  # noqa: F401
 from . import bert_hf  # noqa: F401
 from . import eva  # noqa: F401
+from . import stable_diffusion  # noqa: F401

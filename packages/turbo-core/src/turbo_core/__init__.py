@@ -10,6 +10,7 @@ from .reducer import RClippedWarning, TokenReducer
 from .restoring import CopyRestorer, Restorer
 from .scoring import InformationScorer, Scorer, TokenScores, fuse_information
 from .state import ReductionState
+from .windows import WindowScores, max_window_mergeable, score_windows, window_destinations
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "TokenReducer",
     "TokenScores",
     "TurboConfig",
+    "WindowScores",
     "add_size_bias",
     "attention_concentration",
     "attention_entropy",
@@ -38,7 +40,10 @@ __all__ = [
     "fuse_information",
     "guide_attention",
     "max_mergeable",
+    "max_window_mergeable",
     "merge_sources",
+    "score_windows",
     "size_log_bias",
     "token_redundancy",
+    "window_destinations",
 ]
