@@ -152,6 +152,10 @@ def runner(
     return run
 
 
+def _bind(run: Callable[..., torch.Tensor], call: tuple[Any, ...]) -> Callable[[], torch.Tensor]:
+    return lambda: run(*call)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("sd15", "sdxl", "tiny"), default="sd15")
@@ -173,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         meta_unet, size, text_dim = build(args.model, "meta")
         meta_in = inputs(args.model, size, text_dim, 0, "meta")
         for name, family, kwargs in settings:
-            run = runner(meta_unet, family, kwargs)
-            flops[name] = count_flops(lambda: run(*meta_in))
+            flops[name] = count_flops(runner(meta_unet, family, kwargs), *meta_in)
         del meta_unet
 
     unet, size, text_dim = build(args.model)
@@ -192,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             relative[name].append(diff / scale)
     print(f"fidelity pass: {time.perf_counter() - start:.0f} s")
 
-    fns = {
-        name: (lambda run=runner(unet, family, kwargs): run(*seeds[0]))
-        for name, family, kwargs in settings
-    }
+    fns = {name: _bind(runner(unet, family, kwargs), seeds[0]) for name, family, kwargs in settings}
     timing = interleaved_throughput(fns, items_per_call=2, repeats=args.repeats, warmup=1)
     rows = []
     base_flops = flops.get("unpatched")
@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             "relative_diff": statistics.mean(relative[name]),
         }
         rows.append(row)
-    print(f"{'setting':28s} {'FLOPs ratio':>11s} {'speedup':>8s} {'img/s':>7s} {'|diff|':>9s} {'rel':>7s}")
+    print(
+        f"{'setting':28s} {'FLOPs ratio':>11s} {'speedup':>8s} {'img/s':>7s} {'|diff|':>9s} {'rel':>7s}"
+    )
     for row in rows:
         ratio = f"{row['flops_ratio']:.3f}" if row["flops_ratio"] else "-"
         print(
@@ -246,7 +248,7 @@ def plot(rows: list[dict[str, Any]], path: str, model: str) -> None:
         ax.plot(
             [r["speedup"] for r in points],
             [r["relative_diff"] for r in points],
-            marker if family == "baseline" else marker,
+            marker,
             linestyle="",
             label=family,
         )

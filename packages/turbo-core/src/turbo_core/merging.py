@@ -72,7 +72,10 @@ class SizeWeightedMerger:
         new_size = _add_rows_(kept_size, into, merged_size)
         # clamp: padding has size 0, and padding merged into padding stays size 0
         total = _rows(new_size, into).clamp_min(torch.finfo(new_size.dtype).tiny)
-        weight = (merged_size / total).to(x.dtype)
+        # the ratio in the wider of x's and the sizes' dtypes (1/3 in float32 would
+        # cost float64 features their precision)
+        work = torch.promote_types(x.dtype, new_size.dtype)
+        weight = (merged_size.to(work) / total.to(work)).to(x.dtype)
         delta = (merged - _rows(kept, into)) * weight  # (B, r, C)
         return _add_rows_(kept, into, delta), new_size
 

@@ -125,7 +125,9 @@ def structured_latents(
     plus a little fine noise stands in for them where no real image is at hand.
     """
     generator = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(batch, channels, max(height // 8, 1), max(width // 8, 1), generator=generator)
+    coarse = torch.randn(
+        batch, channels, max(height // 8, 1), max(width // 8, 1), generator=generator
+    )
     smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic")
     return smooth + 0.3 * torch.randn(batch, channels, height, width, generator=generator)
 
@@ -199,9 +201,18 @@ def tiny_pipeline(seed: int = 0, kind: str = "text2img") -> Any:
 
 
 def tiny_controlnet(unet: Any) -> Any:
-    """A ControlNet copied from ``unet`` with a small conditioning embedding."""
+    """A ControlNet copied from ``unet`` with a small conditioning embedding.
+
+    Its zero-initialised output convolutions get small random weights (seed 0), so the
+    ControlNet's residuals are not all zero and a change inside it shows.
+    """
     import diffusers
 
-    return diffusers.ControlNetModel.from_unet(
+    controlnet = diffusers.ControlNetModel.from_unet(
         unet, conditioning_embedding_out_channels=(8, 16)
     ).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.copy_(0.1 * torch.randn(conv.weight.shape, generator=generator))
+    return controlnet
