@@ -48,49 +48,51 @@ from turbo_eval.measure import count_flops, interleaved_throughput
 Setting = tuple[str, str, dict[str, Any]]
 
 
+#: settings compared for fidelity only (their FLOPs equal another setting's)
+FIDELITY_ONLY = ("turbo 0.5 per-half maps", "turbo 0.5 mean-text")
+
+
 def settings_for(model: str) -> list[Setting]:
     """The settings compared on ``model`` (sd15, sdxl or tiny)."""
+    kv = {"attn1_kv": True}
     out: list[Setting] = [("unpatched", "baseline", {})]
     if model == "sdxl":
-        out += [
+        return [
+            *out,
             ("tomesd 0.5 (default)", "tomesd", {"ratio": 0.5}),
-            ("tomesd 0.5 md2", "tomesd", {"ratio": 0.5, "max_downsample": 2}),
-            ("redundancy 0.5 md2", "redundancy", {"ratio_attn1": 0.5, "max_downsample": 2}),
-            ("turbo 0.5 md2", "turbo", {"ratio_attn1": 0.5, "max_downsample": 2}),
+            ("turbo default (sdxl)", "turbo", {}),
             (
-                "turbo 0.6 md2 +ff0.3",
+                "turbo kv.75 a2.7 ff.7",
                 "turbo",
-                {"ratio_attn1": 0.6, "ratio_ff": 0.3, "max_downsample": 2},
+                {"ratio_attn1": 0.75, "ratio_attn2": 0.7, "ratio_ff": 0.7, **kv},
             ),
             (
-                "turbo default (sdxl)",
-                "turbo",
-                {},
+                "tomesd 0.7 all3 md2",
+                "tomesd",
+                {"ratio": 0.7, "max_downsample": 2, "merge_crossattn": True, "merge_mlp": True},
             ),
-        ]
-        return out
-    for ratio in (0.3, 0.5, 0.7):
-        out += [
-            (f"tomesd {ratio}", "tomesd", {"ratio": ratio}),
-            (f"redundancy {ratio}", "redundancy", {"ratio_attn1": ratio}),
-            (f"turbo {ratio}", "turbo", {"ratio_attn1": ratio}),
         ]
     all3 = {"merge_attn": True, "merge_crossattn": True, "merge_mlp": True}
-    out += [
+    aggressive = {"ratio_attn1": 0.75, "ratio_attn2": 0.7, "ratio_ff": 0.7, "max_downsample": 2}
+    return [
+        *out,
+        ("tomesd 0.5", "tomesd", {"ratio": 0.5}),
+        ("redundancy 0.5", "redundancy", {"ratio_attn1": 0.5}),
+        ("turbo 0.5", "turbo", {"ratio_attn1": 0.5}),
         ("tomesd 0.5 all3", "tomesd", {"ratio": 0.5, **all3}),
+        ("turbo 0.5 all3", "turbo", {"ratio_attn1": 0.5, "ratio_attn2": 0.5, "ratio_ff": 0.5}),
+        ("turbo kv.75", "turbo", {"ratio_attn1": 0.75, **kv}),
         (
-            "turbo 0.5 all3",
+            "turbo kv.75 a2.5 ff.5 md2",
             "turbo",
-            {"ratio_attn1": 0.5, "ratio_attn2": 0.5, "ratio_ff": 0.5},
+            {"ratio_attn1": 0.75, "ratio_attn2": 0.5, "ratio_ff": 0.5, "max_downsample": 2, **kv},
         ),
-        ("tomesd 0.5 md2", "tomesd", {"ratio": 0.5, "max_downsample": 2}),
-        ("turbo 0.5 md2", "turbo", {"ratio_attn1": 0.5, "max_downsample": 2}),
-        ("redundancy 0.5 md2", "redundancy", {"ratio_attn1": 0.5, "max_downsample": 2}),
-        ("turbo 0.7 md2", "turbo", {"ratio_attn1": 0.7, "max_downsample": 2}),
+        ("turbo kv.75 a2.7 ff.7 md2", "turbo", {**aggressive, **kv}),
+        ("redundancy kv.75 a2.7 ff.7 md2", "redundancy", {**aggressive, **kv}),
+        ("tomesd 0.7 all3 md2", "tomesd", {"ratio": 0.7, "max_downsample": 2, **all3}),
         ("turbo 0.5 per-half maps", "turbo", {"ratio_attn1": 0.5, "semantic_from": "each"}),
         ("turbo 0.5 mean-text", "turbo", {"ratio_attn1": 0.5, "text_reduce": "mean"}),
     ]
-    return out
 
 
 def build(model: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, int, int]:
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--plot", help="write a Pareto plot (fidelity vs speedup) here")
     parser.add_argument("--no-flops", action="store_true")
+    parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     settings = settings_for(args.model)
@@ -185,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     fidelity: dict[str, list[float]] = {name: [] for name, _, _ in settings}
     relative: dict[str, list[float]] = {name: [] for name, _, _ in settings}
     start = time.perf_counter()
+    print("FLOPs:", {k: f"{v / 1e9:.1f} G" for k, v in flops.items()}, flush=True)
     for seed_inputs in seeds:
         reference = runner(unet, "baseline", {})(*seed_inputs)
         scale = reference.abs().mean().item()
@@ -193,14 +197,22 @@ def main(argv: list[str] | None = None) -> int:
             diff = (out - reference).abs().mean().item()
             fidelity[name].append(diff)
             relative[name].append(diff / scale)
+            print(f"  {name}: |diff| {diff:.5f} rel {diff / scale:.4f}", flush=True)
     print(f"fidelity pass: {time.perf_counter() - start:.0f} s")
 
-    fns = {name: _bind(runner(unet, family, kwargs), seeds[0]) for name, family, kwargs in settings}
-    timing = interleaved_throughput(fns, items_per_call=2, repeats=args.repeats, warmup=1)
+    fns = {
+        name: _bind(runner(unet, family, kwargs), seeds[0])
+        for name, family, kwargs in settings
+        if name not in FIDELITY_ONLY
+    }
+    timing = interleaved_throughput(fns, items_per_call=2, repeats=args.repeats, warmup=args.warmup)
     rows = []
     base_flops = flops.get("unpatched")
     for name, family, kwargs in settings:
-        m = timing["methods"][name]
+        m = timing["methods"].get(
+            name,
+            {"speedup": float("nan"), "items_per_s": float("nan"), "median_s": None, "seconds": []},
+        )
         row = {
             "setting": name,
             "family": family,

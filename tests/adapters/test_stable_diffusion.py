@@ -177,6 +177,29 @@ def test_composes_with_slicing_and_classic_processor():
     torch.testing.assert_close(classic, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_key_value_merge_is_closer_and_processor_independent():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = make_unet()
+    inputs = unet_inputs()
+    reference = run(unet, inputs)
+    errors = {}
+    for kv in (False, True):
+        with ta.patched(unet, ratio_attn1=0.6, attn1_kv=kv, alpha=0.0) as patch:
+            out = run(unet, inputs)
+        assert patch.last_stats["UNet2DConditionModel"].merged["attn1"] == 3
+        errors[kv] = (out - reference).abs().mean()
+    assert errors[True] < 0.3 * errors[False]  # every query keeps its own output
+    unet.set_attention_slice(1)
+    with ta.patched(unet, ratio_attn1=0.6, attn1_kv=True, alpha=0.0):
+        sliced = run(unet, inputs)
+    unet.set_attn_processor(AttnProcessor())
+    with ta.patched(unet, ratio_attn1=0.6, attn1_kv=True, alpha=0.0):
+        classic = run(unet, inputs)
+    torch.testing.assert_close(sliced, classic, rtol=1e-4, atol=1e-5)
+    assert (sliced - reference).abs().mean() == pytest.approx(float(errors[True]), rel=1e-3)
+
+
 @pytest.mark.parametrize("dim", [0, 1])
 def test_chunked_feed_forward_passes_through_unmerged(dim):
     unet = make_unet()

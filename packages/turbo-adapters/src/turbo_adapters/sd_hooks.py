@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from turbo_core import MergePlan, score_windows, window_destinations
+from turbo_core import MergePlan, score_windows, size_log_bias, window_destinations
 
 from .sd_guide import text_to_image_attention, text_token_mask
 from .sd_settings import COMPONENTS
@@ -307,12 +307,26 @@ class DenoiserHooks:
         if reason is not None:
             call.stats.passed.append((name, component, reason))
             return None
+        call.stats.merged[component] += 1
+        cross = getattr(module, "is_cross_attention", False)
+        if component == "attn1" and self.owner.settings.attn1_kv and not cross:
+            return self._merge_keys(x, plan, args, kwargs)
         merged = self.owner.reducer.merger.merge(x, plan)[0]
         call.pending[id(module)] = plan
-        call.stats.merged[component] += 1
         if args:
             return (merged, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": merged}
+
+    def _merge_keys(
+        self, x: torch.Tensor, plan: MergePlan, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Self-attention over merged keys/values; the queries stay, so no restore."""
+        reducer = self.owner.reducer
+        merged, size = reducer.merger.merge(x, plan)
+        kwargs = {**kwargs, "encoder_hidden_states": merged}
+        if reducer.config.prop_attn and size is not None:
+            kwargs["attention_mask"] = size_log_bias(size, x.dtype).squeeze(1)  # (B, 1, N')
+        return args, kwargs
 
     def _restore(self, module: nn.Module, args: Any, output: Any, *, key: int) -> Any:
         call = self._call.get()

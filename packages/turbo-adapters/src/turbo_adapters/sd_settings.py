@@ -58,6 +58,10 @@ class SDSettings:
             from the pipeline call when a pipeline is patched, else False.
         semantic_from: ``"cond"`` (conditional half's map for both halves) or
             ``"each"`` (every sample its own map) under classifier-free guidance.
+        attn1_kv: in self-attention merge only the keys and values: every query keeps
+            its own token (nothing to restore), the merged keys carry ``log(size)``
+            (proportional attention, with ``prop_attn``). Off: merge the queries too
+            and copy each group's output back (tomesd's way).
     """
 
     ratio_attn1: float = 0.5
@@ -72,6 +76,7 @@ class SDSettings:
     text_reduce: str = "max"
     cfg_halves: bool | None = None
     semantic_from: str = "cond"
+    attn1_kv: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -85,7 +90,7 @@ class SDSettings:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        for flag in ("use_rand",):
+        for flag in ("use_rand", "attn1_kv"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.cfg_halves is not None and not isinstance(self.cfg_halves, bool):
