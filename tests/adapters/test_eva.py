@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import turbo_adapters as ta
-from turbo_adapters.eva import rope_representatives
+from turbo_adapters.families.timm_eva import rope_representatives
 from turbo_core import TokenReducer, TurboConfig
 
 timm_eva = pytest.importorskip("timm.models.eva")
@@ -175,10 +175,10 @@ def test_merging_matches_eager_oracle(variant: str) -> None:
     model = make_eva(variant)
     x = images(3)
     handle = ta.apply(model, r=3, alpha=2.0)
-    assert handle.config.trace_source  # switched on for RoPE
+    assert handle.site.needs_source  # the site tracks sources itself for RoPE
     with torch.no_grad():
         features = model.forward_features(x)
-        ref, oracle_state = eager_eva_features(model, x, handle.config)
+        ref, oracle_state = eager_eva_features(model, x, handle.config.replace(trace_source=True))
     assert handle.last_state.token_counts == oracle_state.token_counts
     assert torch.equal(handle.last_state.source, oracle_state.source)
     torch.testing.assert_close(features, ref, atol=1e-4, rtol=1e-4)
@@ -259,11 +259,17 @@ def test_bfloat16_and_gradients() -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_rope_needs_source_tracking_and_protected_prefix() -> None:
+def test_rope_tracks_sources_itself_and_needs_the_protected_prefix() -> None:
     model = make_eva()
-    handle = ta.apply(model, r=3, trace_source=False)
-    with pytest.raises(RuntimeError, match="trace_source"), torch.no_grad():
-        model(images())
+    x = images()
+    with torch.no_grad():
+        traced = ta.apply(model, r=3, trace_source=True)
+        ref = model(x)
+        traced.remove()
+        handle = ta.apply(model, r=3, trace_source=False)  # RoPE still places merged tokens
+        out = model(x)
+    assert handle.last_state.source is not None
+    torch.testing.assert_close(out, ref)
     handle.remove()
     with pytest.raises(ValueError, match="protected"):
         ta.apply(make_eva(num_reg_tokens=2), r=3, protected=1)

@@ -124,15 +124,6 @@ class ToyNet(nn.Module):
         return self.proj(x)
 
 
-class _ToyScope:
-    _turbo_handle: ta.TurboHandle
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self._turbo_handle.forward_scope() as state:
-            x = self._turbo_handle.step(super().forward(x), state)
-            return x
-
-
 class ToyAdapter:
     name = "toy-net"
     model_names = ("toynet_*",)
@@ -142,9 +133,16 @@ class ToyAdapter:
         return isinstance(model, ToyNet)
 
     def patch(self, model, config, explicit=frozenset()):
-        handle = ta.TurboHandle(model, config, self.name, num_blocks=1)
-        handle.swap_class(model, _ToyScope)
-        return handle
+        # a third-party adapter built from the public pieces: a patch, a site, a wrapper
+        patch = ta.TurboPatch(model, self.name)
+        site = patch.add_site(ta.ReductionSite("toy", config.replace(protected=1), 1))
+
+        def forward(original, x):
+            with site.scope() as call:
+                return site.reduce(call, original(x), model)
+
+        patch.override(model, "forward", forward)
+        return patch
 
 
 def test_decorator_registered_adapter_is_found(isolated_registry) -> None:
@@ -187,12 +185,6 @@ class {cls}(nn.Module):
         return x
 
 
-class _Scope:
-    def forward(self, x):
-        with self._turbo_handle.forward_scope():
-            return super().forward(x)
-
-
 class _Adapter:
     name = "{name}"
     model_names = ("{pattern}",)
@@ -202,9 +194,10 @@ class _Adapter:
         return isinstance(model, {cls})
 
     def patch(self, model, config, explicit=frozenset()):
-        handle = ta.TurboHandle(model, config, self.name, num_blocks=1)
-        handle.swap_class(model, _Scope)
-        return handle
+        patch = ta.TurboPatch(model, self.name)
+        site = patch.add_site(ta.ReductionSite("toy", config, 1))
+        ta.install_scope(patch, site, model)
+        return patch
 
 
 def register():
@@ -241,7 +234,7 @@ def test_entry_point_adapters_load(tmp_path: Path, isolated_registry) -> None:
         monkeypatch.delitem(sys.modules, module, raising=False)
     importlib.invalidate_caches()
     assert "plugin-mod" not in registry._ADAPTERS
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(registry, "_loaded", False)
 
     assert ta.get_adapter("modnet_small").name == "plugin-mod"
     assert ta.get_adapter("fnnet_small").name == "plugin-fn"
@@ -252,4 +245,4 @@ def test_entry_point_adapters_load(tmp_path: Path, isolated_registry) -> None:
     assert handle.last_state is not None
     ta.remove(model)
     # loading happens once
-    assert registry._entry_points_loaded is True
+    assert registry._loaded is True

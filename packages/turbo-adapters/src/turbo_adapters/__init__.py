@@ -1,14 +1,26 @@
-"""Turbo adapters: token reduction for timm, torchvision, transformers and diffusers models.
+"""Turbo adapters: token reduction for timm, torchvision and transformers models.
 
 >>> import timm, turbo_adapters
 >>> model = timm.create_model("vit_base_patch16_224")
->>> handle = turbo_adapters.apply(model, "reference", r=13)   # patch in place
->>> handle.r = 8                                              # change at any time
->>> turbo_adapters.remove(model)                              # exactly as before
+>>> patch = turbo_adapters.apply(model, "reference", r=13)   # patch in place
+>>> patch.r = 8                                              # change at any time
+>>> turbo_adapters.remove(model)                             # exactly as before
+
+Importing this package needs torch only; model libraries load when a model of theirs
+is patched.
 """
 
 from .api import apply, patched, remove, resolve_config
-from .handle import TurboHandle, handle_of
+from .attention import QKVLayout, attend, layout_attention, use_turbo_attention
+from .blocks import (
+    BlockSpec,
+    install_blocks,
+    install_scope,
+    run_block,
+    size_weighted_mean,
+    token_sizes,
+)
+from .patch import TurboHandle, TurboPatch, handle_of
 from .registry import (
     ENTRY_POINT_GROUP,
     Adapter,
@@ -17,20 +29,35 @@ from .registry import (
     list_adapters,
     register_adapter,
 )
+from .site import Observation, ReductionSite, SiteCall
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Adapter",
+    "BlockSpec",
+    "Observation",
+    "QKVLayout",
+    "ReductionSite",
+    "SiteCall",
     "TurboHandle",
+    "TurboPatch",
     "adapter_for_model",
     "apply",
+    "attend",
     "get_adapter",
     "handle_of",
+    "install_blocks",
+    "install_scope",
+    "layout_attention",
     "list_adapters",
     "patched",
     "register_adapter",
     "remove",
     "resolve_config",
+    "run_block",
+    "size_weighted_mean",
+    "token_sizes",
+    "use_turbo_attention",
 ]

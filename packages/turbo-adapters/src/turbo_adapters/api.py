@@ -10,10 +10,12 @@ from torch import nn
 
 from turbo_core import TurboConfig
 
-from .handle import TurboHandle, handle_of
+from .patch import TurboPatch, handle_of
 from .registry import adapter_for_model, get_adapter
 
 __all__ = ["apply", "patched", "remove", "resolve_config"]
+
+_ROLES = ("scorer", "matcher", "merger", "restorer")
 
 
 def resolve_config(preset_or_config: str | TurboConfig | None, **overrides: Any) -> TurboConfig:
@@ -38,7 +40,7 @@ def apply(
     *,
     adapter: str | None = None,
     **overrides: Any,
-) -> TurboHandle:
+) -> TurboPatch:
     """Patch ``model`` in place with Turbo and return its handle.
 
     Args:
@@ -46,8 +48,12 @@ def apply(
         preset_or_config: a preset name (``"reference"``, ``"tome"`` ...), a
             :class:`~turbo_core.TurboConfig`, or None for the defaults.
         adapter: adapter or model name to use instead of detecting it from ``model``.
-        **overrides: config fields to change (``r=13``, ``alpha=0``). ``protected``
-            defaults to the model's own prefix tokens (CLS, distillation, registers).
+        **overrides: config fields to change (``r=13``, ``alpha=0``), or roles
+            (``scorer=...``, ``matcher=...``) that every later settings change keeps.
+
+    Precedence: the preset < the model's defaults (``protected`` = its CLS,
+    distillation and register tokens, when the config leaves it None) < an explicit
+    config < keyword overrides.
 
     Raises:
         RuntimeError: if ``model`` is already patched.
@@ -57,14 +63,18 @@ def apply(
             "model is already patched by Turbo; call turbo_adapters.remove(model) "
             "first, or change settings on the handle (handle.r = ...)"
         )
+    roles = {k: overrides.pop(k) for k in list(overrides) if k in _ROLES}
     chosen = get_adapter(adapter) if adapter is not None else adapter_for_model(model)
     if not chosen.matches(model):
         raise TypeError(f"adapter {chosen.name!r} cannot patch a {type(model).__name__}")
-    # adapter-specific settings (e.g. Stable Diffusion's ratios) go to the adapter
+    # settings of the adapter's own (Stable Diffusion's ratios, windows) go to the adapter
     extra = getattr(chosen, "options", frozenset())
     options = {k: overrides.pop(k) for k in list(overrides) if k in extra}
     config = resolve_config(preset_or_config, **overrides)
-    return chosen.patch(model, config, explicit=frozenset(overrides), **options)
+    patch = chosen.patch(model, config, explicit=frozenset(overrides), **options)
+    if roles:
+        patch.configure(**roles)
+    return patch
 
 
 def remove(model: nn.Module) -> None:
@@ -78,7 +88,7 @@ def remove(model: nn.Module) -> None:
 @contextlib.contextmanager
 def patched(
     model: nn.Module, preset_or_config: str | TurboConfig | None = None, **overrides: Any
-) -> Iterator[TurboHandle]:
+) -> Iterator[TurboPatch]:
     """``with patched(model, r=13) as handle: ...`` applies on entry and removes on exit."""
     handle = apply(model, preset_or_config, **overrides)
     try:

@@ -11,6 +11,7 @@ module or callable; loading it registers its adapters)::
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import importlib.metadata
 import re
 from collections.abc import Callable
@@ -28,6 +29,21 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "turbo_adapters.adapters"
+
+#: The adapters shipped here, as ``module:Class``, imported on first look-up. Order
+#: matters only for `adapter_for_model` (the first whose class check passes). The
+#: family modules import nothing from this one, so there is no import cycle, and each
+#: imports its model library lazily (inside ``matches`` and ``install``).
+BUILTIN_ADAPTERS = (
+    "turbo_adapters.families.timm_vit:TimmViTAdapter",
+    "turbo_adapters.families.torchvision_vit:TorchvisionViTAdapter",
+    "turbo_adapters.families.hf_vit:HFViTAdapter",
+    "turbo_adapters.families.hf_vit:HFDinov2Adapter",
+    "turbo_adapters.families.clip:HFCLIPVisionAdapter",
+    "turbo_adapters.families.bert:BertAdapter",
+    "turbo_adapters.families.timm_eva:TimmEvaAdapter",
+    "turbo_adapters.families.stable_diffusion:StableDiffusionAdapter",
+)
 
 
 @runtime_checkable
@@ -58,7 +74,7 @@ class Adapter(Protocol):
 
 
 _ADAPTERS: dict[str, Adapter] = {}
-_entry_points_loaded = False
+_loaded = False
 
 
 def register_adapter(adapter: Any = None, *, replace: bool = False) -> Any:
@@ -89,12 +105,15 @@ def register_adapter(adapter: Any = None, *, replace: bool = False) -> Any:
 
 
 def _load_builtin_and_entry_points() -> None:
-    global _entry_points_loaded
-    from . import builtin  # noqa: F401  (registers the adapters shipped here)
-
-    if _entry_points_loaded:
+    global _loaded
+    if _loaded:
         return
-    _entry_points_loaded = True
+    _loaded = True
+    for path in BUILTIN_ADAPTERS:
+        module, _, name = path.partition(":")
+        adapter = getattr(importlib.import_module(module), name)
+        if adapter.name not in _ADAPTERS:
+            register_adapter(adapter)
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         loaded = entry_point.load()
         if isinstance(loaded, Callable) and not isinstance(loaded, type):  # type: ignore[arg-type]

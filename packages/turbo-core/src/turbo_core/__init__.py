@@ -6,8 +6,18 @@ from .informativity import attention_concentration, attention_entropy, token_red
 from .matching import BipartiteMatcher, Matcher, max_mergeable
 from .merging import Merger, SizeWeightedMerger, merge_sources
 from .plan import MergePlan
-from .reducer import RClippedWarning, TokenReducer
+from .reducer import TokenReducer
 from .restoring import CopyRestorer, Restorer
+from .schedule import (
+    CountRule,
+    Ratio,
+    RClippedWarning,
+    ResolvedSchedule,
+    RSpec,
+    Target,
+    max_removable,
+    resolve_schedule,
+)
 from .scoring import InformationScorer, Scorer, TokenScores, fuse_information
 from .state import ReductionState
 from .windows import WindowScores, max_window_mergeable, score_windows, window_destinations
@@ -18,6 +28,7 @@ __all__ = [
     "PRESETS",
     "BipartiteMatcher",
     "CopyRestorer",
+    "CountRule",
     "Fusion",
     "InformationScorer",
     "Matcher",
@@ -25,10 +36,14 @@ __all__ = [
     "Merger",
     "Mode",
     "RClippedWarning",
+    "RSpec",
+    "Ratio",
     "ReductionState",
+    "ResolvedSchedule",
     "Restorer",
     "Scorer",
     "SizeWeightedMerger",
+    "Target",
     "TokenReducer",
     "TokenScores",
     "TurboConfig",
@@ -40,8 +55,10 @@ __all__ = [
     "fuse_information",
     "guide_attention",
     "max_mergeable",
+    "max_removable",
     "max_window_mergeable",
     "merge_sources",
+    "resolve_schedule",
     "score_windows",
     "size_log_bias",
     "token_redundancy",

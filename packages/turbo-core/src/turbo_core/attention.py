@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 
 __all__ = ["add_size_bias", "guide_attention", "size_log_bias"]
 
@@ -86,7 +87,7 @@ def size_log_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     """
     if size is None:
         return None
-    return size.reshape(size.shape[0], 1, 1, -1).log().to(dtype)
+    return rearrange(size, "b n 1 -> b 1 1 n").log().to(dtype)
 
 
 def add_size_bias(

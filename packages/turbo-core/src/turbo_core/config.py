@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
+
+from ._checks import check_float, check_int
+from .schedule import RSpec, expand_r, normalise_r
 
 __all__ = [
     "PRESETS",
@@ -52,10 +54,6 @@ _MODE_ALIASES = {
     "semantics_only": Mode.SEMANTICS,
 }
 
-#: ``r`` as users write it: tokens removed per block (int), an explicit per-block list,
-#: or ToMe's ``(r, inflection)`` schedule with inflection in [-1, 1] (-1 decreasing).
-RSpec = int | Sequence[int] | tuple[int, float]
-
 
 def _parse_enum(enum_type: type[Enum], value: Any, name: str, aliases: Mapping[str, Enum]) -> Any:
     if isinstance(value, enum_type):
@@ -71,65 +69,7 @@ def _parse_enum(enum_type: type[Enum], value: Any, name: str, aliases: Mapping[s
     raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def _check_int(value: Any, name: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
-
-
-def _check_float(
-    value: Any, name: str, minimum: float | None = None, maximum: float | None = None
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {number}")
-    if minimum is not None and number < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {number}")
-    if maximum is not None and number > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {number}")
-    return number
-
-
-def _normalise_r(r: Any) -> int | tuple[int, ...] | tuple[int, float]:
-    """Validate ``r`` and return a hashable normal form (the config is frozen)."""
-    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
-        base = _check_int(r[0], "r[0] (tokens per block)")
-        inflection = _check_float(r[1], "r[1] (inflection)", -1.0, 1.0)
-        return (base, inflection)
-    if isinstance(r, (list, tuple)):
-        return tuple(_check_int(v, f"r[{i}]") for i, v in enumerate(r))
-    return _check_int(r, "r")
-
-
-def expand_r(r: RSpec, num_blocks: int) -> tuple[int, ...]:
-    """Tokens to remove in each of ``num_blocks`` blocks.
-
-    An int is the same for every block; a list is padded with zeros (an error if
-    longer than the model); ``(r, inflection)`` spreads ``num_blocks * r`` tokens
-    linearly, from ``r * (1 - inflection)`` in the first block to ``r * (1 + inflection)``
-    in the last (ToMe's schedule; inflection -1 decreases to zero, +1 increases).
-    """
-    _check_int(num_blocks, "num_blocks", 1)
-    r = _normalise_r(r)
-    if isinstance(r, int):
-        return (r,) * num_blocks
-    if len(r) == 2 and isinstance(r[1], float):
-        base, inflection = r
-        first = base * (1.0 - inflection)
-        last = 2 * base - first
-        step = (last - first) / max(num_blocks - 1, 1)
-        return tuple(int(first + step * i) for i in range(num_blocks))
-    per_block = tuple(int(v) for v in r)
-    if len(per_block) > num_blocks:
-        raise ValueError(
-            f"r lists {len(per_block)} blocks but the model has {num_blocks}; "
-            f"give at most {num_blocks} values"
-        )
-    return per_block + (0,) * (num_blocks - len(per_block))
+_PROTECTED_RANGE = "protected must be None (the model's prefix tokens) or an int >= 0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +77,10 @@ class TurboConfig:
     """Everything that decides what a :class:`~turbo_core.TokenReducer` merges.
 
     Args:
-        r: tokens removed per block: an int, a per-block list, or ``(r, inflection)``.
+        r: tokens removed per block: an int, a per-block list, ``(r, inflection)``
+            (ToMe's schedule), a float in (0, 1) or :class:`~turbo_core.Ratio` (a share
+            of the current tokens), or :class:`~turbo_core.Target` (the count after the
+            last block). See :func:`~turbo_core.resolve_schedule`.
         alpha: weight of the semantic value; ``0`` is exactly redundancy-only (ToMe).
         semantic_scale: constant multiplying ``alpha``. The paper's formula is
             ``E = R - alpha * A`` (scale 1); the authors' code multiplies by 30, so
@@ -149,6 +92,9 @@ class TurboConfig:
         min_tokens: no merging in a block whose input has fewer tokens than this.
         prop_attn: add ``log(size)`` to attention logits (proportional attention).
         protected: leading tokens that never merge (CLS, distillation, registers).
+            None (the default) means "the model's own prefix tokens": adapters fill
+            it in, and a bare :class:`~turbo_core.TokenReducer` uses 1 (see
+            :attr:`protected_tokens`). An explicit int always wins over the model's.
         trace_source: track which original tokens every output token stands for.
     """
 
@@ -161,20 +107,25 @@ class TurboConfig:
     mode: Mode = Mode.TURBO
     min_tokens: int = 0
     prop_attn: bool = True
-    protected: int = 1
+    protected: int | None = None
     trace_source: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise fields in place once
-        set_(self, "r", _normalise_r(self.r))
-        set_(self, "alpha", _check_float(self.alpha, "alpha", 0.0))
-        set_(self, "semantic_scale", _check_float(self.semantic_scale, "semantic_scale", 0.0))
+        set_(self, "r", normalise_r(self.r))
+        set_(self, "alpha", check_float(self.alpha, "alpha", 0.0))
+        set_(self, "semantic_scale", check_float(self.semantic_scale, "semantic_scale", 0.0))
         set_(self, "fusion", _parse_enum(Fusion, self.fusion, "fusion", _FUSION_ALIASES))
-        set_(self, "beta", _check_float(self.beta, "beta", 0.0))
-        set_(self, "gamma", _check_float(self.gamma, "gamma"))
+        set_(self, "beta", check_float(self.beta, "beta", 0.0))
+        set_(self, "gamma", check_float(self.gamma, "gamma"))
         set_(self, "mode", _parse_enum(Mode, self.mode, "mode", _MODE_ALIASES))
-        set_(self, "min_tokens", _check_int(self.min_tokens, "min_tokens"))
-        set_(self, "protected", _check_int(self.protected, "protected"))
+        set_(self, "min_tokens", check_int(self.min_tokens, "min_tokens"))
+        protected = self.protected
+        if protected is not None:
+            if isinstance(protected, bool) or not isinstance(protected, int):
+                raise TypeError(f"{_PROTECTED_RANGE}, got {protected!r}")
+            if protected < 0:
+                raise ValueError(f"{_PROTECTED_RANGE}, got {protected}")
         for flag in ("prop_attn", "trace_source"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
@@ -191,8 +142,18 @@ class TurboConfig:
             return True
         return self.mode is Mode.TURBO and self.semantic_weight > 0
 
+    @property
+    def protected_tokens(self) -> int:
+        """``protected`` as a count: None (not filled in by an adapter) means the CLS token."""
+        return 1 if self.protected is None else self.protected
+
     def schedule(self, num_blocks: int) -> tuple[int, ...]:
-        """Tokens to remove in each block of a ``num_blocks``-deep model."""
+        """Requested r of each block of a ``num_blocks``-deep model (static forms only).
+
+        Nothing is clipped here. A :class:`~turbo_core.Ratio` or
+        :class:`~turbo_core.Target` depends on the token count and raises a
+        ``ValueError``: use :func:`~turbo_core.resolve_schedule` for those.
+        """
         return expand_r(self.r, num_blocks)
 
     def replace(self, **changes: Any) -> TurboConfig:

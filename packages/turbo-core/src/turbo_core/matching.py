@@ -7,14 +7,16 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .plan import MergePlan
+from .schedule import max_removable
 from .scoring import TokenScores
 
 __all__ = ["BipartiteMatcher", "Matcher", "max_mergeable"]
 
 
 def max_mergeable(num_tokens: int, protected: int) -> int:
-    """The largest r one bipartite step allows: ``(N - protected) // 2`` (at least 0)."""
-    return max((num_tokens - protected) // 2, 0)
+    """The largest r one bipartite step allows (:func:`~turbo_core.max_removable` without
+    a minimum-token threshold); kept for existing callers."""
+    return max_removable(num_tokens, protected, 0)
 
 
 @runtime_checkable
@@ -29,14 +31,15 @@ class BipartiteMatcher:
 
     Output order: the protected tokens in their original order, then the A tokens
     that stay (by position), then the unprotected B tokens (by position). ``r`` is
-    clipped to :func:`max_mergeable`; ties in degree go to the earlier token.
+    clipped by :func:`~turbo_core.max_removable` (a guard: the reducer already clipped
+    it); ties in degree go to the earlier token.
     """
 
     def match(self, scores: TokenScores, r: int) -> MergePlan:
         degree, partner = scores.degree, scores.partner
         batch, num_tokens, protected = degree.shape[0], scores.num_tokens, scores.protected
         device = degree.device
-        r = min(r, max_mergeable(num_tokens, protected))
+        r = min(r, max_removable(num_tokens, protected, 0))
         if r <= 0:
             return MergePlan.identity(batch, num_tokens, device)
 

@@ -72,10 +72,9 @@ class SizeWeightedMerger:
         new_size = _add_rows_(kept_size, into, merged_size)
         # clamp: padding has size 0, and padding merged into padding stays size 0
         total = _rows(new_size, into).clamp_min(torch.finfo(new_size.dtype).tiny)
-        # the ratio in the wider of x's and the sizes' dtypes (1/3 in float32 would
-        # cost float64 features their precision)
-        work = torch.promote_types(x.dtype, new_size.dtype)
-        weight = (merged_size.to(work) / total.to(work)).to(x.dtype)
+        # float32 sizes, but a float64 model gets float64 weights (no rounding to 1e-7)
+        wide = torch.promote_types(x.dtype, new_size.dtype)
+        weight = (merged_size.to(wide) / total.to(wide)).to(x.dtype)
         delta = (merged - _rows(kept, into)) * weight  # (B, r, C)
         return _add_rows_(kept, into, delta), new_size
 

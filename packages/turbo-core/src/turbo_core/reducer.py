@@ -13,14 +13,12 @@ from .matching import BipartiteMatcher, Matcher
 from .merging import Merger, SizeWeightedMerger, merge_sources
 from .plan import MergePlan
 from .restoring import CopyRestorer, Restorer
+from .schedule import CountRule, RClippedWarning, ResolvedSchedule, max_removable
 from .scoring import InformationScorer, Scorer
 from .state import ReductionState
 
+# RClippedWarning lives in .schedule; it is re-exported here for older imports.
 __all__ = ["RClippedWarning", "TokenReducer"]
-
-
-class RClippedWarning(UserWarning):
-    """A block's scheduled r exceeded what its sequence allows and was clipped."""
 
 
 def _check_sequence(name: str, t: torch.Tensor) -> None:
@@ -38,6 +36,7 @@ class TokenReducer:
     Typical use inside a transformer block (after attention, before the MLP)::
 
         state = reducer.start(num_blocks=len(blocks))   # once per forward pass
+        reducer.resolve(state, x.shape[1])               # optional: step does it too
         ...
         x = x + attn(norm1(x), attn_mask=reducer.attention_bias(state, x.dtype))
         x = reducer.step(x, metric=k.mean(1), state=state, semantic=cls_row)
@@ -67,16 +66,29 @@ class TokenReducer:
     def __repr__(self) -> str:
         return f"TokenReducer({self.config})"
 
-    def start(self, num_blocks: int, token_mask: torch.Tensor | None = None) -> ReductionState:
+    def start(
+        self,
+        num_blocks: int,
+        token_mask: torch.Tensor | None = None,
+        rule: CountRule | None = None,
+    ) -> ReductionState:
         """A fresh state for one forward pass through ``num_blocks`` blocks.
 
+        The r schedule is not resolved yet: that needs the token count, which the
+        first :meth:`step` (or :meth:`resolve`, :meth:`r_now`) supplies.
+
         Args:
-            num_blocks: depth of the model (for the r schedule).
+            num_blocks: blocks that reduce (for the r schedule), at least 1.
             token_mask: optional ``(B, N)`` bool, False at padding. Padding gets size 0:
                 proportional attention then masks it (log 0 = -inf), size-weighted
                 averages ignore it, and it never merges with real tokens.
+            rule: the adapter's requirement on the count after the last block.
         """
-        state = ReductionState(schedule=self.config.schedule(num_blocks))
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+        if rule is not None and not isinstance(rule, CountRule):
+            raise TypeError(f"rule must be a CountRule or None, got {rule!r}")
+        state = ReductionState(num_blocks=num_blocks, rule=rule)
         if token_mask is not None:
             if token_mask.dim() != 2 or token_mask.dtype != torch.bool:
                 raise ValueError(
@@ -87,11 +99,32 @@ class TokenReducer:
             state.padded = True
         return state
 
+    def resolve(self, state: ReductionState, num_tokens: int) -> ResolvedSchedule:
+        """Resolve ``state``'s schedule for ``num_tokens`` tokens entering the first block.
+
+        Idempotent (the first resolution stays). Adapters may call it before the first
+        block, where they know the count; :meth:`step` otherwise does it from ``x``.
+        """
+        return state.resolve(
+            self.config.r,
+            int(num_tokens),  # a traced (symbolic) shape becomes the concrete count
+            protected=self.config.protected_tokens,
+            min_tokens=self.config.min_tokens,
+        )
+
+    def r_now(self, state: ReductionState, num_tokens: int) -> int:
+        """Tokens the current block removes from ``num_tokens`` (0 past the schedule's end).
+
+        Resolves the schedule first if needed. Equal to the resolved r whenever the
+        sequence has the simulated length; this is what :meth:`step` will apply.
+        """
+        self.resolve(state, num_tokens)
+        return self.effective_r(num_tokens, state.r_for_current_block())
+
     def effective_r(self, num_tokens: int, r: int) -> int:
-        """``r`` after the minimum-token threshold and the bipartite limit."""
-        if num_tokens < self.config.min_tokens:
-            return 0
-        return max(min(r, (num_tokens - self.config.protected) // 2), 0)
+        """``r`` clipped by :func:`~turbo_core.max_removable` with this config."""
+        limit = max_removable(num_tokens, self.config.protected_tokens, self.config.min_tokens)
+        return max(min(r, limit), 0)
 
     def plan(
         self,
@@ -106,7 +139,7 @@ class TokenReducer:
         Args:
             metric: ``(B, N, D)`` similarity features (e.g. keys averaged over heads).
             semantic: ``(B, N)`` attention of the guide token to every token.
-            r: tokens to remove; clipped as :meth:`effective_r` says.
+            r: tokens to remove; clipped by :func:`~turbo_core.max_removable`.
             block_index: position of the block (used by the S4 fusion).
             token_mask: ``(B, N)`` bool, False at padding (see :meth:`start`).
         """
@@ -119,7 +152,7 @@ class TokenReducer:
                 f"semantic must have shape (B, N) = {(batch, num_tokens)} to match metric, "
                 f"got {tuple(semantic.shape)}"
             )
-        r = self.effective_r(num_tokens, r)
+        r = self.effective_r(num_tokens, r)  # the one clipping rule, via max_removable
         if r == 0:
             return MergePlan.identity(batch, num_tokens, metric.device)
         if token_mask is not None and token_mask.shape != (batch, num_tokens):
@@ -128,7 +161,7 @@ class TokenReducer:
                 f"got {tuple(token_mask.shape)}"
             )
         scores = self.scorer.score(
-            metric, semantic, self.config.protected, block_index, token_mask=token_mask
+            metric, semantic, self.config.protected_tokens, block_index, token_mask=token_mask
         )
         return self.matcher.match(scores, r)
 
@@ -162,7 +195,9 @@ class TokenReducer:
         state: ReductionState,
         semantic: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One block's reduction: plan with the scheduled r, merge, advance the state.
+        """One block's reduction: plan with the resolved r, merge, advance the state.
+
+        The first call resolves the schedule from ``x.shape[1]`` unless it already is.
 
         Args:
             x: ``(B, N, C)`` hidden states.
@@ -176,13 +211,16 @@ class TokenReducer:
             raise ValueError(
                 f"metric has (B, N) = {tuple(metric.shape[:2])} but x has {tuple(x.shape[:2])}"
             )
+        self.resolve(state, x.shape[1])
         scheduled = state.r_for_current_block()
         plan = self.plan(metric, semantic, scheduled, state.block_index, state.token_mask())
+        # The resolved r already fits the simulated lengths; this only fires when the
+        # sequence differs from the simulation (a matcher removing fewer, say).
         if plan.r < scheduled and x.shape[1] >= self.config.min_tokens:
             warnings.warn(
                 f"block {state.block_index}: r={scheduled} clipped to {plan.r}, the most one "
-                f"bipartite step allows for {x.shape[1]} tokens with {self.config.protected} "
-                "protected; see state.r_applied",
+                f"bipartite step allows for {x.shape[1]} tokens with "
+                f"{self.config.protected_tokens} protected; see state.r_applied",
                 RClippedWarning,
                 stacklevel=2,
             )

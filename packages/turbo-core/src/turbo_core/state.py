@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .schedule import CountRule, ResolvedSchedule, RSpec, resolve_schedule
+
 __all__ = ["ReductionState"]
 
 
@@ -18,8 +20,15 @@ class ReductionState:
     two threads or a re-entrant call each have their own, and nothing leaks from
     one forward into the next.
 
+    The r schedule is resolved lazily, from the first token count the state sees
+    (:meth:`resolve`), because a :class:`~turbo_core.Ratio` or a
+    :class:`~turbo_core.Target` depends on it.
+
     Attributes:
-        schedule: tokens to remove in each block.
+        num_blocks: blocks that reduce in this forward pass.
+        rule: the adapter's :class:`~turbo_core.CountRule` for the final count, if any.
+        schedule: tokens each block removes (``resolved.r``); None until resolved.
+        resolved: the full :class:`~turbo_core.ResolvedSchedule`; None until resolved.
         size: ``(B, N, 1)`` float32, original tokens each current token stands for;
             ``None`` until the first merge (all ones).
         source: ``(B, N_original)`` int64, current slot of every original token;
@@ -32,7 +41,10 @@ class ReductionState:
             attention sub-layer hands its metric to the block that merges).
     """
 
-    schedule: tuple[int, ...]
+    num_blocks: int
+    rule: CountRule | None = None
+    schedule: tuple[int, ...] | None = None
+    resolved: ResolvedSchedule | None = None
     size: torch.Tensor | None = None
     source: torch.Tensor | None = None
     block_index: int = 0
@@ -47,8 +59,33 @@ class ReductionState:
             return None
         return self.size[..., 0] > 0
 
+    def resolve(
+        self, r: RSpec, num_tokens: int, *, protected: int, min_tokens: int = 0
+    ) -> ResolvedSchedule:
+        """Resolve the schedule for ``num_tokens`` tokens entering the first block.
+
+        Idempotent: once resolved, later calls return the same schedule whatever
+        their arguments (the sequence has shrunk by then, that is expected).
+        """
+        if self.resolved is None:
+            self.resolved = resolve_schedule(
+                r,
+                num_tokens,
+                self.num_blocks,
+                protected=protected,
+                min_tokens=min_tokens,
+                rule=self.rule,
+            )
+            self.schedule = self.resolved.r
+        return self.resolved
+
     def r_for_current_block(self) -> int:
-        """Scheduled r of the block about to run (0 past the end of the schedule)."""
+        """Resolved r of the block about to run (0 past the end of the schedule)."""
+        if self.schedule is None:
+            raise RuntimeError(
+                "the r schedule is not resolved yet: it depends on the token count; call "
+                "TokenReducer.resolve(state, num_tokens) (step and r_now do it themselves)"
+            )
         if self.block_index < len(self.schedule):
             return self.schedule[self.block_index]
         return 0

