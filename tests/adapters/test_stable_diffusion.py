@@ -300,6 +300,45 @@ def test_registry_names():
         assert ta.get_adapter(name).name == "stable-diffusion"
 
 
+def test_survives_accelerate_offload_hooks():
+    accelerate = pytest.importorskip("accelerate")
+    unet = make_unet()
+    inputs = unet_inputs()
+    with ta.patched(unet, ratio_attn1=0.5, ratio_ff=0.3, attn1_kv=True):
+        expected = run(unet, inputs)
+    accelerate.cpu_offload(unet, execution_device="cpu")
+    with ta.patched(unet, ratio_attn1=0.5, ratio_ff=0.3, attn1_kv=True) as patch:
+        got = run(unet, inputs)
+    assert patch.last_stats["UNet2DConditionModel"].merged["ff"] == 3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_two_threads_two_settings():
+    import threading
+
+    unets = [make_unet(), make_unet()]
+    inputs = unet_inputs()
+    settings = [{"ratio_attn1": 0.5}, {"ratio_attn1": 0.7, "ratio_ff": 0.4}]
+    patches = [ta.apply(u, **s) for u, s in zip(unets, settings, strict=True)]
+    expected = [run(u, inputs) for u in unets]
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            patches[i].new_generation()
+            results[i].append(run(unets[i], inputs))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in (0, 1):
+        assert all(torch.equal(out, expected[i]) for out in results[i])
+        patches[i].remove()
+    assert not torch.equal(expected[0], expected[1])
+
+
 # ------------------------------------------------------------ reporting, errors
 def test_ratio_above_window_limit_is_reported():
     unet = make_unet()
