@@ -77,7 +77,8 @@ def test_equals_tomesd_without_semantics_or_randomness(components, max_downsampl
         "ratio_attn2": 0.6 if components.get("merge_crossattn") else 0.0,
         "ratio_ff": 0.6 if components.get("merge_mlp") else 0.0,
     }
-    with ta.patched(unet, alpha=0.0, use_rand=False, max_downsample=max_downsample, **ratios) as p:
+    same = {"alpha": 0.0, "use_rand": False, "attn1_kv": False, "max_downsample": max_downsample}
+    with ta.patched(unet, **same, **ratios) as p:
         got = run(unet, inputs)
     stats = p.last_stats["UNet2DConditionModel"]
     assert stats.merged["attn1"] > 0 and not stats.passed
@@ -268,7 +269,7 @@ def test_sdxl_defaults_merge_where_tomesd_defaults_do_nothing():
     assert torch.equal(tome, reference)  # no attention at SDXL's full resolution
     with ta.patched(unet) as patch:
         out = run(unet, (latent, t, text), added_cond_kwargs=added)
-    assert patch.settings.max_downsample == 2
+    assert patch.settings.max_downsample == 4 and patch.settings.ratio_ff == 0.5
     assert patch.last_stats["UNet2DConditionModel"].merged["attn1"] > 0
     assert not torch.equal(out, reference)
 
