@@ -120,3 +120,15 @@ def test_real_minilm_sentence_embeddings_stay_close():
     # text carries little redundancy: r=1 of ~17 tokens per layer already costs a few %
     assert cosine.min() > 0.8, cosine
     assert cosine.mean() > 0.9, cosine
+
+
+def test_gradient_checkpointing_is_refused_like_the_other_adapters():
+    model = tiny_bert().train()
+    model.gradient_checkpointing_enable()
+    ids, mask = batch()
+    ta.apply(model, r=2)
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        model(ids, attention_mask=mask)
+    model.eval()  # inference is fine: nothing is recomputed in a backward pass
+    with torch.no_grad():
+        assert model(ids, attention_mask=mask).last_hidden_state.shape[1] < ids.shape[1]

@@ -24,17 +24,10 @@ from turbo_adapters import token_sizes  # noqa: E402
 from turbo_adapters.families import bert, clip, hf_vit, timm_eva, timm_vit  # noqa: E402
 from turbo_adapters.families import torchvision_vit as tv  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMAGE, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 48, 4, 4
 TOKENS = (IMAGE // PATCH) ** 2 + 1  # 16 patches + CLS
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: thread start-up costs more than it saves, and CI has 2 cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @torch.no_grad()

@@ -23,6 +23,8 @@ transformers = pytest.importorskip("transformers")
 import turbo_adapters  # noqa: E402
 from turbo_adapters import adapter_for_model, get_adapter, handle_of  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMAGE, PATCH, WIDTH, LAYERS, HEADS = 64, 8, 64, 4, 4
 GRID_TOKENS = (IMAGE // PATCH) ** 2  # 64 patches
 
@@ -31,15 +33,6 @@ _oracle_spec = importlib.util.spec_from_file_location(
 )
 oracle = importlib.util.module_from_spec(_oracle_spec)
 _oracle_spec.loader.exec_module(oracle)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: thread start-up costs more than it saves, and CI has 2 cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- models

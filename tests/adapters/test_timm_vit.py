@@ -365,3 +365,18 @@ def test_pruned_heads_run_patched() -> None:
     torch.testing.assert_close(same, ref, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(merged).all()
     assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [3] * DEPTH)
+
+
+def test_settings_precedence_preset_model_config_keywords() -> None:
+    # preset < the model's defaults < an explicit config < keyword overrides
+    model = make_vit("registers")  # CLS + 4 registers
+    prefix = model.num_prefix_tokens
+    with ta.patched(model, "reference") as patch:
+        assert patch.config.protected == prefix and patch.config.alpha == 5.0
+    with ta.patched(model, TurboConfig(r=2, protected=prefix + 2)) as patch:
+        assert patch.config.protected == prefix + 2  # the explicit config wins
+    with ta.patched(model, TurboConfig(r=2, protected=prefix + 2), protected=prefix + 3) as patch:
+        assert patch.config.protected == prefix + 3  # and a keyword beats it
+    with pytest.raises(ValueError, match="protected must be >= 5"):
+        ta.apply(model, TurboConfig(r=2, protected=1))  # a register token would merge
+    assert ta.handle_of(model) is None  # a refused patch leaves nothing behind

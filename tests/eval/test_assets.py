@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 
 import numpy as np
 import pytest
@@ -202,3 +203,38 @@ def test_mean_pool_all_padding_is_zero_and_shapes_are_checked():
         mean_pool(torch.ones(1, 2, 3), torch.ones(1, 3))
     with pytest.raises(ValueError, match="sizes"):
         mean_pool(torch.ones(1, 2, 3), torch.ones(1, 2), torch.ones(1, 3))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mvtbdata") is None, reason="needs mvtb-data")
+def test_real_photos_include_mvtb_folders_and_video_frames():
+    result = load_real_photos()
+    by_source: dict[str, list] = {}
+    for photo in result.images:
+        by_source.setdefault(photo.source, []).append(photo)
+    folders = {p.name.split("/")[0] for p in result.images if "/" in p.name}
+    assert folders == {"campus", "mosaic", "seq"}
+    assert len(by_source["mvtb-data/mosaic"]) == 14 and len(by_source["mvtb-data/seq"]) == 9
+    assert len(by_source["mvtb-data/campus"]) >= 20
+    if importlib.util.find_spec("av") is None:
+        assert any("PyAV" in s.reason for s in result.skipped)
+        return
+    frames = by_source["mvtb-data/traffic_sequence.mp4"]
+    step = images.VIDEO_FRAME_STEP
+    assert [p.name for p in frames][:3] == ["frame0000", f"frame{step:04d}", f"frame{2 * step:04d}"]
+    assert all(p.image.shape == frames[0].image.shape and p.image.dtype == np.uint8 for p in frames)
+    assert frames[0].image.shape[2] == 3 and frames[0].image.std() > 10  # a picture, not blank
+    # one a second: the scene moves, so no two sampled frames are the same
+    assert all(not np.array_equal(a.image, b.image) for a, b in itertools.pairwise(frames))
+
+
+def test_video_frames_skipped_with_a_reason_without_pyav(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        images.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "av" else real_find_spec(name, *a),
+    )
+    skipped: list = []
+    assert images._mvtb_video(skipped) == []
+    if real_find_spec("mvtbdata") is not None:
+        assert len(skipped) == 1 and "pip install av" in skipped[0].reason

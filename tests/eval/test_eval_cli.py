@@ -108,6 +108,30 @@ def test_run_writes_every_cell_table_and_plot(tiny_dinov2, tmp_path, capsys):
     assert fidelity["baseline"] == pytest.approx(1.0, abs=1e-5)
     assert all(0.0 < v <= 1.0 + 1e-6 for v in fidelity.values())
     assert (out / "table.csv").read_text().count("\n") == 9
+
+    # every cell keeps its per-item results; their mean is the headline metric
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    for cell in cells.values():
+        scores = cell["items"][cell["item_score"]]
+        assert len(scores) == (20 if cell["task"] == "knn" else 3)  # 10 classes x 2; 3 photos
+        assert sum(scores) / len(scores) == pytest.approx(cell["metrics"][cell["metric"]])
+    knn = next(c for c in cells.values() if c["task"] == "knn" and c["method"] == "turbo")
+    assert set(knn["items"]) == {"correct", "score"}
+    assert all(0.0 <= v <= 1.0 for v in knn["items"]["score"])
+    # the intervals: around the paired mean, vs ToMe for Turbo and semantics-only only
+    for row in rows:
+        if row["method"] == "baseline":
+            assert row["delta_low"] is None and row["vs_tome"] is None
+            continue
+        assert row["delta_low"] <= row["delta"] + 1e-12 <= row["delta_high"] + 2e-12
+        assert row["n_items"] == (20 if row["task"] == "knn" else 3)
+        assert (row["vs_tome"] is None) == (row["method"] == "redundancy")
+    # speed: one interleaved group per r, with the baseline in it
+    speed = json.loads(next((out / "speed").glob("*knn*.json")).read_text())
+    assert set(speed["timing"]["groups"]) == {"6"}
+    assert len(speed["timing"]["groups"]["6"]["methods"]) == 4
+    table = (out / "table.md").read_text()
+    assert "Δ vs ToMe same r (pts)" in table and "paired items" in table
     from PIL import Image
 
     with Image.open(out / "pareto.png") as image:
@@ -178,6 +202,7 @@ def test_invalid_suite_reports_lines_before_loading(tmp_path, capsys):
     assert main(["run", str(suite), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "bad.toml:2: suite.methods" in err and "bad.toml:7: tasks[0].model" in err
+    assert err.startswith("turbo-eval run: argument suite:")
     assert not (tmp_path / "o").exists()
 
 

@@ -14,6 +14,7 @@ from .api import apply, patched, remove, resolve_config
 from .attention import QKVLayout, attend, layout_attention, use_turbo_attention
 from .blocks import (
     BlockSpec,
+    TurboBypassWarning,
     install_blocks,
     install_scope,
     run_block,
@@ -41,6 +42,7 @@ __all__ = [
     "QKVLayout",
     "ReductionSite",
     "SiteCall",
+    "TurboBypassWarning",
     "TurboHandle",
     "TurboPatch",
     "adapter_for_model",

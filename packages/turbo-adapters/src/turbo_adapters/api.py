@@ -12,10 +12,10 @@ from turbo_core import TurboConfig
 
 from .patch import TurboPatch, handle_of
 from .registry import adapter_for_model, get_adapter
+from .site import ROLE_NAMES
 
 __all__ = ["apply", "patched", "remove", "resolve_config"]
 
-_ROLES = ("scorer", "matcher", "merger", "restorer")
 
 
 def resolve_config(preset_or_config: str | TurboConfig | None, **overrides: Any) -> TurboConfig:
@@ -63,7 +63,7 @@ def apply(
             "model is already patched by Turbo; call turbo_adapters.remove(model) "
             "first, or change settings on the handle (handle.r = ...)"
         )
-    roles = {k: overrides.pop(k) for k in list(overrides) if k in _ROLES}
+    roles = {k: overrides.pop(k) for k in list(overrides) if k in ROLE_NAMES}
     chosen = get_adapter(adapter) if adapter is not None else adapter_for_model(model)
     if not chosen.matches(model):
         raise TypeError(f"adapter {chosen.name!r} cannot patch a {type(model).__name__}")

@@ -15,6 +15,7 @@ includes its own residual and norm.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +30,7 @@ from .site import ReductionSite, SiteCall
 
 __all__ = [
     "BlockSpec",
+    "TurboBypassWarning",
     "attach_sizes",
     "install_blocks",
     "install_layout_attention",
@@ -171,6 +173,8 @@ def install_layout_attention(
         call = site.current()
         if call is None:
             return original(x, *args, **kw)
+        if kw.pop("is_causal", False):
+            raise ValueError("is_causal is not supported while Turbo merges tokens")
         mask = kw.pop("attn_mask", None)
         return layout_attention(attention, layout, x, site, call, attn_mask=mask, **kw)
 
@@ -197,6 +201,20 @@ def attach_sizes(output: Any, state: ReductionState) -> Any:
     tensor.turbo_size = size  # type: ignore[attr-defined]
     tensor.turbo_source = state.source  # type: ignore[attr-defined]
     return output
+
+
+class TurboBypassWarning(RuntimeWarning):
+    """A patched model ran, but none of its blocks went through Turbo."""
+
+
+def _report_bypass(site: ReductionSite, module: nn.Module) -> None:
+    warnings.warn(
+        f"{type(module).__name__} ran under Turbo but none of the {site.num_blocks} blocks "
+        f"of site {site.name!r} went through Turbo's block runner: something replaced or "
+        "bypassed their forward after turbo_adapters.apply (nothing was merged)",
+        TurboBypassWarning,
+        stacklevel=4,
+    )
 
 
 def restore_tokens(output: Any, state: ReductionState) -> Any:
@@ -245,8 +263,11 @@ def install_scope(
 
     def entry(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         mask = token_mask(*args, **kwargs) if token_mask is not None else None
+        outermost = site.current() is None
         with site.scope(token_mask=mask) as call:
             output = original(*args, **kwargs)
+            if outermost and call.state.block_index == 0:
+                _report_bypass(site, module)
             if restore:
                 return restore_tokens(output, call.state)
             return attach_sizes(output, call.state)

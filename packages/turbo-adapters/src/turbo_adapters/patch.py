@@ -19,7 +19,7 @@ from torch import nn
 
 from turbo_core import ReductionState, TurboConfig
 
-from .site import ReductionSite
+from .site import ROLE_NAMES, ReductionSite
 
 __all__ = ["TurboHandle", "TurboPatch", "handle_of"]
 
@@ -85,8 +85,9 @@ class TurboPatch:
     def configure(self, *, site: str | None = None, **changes: Any) -> TurboPatch:
         """Replace config fields or roles on every site (or one); next call uses them."""
         targets = self._targets(site)
+        fields = {k: v for k, v in changes.items() if k not in ROLE_NAMES}
         for target in targets:  # validate everything before changing anything
-            target.config.replace(**{k: v for k, v in changes.items() if hasattr(target.config, k)})
+            target.config.replace(**fields)
         for target in targets:
             target.configure(**changes)
         return self

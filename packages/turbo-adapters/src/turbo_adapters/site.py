@@ -28,12 +28,12 @@ from torch import nn
 
 from turbo_core import CountRule, ReductionState, TokenReducer, TurboConfig, guide_attention
 
-__all__ = ["GUIDES", "Observation", "ReductionSite", "SiteCall"]
+__all__ = ["GUIDES", "ROLE_NAMES", "Observation", "ReductionSite", "SiteCall"]
 
 #: Where the guide row (the semantic value) comes from: the query of token 0 (CLS),
 #: or the mean query over all tokens (models without a CLS token).
 GUIDES = ("cls", "mean")
-_ROLE_NAMES = ("scorer", "matcher", "merger", "restorer")
+ROLE_NAMES = ("scorer", "matcher", "merger", "restorer")
 _ids = itertools.count()
 
 
@@ -89,9 +89,9 @@ class ReductionSite:
             raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}")
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
-        unknown = set(roles or {}) - set(_ROLE_NAMES)
+        unknown = set(roles or {}) - set(ROLE_NAMES)
         if unknown:
-            raise TypeError(f"unknown role(s) {sorted(unknown)}; allowed: {list(_ROLE_NAMES)}")
+            raise TypeError(f"unknown role(s) {sorted(unknown)}; allowed: {list(ROLE_NAMES)}")
         self.name = name
         self.num_blocks = num_blocks
         self.guide = guide
@@ -116,7 +116,7 @@ class ReductionSite:
 
     def configure(self, **changes: Any) -> None:
         """Replace config fields (validated) or roles; user roles survive every change."""
-        roles = {k: changes.pop(k) for k in list(changes) if k in _ROLE_NAMES}
+        roles = {k: changes.pop(k) for k in list(changes) if k in ROLE_NAMES}
         self._roles.update({k: v for k, v in roles.items() if v is not None})
         for name in [k for k, v in roles.items() if v is None]:
             self._roles.pop(name, None)  # role=None restores the default

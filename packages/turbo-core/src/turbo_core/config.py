@@ -12,6 +12,7 @@ from .schedule import RSpec, expand_r, normalise_r
 
 __all__ = [
     "PRESETS",
+    "SEMANTIC_NORMS",
     "Fusion",
     "Mode",
     "RSpec",
@@ -53,6 +54,9 @@ _MODE_ALIASES = {
     "semantics-only": Mode.SEMANTICS,
     "semantics_only": Mode.SEMANTICS,
 }
+
+#: Allowed ``TurboConfig.semantic_norm`` values: none (reference) or by sequence length.
+SEMANTIC_NORMS = ("none", "length")
 
 
 def _parse_enum(enum_type: type[Enum], value: Any, name: str, aliases: Mapping[str, Enum]) -> Any:
@@ -96,6 +100,9 @@ class TurboConfig:
             it in, and a bare :class:`~turbo_core.TokenReducer` uses 1 (see
             :attr:`protected_tokens`). An explicit int always wins over the model's.
         trace_source: track which original tokens every output token stands for.
+        semantic_norm: ``"none"`` (the reference) or ``"length"``: multiply the semantic
+            value by the number of (real) tokens so its mean is 1 at any length. A is a
+            softmax over N tokens, so without it the same alpha weighs less as N grows.
     """
 
     r: Any = 0
@@ -109,6 +116,7 @@ class TurboConfig:
     prop_attn: bool = True
     protected: int | None = None
     trace_source: bool = False
+    semantic_norm: str = "none"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise fields in place once
@@ -126,6 +134,10 @@ class TurboConfig:
                 raise TypeError(f"{_PROTECTED_RANGE}, got {protected!r}")
             if protected < 0:
                 raise ValueError(f"{_PROTECTED_RANGE}, got {protected}")
+        if self.semantic_norm not in SEMANTIC_NORMS:
+            raise ValueError(
+                f"semantic_norm must be one of {list(SEMANTIC_NORMS)}, got {self.semantic_norm!r}"
+            )
         for flag in ("prop_attn", "trace_source"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")

@@ -117,6 +117,14 @@ class InformationScorer:
             similarity.masked_fill_(mixed, -torch.inf)
         redundancy, partner = similarity.max(dim=-1)
         semantic_a = None if semantic is None else semantic[:, ::2].to(work_dtype)
+        if semantic_a is not None and self.config.semantic_norm == "length":
+            # A sums to 1 over the real tokens: times their count, its mean is 1 at any N
+            count = (
+                token_mask.sum(dim=-1, keepdim=True).to(work_dtype)
+                if token_mask is not None
+                else float(num_tokens)
+            )
+            semantic_a = semantic_a * count
         degree = fuse_information(redundancy, semantic_a, self.config, block_index)
         if token_mask is not None:
             # Tiers, highest first: real tokens with a partner, padding, real tokens

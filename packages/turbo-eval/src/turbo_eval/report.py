@@ -1,4 +1,4 @@
-"""Paper-style tables (Markdown, CSV, JSON) and the accuracy-against-throughput Pareto plot."""
+"""Paper-style tables (Markdown, CSV, JSON) with paired intervals, and the quality-against-FLOPs plot."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ METHOD_ORDER = {"baseline": 0, "redundancy": 1, "semantics": 2, "turbo": 3}
 
 @dataclasses.dataclass
 class Row:
-    """One line of the table."""
+    """One line of the table.
+
+    ``delta*`` compare with the unpatched baseline, ``vs_tome*`` with redundancy-only
+    (ToMe) at the same r: the paired mean difference of the per-item scores and its
+    bootstrap 95 % interval (None without per-item results).
+    """
 
     model: str
     task: str
@@ -33,9 +38,66 @@ class Row:
     items_per_s: float | None
     speedup: float | None
     run: str
+    delta_low: float | None = None
+    delta_high: float | None = None
+    vs_tome: float | None = None
+    vs_tome_low: float | None = None
+    vs_tome_high: float | None = None
+    speed_vs_tome: float | None = None
+    n_items: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def delta_resolved(self) -> bool:
+        return _excludes_zero(self.delta_low, self.delta_high)
+
+    @property
+    def vs_tome_resolved(self) -> bool:
+        return _excludes_zero(self.vs_tome_low, self.vs_tome_high)
+
+
+def _excludes_zero(low: float | None, high: float | None) -> bool:
+    return low is not None and high is not None and (low > 0 or high < 0)
+
+
+def _item_scores(cell: dict[str, Any]) -> list[float] | None:
+    items = cell.get("items") or {}
+    column = cell.get("item_score")
+    return items.get(column) if column else None
+
+
+def _paired(
+    a: dict[str, Any], b: dict[str, Any] | None
+) -> tuple[float | None, float | None, float | None]:
+    """Mean difference of ``a`` minus ``b`` per item, with its interval (or Nones)."""
+    from .stats import paired_difference
+
+    if b is None:
+        return None, None, None
+    scores_a, scores_b = _item_scores(a), _item_scores(b)
+    if not scores_a or not scores_b or len(scores_a) != len(scores_b) or len(scores_a) < 2:
+        return None, None, None
+    interval = paired_difference(scores_a, scores_b)
+    return interval.mean, interval.low, interval.high
+
+
+def _speed_ratio(speed: dict[str, Any], key: str, other: str | None) -> float | None:
+    """Median over the rounds of t_other / t_key, from the per-r interleaved group."""
+    import statistics
+
+    if other is None:
+        return None
+    for group in speed.get("timing", {}).get("groups", {}).values():
+        methods = group.get("methods", {})
+        if key in methods and other in methods:
+            ratios = [
+                o / t
+                for o, t in zip(methods[other]["seconds"], methods[key]["seconds"], strict=True)
+            ]
+            return statistics.median(ratios)
+    return None
 
 
 def collect_rows(results: Iterable[str | Path]) -> list[Row]:
@@ -46,10 +108,9 @@ def collect_rows(results: Iterable[str | Path]) -> list[Row]:
         if not (store.root / "cells").is_dir():
             raise FileNotFoundError(f"{root} is not a turbo-eval results folder (no cells/)")
         cells = store.cells()
-        baselines = {
-            (c["model"], c["task"]): c["metrics"][c["metric"]]
-            for c in cells
-            if c["method"] == "baseline"
+        baselines = {(c["model"], c["task"]): c for c in cells if c["method"] == "baseline"}
+        tomes = {
+            (c["model"], c["task"], int(c["r"])): c for c in cells if c["method"] == "redundancy"
         }
         for cell in cells:
             speed = store.read_speed(cell["model"], cell["task"]) or {}
@@ -59,6 +120,12 @@ def collect_rows(results: Iterable[str | Path]) -> list[Row]:
             own_flops = flops.get(_key(cell))
             value = float(cell["metrics"][cell["metric"]])
             base = baselines.get((cell["model"], cell["task"]))
+            is_base = cell["method"] == "baseline"
+            tome = tomes.get((cell["model"], cell["task"], int(cell["r"])))
+            is_tome = cell["method"] == "redundancy"
+            delta = _paired(cell, None if is_base else base)
+            vs_tome = _paired(cell, None if is_base or is_tome else tome)
+            scores = _item_scores(cell)
             rows.append(
                 Row(
                     model=cell["model"],
@@ -68,12 +135,25 @@ def collect_rows(results: Iterable[str | Path]) -> list[Row]:
                     r=int(cell["r"]),
                     metric=cell["metric"],
                     value=value,
-                    delta=None if base is None else value - base,
+                    delta=(
+                        delta[0]
+                        if delta[0] is not None
+                        else (None if base is None else value - base["metrics"][base["metric"]])
+                    ),
                     gflops=None if own_flops is None else own_flops / 1e9,
                     flops_ratio=None if not (own_flops and base_flops) else base_flops / own_flops,
                     items_per_s=timing.get("items_per_s"),
                     speedup=timing.get("speedup"),
                     run=str(root),
+                    delta_low=delta[1],
+                    delta_high=delta[2],
+                    vs_tome=vs_tome[0],
+                    vs_tome_low=vs_tome[1],
+                    vs_tome_high=vs_tome[2],
+                    speed_vs_tome=None
+                    if is_base or is_tome or tome is None
+                    else _speed_ratio(speed, _key(cell), _key(tome)),
+                    n_items=len(scores) if scores else None,
                 )
             )
     rows.sort(key=lambda r: (r.run, r.model, r.task, r.r, METHOD_ORDER.get(r.method, 9)))
@@ -90,6 +170,16 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _fmt_interval(mean: float | None, low: float | None, high: float | None) -> str:
+    """``+0.42 [+0.10, +0.75]*`` in points (x100); * when the interval excludes 0."""
+    if mean is None:
+        return "-"
+    if low is None or high is None:
+        return f"{100 * mean:+.2f}"
+    mark = "*" if _excludes_zero(low, high) else ""
+    return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]{mark}"
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     """One table per (model, task), methods side by side at each r, like the paper's tables."""
     out: list[str] = []
@@ -100,29 +190,49 @@ def markdown_table(rows: Sequence[Row]) -> str:
     for (run, model, task), group in groups.items():
         metric = group[0].metric
         where = f" ({Path(run).name})" if several_runs else ""
-        out.append(f"### {model} / {task}{where}\n")
+        items = next((row.n_items for row in group if row.n_items), None)
+        count = f", {items} paired items" if items else ""
+        out.append(f"### {model} / {task}{where}{count}\n")
         out.append(
-            f"| method | r | {metric} | Δ vs baseline | GFLOPs/item | FLOPs ratio "
-            "| items/s (this CPU) | throughput |"
+            f"| method | r | {metric} | Δ vs baseline (pts) | Δ vs ToMe same r (pts) "
+            "| FLOPs ratio | throughput | vs ToMe | items/s (this CPU) |"
         )
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row in group:
             out.append(
                 f"| {row.label.split(' r=')[0]} | {row.r if row.method != 'baseline' else '-'} "
-                f"| {row.value:.4f} | {_fmt(row.delta, '+.4f')} | {_fmt(row.gflops, '.2f')} "
-                f"| {_fmt(row.flops_ratio, '.2f', 'x')} | {_fmt(row.items_per_s, '.1f')} "
-                f"| {_fmt(row.speedup, '.2f', 'x')} |"
+                f"| {row.value:.4f} "
+                f"| {'-' if row.method == 'baseline' else _fmt_interval(row.delta, row.delta_low, row.delta_high)} "
+                f"| {_fmt_interval(row.vs_tome, row.vs_tome_low, row.vs_tome_high)} "
+                f"| {_fmt(row.flops_ratio, '.2f', 'x')} | {_fmt(row.speedup, '.2f', 'x')} "
+                f"| {_fmt(row.speed_vs_tome, '.2f', 'x')} | {_fmt(row.items_per_s, '.1f')} |"
             )
         out.append("")
     out.append(
-        "Throughput is the median of pairwise ratios against the unpatched model, "
-        "timed interleaved in one process; items/s are this machine's."
+        "Δ: mean per-item difference in points (x100) of the metric, with its paired "
+        "bootstrap 95 % interval (scipy, percentile, 4000 resamples of the items); * marks "
+        "an interval that excludes 0. Methods at one r cost the same FLOPs. Throughput: "
+        "median of per-round ratios against the unpatched model (and against ToMe), timed "
+        "interleaved per r in one process; items/s are this machine's."
     )
     return "\n".join(out)
 
 
+STYLES = {
+    "baseline": ("k", "*"),
+    "redundancy": ("tab:blue", "o"),
+    "semantics": ("tab:green", "s"),
+    "turbo": ("tab:red", "D"),
+}
+
+
 def pareto_plot(rows: Sequence[Row], path: str | Path) -> Path:
-    """Headline metric against throughput (x-factor), one panel per (model, task)."""
+    """Headline metric against the FLOPs ratio, one panel per (model, task).
+
+    Error bars are the paired 95 % intervals of the difference to the baseline;
+    methods at one r share an x (equal FLOPs) and are drawn slightly apart; each
+    point is labelled with r and its measured throughput.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,49 +242,55 @@ def pareto_plot(rows: Sequence[Row], path: str | Path) -> Path:
     for row in rows:
         groups.setdefault((row.model, row.task), []).append(row)
     fig, axes = plt.subplots(
-        1, max(len(groups), 1), figsize=(5 * max(len(groups), 1), 4), squeeze=False
+        1, max(len(groups), 1), figsize=(5.5 * max(len(groups), 1), 4.2), squeeze=False
     )
-    styles = {
-        "baseline": ("k", "*"),
-        "redundancy": ("tab:blue", "o"),
-        "semantics": ("tab:green", "s"),
-        "turbo": ("tab:red", "D"),
-    }
     for ax, ((model, task), group) in zip(axes[0], groups.items(), strict=False):
         series: dict[str, list[Row]] = {}
         for row in sorted(group, key=lambda r: METHOD_ORDER.get(r.method, 9)):
             series.setdefault(row.label.split(" r=")[0], []).append(row)
         palette = iter(["tab:red", "tab:orange", "tab:purple", "tab:brown"])
-        for label, members in series.items():
+        for offset, (label, members) in enumerate(series.items()):
             method = members[0].method
-            points = sorted(
-                (r.speedup if r.speedup is not None else 1.0, r.value, r.r) for r in members
-            )
-            color, marker = styles.get(method, ("gray", "x"))
+            color, marker = STYLES.get(method, ("gray", "x"))
             if method == "turbo":
                 color = next(palette, color)
-            ax.plot(
-                [p[0] for p in points],
-                [p[1] for p in points],
+            members = sorted(members, key=lambda r: r.flops_ratio or 1.0)
+            # equal-FLOPs methods share an x: nudge each series so the bars stay apart
+            xs = [(r.flops_ratio or 1.0) * (1 + 0.008 * (offset - 2)) for r in members]
+            ys = [r.value for r in members]
+            low = [
+                0.0 if r.delta_low is None or r.delta is None else r.delta - r.delta_low
+                for r in members
+            ]
+            high = [
+                0.0 if r.delta_high is None or r.delta is None else r.delta_high - r.delta
+                for r in members
+            ]
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[low, high],
                 marker=marker,
                 color=color,
                 label=label,
-                linestyle="-" if len(points) > 1 else "none",
-                markersize=8,
+                linestyle="-" if len(members) > 1 else "none",
+                markersize=7,
+                capsize=3,
             )
-            for x, y, r in points:
+            for x, row in zip(xs, members, strict=True):
                 if method != "baseline":
+                    speed = "" if row.speedup is None else f", {row.speedup:.2f}x"
                     ax.annotate(
-                        f"r={r}",
-                        (x, y),
+                        f"r={row.r}{speed}",
+                        (x, row.value),
                         textcoords="offset points",
-                        xytext=(4, 4),
-                        fontsize=7,
+                        xytext=(5, -10 if offset % 2 else 4),
+                        fontsize=6,
                         color=color,
                     )
         ax.set_title(f"{model}\n{task}", fontsize=9)
-        ax.set_xlabel("throughput vs baseline (x)")
-        ax.set_ylabel(group[0].metric)
+        ax.set_xlabel("FLOPs ratio (baseline / method); labels: measured throughput")
+        ax.set_ylabel(f"{group[0].metric} (bars: paired 95 % CI vs baseline)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -38,7 +38,12 @@ def measure_speed(
     repeats: int,
     progress: Callable[[Any, str], Any],
 ) -> dict[str, Any]:
-    """Throughput (interleaved, one process) and FLOPs per item of every cell's method."""
+    """FLOPs per item of every cell's method, and throughput timed per r.
+
+    Methods at the same r cost the same FLOPs, so they are timed together: one
+    interleaved group per r (with the baseline in each), so the ratios that rank
+    them come from the same rounds of the same stretch of time.
+    """
     from .measure import count_flops, interleaved_throughput
 
     inputs = model.prepare(items)
@@ -52,22 +57,83 @@ def measure_speed(
         return run
 
     fns = {key: runner(overrides) for key, overrides in configs.items()}
+    baseline_key = next((c.key for c in cells if c.method == "baseline"), None)
+    groups: dict[int, list[str]] = {}
+    for cell in cells:
+        if cell.method != "baseline":
+            groups.setdefault(cell.r, []).append(cell.key)
     flops = {}
+    timing: dict[str, Any] = {"methods": {}, "groups": {}, "rounds": repeats}
     with torch.inference_mode():
         for key, fn in progress(list(fns.items()), "FLOPs"):
             flops[key] = count_flops(fn) / len(items)
-        baseline_key = next((c.key for c in cells if c.method == "baseline"), cells[0].key)
-        timing = interleaved_throughput(
-            fns, items_per_call=len(items), repeats=repeats, warmup=1, baseline=baseline_key
-        )
+        for r, keys in progress(sorted(groups.items()), "throughput per r"):
+            members = ([baseline_key] if baseline_key else []) + keys
+            group = interleaved_throughput(
+                {key: fns[key] for key in members},
+                items_per_call=len(items),
+                repeats=repeats,
+                warmup=1,
+                baseline=members[0],
+            )
+            timing["groups"][str(r)] = group
+            for key in keys:
+                timing["methods"][key] = group["methods"][key]
+            if baseline_key and baseline_key not in timing["methods"]:
+                timing["methods"][baseline_key] = group["methods"][baseline_key]
+        timing["baseline"] = baseline_key
     model.set_method(None)
     return {
         "batch": len(items),
         "repeats": repeats,
+        "measured_on_task": cells[0].task if cells else None,
         "flops_per_item": flops,
         "timing": timing,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _shared_speed(
+    store: ResultStore, suite: Suite, model: str, task: str, modality: str
+) -> dict[str, Any] | None:
+    """Another image task's speed figures of the same model, re-keyed for ``task``.
+
+    Images are resized to the model's resolution, so every image task feeds the same
+    tensor shapes and the same methods cost the same: timing them once per model
+    leaves the time for the quality cells. Text lengths differ per task: never shared.
+    """
+    if modality != "image":
+        return None
+    for other in suite.tasks:
+        if other.model != model or other.name == task:
+            continue
+        speed = store.read_speed(model, other.name)
+        if speed is None:
+            continue
+        old, new = f"__{other.name}__", f"__{task}__"
+
+        def rekey(mapping: dict[str, Any], old: str = old, new: str = new) -> dict[str, Any]:
+            return {key.replace(old, new, 1): value for key, value in mapping.items()}
+
+        timing = dict(speed["timing"])
+        timing["methods"] = rekey(timing["methods"])
+        timing["groups"] = {
+            r: {
+                **group,
+                "methods": rekey(group["methods"]),
+                "baseline": group["baseline"].replace(old, new, 1),
+            }
+            for r, group in timing.get("groups", {}).items()
+        }
+        if timing.get("baseline"):
+            timing["baseline"] = timing["baseline"].replace(old, new, 1)
+        return {
+            **speed,
+            "flops_per_item": rekey(speed["flops_per_item"]),
+            "timing": timing,
+            "measured_on_task": speed.get("measured_on_task", other.name),
+        }
+    return None
 
 
 def _check_resume(store: ResultStore, suite: Suite, quick: bool) -> None:
@@ -153,7 +219,8 @@ def run_suite(
                 model.set_method(cell.overrides(suite))
                 torch.manual_seed(suite.seed)
                 started = time.perf_counter()
-                metrics = task.evaluate(bar)
+                metrics = dict(task.evaluate(bar))
+                items = metrics.pop("items", None)
                 state = model.handle.last_state if model.handle else None
                 if not main:
                     continue
@@ -164,6 +231,8 @@ def run_suite(
                         "label": cell.label,
                         "metric": task.metric,
                         "metrics": metrics,
+                        "item_score": task.item_score or None,
+                        "items": items,
                         "data": facts,
                         "seconds": time.perf_counter() - started,
                         "token_counts": list(state.token_counts) if state else None,
@@ -172,12 +241,13 @@ def run_suite(
                 log(f"  {cell.label:<32} {task.metric}={metrics[task.metric]:.4f}")
             if main and store.read_speed(model_spec.name, task.name) is None:
                 cells = cells_for(suite, model_spec.name, task.name)
-                items = list(task.speed_items())[: suite.throughput_batch]
-                store.write_speed(
-                    model_spec.name,
-                    task.name,
-                    measure_speed(model, cells, suite, items, suite.throughput_repeats, bar),
-                )
+                shared = _shared_speed(store, suite, model_spec.name, task.name, model.modality)
+                if shared is None:
+                    items = list(task.speed_items())[: suite.throughput_batch]
+                    shared = measure_speed(
+                        model, cells, suite, items, suite.throughput_repeats, bar
+                    )
+                store.write_speed(model_spec.name, task.name, shared)
             distributed.barrier()
         model.set_method(None)
     return store

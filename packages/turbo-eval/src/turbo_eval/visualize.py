@@ -34,6 +34,7 @@ __all__ = [
     "group_mean_colors",
     "merge_groups",
     "merge_maps",
+    "merges_path",
     "visualize_merges",
 ]
 
@@ -191,6 +192,20 @@ def merge_maps(
 
 
 # ------------------------------------------------------------------------ figure
+def merges_path(out: str | Path, image: str | Path) -> Path:
+    """Where ``visualize`` writes: ``out`` if it names a .png, else ``out/IMAGE-merges.png``.
+
+    A path that is an existing folder, ends in a separator or has no suffix is a folder.
+    """
+    text = str(out)
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", "\\")) or not path.suffix:
+        return path / f"{Path(image).stem}-merges.png"
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"out must be a .png file or a folder, got {text!r}")
+    return path
+
+
 def visualize_merges(
     model: str,
     image: str,
@@ -208,7 +223,8 @@ def visualize_merges(
         model: a name :func:`turbo_eval.models.load_model` knows (only the title when
             ``loaded`` is given).
         image: one image file.
-        out: the PNG to write (folders are created).
+        out: the PNG to write, or a folder (an existing one, or a path without a
+            suffix) to write ``IMAGE-merges.png`` into; folders are created.
         r: tokens merged per block.
         alpha, semantic_scale: Turbo's semantic weight (``alpha * semantic_scale``).
         resolution: input size passed to the loader.
@@ -236,7 +252,7 @@ def visualize_merges(
         ),
         "redundancy only (ToMe)": merge_maps(loaded, pixels, r, depths, mode="redundancy"),
     }
-    path = Path(out)
+    path = merges_path(out, image)
     path.parent.mkdir(parents=True, exist_ok=True)
     _draw(display_image(loaded, pixels), patch, rows, path, f"{model}, r={r} per block")
     return path

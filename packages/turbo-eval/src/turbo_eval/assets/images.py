@@ -1,4 +1,5 @@
-"""Real photos that install with packages: scikit-image, scikit-learn, matplotlib, mvtb-data."""
+"""Real photos that install with packages: scikit-image, scikit-learn, matplotlib, mvtb-data
+(its photos, its campus/mosaic/seq folders and frames of its traffic video)."""
 
 from __future__ import annotations
 
@@ -193,6 +194,54 @@ def _mvtb(skipped: list[SkippedImage]) -> list[NamedImage]:
     return out
 
 
+# mvtb-data sub-folders of real photos (campus/holdout included: more distinct scenes)
+_MVTB_FOLDERS = ("campus", "mosaic", "seq")
+_MVTB_VIDEO = "traffic_sequence.mp4"
+#: frames taken from the traffic video: one a second (30 fps); neighbours are near copies
+VIDEO_FRAME_STEP = 30
+
+
+def _mvtb_folders(skipped: list[SkippedImage]) -> list[NamedImage]:
+    if importlib.util.find_spec("mvtbdata") is None:
+        return []  # _mvtb already recorded the missing package
+    root = Path(str(files("mvtbdata") / "images"))
+    out = []
+    for folder in _MVTB_FOLDERS:
+        paths = sorted(p for p in (root / folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            skipped.append(SkippedImage("*", f"mvtb-data/{folder}", "folder not in this version"))
+        out += [NamedImage(f"{folder}/{p.stem}", f"mvtb-data/{folder}", _read(p)) for p in paths]
+    return out
+
+
+def _mvtb_video(skipped: list[SkippedImage]) -> list[NamedImage]:
+    """Every ``VIDEO_FRAME_STEP``-th frame of mvtb-data's traffic video (decoded with PyAV)."""
+    if importlib.util.find_spec("mvtbdata") is None:
+        return []
+    source = f"mvtb-data/{_MVTB_VIDEO}"
+    if importlib.util.find_spec("av") is None:
+        skipped.append(SkippedImage("*", source, "PyAV not installed: pip install av"))
+        return []
+    import av
+
+    path = Path(str(files("mvtbdata") / "images" / _MVTB_VIDEO))
+    if not path.is_file():
+        skipped.append(SkippedImage("*", source, "video not in this mvtb-data version"))
+        return []
+    out = []
+    try:
+        with av.open(str(path)) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                if index % VIDEO_FRAME_STEP == 0:
+                    out.append(
+                        NamedImage(f"frame{index:04d}", source, frame.to_ndarray(format="rgb24"))
+                    )
+    except (av.FFmpegError, OSError) as error:  # a codec this PyAV build lacks
+        skipped.append(SkippedImage("*", source, f"{type(error).__name__}: {error}"))
+        return []
+    return out
+
+
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """Resize so the shorter side is ``size`` (bicubic), then crop the centre square."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -220,7 +269,14 @@ def load_real_photos(max_images: int | None = None, size: int | None = None) -> 
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ValueError(f"size must be an int >= 1 or None, got {size!r}")
     skipped: list[SkippedImage] = []
-    sources = [_skimage(skipped), _sklearn(skipped), _matplotlib(skipped), _mvtb(skipped)]
+    sources = [
+        _skimage(skipped),
+        _sklearn(skipped),
+        _matplotlib(skipped),
+        _mvtb(skipped),
+        _mvtb_folders(skipped),
+        _mvtb_video(skipped),
+    ]
     out: list[NamedImage] = []
     for round_ in range(max((len(s) for s in sources), default=0)):
         out += [s[round_] for s in sources if round_ < len(s)]

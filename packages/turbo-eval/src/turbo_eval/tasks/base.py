@@ -26,11 +26,14 @@ class Task(abc.ABC):
     Class attributes:
         kind: the name suites use (``kind = "knn"``).
         metric: the headline metric (higher is better), shown in tables and plots.
+        item_score: the per-item column (in ``evaluate()["items"]``) whose mean is
+            ``metric``; paired intervals between methods are computed on it.
         options: allowed option names with their expected types and defaults.
     """
 
     kind: ClassVar[str] = ""
     metric: ClassVar[str] = ""
+    item_score: ClassVar[str] = ""
     modality: ClassVar[str] = "image"
     options: ClassVar[Mapping[str, tuple[type, Any]]] = {}
 
@@ -75,18 +78,34 @@ class Task(abc.ABC):
         """Load data; return facts for the results file (dataset name, sizes)."""
 
     @abc.abstractmethod
-    def evaluate(self, progress: Progress) -> dict[str, float]:
-        """Metrics of the model as currently configured; must include ``self.metric``."""
+    def evaluate(self, progress: Progress) -> dict[str, Any]:
+        """Metrics of the model as currently configured; must include ``self.metric``.
+
+        May hold ``"items"``: per-item results as ``{column: [one value per item]}``
+        in a fixed item order (correct or not, cosine, rank, score), with the column
+        ``item_score`` among them; the runner stores them with the cell.
+        """
 
     @abc.abstractmethod
     def speed_items(self) -> Sequence[Any]:
         """A representative batch of raw items for throughput and FLOPs."""
 
     def batched_features(self, items: Sequence[Any], progress: Progress, label: str) -> Any:
-        """Features of ``items`` in batches (spread over ranks when distributed)."""
+        """Features of ``items`` in batches (spread over ranks when distributed).
+
+        The unpatched model's features are cached per ``label``: the baseline is
+        computed once per task however often it is asked for.
+        """
         from ..distributed import map_batches
 
-        return map_batches(items, self.batch_size, self.model.features, progress, label)
+        unpatched = self.model.handle is None
+        cache: dict[str, Any] = self.__dict__.setdefault("_baseline_features", {})
+        if unpatched and label in cache:
+            return cache[label]
+        features = map_batches(items, self.batch_size, self.model.features, progress, label)
+        if unpatched:
+            cache[label] = features
+        return features
 
 
 TASK_KINDS: dict[str, type[Task]] = {}

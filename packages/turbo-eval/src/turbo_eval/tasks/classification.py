@@ -20,6 +20,7 @@ class ClassificationTask(Task):
 
     kind = "classification"
     metric = "top1"
+    item_score = "correct"
     options: ClassVar[dict[str, tuple[type, Any]]] = {
         "root": (str, ""),
         "limit": (int, 0),
@@ -45,13 +46,18 @@ class ClassificationTask(Task):
             "classes": len(data.class_names),
         }
 
-    def evaluate(self, progress: Progress) -> dict[str, float]:
+    def evaluate(self, progress: Progress) -> dict[str, Any]:
         from ..distributed import map_batches
 
         logits = map_batches(
             self.images, self.batch_size, self.model.logits, progress, "classification"
         )
-        return {"top1": float((logits.argmax(-1) == self.labels).float().mean())}
+        correct = (logits.argmax(-1) == self.labels).float()
+        probability = logits.softmax(dim=-1).gather(1, self.labels[:, None]).squeeze(1)
+        return {
+            "top1": float(correct.mean()),
+            "items": {"correct": correct.tolist(), "score": probability.tolist()},
+        }
 
     def speed_items(self) -> Sequence[Any]:
         return self.images

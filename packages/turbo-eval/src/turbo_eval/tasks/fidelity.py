@@ -18,6 +18,7 @@ class FidelityTask(Task):
 
     kind = "fidelity"
     metric = "cosine"
+    item_score = "cosine"
     options: ClassVar[dict[str, tuple[type, Any]]] = {"max_images": (int, 40), "folder": (str, "")}
 
     def prepare(self, progress: Progress) -> dict[str, Any]:
@@ -32,14 +33,18 @@ class FidelityTask(Task):
         self.images = [p.image for p in photos]
         sources = sorted({p.source for p in photos})
         self.model.set_method(None)  # the runner sets each cell's method before evaluate
-        self.reference = self.batched_features(self.images, progress, "reference features")
+        self.reference = self.batched_features(self.images, progress, "fidelity features")
         return {"images": len(self.images), "sources": sources}
 
-    def evaluate(self, progress: Progress) -> dict[str, float]:
+    def evaluate(self, progress: Progress) -> dict[str, Any]:
+        import torch.nn.functional as F
+
         from ..metrics import cosine_fidelity
 
         features = self.batched_features(self.images, progress, "fidelity features")
-        return cosine_fidelity(features, self.reference)
+        metrics: dict[str, Any] = cosine_fidelity(features, self.reference)
+        cosine = F.cosine_similarity(features.float(), self.reference.float(), dim=-1)
+        return {**metrics, "items": {"cosine": cosine.tolist()}}
 
     def speed_items(self) -> Sequence[Any]:
         return self.images

@@ -21,6 +21,7 @@ class KNNTask(Task):
 
     kind = "knn"
     metric = "top1"
+    item_score = "correct"
     options: ClassVar[dict[str, tuple[type, Any]]] = {
         "dataset": (str, "auto"),
         "train_per_class": (int, 60),
@@ -47,12 +48,12 @@ class KNNTask(Task):
             "classes": self.num_classes,
         }
 
-    def evaluate(self, progress: Progress) -> dict[str, float]:
-        from ..metrics import knn_classify, top1_accuracy
+    def evaluate(self, progress: Progress) -> dict[str, Any]:
+        from ..metrics import knn_votes
 
         train = self.batched_features(self.train_images, progress, "kNN train features")
         test = self.batched_features(self.test_images, progress, "kNN test features")
-        predicted = knn_classify(
+        votes = knn_votes(
             train,
             self.train_labels,
             test,
@@ -60,7 +61,15 @@ class KNNTask(Task):
             num_classes=self.num_classes,
             temperature=float(self.config["temperature"]),
         )
-        return {"top1": top1_accuracy(predicted, self.test_labels)}
+        correct = (votes.argmax(dim=-1) == self.test_labels).float()
+        return {
+            "top1": float(correct.mean()),
+            "items": {
+                "correct": correct.tolist(),
+                # the vote share of the true class: a graded score beside correct/wrong
+                "score": votes.gather(1, self.test_labels[:, None]).squeeze(1).tolist(),
+            },
+        }
 
     def speed_items(self) -> Sequence[Any]:
         return self.test_images

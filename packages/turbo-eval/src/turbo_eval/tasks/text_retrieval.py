@@ -19,6 +19,7 @@ class TextRetrievalTask(Task):
 
     kind = "text-retrieval"
     metric = "r1_mean"
+    item_score = "r1_hit"
     modality = "text"
     options: ClassVar[dict[str, tuple[type, Any]]] = {"pairs": (int, 1000)}
 
@@ -32,14 +33,25 @@ class TextRetrievalTask(Task):
         self.definitions = [d for _, d in pairs]
         return {"pairs": len(pairs), "corpus": "wordnet nouns"}
 
-    def evaluate(self, progress: Progress) -> dict[str, float]:
-        from ..metrics import retrieval_recall
+    def evaluate(self, progress: Progress) -> dict[str, Any]:
+        from ..metrics import retrieval_ranks, retrieval_recall
 
         definitions = self.batched_features(self.definitions, progress, "definition embeddings")
         words = self.batched_features(self.words, progress, "word embeddings")
         similarity = definitions @ words.T
         recalls = retrieval_recall(similarity, ks=(1, 5))
-        return {**recalls, "r1_mean": (recalls["q2d_r1"] + recalls["d2q_r1"]) / 2}
+        ranks = retrieval_ranks(similarity)
+        # per pair: the mean of its two R@1 hits, so the items average to r1_mean
+        hit = ((ranks["q2d"] == 0).float() + (ranks["d2q"] == 0).float()) / 2
+        return {
+            **recalls,
+            "r1_mean": (recalls["q2d_r1"] + recalls["d2q_r1"]) / 2,
+            "items": {
+                "r1_hit": hit.tolist(),
+                "rank_q2d": ranks["q2d"].tolist(),
+                "rank_d2q": ranks["d2q"].tolist(),
+            },
+        }
 
     def speed_items(self) -> Sequence[Any]:
         # definitions are sorted by length: take them evenly spread, not the shortest
