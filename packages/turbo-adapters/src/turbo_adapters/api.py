@@ -63,11 +63,14 @@ def apply(
             "first, or change settings on the handle (handle.r = ...)"
         )
     roles = {k: overrides.pop(k) for k in list(overrides) if k in ROLE_NAMES}
-    config = resolve_config(preset_or_config, **overrides)
     chosen = get_adapter(adapter) if adapter is not None else adapter_for_model(model)
     if not chosen.matches(model):
         raise TypeError(f"adapter {chosen.name!r} cannot patch a {type(model).__name__}")
-    patch = chosen.patch(model, config, explicit=frozenset(overrides))
+    # settings of the adapter's own (Stable Diffusion's ratios, windows) go to the adapter
+    extra = getattr(chosen, "options", frozenset())
+    options = {k: overrides.pop(k) for k in list(overrides) if k in extra}
+    config = resolve_config(preset_or_config, **overrides)
+    patch = chosen.patch(model, config, explicit=frozenset(overrides), **options)
     if roles:
         patch.configure(**roles)
     return patch

@@ -20,6 +20,7 @@ from .schedule import (
 )
 from .scoring import InformationScorer, Scorer, TokenScores, fuse_information
 from .state import ReductionState
+from .windows import WindowScores, max_window_mergeable, score_windows, window_destinations
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "TokenReducer",
     "TokenScores",
     "TurboConfig",
+    "WindowScores",
     "add_size_bias",
     "attention_concentration",
     "attention_entropy",
@@ -54,8 +56,11 @@ __all__ = [
     "guide_attention",
     "max_mergeable",
     "max_removable",
+    "max_window_mergeable",
     "merge_sources",
     "resolve_schedule",
+    "score_windows",
     "size_log_bias",
     "token_redundancy",
+    "window_destinations",
 ]

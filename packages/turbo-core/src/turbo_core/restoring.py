@@ -28,5 +28,9 @@ class CopyRestorer:
             )
         if plan.r == 0:
             return y
-        assignment = plan.assignment()
-        return y.gather(1, assignment.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+        # index_select over the flattened batch copies whole rows: several times faster
+        # on the CPU than gather with an index expanded over the channels
+        batch, slots, channels = y.shape
+        offsets = torch.arange(batch, device=y.device).unsqueeze(1) * slots
+        index = (plan.assignment() + offsets).reshape(-1)
+        return y.reshape(batch * slots, channels).index_select(0, index).view(batch, -1, channels)

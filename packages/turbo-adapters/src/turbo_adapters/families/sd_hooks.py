@@ -1,0 +1,364 @@
+"""Merge-and-restore around the components of every UNet transformer block, by module hooks.
+
+Nothing of the model is replaced: the blocks keep their own forward (every norm type,
+GLIGEN, gates, feed-forward chunking) and the attentions keep whatever processor they
+have (SDPA, sliced, IP-Adapter, LoRA). Hooks, per denoiser (a UNet or a ControlNet):
+
+- the denoiser's pre-hook opens one call state (latent size, step, seeded generator);
+- each ``Transformer2DModel`` 's pre-hook records the exact token grid of its input;
+- each ``BasicTransformerBlock`` 's pre-hook plans from the block's input tokens (the
+  window matching, with the text's cross-attention map as the semantic value);
+- ``attn1`` / ``attn2`` / ``ff`` pre-hooks merge their (normed) input, their forward
+  hooks restore the output to full length and original order, before the gate and the
+  residual. A call whose input does not match the plan (a self-attention mask, a chunk
+  of a chunked feed-forward) passes through unmerged and is counted in the stats.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import itertools
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from turbo_core import MergePlan, score_windows, size_log_bias, window_destinations
+
+from .sd_guide import text_to_image_attention, text_token_mask
+from .sd_settings import COMPONENTS, SDSettings
+
+if TYPE_CHECKING:
+    from ..site import ReductionSite, SiteCall
+    from .stable_diffusion import StableDiffusionPatch
+
+__all__ = ["CallStats", "DenoiserHooks", "RatioClippedWarning"]
+
+_ids = itertools.count()
+
+
+class RatioClippedWarning(UserWarning):
+    """A ratio asked for more tokens than the windows of a block allow."""
+
+
+@dataclasses.dataclass
+class CallStats:
+    """What one denoiser call did (``patch.last_stats``).
+
+    Attributes:
+        step: the denoising step index (counted per generation).
+        merging: whether this step merges at all (the ``steps`` switch).
+        merged: ``{component: number of calls merged}``.
+        tokens: ``[(block, N, {component: r})]`` per planned block.
+        passed: ``[(block, component, reason)]`` calls that ran unmerged.
+        clipped: ``[(block, component, asked_r, applied_r)]`` ratios the windows capped.
+    """
+
+    step: int
+    merging: bool
+    merged: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0))
+    tokens: list[tuple[str, int, dict[str, int]]] = dataclasses.field(default_factory=list)
+    passed: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    clipped: list[tuple[str, str, int, int]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Call:
+    site_call: SiteCall
+    scope: Any  # the site's scope context manager, left in the exit hook
+    settings: SDSettings  # a snapshot: configure() during the call changes nothing
+    stats: CallStats
+    latent: tuple[int, int]
+    generator: torch.Generator | None
+    text_mask: torch.Tensor | None
+    grid: tuple[int, int] | None = None
+    plans: dict[int, dict[str, MergePlan]] = dataclasses.field(default_factory=dict)
+    pending: dict[int, MergePlan | None] = dataclasses.field(default_factory=dict)
+    depth: int = 0
+
+
+def _first(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> Any:
+    return args[0] if args else kwargs.get(name)
+
+
+def _timestep_value(t: Any, needed: bool) -> float | None:
+    """The timestep as a float; device tensors are read only when ``needed`` (a sync)."""
+    if isinstance(t, (int, float)):
+        return float(t)
+    if isinstance(t, torch.Tensor) and t.numel() >= 1 and (needed or t.device.type == "cpu"):
+        return float(t.reshape(-1)[0])
+    return None
+
+
+class DenoiserHooks:
+    """The hooks on one denoiser (``UNet2DConditionModel``, ``ControlNetModel`` ...)."""
+
+    def __init__(
+        self, root: nn.Module, owner: StableDiffusionPatch, site: ReductionSite | None = None
+    ) -> None:
+        self.root = root
+        self.owner = owner
+        self.site = site
+        self._call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+            f"turbo_sd_call_{next(_ids)}", default=None
+        )
+        self._handles: list[Any] = []
+        self._step = 0
+        self._last_t: float | None = None
+        self.blocks: list[tuple[str, nn.Module]] = [
+            (name, m)
+            for name, m in root.named_modules()
+            if type(m).__name__.endswith("TransformerBlock")
+            and all(hasattr(m, c) for c in COMPONENTS)
+        ]
+        self.transformers = [m for m in root.modules() if _is_transformer_2d(m)]
+
+    # ----------------------------------------------------------------- install
+    def install(self) -> None:
+        if not self.blocks:
+            raise TypeError(
+                f"{type(self.root).__name__} has no transformer blocks with attn1/attn2/ff "
+                "to merge in"
+            )
+        add = self._handles.append
+        add(self.root.register_forward_pre_hook(self._enter, with_kwargs=True))
+        add(self.root.register_forward_hook(self._exit, always_call=True))
+        for module in self.transformers:
+            add(module.register_forward_pre_hook(self._grid, with_kwargs=True))
+        for index, (name, block) in enumerate(self.blocks):
+            plan_hook = functools.partial(self._plan, name=name, index=index)
+            add(block.register_forward_pre_hook(plan_hook, with_kwargs=True))
+            add(block.register_forward_hook(self._block_done, always_call=True))
+            for component in COMPONENTS:
+                module = getattr(block, component)
+                if module is None:
+                    continue
+                key = dict(block=id(block), name=name, component=component)
+                add(
+                    module.register_forward_pre_hook(
+                        functools.partial(self._merge, **key), with_kwargs=True
+                    )
+                )
+                add(
+                    module.register_forward_hook(
+                        functools.partial(self._restore, key=id(module)), always_call=True
+                    )
+                )
+
+    def remove(self) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def handles(self) -> list[Any]:
+        """The torch hook handles (``handle.remove()`` undoes one)."""
+        return list(self._handles)
+
+    def new_generation(self) -> None:
+        """Count steps from 0 again (a pipeline call starts)."""
+        self._step = 0
+        self._last_t = None
+
+    # ------------------------------------------------------------------- hooks
+    def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        active = self._call.get()
+        if active is not None:
+            active.depth += 1
+            return
+        assert self.site is not None, "install the hooks through a StableDiffusionPatch"
+        settings = self.owner.settings
+        sample = _first(args, kwargs, "sample")
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        t_value = _timestep_value(t, needed=settings.steps is not None)
+        if t_value is not None and self._last_t is not None and t_value > self._last_t:
+            self.new_generation()  # timesteps fall within a generation; a rise starts one
+        step = self._step
+        self._step += 1
+        self._last_t = t_value
+        merging = settings.active and settings.merges_step(step, t_value)
+        generator = None
+        if merging and settings.use_rand:
+            generator = torch.Generator().manual_seed(settings.seed + step)
+        text_mask = kwargs.get("encoder_attention_mask")
+        if text_mask is None:
+            text_mask = self.owner.text_mask
+        latent = tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) else (0, 0)
+        scope = self.site.scope()
+        site_call = scope.__enter__()
+        stats = CallStats(step, merging)
+        site_call.state.extras["stats"] = stats
+        call = _Call(site_call, scope, settings, stats, latent, generator, text_mask)  # type: ignore[arg-type]
+        call.depth = 1
+        self._call.set(call)
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        call = self._call.get()
+        if call is None:
+            return
+        call.depth -= 1
+        if call.depth == 0:
+            self._call.set(None)
+            call.scope.__exit__(None, None, None)
+
+    def _grid(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        call = self._call.get()
+        if call is None:
+            return
+        x = _first(args, kwargs, "hidden_states")
+        call.grid = tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) and x.dim() == 4 else None  # type: ignore[assignment]
+
+    def _plan(
+        self,
+        block: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        name: str,
+        index: int,
+    ) -> None:
+        call = self._call.get()
+        if call is None or not call.stats.merging or call.grid is None:
+            return
+        settings, config = call.settings, call.site_call.reducer.config
+        x = _first(args, kwargs, "hidden_states")
+        height, width = call.grid
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != height * width:
+            call.stats.passed.append((name, "block", "input is not the grid's token sequence"))
+            return
+        if call.latent[0] % height or call.latent[0] // height > settings.max_downsample:
+            return
+        if width < settings.sx or height < settings.sy:
+            call.stats.passed.append((name, "block", "grid smaller than one window"))
+            return
+        num_tokens = x.shape[1]
+        wanted = {
+            c: int(num_tokens * ratio)
+            for c, ratio in settings.ratios.items()
+            if ratio > 0 and getattr(block, c, None) is not None
+        }
+        wanted = {c: r for c, r in wanted.items() if r > 0}
+        if not wanted:
+            return
+        dst = window_destinations(height, width, settings.sx, settings.sy, call.generator)
+        semantic = None
+        if config.uses_semantics and block.attn2 is not None:
+            semantic = self._semantic(block, x, kwargs, call)
+        scores = score_windows(x, dst, semantic, config, index)
+        plans: dict[int, MergePlan] = {}
+        chosen: dict[str, MergePlan] = {}
+        for component, r in wanted.items():
+            if r > scores.max_r:
+                call.stats.clipped.append((name, component, r, scores.max_r))
+                warnings.warn(
+                    f"{name}.{component}: ratio {settings.ratios[component]} asks for {r} of "
+                    f"{num_tokens} tokens but {settings.sy}x{settings.sx} windows allow "
+                    f"{scores.max_r}; merging {scores.max_r} (see patch.last_stats.clipped)",
+                    RatioClippedWarning,
+                    stacklevel=2,
+                )
+                r = scores.max_r
+            if r not in plans:
+                plans[r] = scores.plan(r)
+            chosen[component] = plans[r]
+        call.plans[id(block)] = chosen
+        call.stats.tokens.append((name, num_tokens, {c: p.r for c, p in chosen.items()}))
+
+    def _semantic(
+        self, block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], call: _Call
+    ) -> torch.Tensor | None:
+        text = kwargs.get("encoder_hidden_states")
+        if isinstance(text, (tuple, list)):  # IP-Adapter: (text, image embeddings)
+            text = text[0]
+        if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[0] != x.shape[0]:
+            return None
+        settings = call.settings
+        batch = x.shape[0]
+        halves = batch % 2 == 0 and settings.semantic_from == "cond" and self.owner.cfg_halves()
+        rows = slice(batch // 2, batch) if halves else slice(0, batch)
+        image, text = x[rows], text[rows]
+        norm = block.norm2 if isinstance(getattr(block, "norm2", None), nn.LayerNorm) else None
+        if norm is None and isinstance(getattr(block, "norm1", None), nn.LayerNorm):
+            norm = block.norm1
+        if norm is not None:
+            image = norm(image)
+        keep = text_token_mask(image.shape[0], text.shape[1], x.device, call.text_mask)
+        semantic = text_to_image_attention(block.attn2, image, text, keep, settings.text_reduce)
+        return torch.cat([semantic, semantic]) if halves else semantic
+
+    def _block_done(self, block: nn.Module, args: Any, output: Any) -> None:
+        call = self._call.get()
+        if call is not None:
+            call.plans.pop(id(block), None)
+
+    def _merge(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        block: int,
+        name: str,
+        component: str,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        call = self._call.get()
+        if call is None:
+            return None
+        plan = call.plans.get(block, {}).get(component)
+        call.pending[id(module)] = None
+        if plan is None:
+            return None
+        x = _first(args, kwargs, "hidden_states")
+        reason = None
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            reason = "input is not (B, N, C)"
+        elif x.shape[:2] != (plan.batch_size, plan.num_tokens):
+            reason = f"input {tuple(x.shape[:2])} is not the planned {(plan.batch_size, plan.num_tokens)}"
+        elif (
+            component != "ff" and kwargs.get("attention_mask") is not None and component == "attn1"
+        ):
+            reason = "self-attention mask over the full sequence"
+        if reason is not None:
+            call.stats.passed.append((name, component, reason))
+            return None
+        call.stats.merged[component] += 1
+        cross = getattr(module, "is_cross_attention", False)
+        if component == "attn1" and call.settings.attn1_kv and not cross:
+            return self._merge_keys(call, x, plan, args, kwargs)
+        merged = call.site_call.reducer.merger.merge(x, plan)[0]
+        call.pending[id(module)] = plan
+        if args:
+            return (merged, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": merged}
+
+    def _merge_keys(
+        self,
+        call: _Call,
+        x: torch.Tensor,
+        plan: MergePlan,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Self-attention over merged keys/values; the queries stay, so no restore."""
+        reducer = call.site_call.reducer
+        merged, size = reducer.merger.merge(x, plan)
+        kwargs = {**kwargs, "encoder_hidden_states": merged}
+        if reducer.config.prop_attn and size is not None:
+            kwargs["attention_mask"] = size_log_bias(size, x.dtype).squeeze(1)  # (B, 1, N')
+        return args, kwargs
+
+    def _restore(self, module: nn.Module, args: Any, output: Any, *, key: int) -> Any:
+        call = self._call.get()
+        if call is None:
+            return None
+        plan = call.pending.pop(key, None)
+        if plan is None:
+            return None
+        return call.site_call.reducer.restorer.restore(output, plan)
+
+
+def _is_transformer_2d(module: nn.Module) -> bool:
+    return any(cls.__name__ == "Transformer2DModel" for cls in type(module).__mro__)

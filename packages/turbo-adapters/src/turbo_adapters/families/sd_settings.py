@@ -1,0 +1,149 @@
+"""Settings of merge-and-restore in a diffusion UNet (what tomesd calls its arguments)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Collection
+from typing import Any
+
+__all__ = ["COMPONENTS", "SDSettings", "StepSelector"]
+
+#: The sub-modules of a ``BasicTransformerBlock`` that merge their input and restore
+#: their output, in the order the block runs them.
+COMPONENTS = ("attn1", "attn2", "ff")
+
+#: Which denoising steps merge: None (all), step indices, or ``fn(step, timestep)``.
+StepSelector = None | Collection[int] | Callable[[int, float | None], bool]
+
+
+def _ratio(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+def _positive(name: str, value: Any, allowed: str = ">= 1") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class SDSettings:
+    """Where and how much a diffusion UNet merges.
+
+    Args:
+        ratio_attn1, ratio_attn2, ratio_ff: share of a block's tokens merged before
+            self-attention, cross-attention and the feed-forward (``r = int(N * ratio)``,
+            as tomesd). 0 leaves that component alone. A ratio above what the windows
+            allow (``1 - 1/(sx*sy)`` on a grid the windows tile) is applied at the
+            maximum and reported (a warning and ``stats.clipped``), never silently.
+        sx, sy: window width and height (tokens); one destination per window.
+        max_downsample: merge only in blocks whose grid is at most this many times
+            smaller than the latent (1: the full-resolution level only; 1, 2, 4 or 8).
+        use_rand: pick each window's destination at random (seeded, see ``seed``);
+            False takes the top-left token (tomesd's ``use_rand=False``).
+        seed: seed of the destination choice; step ``s`` of a generation draws from
+            ``seed + s``, so a generation is reproducible and batch-size independent.
+        steps: merge only in these denoising steps (indices from 0, counted per
+            generation), or ``fn(step, timestep) -> bool``; None merges in every step.
+        text_reduce: how the per-text-token maps over the image fold into one semantic
+            value: ``"max"`` or ``"mean"`` over the (non-padding, non-start) text tokens.
+        cfg_halves: the batch is ``[unconditional; conditional]`` (classifier-free
+            guidance): the conditional half's map drives both halves. None: known
+            from the pipeline call when a pipeline is patched, else False.
+        semantic_from: ``"cond"`` (conditional half's map for both halves) or
+            ``"each"`` (every sample its own map) under classifier-free guidance.
+        attn1_kv: in self-attention merge only the keys and values: every query keeps
+            its own token (nothing to restore), the merged keys carry ``log(size)``
+            (proportional attention, with ``prop_attn``). Off: merge the queries too
+            and copy each group's output back (tomesd's way).
+    """
+
+    ratio_attn1: float = 0.5
+    ratio_attn2: float = 0.0
+    ratio_ff: float = 0.0
+    sx: int = 2
+    sy: int = 2
+    max_downsample: int = 1
+    use_rand: bool = True
+    seed: int = 0
+    steps: Any = None
+    text_reduce: str = "max"
+    cfg_halves: bool | None = None
+    semantic_from: str = "cond"
+    attn1_kv: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        for name in ("ratio_attn1", "ratio_attn2", "ratio_ff"):
+            set_(self, name, _ratio(name, getattr(self, name)))
+        _positive("sx", self.sx)
+        _positive("sy", self.sy)
+        if self.max_downsample not in (1, 2, 4, 8) or isinstance(self.max_downsample, bool):
+            raise ValueError(
+                f"max_downsample must be one of 1, 2, 4, 8; got {self.max_downsample!r}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        for flag in ("use_rand", "attn1_kv"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.cfg_halves is not None and not isinstance(self.cfg_halves, bool):
+            raise TypeError(f"cfg_halves must be a bool or None, got {self.cfg_halves!r}")
+        if self.text_reduce not in ("max", "mean"):
+            raise ValueError(f"text_reduce must be 'max' or 'mean', got {self.text_reduce!r}")
+        if self.semantic_from not in ("cond", "each"):
+            raise ValueError(f"semantic_from must be 'cond' or 'each', got {self.semantic_from!r}")
+        steps = self.steps
+        if steps is not None and not callable(steps):
+            if isinstance(steps, (str, bytes)) or not isinstance(steps, Collection):
+                raise TypeError(
+                    "steps must be None, a collection of step indices or fn(step, timestep), "
+                    f"got {steps!r}"
+                )
+            bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+            if bad:
+                raise ValueError(f"steps must hold ints >= 0, got {bad[:3]}")
+            set_(self, "steps", frozenset(steps))
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """Ratio of every component, by sub-module name."""
+        return {"attn1": self.ratio_attn1, "attn2": self.ratio_attn2, "ff": self.ratio_ff}
+
+    @property
+    def max_ratio(self) -> float:
+        """The largest ratio the windows allow on a grid they tile: ``1 - 1/(sx*sy)``."""
+        return 1.0 - 1.0 / (self.sx * self.sy)
+
+    def merges_step(self, step: int, timestep: float | None) -> bool:
+        """Whether denoising step ``step`` (with this timestep) merges at all."""
+        if self.steps is None:
+            return True
+        if callable(self.steps):
+            return bool(self.steps(step, timestep))
+        return step in self.steps
+
+    @property
+    def active(self) -> bool:
+        """Whether any component merges."""
+        return any(v > 0 for v in self.ratios.values())
+
+    def replace(self, **changes: Any) -> SDSettings:
+        """A copy with ``changes`` applied (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(
+                f"unknown Stable Diffusion setting(s) {sorted(unknown)}; "
+                f"allowed: {[f.name for f in dataclasses.fields(self)]}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
