@@ -47,6 +47,21 @@ def test_search_finds_the_known_frontier():
     assert all(c.feasible == (c.loss <= 0.01 + 1e-12) for c in candidates)
 
 
+def test_search_breaks_equal_flops_ties_by_loss_not_by_timing_noise():
+    # at r=8 alpha 1 loses less than alpha 0 but happened to time slower
+    losses = {(4, 0.0): 0.0, (8, 0.0): 0.004, (4, 1.0): 0.0, (8, 1.0): 0.002}
+    speeds = {(4, 0.0): 1.3, (8, 0.0): 1.62, (4, 1.0): 1.31, (8, 1.0): 1.58}
+    _, chosen = search(
+        lambda r, a: (1.0 - losses[(r, a)], None),
+        lambda settings: {k: (1.0 + k[0] / 10, speeds[k]) for k in settings},
+        (1.0, None),
+        [4, 8],
+        [0.0, 1.0],
+        Tolerance(0.01, False),
+    )
+    assert (chosen.r, chosen.alpha) == (8, 1.0)
+
+
 def test_search_with_nothing_within_tolerance():
     candidates, chosen = search(
         lambda r, a: (0.5, None), lambda s: {}, (1.0, None), [4, 8], [0.0], parse_tolerance("1%")
@@ -225,8 +240,10 @@ def test_tune_end_to_end(tiny_dinov2, tmp_path, capsys):
     assert all(c["speedup"] > 0 and c["flops_ratio"] > 1 for c in feasible)
     if feasible:
         assert code == 0
-        best = max(c["speedup"] for c in feasible)
-        assert result["chosen"]["speedup"] == best and result["chosen"] in feasible
+        fastest_r = max(feasible, key=lambda c: c["speedup"])["r"]
+        same_r = [c for c in feasible if c["r"] == fastest_r]
+        assert result["chosen"] in same_r
+        assert result["chosen"]["loss"] == min(c["loss"] for c in same_r)
         assert f"chosen: r={result['chosen']['r']}" in printed
     else:
         assert code == 1 and result["chosen"] is None

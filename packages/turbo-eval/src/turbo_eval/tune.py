@@ -95,8 +95,9 @@ def search(
 ) -> tuple[list[Candidate], Candidate | None]:
     """Scan r upwards per alpha until the loss passes the tolerance; time the feasible.
 
-    Returns every evaluated candidate and the feasible one with the highest measured
-    speedup (ties: the smaller loss), or None.
+    Returns every evaluated candidate and the chosen one, or None: the r of the
+    feasible setting with the highest measured speedup, and at that r (equal FLOPs,
+    so speed differences there are noise) the alpha with the smallest loss.
     """
     from .stats import paired_difference
 
@@ -126,7 +127,12 @@ def search(
         timed = speed([(c.r, c.alpha) for c in feasible])
         for c in feasible:
             c.flops_ratio, c.speedup = timed[(c.r, c.alpha)]
-    chosen = max(feasible, key=lambda c: (c.speedup or 0.0, -c.loss), default=None)
+    fastest = max(feasible, key=lambda c: (c.speedup or 0.0, -c.loss), default=None)
+    if fastest is None:
+        return candidates, None
+    # settings at one r cost the same FLOPs, so their measured speeds differ by noise
+    # only: the fastest r decides, and within it the smallest loss
+    chosen = min((c for c in feasible if c.r == fastest.r), key=lambda c: (c.loss, -c.alpha))
     return candidates, chosen
 
 
