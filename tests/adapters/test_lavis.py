@@ -37,7 +37,7 @@ def _lavis_module(name: str) -> types.ModuleType:
             del sys.modules[key]
     spec = importlib.util.find_spec("lavis")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("salesforce-lavis is not installed (tox -e adapters-lavis)")
+        pytest.skip("salesforce-lavis is not installed (tox -e adapters installs it)")
     root = Path(next(iter(spec.submodule_search_locations)))
     for package in ("lavis", "lavis.common", "lavis.models"):
         module = types.ModuleType(package)
