@@ -289,3 +289,22 @@ def test_registry_names() -> None:
     assert ta.get_adapter("eva02_tiny_patch14_224.mim_in22k").name == "timm-eva"
     assert ta.get_adapter("eva_large_patch14_196").name == "timm-vit"  # a VisionTransformer
     assert ta.adapter_for_model(make_eva()).name == "timm-eva"
+
+
+def test_torchao_int8_with_separate_qkv() -> None:
+    # timm's fused-qkv EvaAttention passes its weight to F.linear itself, which torchao's
+    # int8 weight rejects even unpatched; with split q/k/v every projection is a module call
+    quantization = pytest.importorskip("torchao.quantization")
+    model = make_eva("separate_qkv")
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+        handle = ta.apply(model, r=0)
+        same = model(x)
+        handle.r = 3
+        merged = model(x)
+    torch.testing.assert_close(same, ref, atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(merged).all()
+    prefix = model.num_prefix_tokens
+    assert handle.last_state.token_counts == expected_counts(PATCHES + prefix, prefix, [3] * DEPTH)

@@ -15,6 +15,7 @@ patch dropout while training (its kept positions are not exposed).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -24,11 +25,10 @@ from torch import nn
 from turbo_core import TurboConfig
 
 from ..adapter import FamilyAdapter, model_defaults
-from ..attention import QKVLayout
 from ..blocks import BlockSpec, install_blocks, install_scope
 from ..patch import TurboPatch
 from ..site import ReductionSite, SiteCall
-from .timm_vit import install_timm_pool, refuse_grad_checkpointing
+from .timm_vit import TIMM_ATTENTION, install_timm_pool, refuse_grad_checkpointing
 
 __all__ = ["EVA_FUSED", "EVA_SPLIT", "TimmEvaAdapter", "eva_block", "rope_representatives"]
 
@@ -105,20 +105,12 @@ def eva_rotary(
     return rotated[0], rotated[1]
 
 
-_EVA_COMMON: dict[str, Any] = dict(
-    qkv_biases=("q_bias", "k_bias", "v_bias"),
-    q_norm="q_norm",
-    k_norm="k_norm",
-    dropout="attn_drop",
-    out_norm="norm",
-    gate="gate",
-    out="proj",
-    out_dropout="proj_drop",
-    rotary=eva_rotary,
+#: ``EvaAttention``: timm's attention layout plus separate q/v biases and RoPE, with one
+#: fused ``qkv`` or split projections.
+EVA_FUSED = dataclasses.replace(
+    TIMM_ATTENTION, qkv_biases=("q_bias", "k_bias", "v_bias"), rotary=eva_rotary
 )
-#: ``EvaAttention`` with one fused ``qkv`` (and separate q/v biases) or split projections.
-EVA_FUSED = QKVLayout(fused="qkv", **_EVA_COMMON)
-EVA_SPLIT = QKVLayout(split=("q_proj", "k_proj", "v_proj"), **_EVA_COMMON)
+EVA_SPLIT = dataclasses.replace(EVA_FUSED, fused=None, split=("q_proj", "k_proj", "v_proj"))
 
 
 def eva_block(attention: nn.Module) -> BlockSpec:
