@@ -10,8 +10,9 @@ have (SDPA, sliced, IP-Adapter, LoRA). Hooks, per denoiser (a UNet or a ControlN
   window matching, with the text's cross-attention map as the semantic value);
 - ``attn1`` / ``attn2`` / ``ff`` pre-hooks merge their (normed) input, their forward
   hooks restore the output to full length and original order, before the gate and the
-  residual. A call whose input does not match the plan (a self-attention mask, a chunk
-  of a chunked feed-forward) passes through unmerged and is counted in the stats.
+  residual. A call whose input does not match the plan (a self-attention mask, IP-Adapter
+  masks per position, a chunk of a chunked feed-forward) passes through unmerged and is
+  counted in the stats.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import inspect
 import itertools
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -317,10 +319,11 @@ class DenoiserHooks:
             reason = "input is not (B, N, C)"
         elif x.shape[:2] != (plan.batch_size, plan.num_tokens):
             reason = f"input {tuple(x.shape[:2])} is not the planned {(plan.batch_size, plan.num_tokens)}"
-        elif (
-            component != "ff" and kwargs.get("attention_mask") is not None and component == "attn1"
-        ):
+        elif component == "attn1" and kwargs.get("attention_mask") is not None:
             reason = "self-attention mask over the full sequence"
+        elif kwargs.get("ip_adapter_masks") is not None and _takes(module, "ip_adapter_masks"):
+            # the processor maps its masks onto the query count as if it were a grid
+            reason = "IP-Adapter masks per position"
         if reason is not None:
             call.stats.passed.append((name, component, reason))
             return None
@@ -358,6 +361,14 @@ class DenoiserHooks:
         if plan is None:
             return None
         return call.site_call.reducer.restorer.restore(output, plan)
+
+
+def _takes(attention: nn.Module, name: str) -> bool:
+    """Whether the attention's processor reads keyword ``name`` (diffusers drops the rest)."""
+    processor = getattr(attention, "processor", None)
+    if processor is None:
+        return False
+    return name in inspect.signature(processor.__call__).parameters
 
 
 def _is_transformer_2d(module: nn.Module) -> bool:
