@@ -33,6 +33,32 @@ oracle = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(oracle)
 
 
+class KitOps:
+    """How the kit patches a model for its ``r``, changes ``r`` and reads token counts.
+
+    The default is every token-merging adapter's interface: the config's ``r``, and
+    ``last_state.token_counts`` (tokens after each block's merge), which follow the
+    bipartite rule of :func:`expected_counts`. An adapter with other settings (Stable
+    Diffusion merges a ratio per component and restores the full length) subclasses it.
+    """
+
+    def apply(self, model: nn.Module, r: Any, **config: Any) -> Any:
+        return ta.apply(model, r=r, **config)
+
+    def set_r(self, patch: Any, r: Any) -> None:
+        patch.r = r
+
+    def counts(self, patch: Any) -> list[int]:
+        return list(patch.last_state.token_counts)
+
+    def expected(self, case: Case, schedule: list[int]) -> list[int]:
+        return expected_counts(case.tokens, case.prefix, schedule)
+
+    def source(self, patch: Any) -> torch.Tensor | None:
+        """Which original tokens each output token stands for (with ``trace_source``)."""
+        return patch.last_state.source
+
+
 @dataclasses.dataclass
 class Case:
     """One adapter's entry in the kit.
@@ -62,8 +88,10 @@ class Case:
     qk: Callable[..., tuple[torch.Tensor, torch.Tensor, float]]
     r: int = 3
     prune: Callable[[nn.Module, tuple[Any, ...]], None] | None = None
-    #: check name -> why the *unpatched* model cannot run it (the check is skipped)
+    #: check name -> why the check cannot run on this model (skipped with the reason)
     cannot: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: how the kit's r is set and counts are read (see :class:`KitOps`)
+    ops: KitOps = dataclasses.field(default_factory=KitOps)
 
 
 def expected_counts(tokens: int, protected: int, schedule: list[int]) -> list[int]:
@@ -88,9 +116,9 @@ def check_r0_equals_unpatched(case: Case) -> None:
     model = case.build()
     args = case.inputs(2)
     ref = run(case, model, args)
-    patch = ta.apply(model, r=0)
+    patch = case.ops.apply(model, 0)
     got = run(case, model, args)
-    assert patch.last_state.token_counts == [case.tokens] * len(case.blocks(model))
+    assert case.ops.counts(patch) == [case.tokens] * len(case.blocks(model))
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
 
 
@@ -100,9 +128,9 @@ def check_remove_restores_exactly(case: Case) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dicts = module_dicts(model)
     ref = run(case, model, args)
-    patch = ta.apply(model, r=case.r)
+    patch = case.ops.apply(model, case.r)
     merged = run(case, model, args)
-    assert patch.last_state.token_counts[-1] < case.tokens
+    assert case.ops.counts(patch)[-1] < case.tokens
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     ta.remove(model)
     after = run(case, model, args)
@@ -136,12 +164,12 @@ def check_counts_follow_schedule(case: Case) -> None:
 def check_batch_equals_single(case: Case) -> None:
     model = case.build()
     args = case.inputs(3)
-    patch = ta.apply(model, r=case.r)
+    patch = case.ops.apply(model, case.r)
     batched = run(case, model, args)
-    counts = patch.last_state.token_counts
+    counts = case.ops.counts(patch)
     for b in range(3):
         single = run(case, model, tuple(a[b : b + 1] for a in args))
-        assert patch.last_state.token_counts == counts
+        assert case.ops.counts(patch) == counts
         torch.testing.assert_close(single[0], batched[b], atol=3e-5, rtol=3e-5)
 
 
@@ -199,10 +227,15 @@ def check_alpha0_equals_redundancy(case: Case) -> None:
     args = case.inputs(2)
     outputs, sources = [], []
     for overrides in ({"alpha": 0.0}, {"mode": "redundancy", "alpha": 3.0}):
-        with ta.patched(model, r=case.r, trace_source=True, **overrides) as patch:
+        patch = case.ops.apply(model, case.r, trace_source=True, **overrides)
+        try:
             outputs.append(run(case, model, args))
-            sources.append(patch.last_state.source)
-    assert torch.equal(sources[0], sources[1]) and torch.equal(outputs[0], outputs[1])
+            sources.append(case.ops.source(patch))
+        finally:
+            patch.remove()
+    assert torch.equal(outputs[0], outputs[1])
+    if sources[0] is not None or sources[1] is not None:  # an adapter that traces sources
+        assert torch.equal(sources[0], sources[1])
 
 
 def check_roles_survive_settings(case: Case) -> None:
@@ -216,14 +249,14 @@ def check_roles_survive_settings(case: Case) -> None:
 
     model = case.build()
     args = case.inputs(2)
-    patch = ta.apply(model, r=case.r, trace_source=True)
+    patch = case.ops.apply(model, case.r, trace_source=True)
     run(case, model, args)
-    plain = patch.last_state.source
+    plain = case.ops.source(patch)
     patch.configure(scorer=Reversed(patch.config))
-    patch.r = case.r  # a settings change must keep the user's scorer
+    case.ops.set_r(patch, case.r)  # a settings change must keep the user's scorer
     patch.alpha = patch.alpha
     run(case, model, args)
-    assert not torch.equal(patch.last_state.source, plain)
+    assert not torch.equal(case.ops.source(patch), plain)
 
 
 def _dispatch(case: Case, model: nn.Module) -> None:
@@ -257,26 +290,22 @@ def check_accelerate_hooks(case: Case) -> None:
         add_hook_to_module(block, Counting(), append=True)
     offloaded = run(case, model, args)
     torch.testing.assert_close(offloaded, ref)
-    patch = ta.apply(model, r=case.r)
+    patch = case.ops.apply(model, case.r)
     calls = Counting.calls
     run(case, model, args)
     depth = len(case.blocks(model))
     assert Counting.calls - calls == depth  # the hooks still run around every block
-    assert patch.last_state.token_counts == expected_counts(
-        case.tokens, case.prefix, [case.r] * depth
-    )
+    assert case.ops.counts(patch) == case.ops.expected(case, [case.r] * depth)
     ta.remove(model)
     torch.testing.assert_close(run(case, model, args), ref)
     remove_hook_from_submodules(model)
 
     # hooks added after apply
     model = case.build()
-    patch = ta.apply(model, r=case.r)
+    patch = case.ops.apply(model, case.r)
     _dispatch(case, model)
     run(case, model, args)
-    assert patch.last_state.token_counts == expected_counts(
-        case.tokens, case.prefix, [case.r] * depth
-    )
+    assert case.ops.counts(patch) == case.ops.expected(case, [case.r] * depth)
     ta.remove(model)
     torch.testing.assert_close(run(case, model, args), ref)
 
@@ -284,23 +313,23 @@ def check_accelerate_hooks(case: Case) -> None:
 def check_compile(case: Case) -> None:
     model = case.build()
     args = case.inputs(2)
-    patch = ta.apply(model, r=case.r)
+    patch = case.ops.apply(model, case.r)
     eager = run(case, model, args)
-    counts = patch.last_state.token_counts
+    counts = case.ops.counts(patch)
     torch._dynamo.reset()  # compiled wrappers of other models' patches must not interfere
     try:
         compiled = torch.compile(model, backend="eager")
         got = run(case, compiled, args)
     finally:
         torch._dynamo.reset()
-    assert patch.last_state.token_counts == counts and counts[-1] < case.tokens
+    assert case.ops.counts(patch) == counts and counts[-1] < case.tokens
     torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
 
 
 def check_threads(case: Case) -> None:
     models = [case.build(), case.build()]
     rs = [1, case.r + 1]
-    patches = [ta.apply(m, r=r) for m, r in zip(models, rs, strict=True)]
+    patches = [case.ops.apply(m, r) for m, r in zip(models, rs, strict=True)]
     args = case.inputs(2)
     expected = [run(case, m, args) for m in models]
     depth = len(case.blocks(models[0]))
@@ -309,8 +338,8 @@ def check_threads(case: Case) -> None:
     def work(i: int) -> None:
         for _ in range(4):
             got = run(case, models[i], args)
-            counts = patches[i].last_state.token_counts
-            if counts != expected_counts(case.tokens, case.prefix, [rs[i]] * depth):
+            counts = case.ops.counts(patches[i])
+            if counts != case.ops.expected(case, [rs[i]] * depth):
                 errors.append(f"model {i}: counts {counts}")
             if not torch.allclose(got, expected[i], atol=1e-5):
                 errors.append(f"model {i}: output differs")
@@ -328,15 +357,13 @@ def _equal_at_r0_then_merges(case: Case, model: nn.Module, tolerance: float) -> 
     r > 0 runs and follows the schedule."""
     args = case.inputs(2)
     ref = run(case, model, args)
-    patch = ta.apply(model, r=0)
+    patch = case.ops.apply(model, 0)
     torch.testing.assert_close(run(case, model, args), ref, atol=tolerance, rtol=tolerance)
-    patch.r = case.r
+    case.ops.set_r(patch, case.r)
     out = run(case, model, args)
     depth = len(case.blocks(model))
     assert torch.isfinite(out).all()
-    assert patch.last_state.token_counts == expected_counts(
-        case.tokens, case.prefix, [case.r] * depth
-    )
+    assert case.ops.counts(patch) == case.ops.expected(case, [case.r] * depth)
 
 
 def check_torch_pruning(case: Case) -> None:
@@ -348,7 +375,7 @@ def check_torch_pruning(case: Case) -> None:
 def check_bypass_is_reported(case: Case) -> None:
     """Blocks whose forward another library replaced after apply: a warning, not silence."""
     model = case.build()
-    ta.apply(model, r=case.r)
+    case.ops.apply(model, case.r)
     for block in case.blocks(model):
         block.forward = types.MethodType(type(block).forward, block)  # Turbo's wrapper gone
     with pytest.warns(ta.TurboBypassWarning, match="nothing was merged"):

@@ -373,6 +373,22 @@ def test_bad_settings_name_parameter_and_range(kwargs, message):
     assert not any(m._forward_pre_hooks for m in unet.modules())  # nothing left behind
 
 
+@pytest.mark.parametrize("role", ["scorer", "matcher"])
+def test_ranking_roles_are_refused_not_ignored(role):
+    from turbo_core import BipartiteMatcher, InformationScorer
+
+    unet = make_unet()
+    config = ta.resolve_config(None)
+    impl = {"scorer": InformationScorer(config), "matcher": BipartiteMatcher()}[role]
+    with pytest.raises(ValueError, match=f"the {role} role"):
+        ta.apply(unet, ratio_attn1=0.5, **{role: impl})
+    assert not any(m._forward_pre_hooks for m in unet.modules())  # nothing left behind
+    patch = ta.apply(unet, ratio_attn1=0.5)
+    with pytest.raises(ValueError, match="2-D window matching"):
+        patch.configure(**{role: impl})
+    patch.remove()
+
+
 def test_unsupported_target_says_so():
     with pytest.raises(TypeError, match="no Turbo adapter recognises"):
         ta.apply(torch.nn.Linear(2, 2), ratio_attn1=0.5)

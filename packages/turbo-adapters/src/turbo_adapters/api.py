@@ -72,7 +72,11 @@ def apply(
     config = resolve_config(preset_or_config, **overrides)
     patch = chosen.patch(model, config, explicit=frozenset(overrides), **options)
     if roles:
-        patch.configure(**roles)
+        try:
+            patch.configure(**roles)
+        except BaseException:
+            patch.remove()  # a refused role leaves the model as it was
+            raise
     return patch
 
 

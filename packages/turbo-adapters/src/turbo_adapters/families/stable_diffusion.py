@@ -143,6 +143,13 @@ class StableDiffusionPatch(TurboPatch):
                 "Stable Diffusion merges by ratio, not r: set ratio_attn1, ratio_attn2, "
                 "ratio_ff (each in [0, 1))"
             )
+        unused = sorted(set(changes) & {"scorer", "matcher"})
+        if unused:
+            raise ValueError(
+                f"Stable Diffusion ranks tokens by 2-D window matching "
+                f"(turbo_core.score_windows): the {' and '.join(unused)} role(s) do not apply; "
+                "the merger and restorer roles do"
+            )
         sd = {k: changes.pop(k) for k in list(changes) if k in SDSettings.field_names()}
         settings = self.settings.replace(**sd) if sd else self.settings
         if changes:
