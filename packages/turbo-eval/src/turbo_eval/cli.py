@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a suite (the embedded default when none is given)")
     run.add_argument(
-        "suite", nargs="?", help="suite file, .toml/.yaml/.yml (default: the embedded suite)"
+        "suite",
+        nargs="?",
+        help="suite file (.toml/.yaml/.yml) or an embedded suite: sd (default: the embedded default)",
     )
     run.add_argument(
         "--quick", action="store_true", help="the small embedded suite, < 2 min (default: off)"

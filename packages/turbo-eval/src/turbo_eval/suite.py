@@ -47,7 +47,9 @@ __all__ = [
     "parse_suite",
 ]
 
-METHODS = ("baseline", "redundancy", "semantics", "turbo")
+METHODS = ("baseline", "redundancy", "semantics", "turbo", "tomesd")
+#: a suite without ``methods`` runs these (tomesd runs on diffusion pipelines only)
+DEFAULT_METHODS = METHODS[:4]
 #: model-side steps a method may stack on (``"turbo+int8"``) or that run alone (``"int8"``)
 SIDES = ("int8", "prune", "upop")
 FUSIONS = ("difference", "division", "product", "layer_dynamic")
@@ -60,7 +62,7 @@ def is_method(method: Any) -> bool:
     if method in METHODS or method in SIDES:
         return True
     base, plus, side = method.partition("+")
-    return bool(plus) and base in METHODS and base != "baseline" and side in SIDES
+    return bool(plus) and base in METHODS and base not in ("baseline", "tomesd") and side in SIDES
 
 
 class SuiteError(ValueError):
@@ -293,7 +295,7 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         None,
         "methods",
         list,
-        list(METHODS),
+        list(DEFAULT_METHODS),
         lambda v: v and all(is_method(m) for m in v),
         f"a non-empty list of {list(METHODS)}, each optionally stacked on a model-side "
         f"step as METHOD+SIDE, or a SIDE alone (SIDE: {list(SIDES)})",
@@ -412,7 +414,13 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
 
 
 def load_suite(path: str | Path) -> Suite:
-    """Read and validate a suite file (``.toml``, ``.yaml`` or ``.yml``)."""
+    """Read and validate a suite file (``.toml``, ``.yaml`` or ``.yml``), or an embedded
+    suite by name (``"sd"``: ``turbo_eval/suites/sd.toml``)."""
+    from importlib.resources import files
+
+    embedded = files("turbo_eval") / "suites" / f"{path}.toml"
+    if not Path(path).is_file() and "/" not in str(path) and embedded.is_file():
+        return parse_suite(embedded.read_text(encoding="utf-8"), f"<embedded {path}.toml>", "toml")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"suite file not found: {path}")
