@@ -19,6 +19,8 @@ Usage::
         --json sd15.json --plot sd15_pareto.png
 
 ``--model tiny`` runs the same on a tiny UNet in seconds (a smoke test of the script).
+``--mode target`` runs only the ``sd-fast`` preset beside tomesd 0.5 and Turbo at
+tomesd's settings, and says whether the preset meets the issue's target.
 SDXL at 1024 px takes about a minute per call on two CPU cores: use ``--repeats 2``.
 """
 
@@ -52,8 +54,29 @@ Setting = tuple[str, str, dict[str, Any]]
 FIDELITY_ONLY = ("turbo 0.5 per-half maps", "turbo 0.5 mean-text")
 
 
-def settings_for(model: str) -> list[Setting]:
-    """The settings compared on ``model`` (sd15, sdxl or tiny)."""
+#: tomesd's default computation (queries merged in full-resolution self-attention at
+#: 0.5) as Turbo settings: with alpha 0 and use_rand False it equals tomesd exactly
+AT_TOMESD = {"ratio_attn1": 0.5, "attn1_kv": False, "max_downsample": 1}
+
+
+def target_settings(model: str) -> list[Setting]:
+    """The issue's target: the ``sd-fast`` preset beside tomesd 0.5 and Turbo at tomesd's
+    settings (is the preset at least as close to the unpatched UNet as tomesd 0.5?)."""
+    return [
+        ("unpatched", "baseline", {}),
+        ("tomesd 0.5", "tomesd", {"ratio": 0.5}),
+        ("turbo at tomesd 0.5", "turbo", dict(AT_TOMESD)),
+        ("redundancy at tomesd 0.5", "redundancy", dict(AT_TOMESD)),
+        ("turbo sd-fast", "turbo", {"preset": "sd-fast"}),
+        ("redundancy sd-fast", "redundancy", {"preset": "sd-fast"}),
+    ]
+
+
+def settings_for(model: str, mode: str = "all") -> list[Setting]:
+    """The settings compared on ``model`` (sd15, sdxl or tiny); ``mode="target"``: see
+    :func:`target_settings`."""
+    if mode == "target":
+        return target_settings(model)
     kv = {"attn1_kv": True}
     out: list[Setting] = [("unpatched", "baseline", {})]
     if model == "sdxl":
@@ -140,7 +163,9 @@ def runner(
             finally:
                 tomesd.remove_patch(unet)
         alpha = {} if family == "turbo" else {"alpha": 0.0}
-        patch = turbo_adapters.apply(unet, cfg_halves=True, **alpha, **kwargs)
+        settings = dict(kwargs)
+        preset = settings.pop("preset", None)
+        patch = turbo_adapters.apply(unet, preset, cfg_halves=True, **alpha, **settings)
         try:
             return unet(*args, **extra).sample
         finally:
@@ -170,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="setting names to run (default: all)")
+    parser.add_argument(
+        "--mode",
+        choices=("all", "target"),
+        default="all",
+        help="all: every setting; target: the sd-fast preset beside tomesd 0.5 and Turbo at "
+        "tomesd's settings, with the issue's target checked (default: all)",
+    )
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--plot", help="write a Pareto plot (fidelity vs speedup) here")
     parser.add_argument("--no-flops", action="store_true")
@@ -182,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    settings = settings_for(args.model)
+    settings = settings_for(args.model, args.mode)
     if args.only:
         settings = [s for s in settings if s[0] in args.only or s[1] == "baseline"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}")
@@ -264,12 +296,31 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['setting']:28s} {ratio:>11s} {row['speedup']:8.3f} {row['images_per_s']:7.3f} "
             f"{row['mean_abs_diff']:9.5f} {row['relative_diff']:7.4f}"
         )
+    if args.mode == "target":
+        print_target(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "repeats": args.repeats, "rows": rows}, f, indent=1)
     if args.plot:
         plot(rows, args.plot, args.model)
     return 0
+
+
+def print_target(rows: list[dict[str, Any]]) -> None:
+    """Is ``turbo sd-fast`` at least as close to the unpatched UNet as tomesd 0.5, and how
+    much faster (by FLOPs; by time when the run was timed on a quiet machine)?"""
+    by_name = {row["setting"]: row for row in rows}
+    peer, fast = by_name.get("tomesd 0.5"), by_name.get("turbo sd-fast")
+    if peer is None or fast is None:
+        return
+    closer = fast["relative_diff"] <= peer["relative_diff"]
+    print(
+        f"target: turbo sd-fast relative difference {fast['relative_diff']:.4f} vs tomesd 0.5 "
+        f"{peer['relative_diff']:.4f} ({'as close or closer' if closer else 'NOT as close'}); "
+        f"FLOPs ratio {fast['flops_ratio'] or float('nan'):.3f} vs "
+        f"{peer['flops_ratio'] or float('nan'):.3f}; speedup {fast['speedup']:.3f} vs "
+        f"{peer['speedup']:.3f} (target: >= 1.3x)"
+    )
 
 
 def plot(rows: list[dict[str, Any]], path: str, model: str) -> None:

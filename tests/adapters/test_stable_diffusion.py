@@ -425,6 +425,23 @@ def test_ranking_roles_are_refused_not_ignored(role):
     patch.remove()
 
 
+def test_sd_fast_preset_and_keywords_over_it():
+    from turbo_adapters.families.stable_diffusion import PRESETS
+
+    unet = make_unet()
+    with ta.patched(unet, "sd-fast") as patch:
+        run(unet, unet_inputs())
+    fast = PRESETS["sd-fast"]
+    assert {k: getattr(patch.settings, k) for k in fast} == fast
+    # max_downsample 4: the full-resolution blocks and the mid block (8x6)
+    assert patch.last_stats["UNet2DConditionModel"].merged == {"attn1": 4, "attn2": 4, "ff": 0}
+    with ta.patched(unet, "SD-Fast", ratio_attn2=0.0, alpha=0.0) as patch:
+        assert patch.settings.ratio_attn2 == 0.0 and patch.settings.sx == 4
+        assert patch.alpha == 0.0
+    with pytest.raises(ValueError, match="unknown preset 'sd-fast'"):
+        ta.resolve_config("sd-fast")  # an adapter's preset, not a TurboConfig preset
+
+
 def test_unsupported_target_says_so():
     with pytest.raises(TypeError, match="no Turbo adapter recognises"):
         ta.apply(torch.nn.Linear(2, 2), ratio_attn1=0.5)

@@ -44,7 +44,8 @@ def apply(
 
     Args:
         model: a supported model (timm, torchvision, transformers ...).
-        preset_or_config: a preset name (``"reference"``, ``"tome"`` ...), a
+        preset_or_config: a preset name (``"reference"``, ``"tome"`` ...; an adapter's
+            own presets too, such as Stable Diffusion's ``"sd-fast"``), a
             :class:`~turbo_core.TurboConfig`, or None for the defaults.
         adapter: adapter or model name to use instead of detecting it from ``model``.
         **overrides: config fields to change (``r=13``, ``alpha=0``), or roles
@@ -66,6 +67,11 @@ def apply(
     chosen = get_adapter(adapter) if adapter is not None else adapter_for_model(model)
     if not chosen.matches(model):
         raise TypeError(f"adapter {chosen.name!r} cannot patch a {type(model).__name__}")
+    # an adapter's own preset is a set of keyword settings, below the user's keywords
+    own_presets = getattr(chosen, "presets", {})
+    if isinstance(preset_or_config, str) and preset_or_config.strip().lower() in own_presets:
+        overrides = {**own_presets[preset_or_config.strip().lower()], **overrides}
+        preset_or_config = None
     # settings of the adapter's own (Stable Diffusion's ratios, windows) go to the adapter
     extra = getattr(chosen, "options", frozenset())
     options = {k: overrides.pop(k) for k in list(overrides) if k in extra}
