@@ -201,40 +201,6 @@ def test_key_value_merge_is_closer_and_processor_independent():
     assert (sliced - reference).abs().mean() == pytest.approx(float(errors[True]), rel=1e-3)
 
 
-def test_replan_ranks_the_feed_forward_on_its_own_input():
-    """Oracle: the window plan computed here from the feed-forward's own (normed) input."""
-    from turbo_core import score_windows, window_destinations
-
-    unet = make_unet(dtype=torch.float64)
-    inputs = unet_inputs(batch=2, dtype=torch.float64)
-    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
-    seen: dict[str, torch.Tensor] = {}
-    first = block.ff.register_forward_pre_hook(lambda m, a: seen.setdefault("in", a[0]))
-    settings = {"ratio_attn1": 0.0, "ratio_ff": 0.5, "alpha": 0.0, "use_rand": False}
-    outputs = {}
-    for replan in ((), ("ff",)):
-        seen.clear()
-        with ta.patched(unet, **settings, replan=replan) as patch:
-            last = block.ff.register_forward_pre_hook(lambda m, a: seen.setdefault("merged", a[0]))
-            outputs[replan] = run(unet, inputs)
-            last.remove()
-        assert patch.last_stats["UNet2DConditionModel"].merged["ff"] == 3
-    first.remove()
-    x = seen["in"]  # the last run's (replanned) feed-forward input, full length
-    dst = window_destinations(16, 12, 2, 2)
-    plan = score_windows(x, dst, None, ta.resolve_config(None, alpha=0.0)).plan(96)
-    merged = []
-    for b in range(2):  # mean of each slot's seed token and the tokens merged into it
-        total = x[b, plan.kept_idx[b]].clone()
-        count = torch.ones(plan.num_out, 1, dtype=x.dtype)
-        total.index_add_(0, plan.merged_into[b], x[b, plan.merged_idx[b]])
-        count.index_add_(0, plan.merged_into[b], torch.ones(plan.r, 1, dtype=x.dtype))
-        merged.append(total / count)
-    merged = torch.stack(merged)
-    torch.testing.assert_close(seen["merged"], merged, rtol=0, atol=1e-12)
-    assert not torch.equal(outputs[()], outputs[("ff",)])  # the block plan pairs otherwise
-
-
 @pytest.mark.parametrize("dim", [0, 1])
 def test_chunked_feed_forward_passes_through_unmerged(dim):
     unet = make_unet()
@@ -398,8 +364,6 @@ def test_ratio_above_window_limit_is_reported():
         ({"r": 4}, "merges by ratio"),
         ({"text_reduce": "median"}, "text_reduce must be 'max' or 'mean'"),
         ({"steps": "all"}, "steps must be None"),
-        ({"replan": ["attn1"]}, "replan may hold 'attn2' and 'ff' only"),
-        ({"replan": "ff"}, "replan must be a collection"),
     ],
 )
 def test_bad_settings_name_parameter_and_range(kwargs, message):

@@ -62,11 +62,6 @@ class SDSettings:
             its own token (nothing to restore), the merged keys carry ``log(size)``
             (proportional attention, with ``prop_attn``). Off: merge the queries too
             and copy each group's output back (tomesd's way).
-        replan: components (``"attn2"``, ``"ff"``) whose merges are ranked on their own
-            normed input instead of the block's input (one plan per block, tomesd's
-            way, is the default): after self- and cross-attention have updated the
-            tokens, their own input pairs them better, for one similarity per component
-            (same windows, same semantic value, same number merged).
     """
 
     ratio_attn1: float = 0.5
@@ -82,7 +77,6 @@ class SDSettings:
     cfg_halves: bool | None = None
     semantic_from: str = "cond"
     attn1_kv: bool = False
-    replan: Any = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -105,12 +99,6 @@ class SDSettings:
             raise ValueError(f"text_reduce must be 'max' or 'mean', got {self.text_reduce!r}")
         if self.semantic_from not in ("cond", "each"):
             raise ValueError(f"semantic_from must be 'cond' or 'each', got {self.semantic_from!r}")
-        replan = self.replan
-        if isinstance(replan, str) or not isinstance(replan, Collection):
-            raise TypeError(f"replan must be a collection of 'attn2' / 'ff', got {replan!r}")
-        if not set(replan) <= {"attn2", "ff"}:
-            raise ValueError(f"replan may hold 'attn2' and 'ff' only, got {sorted(replan)}")
-        set_(self, "replan", frozenset(replan))
         steps = self.steps
         if steps is not None and not callable(steps):
             if isinstance(steps, (str, bytes)) or not isinstance(steps, Collection):
