@@ -201,6 +201,29 @@ def test_key_value_merge_is_closer_and_processor_independent():
     assert (sliced - reference).abs().mean() == pytest.approx(float(errors[True]), rel=1e-3)
 
 
+def test_ratio_per_resolution():
+    unet = make_unet(levels=3)  # attention at full and half resolution
+    inputs = unet_inputs()
+    reference = run(unet, inputs)
+    with ta.patched(unet, ratio_attn1=0.5, ratio_ff=0.5, max_downsample=2):
+        uniform = run(unet, inputs)
+    # the same ratio given per resolution computes the same (keys as TOML writes them too)
+    per_level = {"ratio_ff": {1: 0.5, "2": 0.5}, "ratio_attn1": {1: 0.5, 2: 0.5, 4: 0.9}}
+    with ta.patched(unet, **per_level, max_downsample=2):
+        assert torch.equal(run(unet, inputs), uniform)
+    with ta.patched(unet, ratio_attn1=0.5, ratio_ff={2: 0.5}, max_downsample=2) as patch:
+        half_only = run(unet, inputs)
+    tokens = patch.last_stats["UNet2DConditionModel"].tokens
+    assert sorted(n for _, n, _ in tokens) == [48] * 3 + [192] * 3
+    for _, n, r in tokens:  # ff merges at half resolution only, attn1 everywhere
+        assert r.get("ff", 0) == (24 if n == 48 else 0) and r["attn1"] == n // 2
+    assert not torch.equal(half_only, uniform)
+    # a resolution beyond max_downsample never merges
+    with ta.patched(unet, ratio_attn1=0.0, ratio_ff={4: 0.5}, max_downsample=2) as patch:
+        assert torch.equal(run(unet, inputs), reference)
+    assert not patch.settings.active
+
+
 @pytest.mark.parametrize("dim", [0, 1])
 def test_chunked_feed_forward_passes_through_unmerged(dim):
     unet = make_unet()
@@ -364,6 +387,8 @@ def test_ratio_above_window_limit_is_reported():
         ({"r": 4}, "merges by ratio"),
         ({"text_reduce": "median"}, "text_reduce must be 'max' or 'mean'"),
         ({"steps": "all"}, "steps must be None"),
+        ({"ratio_ff": {3: 0.5}}, r"ratio_ff keys must be downsamplings \[1, 2, 4, 8\]"),
+        ({"ratio_ff": {4: 1.5}}, r"ratio_ff\[4\] must be in \[0, 1\)"),
     ],
 )
 def test_bad_settings_name_parameter_and_range(kwargs, message):
@@ -397,8 +422,8 @@ def test_sd_fast_preset_and_keywords_over_it():
         run(unet, unet_inputs())
     fast = PRESETS["sd-fast"]
     assert {k: getattr(patch.settings, k) for k in fast} == fast
-    # max_downsample 4: the full-resolution blocks and the mid block (8x6)
-    assert patch.last_stats["UNet2DConditionModel"].merged == {"attn1": 4, "attn2": 4, "ff": 0}
+    # max_downsample 4: the full-resolution blocks and the mid block (8x6, where ff merges)
+    assert patch.last_stats["UNet2DConditionModel"].merged == {"attn1": 4, "attn2": 4, "ff": 1}
     with ta.patched(unet, "SD-Fast", ratio_attn2=0.0, alpha=0.0) as patch:
         assert patch.settings.ratio_attn2 == 0.0 and patch.settings.sx == 4
         assert patch.alpha == 0.0

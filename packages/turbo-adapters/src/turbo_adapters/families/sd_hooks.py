@@ -233,15 +233,17 @@ class DenoiserHooks:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != height * width:
             call.stats.passed.append((name, "block", "input is not the grid's token sequence"))
             return
-        if call.latent[0] % height or call.latent[0] // height > settings.max_downsample:
+        downsample = call.latent[0] // height
+        if call.latent[0] % height or downsample > settings.max_downsample:
             return
+        ratios = settings.ratios_at(downsample)
         if width < settings.sx or height < settings.sy:
             call.stats.passed.append((name, "block", "grid smaller than one window"))
             return
         num_tokens = x.shape[1]
         wanted = {
             c: int(num_tokens * ratio)
-            for c, ratio in settings.ratios.items()
+            for c, ratio in ratios.items()
             if ratio > 0 and getattr(block, c, None) is not None
         }
         wanted = {c: r for c, r in wanted.items() if r > 0}
@@ -258,7 +260,7 @@ class DenoiserHooks:
             if r > scores.max_r:
                 call.stats.clipped.append((name, component, r, scores.max_r))
                 warnings.warn(
-                    f"{name}.{component}: ratio {settings.ratios[component]} asks for {r} of "
+                    f"{name}.{component}: ratio {ratios[component]} asks for {r} of "
                     f"{num_tokens} tokens but {settings.sy}x{settings.sx} windows allow "
                     f"{scores.max_r}; merging {scores.max_r} (see patch.last_stats.clipped)",
                     RatioClippedWarning,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Collection
+import types
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-__all__ = ["COMPONENTS", "SDSettings", "StepSelector"]
+__all__ = ["COMPONENTS", "LEVELS", "SDSettings", "StepSelector"]
 
 #: The sub-modules of a ``BasicTransformerBlock`` that merge their input and restore
 #: their output, in the order the block runs them.
@@ -26,6 +27,23 @@ def _ratio(name: str, value: Any) -> float:
     return value
 
 
+#: The UNet resolutions, as downsampling of the latent grid (``max_downsample``'s values).
+LEVELS = (1, 2, 4, 8)
+
+
+def _ratio_or_levels(name: str, value: Any) -> float | Mapping[int, float]:
+    """A ratio, or ``{downsampling: ratio}`` (keys 1, 2, 4, 8; ints or their strings)."""
+    if not isinstance(value, Mapping):
+        return _ratio(name, value)
+    levels: dict[int, float] = {}
+    for key, ratio in value.items():
+        level = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(level, bool) or level not in LEVELS:
+            raise ValueError(f"{name} keys must be downsamplings {list(LEVELS)}, got {key!r}")
+        levels[level] = _ratio(f"{name}[{level}]", ratio)
+    return types.MappingProxyType(levels)
+
+
 def _positive(name: str, value: Any, allowed: str = ">= 1") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
@@ -42,6 +60,10 @@ class SDSettings:
             as tomesd). 0 leaves that component alone. A ratio above what the windows
             allow (``1 - 1/(sx*sy)`` on a grid the windows tile) is applied at the
             maximum and reported (a warning and ``stats.clipped``), never silently.
+            One ratio for every merging resolution, or one per resolution as
+            ``{downsampling: ratio}`` (``ratio_ff={4: 0.75}``: the feed-forward merges
+            only in the blocks at a quarter of the latent's resolution; resolutions
+            left out do not merge that component; ``max_downsample`` still bounds all).
         sx, sy: window width and height (tokens); one destination per window.
         max_downsample: merge only in blocks whose grid is at most this many times
             smaller than the latent (1: the full-resolution level only; 1, 2, 4 or 8).
@@ -81,7 +103,7 @@ class SDSettings:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         for name in ("ratio_attn1", "ratio_attn2", "ratio_ff"):
-            set_(self, name, _ratio(name, getattr(self, name)))
+            set_(self, name, _ratio_or_levels(name, getattr(self, name)))
         _positive("sx", self.sx)
         _positive("sy", self.sy)
         if self.max_downsample not in (1, 2, 4, 8) or isinstance(self.max_downsample, bool):
@@ -112,9 +134,18 @@ class SDSettings:
             set_(self, "steps", frozenset(steps))
 
     @property
-    def ratios(self) -> dict[str, float]:
-        """Ratio of every component, by sub-module name."""
+    def ratios(self) -> dict[str, float | Mapping[int, float]]:
+        """Ratio of every component (a number or ``{downsampling: ratio}``), by sub-module."""
         return {"attn1": self.ratio_attn1, "attn2": self.ratio_attn2, "ff": self.ratio_ff}
+
+    def ratios_at(self, downsample: int) -> dict[str, float]:
+        """Every component's ratio in the blocks at ``downsample`` (0 beyond max_downsample)."""
+        if downsample > self.max_downsample:
+            return dict.fromkeys(COMPONENTS, 0.0)
+        return {
+            c: ratio.get(downsample, 0.0) if isinstance(ratio, Mapping) else ratio
+            for c, ratio in self.ratios.items()
+        }
 
     @property
     def max_ratio(self) -> float:
@@ -132,7 +163,7 @@ class SDSettings:
     @property
     def active(self) -> bool:
         """Whether any component merges."""
-        return any(v > 0 for v in self.ratios.values())
+        return any(v > 0 for level in LEVELS for v in self.ratios_at(level).values())
 
     def replace(self, **changes: Any) -> SDSettings:
         """A copy with ``changes`` applied (validated again)."""
