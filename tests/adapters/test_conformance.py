@@ -523,11 +523,7 @@ SD_CASES = (
             BlockSpec(attn="attn1", mlp="ff", norm1="norm1", norm2="norm3"),
             sd_qk,
             prune=prune_sd,
-            cannot={
-                **SD_CANNOT,
-                "compile": "covered by diffusers-sd-unet (the same hooks; tracing a second "
-                "UNet-sized model costs CI half a minute)",
-            },
+            cannot=SD_CANNOT,
             ops=StableDiffusionOps(
                 ["down_blocks.0.attentions.0.transformer_blocks.0"], SD_GRID[0] * SD_GRID[1]
             ),
