@@ -269,10 +269,12 @@ def load_pipeline_model(
     kind = str(options.get("pipeline", "text2img"))
     dtype = _DTYPES[str(options.get("dtype", "float32"))]
     seed = int(options.get("seed", 0))
+    cast = None if dtype is torch.float32 else dtype  # built in float32
     if name == "sd-tiny":
-        pipe = tiny_pipeline(seed, kind).to(dtype=dtype)
+        pipe = tiny_pipeline(seed, kind)
+        pipe = pipe if cast is None else pipe.to(dtype=cast)
     elif name == "sd15-random":
-        pipe = sd15_random_pipeline(seed, kind, dtype)
+        pipe = sd15_random_pipeline(seed, kind, cast)
     else:
         index = _index_file(name)
         if index is None:
