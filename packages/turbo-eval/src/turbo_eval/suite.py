@@ -49,7 +49,7 @@ __all__ = [
 
 METHODS = ("baseline", "redundancy", "semantics", "turbo")
 #: model-side steps a method may stack on (``"turbo+int8"``) or that run alone (``"int8"``)
-SIDES = ("int8", "prune", "upop")
+SIDES = ("int8", "prune", "upop", "gptq")
 FUSIONS = ("difference", "division", "product", "layer_dynamic")
 
 
@@ -358,6 +358,12 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         }
         if model_name:
             models.append(ModelSpec(model_name, tuple(r or ()), resolution, model_batch, extra))
+        gptq = any(is_method(m) and m.rpartition("+")[2] == "gptq" for m in methods or ())
+        if gptq and not (isinstance(extra.get("gptq_model"), str) and extra["gptq_model"]):
+            check.error(
+                "models", i, "gptq_model", "required by the gptq methods: a folder holding "
+                "this model's language model GPTQ-quantized",
+            )  # fmt: skip
     names = [m.name for m in models]
     for dup in {n for n in names if names.count(n) > 1}:
         check.problems.append((None, f"models: {dup!r} is listed twice"))
