@@ -32,7 +32,7 @@ from turbo_core import TurboConfig
 
 from ..adapter import model_defaults
 from ..attention import use_turbo_attention
-from ..blocks import install_blocks
+from ..blocks import install_blocks, install_scope
 from ..patch import TurboPatch
 from ..site import ReductionSite
 from .clip import CLIP_LAYER
@@ -151,14 +151,7 @@ class LlavaAdapter(HFAdapter):
         # tokens with their sizes); only those that reach the feature layer merge
         use_turbo_attention(patch, site, [layer.self_attn for layer in layers])
         install_blocks(patch, site, layers[:reach], CLIP_LAYER)
-
-        def forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            if "tower" not in patch.active_modes():
-                return original(*args, **kwargs)
-            with site.scope():
-                return original(*args, **kwargs)
-
-        patch.override(tower, "forward", forward)
+        install_scope(patch, site, tower, when=lambda: "tower" in patch.active_modes())
 
     # -------------------------------------------------------------- entries
     def _install_entries(self, patch: LlavaPatch, model: nn.Module, inner: nn.Module) -> None:
