@@ -9,16 +9,26 @@ generated alone (batches with padding and different image counts).
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-from fastv_oracle import greedy_on_kept, ranked_kept
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import turbo_adapters as ta
 from turbo_adapters.families.llava import LlavaPatch
 from turbo_adapters.families.llava_llm import LLMReduction, cache_state
+
+# by path, not by name: tests/eval loads this file by path, without tests/adapters on sys.path
+_spec = importlib.util.spec_from_file_location(
+    "fastv_oracle", Path(__file__).with_name("fastv_oracle.py")
+)
+fastv_oracle = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fastv_oracle)
+ranked_kept, greedy_on_kept = fastv_oracle.ranked_kept, fastv_oracle.greedy_on_kept
 
 IMG = 99
 PAD = 0
