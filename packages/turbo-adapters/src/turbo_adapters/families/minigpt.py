@@ -59,11 +59,12 @@ _PROMPT: contextvars.ContextVar[_Prompt | None] = contextvars.ContextVar(
 )
 
 
-def _decoder(model: nn.Module) -> nn.Module:
+def _decoder(model: Any) -> nn.Module:
     """The ``LlamaModel`` under peft's wrapper and ``LlamaForCausalLM``."""
-    llama = model.llama_model  # type: ignore[union-attr]
+    llama = model.llama_model
     base = llama.get_base_model() if hasattr(llama, "get_base_model") else llama
-    return base.model  # type: ignore[no-any-return]
+    decoder: nn.Module = base.model
+    return decoder
 
 
 def _cached(named: dict[str, Any]) -> int:
@@ -84,21 +85,22 @@ class MiniGPTv2Adapter(FamilyAdapter):
             raise TypeError(
                 "the MiniGPT-v2 adapter needs a VisionLanguagePatch (use turbo_adapters.apply)"
             )
-        group = int(model.config.concat)  # type: ignore[union-attr]
-        decoder = _decoder(model)
-        layers = list(decoder.layers)  # type: ignore[arg-type]
+        minigpt: Any = model  # a MiniGPTv2 (matched by class)
+        group = int(minigpt.config.concat)
+        decoder: Any = _decoder(minigpt)
+        layers = list(decoder.layers)
         patch.num_text_layers = len(layers)
 
-        tower = model.visual_encoder
-        site = TimmEvaAdapter().install_tower(patch, tower, config)  # type: ignore[arg-type]
+        tower: nn.Module = minigpt.visual_encoder
+        site = TimmEvaAdapter().install_tower(patch, tower, config)
         site.rule = CountRule(multiple_of=group, offset=1)
 
         def tower_on() -> bool:
             return "tower" in patch.active_modes()
 
         # the scopes wrap timm-eva's grid recorder, so it runs inside the call
-        install_scope(patch, site, tower, "forward_features", when=tower_on)  # type: ignore[arg-type]
-        install_scope(patch, site, tower, "forward", when=tower_on)  # type: ignore[arg-type]
+        install_scope(patch, site, tower, "forward_features", when=tower_on)
+        install_scope(patch, site, tower, "forward", when=tower_on)
         patch.tower_available = True
         patch.modes = "tower"
 
