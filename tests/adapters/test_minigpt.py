@@ -21,7 +21,7 @@ pytest.importorskip("timm")
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import turbo_adapters as ta
-from turbo_adapters.families.llava_llm import LLMReduction
+from turbo_adapters.families.llava_llm import LLMReduction, cache_state
 from turbo_adapters.families.vlm_modes import VisionLanguagePatch
 from turbo_adapters.models import (
     MiniGPTv2,
@@ -235,16 +235,22 @@ def test_llm_prune_at_layer0_matches_unpatched_on_kept_tokens(model) -> None:
     try:
         patch.llm = LLMReduction(layer=0, keep=keep / (PATCHES // 4))
         patch.modes = "llm"
-        out = answer(model, 1)
+        with torch.no_grad():
+            out = model.generate(
+                px, before, after, max_new_tokens=NEW, min_new_tokens=NEW,
+                return_dict_in_generate=True,
+            )  # fmt: skip
     finally:
         patch.remove()
     assert kept.numel() == len(before[0]) + keep + len(after[0])
+    assert torch.equal(cache_state(out.past_key_values).kept[0], kept)
     eos = model.llama_model.generation_config.eos_token_id  # min_new_tokens bans it
     embed = model.llama_model.get_input_embeddings()
     tokens = greedy_on_kept(model.llama_model, embed, embeds, kept, NEW, banned=eos)
-    assert out[0].tolist() == tokens
-    # the oracle depends on which tokens are kept: another choice answers differently
-    other = torch.cat([kept[: len(before[0])], kept[len(before[0]) :] + 1]).clamp(max=kept[-1])
+    assert out.sequences[0].tolist() == tokens
+    # the oracle depends on which image tokens are kept: other ones answer differently
+    dropped = image.nonzero().squeeze(-1)[~torch.isin(image.nonzero().squeeze(-1), kept)]
+    other = torch.cat([(~image).nonzero().squeeze(-1), dropped[:keep]]).sort().values
     assert greedy_on_kept(model.llama_model, embed, embeds, other, NEW, banned=eos) != tokens
 
 
