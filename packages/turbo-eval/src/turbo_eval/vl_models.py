@@ -1,0 +1,693 @@
+"""Vision-language models for the captioning, VQA and retrieval tasks.
+
+:func:`load_vl_model` gives a :class:`VLModel` (a :class:`~turbo_eval.models.LoadedModel`
+with a call head, a tokenizer and an image processor) in one of two ways, nothing
+downloaded:
+
+- **pretrained**: a local folder saved with ``save_pretrained`` (model, tokenizer and,
+  if present, image processor), or a hub id already in the local cache; loaded with
+  ``from_pretrained(..., local_files_only=True)``. MiniGPT-v2 loads from its official
+  files (``minigpt_checkpoint``, ``eva_weights``, ``llama_dir`` model options).
+- **random**: a named checkpoint (:data:`NAMED_MODELS`, e.g.
+  ``Salesforce/blip-image-captioning-base``: ViT-B/16 at 384 px and BERT-base, full
+  size) built from its real configuration with random weights, a tokenizer made in code
+  (:func:`~turbo_eval.vl_tokenizer.word_tokenizer`) and the family's image processor.
+  Quality is then fidelity to the unpatched model. The library's initialisation
+  (std 0.02) makes a random decoder ignore the image (every photo gets the same caption
+  and the same logits, whatever Turbo does), so by default (``init = "scaled"``) every
+  Linear, convolution and embedding weight is redrawn with variance 1 / fan-in: the
+  outputs then depend on the image and fidelity measures something.
+
+Model options (a suite's ``[[models]]`` entry): ``weights`` ("auto": the folder or the
+local cache when the id is there, else random; "random"; "pretrained"), ``init``
+("scaled" or "library"), ``init_seed`` (int), ``config`` (a table of overrides of the
+named config, e.g. ``config = {text_config = {num_hidden_layers = 2}}``), and for
+LLaVA ``llava_mode`` ("tower", "llm" or "both"), ``llm_layer``, ``llm_keep``,
+``llm_method``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .models import LoadedModel
+from .vl_heads import (
+    Blip2Head,
+    Blip2ITMHead,
+    BlipCaptionHead,
+    BlipITMHead,
+    BlipVQAHead,
+    Generation,
+    Head,
+    LlavaHead,
+    MiniGPTHead,
+    RetrievalSession,
+)
+
+__all__ = [
+    "NAMED_MODELS",
+    "VL_ARCHITECTURES",
+    "SpeedInputs",
+    "VLModel",
+    "VLSample",
+    "is_vl_model",
+    "load_vl_model",
+    "scale_weights",
+]
+
+log = logging.getLogger(__name__)
+
+#: transformers classes the tasks can drive: family and call head
+VL_ARCHITECTURES: dict[str, tuple[str, type[Head]]] = {
+    "BlipForConditionalGeneration": ("blip", BlipCaptionHead),
+    "BlipForQuestionAnswering": ("blip", BlipVQAHead),
+    "BlipForImageTextRetrieval": ("blip", BlipITMHead),
+    "Blip2ForConditionalGeneration": ("blip2", Blip2Head),
+    "Blip2ForImageTextRetrieval": ("blip2", Blip2ITMHead),
+    "LlavaForConditionalGeneration": ("llava", LlavaHead),
+}
+MINIGPT = "minigpt-v2"
+
+#: prompt templates per family ({text}: the caption prompt or the question)
+TEMPLATES = {
+    "blip": {"caption": "{text}", "vqa": "{text}"},
+    "blip2": {"caption": "{text}", "vqa": "Question: {text} Answer:"},
+    "llava": {
+        "caption": "USER: <image>\n{text} ASSISTANT:",
+        "vqa": "USER: <image>\n{text} ASSISTANT:",
+    },
+    MINIGPT: {
+        "caption": "[INST] <Img><ImageHere></Img> [caption] {text} [/INST]",
+        "vqa": "[INST] <Img><ImageHere></Img> [vqa] {text} [/INST]",
+    },
+}
+#: the caption prompt a family gets when a task gives none
+CAPTION_PROMPTS = {
+    "blip": "a picture of",
+    "blip2": "",
+    "llava": "Describe the image briefly.",
+    MINIGPT: "Briefly describe this image.",
+}
+_PROMPT_WORDS = ("inst", "img", "imagehere", "vqa", "[", "]", "/", "<", ">", "question", "answer")
+
+
+def _blip(large: bool = False) -> dict[str, Any]:
+    width = 1024 if large else 768
+    return {
+        "vision_config": {
+            "hidden_size": width, "intermediate_size": 4 * width,
+            "num_hidden_layers": 24 if large else 12, "num_attention_heads": 16 if large else 12,
+            "image_size": 384, "patch_size": 16, "layer_norm_eps": 1e-5, "hidden_act": "gelu",
+        },
+        "text_config": {
+            "vocab_size": 30524, "hidden_size": 768, "intermediate_size": 3072,
+            "num_hidden_layers": 12, "num_attention_heads": 12, "encoder_hidden_size": width,
+            "max_position_embeddings": 512, "bos_token_id": 30522, "sep_token_id": 102,
+            "eos_token_id": 2, "pad_token_id": 0, "layer_norm_eps": 1e-12,
+        },
+        "projection_dim": 512, "image_text_hidden_size": 256,
+    }  # fmt: skip
+
+
+_VIT_G = {
+    "hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
+    "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "qkv_bias": True,
+    "layer_norm_eps": 1e-6, "hidden_act": "gelu",
+}  # fmt: skip
+_QFORMER = {
+    "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "intermediate_size": 3072, "encoder_hidden_size": 1408, "cross_attention_frequency": 2,
+    "max_position_embeddings": 512, "pad_token_id": 0,
+}  # fmt: skip
+
+
+def _blip2_opt() -> dict[str, Any]:
+    return {
+        "vision_config": dict(_VIT_G),
+        "qformer_config": dict(_QFORMER),
+        "text_config": {
+            "model_type": "opt", "vocab_size": 50272, "hidden_size": 2560,
+            "num_hidden_layers": 32, "ffn_dim": 10240, "num_attention_heads": 32,
+            "max_position_embeddings": 2048, "word_embed_proj_dim": 2560,
+            "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1,
+        },
+        "num_query_tokens": 32, "image_token_index": 50265,
+    }  # fmt: skip
+
+
+def _blip2_itm() -> dict[str, Any]:
+    return {
+        "vision_config": dict(_VIT_G),
+        "qformer_config": {**_QFORMER, "use_qformer_text_input": True},
+        "num_query_tokens": 32, "image_token_index": None, "image_text_hidden_size": 256,
+    }  # fmt: skip
+
+
+def _llava15() -> dict[str, Any]:
+    return {
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+            "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336,
+            "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu",
+        },
+        "text_config": {
+            "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+            "pad_token_id": 32001,
+        },
+        "image_token_id": 32000, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default", "image_seq_length": 576,
+        "pad_token_id": 32001,
+    }  # fmt: skip
+
+
+def _minigpt() -> dict[str, Any]:
+    return {
+        "llama": {
+            "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+            "pad_token_id": 0,
+        }
+    }  # fmt: skip
+
+
+#: checkpoints built with random weights from their real configuration: (class, config)
+NAMED_MODELS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
+    "Salesforce/blip-image-captioning-base": ("BlipForConditionalGeneration", _blip),
+    "Salesforce/blip-image-captioning-large": (
+        "BlipForConditionalGeneration", lambda: _blip(large=True)
+    ),
+    "Salesforce/blip-itm-base-coco": ("BlipForImageTextRetrieval", _blip),
+    "Salesforce/blip-itm-base-flickr": ("BlipForImageTextRetrieval", _blip),
+    "Salesforce/blip-itm-large-coco": ("BlipForImageTextRetrieval", lambda: _blip(large=True)),
+    "Salesforce/blip-itm-large-flickr": ("BlipForImageTextRetrieval", lambda: _blip(large=True)),
+    "Salesforce/blip-vqa-base": ("BlipForQuestionAnswering", _blip),
+    "Salesforce/blip-vqa-capfilt-large": ("BlipForQuestionAnswering", lambda: _blip(large=True)),
+    "Salesforce/blip2-opt-2.7b": ("Blip2ForConditionalGeneration", _blip2_opt),
+    "Salesforce/blip2-itm-vit-g": ("Blip2ForImageTextRetrieval", _blip2_itm),
+    "llava-hf/llava-1.5-7b-hf": ("LlavaForConditionalGeneration", _llava15),
+    MINIGPT: ("MiniGPTv2", _minigpt),
+}  # fmt: skip
+
+_CONFIG_CLASSES = {"blip": "BlipConfig", "blip2": "Blip2Config", "llava": "LlavaConfig"}
+_OPTION_CHOICES = {
+    "weights": ("auto", "random", "pretrained"),
+    "init": ("scaled", "library"),
+    "llava_mode": ("tower", "llm", "both"),
+    "llm_method": ("prune", "merge"),
+}
+
+
+# --------------------------------------------------------------------- items
+@dataclasses.dataclass(frozen=True)
+class VLSample:
+    """One image with one text (a caption prompt, a caption or a question).
+
+    Attributes:
+        image: an ``(H, W, 3)`` uint8 array or an image file.
+        text: the text.
+        answers: human answers or reference captions (may be empty).
+        key: an id for results (image id, question id).
+    """
+
+    image: Any
+    text: str
+    answers: tuple[str, ...] = ()
+    key: str = ""
+
+
+@dataclasses.dataclass
+class SpeedInputs:
+    """Prepared inputs of the timed call (``LoadedModel.prepare`` for a VL model)."""
+
+    inputs: dict[str, Any]
+    max_new_tokens: int
+
+
+def _as_image(image: Any) -> Any:
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(array[:, :, :3]))
+
+
+# --------------------------------------------------------------------- model
+@dataclasses.dataclass
+class VLModel(LoadedModel):
+    """A captioning, VQA or image-text matching model with its tokenizer and processor.
+
+    ``prepare`` / ``forward_features`` are the timed call of the runner's throughput
+    cells: greedy generation of exactly ``SpeedInputs.max_new_tokens`` tokens (caption
+    and VQA heads) or the ITM forward on image-text pairs (matching heads).
+
+    Attributes:
+        head: the family's call logic (:mod:`turbo_eval.vl_heads`).
+        family: ``"blip"``, ``"blip2"``, ``"llava"`` or ``"minigpt-v2"``.
+        weights: ``"pretrained"`` or ``"random"`` (then quality is fidelity only).
+        tokenizer: the text tokenizer.
+        speed_purpose: what the timed call's texts are (``"caption"`` or ``"vqa"``).
+        speed_tokens: tokens the timed call generates (the task sets both).
+    """
+
+    head: Head | None = None
+    family: str = ""
+    weights: str = "pretrained"
+    tokenizer: Any = None
+    speed_purpose: str = "caption"
+    speed_tokens: int = 20
+
+    @property
+    def kind(self) -> str:
+        """``"generate"`` (captions, answers) or ``"match"`` (image-text retrieval)."""
+        return self._head.kind
+
+    @property
+    def _head(self) -> Head:
+        if self.head is None:
+            raise TypeError(f"model {self.name!r} has no vision-language head")
+        return self.head
+
+    @property
+    def caption_prompt(self) -> str:
+        return CAPTION_PROMPTS.get(self.family, "")
+
+    def purposes(self) -> tuple[str, ...]:
+        return self._head.purposes
+
+    # ---------------------------------------------------------- calls
+    def inputs(self, samples: Sequence[VLSample], purpose: str) -> dict[str, Any]:
+        return self._head.inputs([s.image for s in samples], [s.text for s in samples], purpose)
+
+    def generate(
+        self, samples: Sequence[VLSample], purpose: str, max_new_tokens: int
+    ) -> Generation:
+        """Greedy captions or answers of the current method (patched or not)."""
+        with torch.inference_mode():
+            return self._head.generate(self.module, self.inputs(samples, purpose), max_new_tokens)
+
+    def teacher_forced(
+        self, samples: Sequence[VLSample], purpose: str, tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """``(B, T, V)`` logits predicting each of ``tokens`` given the ones before."""
+        with torch.inference_mode():
+            inputs = self.inputs(samples, purpose)
+            return self._head.teacher_forced(self.module, inputs, tokens)
+
+    def retrieval(
+        self, images: Sequence[Any], texts: Sequence[str], batch_size: int
+    ) -> RetrievalSession:
+        """ITC and ITM scores of ``images`` against ``texts`` (matching heads only)."""
+        head = self._head
+        if not isinstance(head, (BlipITMHead, Blip2ITMHead)):
+            raise TypeError(f"model {self.name!r} has no image-text matching head")
+        with torch.inference_mode():
+            session = head.retrieval(self.module, images, texts, batch_size)
+        itc, itm = session.itc, session.itm
+
+        def guarded_itc() -> torch.Tensor:
+            with torch.inference_mode():
+                return itc()
+
+        def guarded_itm(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return itm(image_idx, text_idx)
+
+        session.itc, session.itm = guarded_itc, guarded_itm  # type: ignore[method-assign]
+        return session
+
+    def end_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` number of real tokens per row: up to and including the first end token."""
+        found = tokens == self._head.eos_id
+        first = torch.where(found.any(1), found.int().argmax(1) + 1, tokens.shape[1])
+        return first
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        """Text of generated tokens (up to the end token, special tokens dropped)."""
+        ends = self.end_index(tokens)
+        rows = [row[:end].tolist() for row, end in zip(tokens, ends, strict=True)]
+        return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+    def example_inputs(self) -> Any:
+        noise = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+        return self.prepare([VLSample(image, "a b") for image in noise])
+
+    # -------------------------------------------------------- methods
+    def set_method(self, overrides: dict[str, Any] | None) -> None:
+        super().set_method(overrides)
+        if self.handle is not None and self.family == "llava":
+            _llava_settings(self.handle, self.options)
+
+
+def _llava_settings(handle: Any, options: Mapping[str, Any]) -> None:
+    """LLaVA's LLM mode from the model options (tower mode is the adapter's default)."""
+    mode = options.get("llava_mode")
+    if mode is None:
+        return
+    from turbo_adapters.families.llava_llm import LLMReduction
+
+    wanted = LLMReduction(
+        layer=int(options.get("llm_layer", 2)),
+        keep=float(options.get("llm_keep", 0.5)),
+        method=str(options.get("llm_method", "prune")),
+    )
+    if handle.llm != wanted:
+        handle.llm = wanted
+    handle.modes = mode
+
+
+# ------------------------------------------------------------------ loading
+def is_vl_model(name: str, options: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``name`` is a named VL checkpoint or a local folder of a VL class."""
+    if name in NAMED_MODELS:
+        return True
+    path = Path(name).expanduser()
+    config = path / "config.json"
+    if path.is_dir() and config.is_file():
+        try:
+            architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures")
+        except (OSError, ValueError):
+            return False
+        return any(a in VL_ARCHITECTURES for a in architectures or ())
+    return False
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    for key, allowed in _OPTION_CHOICES.items():
+        if key in options and options[key] not in allowed:
+            raise ValueError(
+                f"model option {key} must be one of {list(allowed)}, got {options[key]!r}"
+            )
+    for key in ("init_seed", "llm_layer"):
+        value = options.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"model option {key} must be an int >= 0, got {value!r}")
+    keep = options.get("llm_keep", 0.5)
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise ValueError(f"model option llm_keep must be a number in (0, 1], got {keep!r}")
+    if not isinstance(options.get("config", {}), Mapping):
+        raise ValueError(f"model option config must be a table, got {options['config']!r}")
+
+
+def load_vl_model(
+    name: str, resolution: int | None = None, options: Mapping[str, Any] | None = None
+) -> VLModel:
+    """A :class:`VLModel` from a local folder, the local cache, or a named config.
+
+    Raises:
+        ValueError: an option out of range (named), or ``weights = "pretrained"`` for a
+            checkpoint that is neither a local folder nor in the local cache.
+    """
+    options = dict(options or {})
+    _check_options(options)
+    weights = options.get("weights", "auto")
+    if name == MINIGPT:
+        model = _load_minigpt(options, weights)
+    elif weights == "random":
+        model = _random(name, options)
+    else:
+        try:
+            model = _pretrained(name)
+        except OSError as error:
+            if weights == "pretrained" or name not in NAMED_MODELS:
+                raise ValueError(
+                    f"model {name!r}: no local folder or cached checkpoint ({error}); "
+                    'set weights = "random" for a named checkpoint\'s config with random weights'
+                ) from error
+            log.info("%s is not in the local cache: random weights from its config", name)
+            model = _random(name, options)
+    size = model.head.pixels.size if model.head is not None else None  # type: ignore[attr-defined]
+    if resolution is not None and size is not None and resolution != size:
+        raise ValueError(
+            f"resolution must be the model's own image size {size} for {name!r} (its position "
+            f"embeddings are fixed), got {resolution}"
+        )
+    model.options = options
+    return model
+
+
+class _Pixels:
+    """Images (arrays, files, PIL) -> the model's pixel tensor, through a transformers
+    image processor."""
+
+    def __init__(self, processor: Any, size: int) -> None:
+        self.processor = processor
+        self.size = size
+
+    def __call__(self, images: Sequence[Any]) -> torch.Tensor:
+        if not len(images):
+            raise ValueError("images must not be empty")
+        batch = self.processor([_as_image(i) for i in images], return_tensors="pt")
+        return batch["pixel_values"]
+
+
+def _image_processor(family: str, size: int) -> Any:
+    import transformers
+
+    if family == "llava":
+        return transformers.CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+    return transformers.BlipImageProcessor(size={"height": size, "width": size})
+
+
+def _vision_size(config: Any) -> int:
+    vision = getattr(config, "vision_config", None)
+    return int(vision.image_size if vision is not None else config.image_size)
+
+
+def _assemble(
+    name: str, module: nn.Module, architecture: str, tokenizer: Any, processor: Any, weights: str
+) -> VLModel:
+    family, head_class = VL_ARCHITECTURES[architecture]
+    config = module.config
+    size = _vision_size(config)
+    head = head_class(config, tokenizer, _Pixels(processor, size), TEMPLATES[family])
+    return _vl_model(name, module, family, head, tokenizer, weights)
+
+
+def _vl_model(
+    name: str, module: nn.Module, family: str, head: Head, tokenizer: Any, weights: str
+) -> VLModel:
+    def prepare(items: Sequence[Any]) -> SpeedInputs:
+        samples = [i if isinstance(i, VLSample) else VLSample(i, "") for i in items]
+        purpose = model.speed_purpose if model.speed_purpose in head.purposes else head.purposes[0]
+        texts = [s.text or (model.caption_prompt if purpose == "caption" else "") for s in samples]
+        inputs = head.inputs([s.image for s in samples], texts, purpose)
+        return SpeedInputs(inputs, model.speed_tokens)
+
+    def forward(module: nn.Module, prepared: SpeedInputs, handle: Any) -> Any:
+        return head.speed(module, prepared.inputs, prepared.max_new_tokens)
+
+    model = VLModel(
+        name, module.eval(), "vision-language", prepare, forward,
+        head=head, family=family, weights=weights, tokenizer=tokenizer,
+    )  # fmt: skip
+    return model
+
+
+def _pretrained(name: str) -> VLModel:
+    """``from_pretrained`` on a local folder or a cached hub id (never downloads)."""
+    import transformers
+
+    source = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+    config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+    architecture = next(
+        (a for a in getattr(config, "architectures", None) or () if a in VL_ARCHITECTURES), None
+    )
+    if architecture is None and name in NAMED_MODELS:
+        architecture = NAMED_MODELS[name][0]
+    if architecture is None:
+        raise ValueError(
+            f"{name!r} holds {getattr(config, 'architectures', None)}; the vision-language "
+            f"tasks drive {sorted(VL_ARCHITECTURES)}"
+        )
+    module = getattr(transformers, architecture).from_pretrained(source, local_files_only=True)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise OSError(f"no tokenizer saved with {name!r}: {error}") from error
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        family = VL_ARCHITECTURES[architecture][0]
+        processor = _image_processor(family, _vision_size(module.config))
+    return _assemble(name, module, architecture, tokenizer, processor, "pretrained")
+
+
+def _merged(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _random(name: str, options: Mapping[str, Any]) -> VLModel:
+    import transformers
+
+    if name not in NAMED_MODELS:
+        raise ValueError(
+            f"random weights need a named configuration; {name!r} is not one of "
+            f"{sorted(NAMED_MODELS)}"
+        )
+    architecture, base = NAMED_MODELS[name]
+    family = VL_ARCHITECTURES[architecture][0]
+    settings = _merged(base(), options.get("config", {}))
+    config = getattr(transformers, _CONFIG_CLASSES[family])(**settings)
+    torch.manual_seed(int(options.get("init_seed", 0)))
+    module = getattr(transformers, architecture)(config).eval()
+    if options.get("init", "scaled") == "scaled":
+        scale_weights(module, int(options.get("init_seed", 0)))
+    tokenizer = _tokenizer_for(family, architecture, config)
+    processor = _image_processor(family, _vision_size(config))
+    return _assemble(name, module, architecture, tokenizer, processor, "random")
+
+
+@torch.no_grad()
+def scale_weights(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Redraw Linear, convolution and embedding weights with variance 1 / fan-in.
+
+    Random weights of the library's std 0.02 leave the image's contribution to a
+    decoder's residual stream negligible; at unit gain every layer passes on what it
+    reads, so the outputs (captions, answers, match scores) depend on the image.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    seen: set[int] = set()
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)):
+            weight = layer.weight
+            if id(weight) in seen or weight.dim() < 2:
+                continue
+            seen.add(id(weight))
+            fan = weight.shape[1] if isinstance(layer, nn.Embedding) else weight[0].numel()
+            weight.copy_(torch.randn(weight.shape, generator=generator) / fan**0.5)
+    return module
+
+
+def _tokenizer_for(family: str, architecture: str, config: Any) -> Any:
+    """A word-level tokenizer laid out on the config's vocabulary and special ids."""
+    from .vl_tokenizer import word_tokenizer
+
+    def free(preferred: int, taken: set[int], vocab: int) -> int:
+        index = preferred if preferred < vocab and preferred not in taken else vocab - 1
+        while index in taken:
+            index -= 1
+        taken.add(index)
+        return index
+
+    if family == "blip" or architecture == "Blip2ForImageTextRetrieval":
+        text = config.text_config if family == "blip" else config.qformer_config
+        vocab = int(text.vocab_size)
+        pad = int(text.pad_token_id or 0)
+        specials = {"[PAD]": pad}
+        taken = {pad}
+        if family == "blip":
+            specials["[SEP]"] = int(text.sep_token_id)
+            specials["[DEC]"] = int(text.bos_token_id)
+            taken |= {specials["[SEP]"], specials["[DEC]"]}
+        else:
+            specials["[SEP]"] = free(102, taken, vocab)
+        for token, preferred in (("[UNK]", 100), ("[CLS]", 101), ("[MASK]", 103)):
+            specials[token] = free(preferred, taken, vocab)
+        roles = {"pad_token": "[PAD]", "sep_token": "[SEP]", "cls_token": "[CLS]"}
+        roles.update(mask_token="[MASK]", eos_token="[SEP]")
+        if family == "blip":
+            roles["bos_token"] = "[DEC]"
+        return word_tokenizer(
+            vocab, specials, unk_token="[UNK]", template=("[CLS]", "[SEP]"), **roles
+        )
+    text = config.llama if family == MINIGPT else config.text_config
+    vocab = int(text.vocab_size)
+    image = getattr(config, "image_token_id", None)
+    if image is None:
+        image = getattr(config, "image_token_index", None)
+    placeholder = {} if image is None else {"<image>": int(image)}
+    if getattr(text, "model_type", "") == "t5":
+        pad, eos = int(text.pad_token_id), int(text.eos_token_id)
+        taken = {pad, eos, *placeholder.values()}
+        specials = {"<pad>": pad, "</s>": eos, **placeholder, "<unk>": free(2, taken, vocab)}
+        template: tuple[str | None, str | None] = (None, "</s>")
+        roles = {"pad_token": "<pad>", "eos_token": "</s>"}
+    else:
+        bos = int(text.bos_token_id if text.bos_token_id is not None else 1)
+        eos = int(text.eos_token_id if text.eos_token_id is not None else 2)
+        bos_name = "</s>" if bos == eos else "<s>"
+        specials = {bos_name: bos, "</s>": eos, **placeholder}
+        taken = {bos, eos, *placeholder.values()}
+        roles = {"bos_token": bos_name, "eos_token": "</s>"}
+        pad = text.pad_token_id
+        if pad is not None and int(pad) not in taken:
+            specials["<pad>"] = int(pad)
+            taken.add(int(pad))
+        specials["<unk>"] = free(3 if family == "blip2" else 0, taken, vocab)
+        # the pad role: its own token, or the token already on the pad id, else <unk>
+        by_id = {i: t for t, i in specials.items()}
+        roles["pad_token"] = by_id[int(pad)] if pad is not None else "<unk>"
+        template = (bos_name, None)
+    return word_tokenizer(
+        vocab, specials, unk_token="<unk>", template=template, extra_words=_PROMPT_WORDS, **roles
+    )
+
+
+def _load_minigpt(options: Mapping[str, Any], weights: str) -> VLModel:
+    """MiniGPT-v2: official files (``minigpt_checkpoint``, ``eva_weights``, ``llama_dir``)
+    or, without them, random weights from the config."""
+    from turbo_adapters.models import MiniGPTv2, MiniGPTv2Config, load_minigptv2
+
+    paths = {k: options.get(k) for k in ("minigpt_checkpoint", "eva_weights", "llama_dir")}
+    settings = _merged(_minigpt(), options.get("config", {}))
+    if weights != "random" and all(paths.values()):
+        import transformers
+
+        config = MiniGPTv2Config(**{k: v for k, v in settings.items() if k != "llama"})
+        module, report = load_minigptv2(
+            paths["minigpt_checkpoint"], paths["eva_weights"], paths["llama_dir"], config
+        )
+        if not report.ok:
+            raise ValueError(
+                f"MiniGPT-v2 files do not match the model: missing {report.missing}, "
+                f"unexpected {report.unexpected}"
+            )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            paths["llama_dir"], local_files_only=True
+        )
+        kind = "pretrained"
+    elif weights == "pretrained" or any(paths.values()):
+        missing = sorted(k for k, v in paths.items() if not v)
+        raise ValueError(f"MiniGPT-v2 pretrained weights need the model options {missing}")
+    else:
+        from transformers import LlamaConfig
+
+        llama = LlamaConfig(**settings.pop("llama"))
+        config = MiniGPTv2Config(**settings, llama=llama)
+        torch.manual_seed(int(options.get("init_seed", 0)))
+        module = MiniGPTv2(config)
+        if options.get("init", "scaled") == "scaled":
+            scale_weights(module, int(options.get("init_seed", 0)))
+        tokenizer = _tokenizer_for(MINIGPT, "MiniGPTv2", config)
+        kind = "random"
+    processor = _image_processor(MINIGPT, module.config.image_size)
+    head = MiniGPTHead(
+        module.config, tokenizer, _Pixels(processor, module.config.image_size), TEMPLATES[MINIGPT]
+    )
+    return _vl_model(MINIGPT, module, MINIGPT, head, tokenizer, kind)
