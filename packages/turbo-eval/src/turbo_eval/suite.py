@@ -43,6 +43,8 @@ __all__ = [
     "Suite",
     "SuiteError",
     "TaskSpec",
+    "embedded_suites",
+    "find_suite",
     "load_suite",
     "parse_suite",
 ]
@@ -433,3 +435,33 @@ def default_suite(quick: bool = False) -> Suite:
     name = "quick.toml" if quick else "default.toml"
     text = (files("turbo_eval") / "suites" / name).read_text(encoding="utf-8")
     return parse_suite(text, f"<embedded {name}>", "toml")
+
+
+def embedded_suites() -> list[str]:
+    """Names of the suites shipped in ``turbo_eval/suites`` (``default``, ``quick``, ``vl``)."""
+    from importlib.resources import files
+
+    folder = files("turbo_eval") / "suites"
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
+
+
+def find_suite(name_or_path: str | Path) -> Suite:
+    """A suite file, or an embedded suite by name (a file of that name wins).
+
+    Raises:
+        FileNotFoundError: neither a file nor an embedded suite's name.
+    """
+    from importlib.resources import files
+
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return load_suite(path)
+    name = str(name_or_path)
+    if name in embedded_suites():
+        text = (files("turbo_eval") / "suites" / f"{name}.toml").read_text(encoding="utf-8")
+        return parse_suite(text, f"<embedded {name}.toml>", "toml")
+    raise FileNotFoundError(
+        f"suite {name!r} is neither a file nor an embedded suite {embedded_suites()}"
+    )
