@@ -519,17 +519,44 @@ def _pretrained(name: str) -> VLModel:
             f"{name!r} holds {getattr(config, 'architectures', None)}; the vision-language "
             f"tasks drive {sorted(VL_ARCHITECTURES)}"
         )
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from the model type instead
+        raise OSError(f"no tokenizer saved in {folder} (none of {list(_TOKENIZER_FILES)})")
     module = getattr(transformers, architecture).from_pretrained(source, local_files_only=True)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
         raise OSError(f"no tokenizer saved with {name!r}: {error}") from error
+    vocab = _text_vocab(module.config, architecture)
+    if vocab and len(tokenizer) < vocab // 2:
+        raise OSError(
+            f"the tokenizer found for {name!r} has {len(tokenizer)} tokens for a vocabulary of "
+            f"{vocab}: save the checkpoint's own tokenizer with it"
+        )
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError):
         family = VL_ARCHITECTURES[architecture][0]
         processor = _image_processor(family, _vision_size(module.config))
     return _assemble(name, module, architecture, tokenizer, processor, "pretrained")
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+)  # fmt: skip
+
+
+def _text_vocab(config: Any, architecture: str) -> int:
+    """The vocabulary the tokenizer serves (BLIP-2's ITM reads text with the Q-Former's)."""
+    parts = (
+        ("qformer_config",) if architecture == "Blip2ForImageTextRetrieval" else ("text_config",)
+    )
+    for part in parts:
+        sub = getattr(config, part, None)
+        if sub is not None and getattr(sub, "vocab_size", None):
+            return int(sub.vocab_size)
+    return 0
 
 
 def _merged(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
