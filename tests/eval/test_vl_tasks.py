@@ -214,6 +214,23 @@ def test_llava_llm_mode_from_model_options() -> None:
     model.set_method(None)
 
 
+def test_scaled_init_draws_the_documented_scales() -> None:
+    model = tiny(
+        CAPTION, config={**BLIP, "text_config": {**BLIP["text_config"], "hidden_size": 256}}
+    )
+    layers = model.module.text_decoder.bert.encoder.layer  # 2 post-norm layers, width 256
+    attention = layers[0].attention
+    for weight, expected in (
+        (attention.self.query.weight, 2 / 256**0.5),  # query/key gain 2
+        (attention.self.value.weight, 1 / 256**0.5),
+        (attention.output.dense.weight, 1 / 256**0.5 / 2),  # 1/sqrt(2 x 2 layers)
+        (layers[1].output.dense.weight, 1 / 64**0.5 / 2),  # the MLP out, fan-in 64
+    ):
+        assert float(weight.std()) == pytest.approx(expected, rel=0.05)
+    qkv = model.module.vision_model.encoder.layers[0].self_attn.qkv.weight  # fused: q, k, v
+    assert float(qkv[:32].std()) == pytest.approx(2 * float(qkv[64:].std()), rel=0.25)
+
+
 # --------------------------------------------------------------------- retrieval
 @pytest.mark.parametrize("name", [ITM, BLIP2_ITM])
 def test_retrieval_r0_is_the_baseline_and_r_positive_differs(name: str) -> None:
@@ -300,6 +317,8 @@ def test_loader_errors_name_what_is_missing(tmp_path: Path) -> None:
         load_model(LLAVA, None, {"weights": "random", "llm_keep": 2.0})
     with pytest.raises(ValueError, match="resolution"):
         load_model(CAPTION, 64, {"weights": "random", "config": BLIP})
+    with pytest.raises(TypeError, match="prune side supports image models"):
+        model.set_method({"r": 2, "model_side": "prune"})
 
 
 # ------------------------------------------------------------------ data loaders

@@ -13,10 +13,10 @@ downloaded:
   size) built from its real configuration with random weights, a tokenizer made in code
   (:func:`~turbo_eval.vl_tokenizer.word_tokenizer`) and the family's image processor.
   Quality is then fidelity to the unpatched model. The library's initialisation
-  (std 0.02) makes a random decoder ignore the image (every photo gets the same caption
-  and the same logits, whatever Turbo does), so by default (``init = "scaled"``) every
-  Linear, convolution and embedding weight is redrawn with variance 1 / fan-in: the
-  outputs then depend on the image and fidelity measures something.
+  (std 0.02) gives a random BLIP the same caption and the same logits for every photo,
+  whatever Turbo does, so by default (``init = "scaled"``, :func:`scale_weights`)
+  weights are redrawn so that outputs depend on the image: variance 1 / fan-in, GPT-2's
+  scaled residual branches, sharper attention.
 
 Model options (a suite's ``[[models]]`` entry): ``weights`` ("auto": the folder or the
 local cache when the id is there, else random; "random"; "pretrained"), ``init``
@@ -346,8 +346,9 @@ class VLModel(LoadedModel):
         return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
     def example_inputs(self) -> Any:
+        """Keyword inputs of the timed call on two noise images (for model-side steps)."""
         noise = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-        return self.prepare([VLSample(image, "a b") for image in noise])
+        return self.prepare([VLSample(image, "a b") for image in noise]).inputs
 
     # -------------------------------------------------------- methods
     def set_method(self, overrides: dict[str, Any] | None) -> None:
@@ -590,24 +591,66 @@ def _random(name: str, options: Mapping[str, Any]) -> VLModel:
     return _assemble(name, module, architecture, tokenizer, processor, "random")
 
 
-@torch.no_grad()
-def scale_weights(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Redraw Linear, convolution and embedding weights with variance 1 / fan-in.
+#: attention projections whose weights :func:`scale_weights` multiplies by its gain
+_QUERY_KEY = ("query", "key", "q_proj", "k_proj")
+#: the last projection of a residual branch (attention output, MLP output) in a layer
+_BRANCH_OUT = ("projection", "proj", "out_proj", "o_proj", "fc2", "down_proj")
 
-    Random weights of the library's std 0.02 leave the image's contribution to a
-    decoder's residual stream negligible; at unit gain every layer passes on what it
-    reads, so the outputs (captions, answers, match scores) depend on the image.
+
+def _branch_output(name: str) -> bool:
+    parts = [p for p in name.split(".") if p != "base_layer"]  # a peft-wrapped Linear
+    # BERT-style layers (BLIP text, Q-Former): attention.output.dense, output.dense
+    return parts[-1] in _BRANCH_OUT or (
+        parts[-1] == "dense" and len(parts) > 1 and parts[-2].startswith("output")
+    )
+
+
+@torch.no_grad()
+def scale_weights(module: nn.Module, seed: int = 0, attention_gain: float = 2.0) -> nn.Module:
+    """Random weights under which a deep model's outputs depend on its input.
+
+    Every Linear, convolution and embedding weight is drawn with variance 1 / fan-in;
+    in each stack of L layers the last projection of every residual branch (attention
+    output, MLP output) is scaled by 1 / sqrt(2 L), GPT-2's scaled initialisation; query
+    and key projections (``query``/``key``, ``q_proj``/``k_proj``, the q and k rows of a
+    fused ``qkv``) are multiplied by ``attention_gain``.
+
+    Why: with the library's std 0.02 the image hardly reaches a decoder's residual
+    stream, and in a deep post-norm stack (BLIP's BERT-base encoder and decoders) at unit
+    gain every token's representation converges to the same vector (rank collapse), so
+    every question gets the same answer distribution whatever the image or the method;
+    near-uniform attention over 577 image tokens also returns about their mean. Trained
+    models keep tokens apart and attend sharply: the scaled branches keep each token's
+    own signal through depth, and a gain of 2 puts the attention logits' standard
+    deviation near 4.
     """
     generator = torch.Generator().manual_seed(seed)
     seen: set[int] = set()
-    for layer in module.modules():
-        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)):
-            weight = layer.weight
-            if id(weight) in seen or weight.dim() < 2:
-                continue
-            seen.add(id(weight))
-            fan = weight.shape[1] if isinstance(layer, nn.Embedding) else weight[0].numel()
-            weight.copy_(torch.randn(weight.shape, generator=generator) / fan**0.5)
+    for name, layer in module.named_modules():
+        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)):
+            continue
+        weight = layer.weight
+        if id(weight) in seen or weight.dim() < 2:
+            continue
+        seen.add(id(weight))
+        fan = weight.shape[1] if isinstance(layer, nn.Embedding) else weight[0].numel()
+        weight.copy_(torch.randn(weight.shape, generator=generator) / fan**0.5)
+        parts = name.split(".")
+        leaf = parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]  # peft
+        if leaf in _QUERY_KEY:
+            weight.mul_(attention_gain)
+        elif leaf == "qkv" and weight.shape[0] % 3 == 0:
+            weight[: 2 * weight.shape[0] // 3].mul_(attention_gain)
+    for stack in module.modules():
+        if not isinstance(stack, nn.ModuleList) or len(stack) < 1:
+            continue
+        if len({type(layer) for layer in stack}) != 1:
+            continue
+        scale = (2 * len(stack)) ** -0.5
+        for layer in stack:
+            for name, sub in layer.named_modules():
+                if isinstance(sub, nn.Linear) and _branch_output(name):
+                    sub.weight.mul_(scale)
     return module
 
 
