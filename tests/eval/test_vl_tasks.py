@@ -119,8 +119,14 @@ TINY: dict[str, dict[str, Any]] = {
         ),
     },
 }
+#: BLIP-2 with a T5 language model (encoder-decoder): a variant of the OPT entry
+BLIP2_T5 = "blip2-t5"
+T5 = dict(
+    model_type="t5", vocab_size=400, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+    decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, bos_token_id=None,
+)  # fmt: skip
 #: tokens merged per block: enough to change outputs of each tiny tower
-R = {CAPTION: 4, VQA: 4, ITM: 4, BLIP2: 4, BLIP2_ITM: 4, LLAVA: 12, MINIGPT: 8}
+R = {CAPTION: 4, VQA: 4, ITM: 4, BLIP2: 4, BLIP2_T5: 4, BLIP2_ITM: 4, LLAVA: 12, MINIGPT: 8}
 SUITE = parse_suite('[[models]]\nname = "x"\n[[tasks]]\nkind = "fidelity"\nmodel = "x"\n', "s")
 
 
@@ -133,6 +139,8 @@ def _one_thread():
 
 
 def tiny(name: str, **options: Any) -> VLModel:
+    if name == BLIP2_T5:
+        return tiny(BLIP2, config={**TINY[BLIP2], "text_config": T5}, **options)
     if name == MINIGPT:
         pytest.importorskip("peft")
         pytest.importorskip("timm")
@@ -165,7 +173,7 @@ def photos_available() -> None:
 
 
 # ----------------------------------------------------------------------- caption
-@pytest.mark.parametrize("name", [CAPTION, BLIP2, LLAVA, MINIGPT])
+@pytest.mark.parametrize("name", [CAPTION, BLIP2, BLIP2_T5, LLAVA, MINIGPT])
 def test_caption_r0_is_the_baseline_and_r_positive_differs(name: str) -> None:
     photos_available()
     pytest.importorskip("pycocoevalcap")
@@ -186,7 +194,7 @@ def test_caption_r0_is_the_baseline_and_r_positive_differs(name: str) -> None:
     model.set_method(None)
 
 
-@pytest.mark.parametrize("name", [VQA, BLIP2, LLAVA, MINIGPT])
+@pytest.mark.parametrize("name", [VQA, BLIP2, BLIP2_T5, LLAVA, MINIGPT])
 def test_vqa_on_easy_vqa_r0_is_the_baseline_and_r_positive_differs(name: str) -> None:
     pytest.importorskip("easy_vqa")
     model = tiny(name)

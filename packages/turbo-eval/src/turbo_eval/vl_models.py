@@ -563,7 +563,9 @@ def _text_vocab(config: Any, architecture: str) -> int:
 def _merged(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in changes.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+        kind = value.get("model_type") if isinstance(value, Mapping) else None
+        same_kind = isinstance(out.get(key), dict) and kind in (None, out[key].get("model_type"))
+        if isinstance(value, Mapping) and same_kind:  # another model type replaces the part
             out[key] = _merged(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
