@@ -341,21 +341,27 @@ class RetrievalSession:
     Args:
         itc: ``() -> (I, T)`` similarities.
         itm: ``(image_idx, text_idx) -> (n,)`` match probabilities of those pairs.
+        shape: ``(I, T)``: how many images and texts.
+        batch_size: pairs per ITM call.
     """
 
     def __init__(
         self,
         itc: Callable[[], torch.Tensor],
         itm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        shape: tuple[int, int],
         batch_size: int,
     ) -> None:
         self._itc = itc
         self._itm = itm
+        self.shape = shape
         self.batch_size = batch_size
 
+    @torch.inference_mode()
     def itc(self) -> torch.Tensor:
         return self._itc().float()
 
+    @torch.inference_mode()
     def itm(self, image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
         """Match probabilities of pairs, computed ``batch_size`` pairs at a time."""
         out = [
@@ -370,8 +376,6 @@ class RetrievalSession:
         text_idx = torch.arange(texts).repeat_interleave(images)
         image_idx = torch.arange(images).repeat(texts)
         return self.itm(image_idx, text_idx).view(texts, images)
-
-    shape: tuple[int, int] = (0, 0)
 
 
 class BlipITMHead(Head):
@@ -425,9 +429,7 @@ class BlipITMHead(Head):
             ).last_hidden_state
             return module.itm_head(out[:, 0]).softmax(-1)[:, 1]
 
-        session = RetrievalSession(itc, itm, batch_size)
-        session.shape = (len(images), len(texts))
-        return session
+        return RetrievalSession(itc, itm, (len(images), len(texts)), batch_size)
 
 
 class Blip2ITMHead(Head):
@@ -476,6 +478,4 @@ class Blip2ITMHead(Head):
             )  # fmt: skip
             return out.logits_per_image.softmax(-1)[:, 1]
 
-        session = RetrievalSession(itc, itm, batch_size)
-        session.shape = (len(images), len(texts))
-        return session
+        return RetrievalSession(itc, itm, (len(images), len(texts)), batch_size)

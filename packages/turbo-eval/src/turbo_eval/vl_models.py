@@ -318,20 +318,8 @@ class VLModel(LoadedModel):
         head = self._head
         if not isinstance(head, (BlipITMHead, Blip2ITMHead)):
             raise TypeError(f"model {self.name!r} has no image-text matching head")
-        with torch.inference_mode():
-            session = head.retrieval(self.module, images, texts, batch_size)
-        itc, itm = session.itc, session.itm
-
-        def guarded_itc() -> torch.Tensor:
-            with torch.inference_mode():
-                return itc()
-
-        def guarded_itm(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                return itm(image_idx, text_idx)
-
-        session.itc, session.itm = guarded_itc, guarded_itm  # type: ignore[method-assign]
-        return session
+        with torch.inference_mode():  # the session's own calls run without gradients too
+            return head.retrieval(self.module, images, texts, batch_size)
 
     def end_index(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B,)`` number of real tokens per row: up to and including the first end token."""
