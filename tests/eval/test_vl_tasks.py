@@ -547,3 +547,14 @@ def test_a_tiny_vl_suite_runs_end_to_end_with_intervals(tmp_path: Path, capsys) 
     assert {r["metric"] for r in rows} == {"token_agreement", "itm_spearman"}
     speed = json.loads(next((out / "speed").glob("*caption*.json")).read_text())
     assert set(speed["timing"]["groups"]) == {"4"}
+
+
+def test_bench_times_the_generate_call_of_a_vl_model() -> None:
+    from turbo_eval.bench import bench_model
+
+    model = tiny(CAPTION)
+    model.speed_tokens = 3
+    figures = bench_model(CAPTION, r_values=(4,), batch=2, repeats=1, loaded=model)
+    rows = figures["configs"]
+    assert rows["turbo r=4"]["tokens_after_last_block"] == 9  # 17 -> 13 -> 9
+    assert rows["turbo r=4"]["flops_ratio"] > 1.05
