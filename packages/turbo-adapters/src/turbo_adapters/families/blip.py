@@ -205,15 +205,16 @@ def _install_cross_attention(patch: TurboPatch, attention: nn.Module) -> None:
             inner = attention.self
             width = inner.attention_head_size
 
-            def project() -> tuple[torch.Tensor, torch.Tensor]:
-                q = rearrange(inner.query(hidden_states), "b t (h d) -> b h t d", d=width)
-                k = rearrange(inner.key(call.image), "b n (h d) -> b h n d", d=width)
-                return q, k
+            def queries() -> torch.Tensor:
+                return rearrange(inner.query(hidden_states), "b t (h d) -> b h t d", d=width)
+
+            def keys() -> torch.Tensor:
+                return rearrange(inner.key(call.image), "b n (h d) -> b h n d", d=width)
 
             bias = None
             if inner in _BIASED:  # rank with the attention this layer will compute
                 bias = size_log_bias(call.size, hidden_states.dtype)
-            guided.reduce_image(call, project, scale=width**-0.5, bias=bias)
+            guided.reduce_image(call, queries, keys, scale=width**-0.5, bias=bias)
         if call.reduced is call.image:  # nothing removed: the call as it was
             return original(hidden_states, attention_mask, encoder_hidden_states, **kwargs)
         # BLIP's image mask is all ones; the reduced image has no padding either

@@ -325,13 +325,14 @@ def _install_cross_attention(patch: TurboPatch, hooks: _QFormerHooks, attention:
                 queries = kwargs["hidden_states"]
                 width = inner.attention_head_size
 
-                def project() -> tuple[torch.Tensor, torch.Tensor]:
-                    q = rearrange(inner.query(queries), "b t (h d) -> b h t d", d=width)
-                    k = rearrange(inner.key(image), "b n (h d) -> b h n d", d=width)
-                    return q, k
+                def rows() -> torch.Tensor:
+                    return rearrange(inner.query(queries), "b t (h d) -> b h t d", d=width)
+
+                def keys() -> torch.Tensor:
+                    return rearrange(inner.key(image), "b n (h d) -> b h n d", d=width)
 
                 bias = size_log_bias(size, queries.dtype) if hooks.bias else None
-                guided.reduce_image(call, project, scale=inner.scaling, bias=bias)
+                guided.reduce_image(call, rows, keys, scale=inner.scaling, bias=bias)
             image, size = call.reduced, call.reduced_size
         if hooks.bias and size is not None:
             mask = size_log_bias(size, kwargs["hidden_states"].dtype)

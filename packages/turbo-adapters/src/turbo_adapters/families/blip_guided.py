@@ -33,6 +33,7 @@ __all__ = [
     "GuidedCall",
     "active",
     "add_guided_site",
+    "check_options",
     "guided_call",
     "rank_image",
     "reduce_image",
@@ -74,14 +75,6 @@ class GuidedCall:
         """Sizes of :attr:`reduced` (None: all ones)."""
         return self.call.state.size
 
-    def image_size(self, image: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
-        """``(known, size)`` for an image a cross-attention receives in this call."""
-        if self.reduced is not None and image is self.reduced:
-            return True, self.reduced_size
-        if image is self.image:
-            return True, self.size
-        return False, None
-
 
 _GUIDED: contextvars.ContextVar[GuidedCall | None] = contextvars.ContextVar(
     "turbo_blip_guided_call", default=None
@@ -119,8 +112,7 @@ def guided_call(
     pool: str,
     row_weight: torch.Tensor | None = None,
 ) -> Iterator[GuidedCall]:
-    """Open one call of the guided site for ``image`` (a nested call shares the site's
-    call but gets its own record of which image it reduces)."""
+    """Open one call of the guided site for ``image``; :func:`active` returns it inside."""
     with site.scope() as call:
         guided = GuidedCall(call, image, size, reduce, pool, row_weight)
         token = _GUIDED.set(guided)
@@ -165,18 +157,20 @@ def rank_image(
 
 def reduce_image(
     guided: GuidedCall,
-    project: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    queries: Callable[[], torch.Tensor],
+    keys: Callable[[], torch.Tensor],
     *,
     scale: float,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rank the image by the first cross-attention and remove the site's r tokens.
 
-    ``project()`` returns that attention's ``q`` (B, H, T, d) and ``k`` (B, H, N, d),
-    from the library's own projection modules; it is not called at r = 0, when the
-    image itself comes back. The keys averaged over heads are the redundancy metric,
-    :func:`rank_image` the semantic value (only computed when the ranking uses it).
-    Sizes (from the vision tower) follow merges; pruned tokens take theirs with them.
+    ``queries()`` and ``keys()`` return that attention's ``q`` (B, H, T, d) and ``k``
+    (B, H, N, d) over the full image, from the library's own projection modules; neither
+    runs at r = 0 (the image itself comes back), ``queries()`` only when the ranking uses
+    semantics. The keys averaged over heads are the redundancy metric,
+    :func:`rank_image` the semantic value. Sizes (from the vision tower) follow merges;
+    pruned tokens take theirs with them.
     """
     call, image = guided.call, guided.image
     state, reducer = call.state, call.reducer
@@ -188,11 +182,11 @@ def reduce_image(
             state.source = _identity_source(image)
         state.r_applied.append(0)
     else:
-        q, k = project()
+        k = keys()
         semantic = None
         if reducer.config.uses_semantics:
             semantic = rank_image(
-                q, k, scale=scale, pool=guided.pool, weight=guided.row_weight, bias=bias
+                queries(), k, scale=scale, pool=guided.pool, weight=guided.row_weight, bias=bias
             ).float()
         plan = reducer.plan(k.mean(dim=1), semantic, r)
         if guided.reduce == "merge":
