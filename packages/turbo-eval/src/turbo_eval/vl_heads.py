@@ -5,9 +5,9 @@ model class. Every method takes the module to run (the dense model or a model-si
 copy of it) and only calls the library's public entry points (``generate``, ``forward``
 and the sub-modules those entry points call themselves):
 
-- generation heads (:class:`BlipCaptionHead`, :class:`BlipVQAHead`,
-  :class:`Blip2Head`, :class:`LlavaHead`, :class:`MiniGPTHead`): ``inputs`` builds the
-  prompt for a caption or a question, ``generate`` returns the greedy new tokens with
+- generation heads (:class:`BlipCaptionHead`, :class:`BlipVQAHead`, :class:`Blip2Head`,
+  :class:`InstructBlipHead`, :class:`LlavaHead`, :class:`MiniGPTHead`): ``inputs`` builds
+  the prompt for a caption or a question, ``generate`` returns the greedy new tokens with
   the first step's logits, ``teacher_forced`` the logits that predict given tokens;
 - matching heads (:class:`BlipITMHead`, :class:`Blip2ITMHead`): ``retrieval`` opens a
   :class:`RetrievalSession` (ITC similarities, ITM match probabilities of pairs).
@@ -31,6 +31,7 @@ __all__ = [
     "BlipVQAHead",
     "Generation",
     "Head",
+    "InstructBlipHead",
     "LlavaHead",
     "MiniGPTHead",
     "RetrievalSession",
@@ -257,6 +258,36 @@ class Blip2Head(Head):
         return logits[:, -steps - 1 : -1].float()
 
 
+class InstructBlipHead(Blip2Head):
+    """``InstructBlipForConditionalGeneration``: BLIP-2's layout for the language model,
+    and the instruction once more for the Q-Former, read by its own (BERT) tokenizer.
+
+    Args:
+        qformer_tokenizer: the Q-Former's tokenizer (``InstructBlipProcessor.qformer_tokenizer``).
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        tokenizer: Any,
+        pixels: Callable[[Sequence[Any]], torch.Tensor],
+        prompts: dict[str, str],
+        qformer_tokenizer: Any = None,
+    ) -> None:
+        if qformer_tokenizer is None:
+            raise ValueError("InstructBLIP needs qformer_tokenizer (the Q-Former's tokenizer)")
+        super().__init__(config, tokenizer, pixels, prompts)
+        self.qformer_tokenizer = qformer_tokenizer
+
+    def inputs(self, images: Sequence[Any], texts: Sequence[str], purpose: str) -> dict[str, Any]:
+        inputs = super().inputs(images, texts, purpose)
+        prompts = [self.text(t, purpose) for t in texts]
+        encoded = self.qformer_tokenizer(prompts, padding=True, return_tensors="pt")
+        inputs["qformer_input_ids"] = encoded.input_ids
+        inputs["qformer_attention_mask"] = encoded.attention_mask
+        return inputs
+
+
 class LlavaHead(Head):
     """``LlavaForConditionalGeneration``: ``<image>`` expanded to the tower's token count."""
 
@@ -404,14 +435,13 @@ class BlipITMHead(Head):
         # the same calls as BlipForImageTextRetrieval.forward, with every image encoded once
         tok = self.tokenizer([self.text(t, "caption") for t in texts], padding=True)
         ids, mask = torch.tensor(tok.input_ids), torch.tensor(tok.attention_mask)
-        embeds = torch.cat(
-            [
-                module.vision_model(
-                    pixel_values=self.pixels(images[s : s + batch_size])
-                ).last_hidden_state
-                for s in range(0, len(images), batch_size)
-            ]
-        )
+        parts = [
+            module.vision_model(
+                pixel_values=self.pixels(images[s : s + batch_size])
+            ).last_hidden_state
+            for s in range(0, len(images), batch_size)
+        ]
+        embeds, sizes = torch.cat(parts), _cat_sizes(parts)
 
         def itc() -> torch.Tensor:
             text = module.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -421,6 +451,8 @@ class BlipITMHead(Head):
 
         def itm(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
             image = embeds[image_idx]
+            if sizes is not None:  # merged tokens keep their sizes, as in the library forward
+                _hang_sizes(image, sizes[image_idx])
             out = module.text_encoder(
                 input_ids=ids[text_idx],
                 attention_mask=mask[text_idx],
@@ -430,6 +462,29 @@ class BlipITMHead(Head):
             return module.itm_head(out[:, 0]).softmax(-1)[:, 1]
 
         return RetrievalSession(itc, itm, (len(images), len(texts)), batch_size)
+
+
+def _cat_sizes(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``(B, N, 1)`` Turbo token sizes of batches of image tokens (None: none merged)."""
+    from turbo_adapters import token_sizes
+
+    found = [token_sizes(part) for part in parts]
+    if all(size is None for size in found):
+        return None
+    return torch.cat(
+        [
+            part.new_ones((*part.shape[:2], 1)) if size is None else size
+            for part, size in zip(parts, found, strict=True)
+        ]
+    )
+
+
+def _hang_sizes(image: torch.Tensor, sizes: torch.Tensor) -> None:
+    """Give ``image`` the token sizes a patched vision tower's own output carries."""
+    from turbo_adapters.blocks import attach_sizes
+    from turbo_core import ReductionState
+
+    attach_sizes(image, ReductionState(num_blocks=1, size=sizes, block_index=1))
 
 
 class Blip2ITMHead(Head):

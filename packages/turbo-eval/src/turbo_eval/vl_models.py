@@ -21,9 +21,14 @@ downloaded:
 Model options (a suite's ``[[models]]`` entry): ``weights`` ("auto": the folder or the
 local cache when the id is there, else random; "random"; "pretrained"), ``init``
 ("scaled" or "library"), ``init_seed`` (int), ``config`` (a table of overrides of the
-named config, e.g. ``config = {text_config = {num_hidden_layers = 2}}``), and for
+named config, e.g. ``config = {text_config = {num_hidden_layers = 2}}``), for
 LLaVA ``llava_mode`` ("tower", "llm" or "both"), ``llm_layer``, ``llm_keep``,
-``llm_method``.
+``llm_method``, and for the cross-modal methods ``cross_reduce`` ("merge" or "prune")
+and ``cross_vision_share`` (:mod:`turbo_eval.cross_modal`).
+
+InstructBLIP reads the instruction twice, with two tokenizers: the language model's and
+the Q-Former's (BERT vocabulary); random-weight models get both made in code, a local
+folder needs the ``InstructBlipProcessor`` saved with it (``qformer_tokenizer/``).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from .vl_heads import (
     BlipVQAHead,
     Generation,
     Head,
+    InstructBlipHead,
     LlavaHead,
     MiniGPTHead,
     RetrievalSession,
@@ -63,6 +69,7 @@ __all__ = [
     "is_vl_model",
     "load_vl_model",
     "scale_weights",
+    "vl_architecture",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +81,7 @@ VL_ARCHITECTURES: dict[str, tuple[str, type[Head]]] = {
     "BlipForImageTextRetrieval": ("blip", BlipITMHead),
     "Blip2ForConditionalGeneration": ("blip2", Blip2Head),
     "Blip2ForImageTextRetrieval": ("blip2", Blip2ITMHead),
+    "InstructBlipForConditionalGeneration": ("instructblip", InstructBlipHead),
     "LlavaForConditionalGeneration": ("llava", LlavaHead),
 }
 MINIGPT = "minigpt-v2"
@@ -82,6 +90,8 @@ MINIGPT = "minigpt-v2"
 TEMPLATES = {
     "blip": {"caption": "{text}", "vqa": "{text}"},
     "blip2": {"caption": "{text}", "vqa": "Question: {text} Answer:"},
+    # LAVIS's InstructBLIP prompts (the caption prompt is the instruction itself)
+    "instructblip": {"caption": "{text}", "vqa": "Question: {text} Short answer:"},
     "llava": {
         "caption": "USER: <image>\n{text} ASSISTANT:",
         "vqa": "USER: <image>\n{text} ASSISTANT:",
@@ -95,6 +105,7 @@ TEMPLATES = {
 CAPTION_PROMPTS = {
     "blip": "a picture of",
     "blip2": "",
+    "instructblip": "A short image caption:",
     "llava": "Describe the image briefly.",
     MINIGPT: "Briefly describe this image.",
 }
@@ -153,6 +164,34 @@ def _blip2_itm() -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _instructblip(language: str) -> dict[str, Any]:
+    """Salesforce/instructblip-vicuna-7b (LLaMA) or -flan-t5-xl: BLIP-2's tower and
+    Q-Former, whose text input reads the instruction with a BERT vocabulary + ``[DEC]``."""
+    if language == "vicuna":
+        text = {
+            "model_type": "llama", "vocab_size": 32002, "hidden_size": 4096,
+            "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+            "tie_word_embeddings": False,
+        }  # fmt: skip
+        image = 32001
+    else:
+        text = {
+            "model_type": "t5", "vocab_size": 32128, "d_model": 2048, "d_kv": 64,
+            "d_ff": 5120, "num_layers": 24, "num_heads": 32, "feed_forward_proj": "gated-gelu",
+            "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0,
+            "tie_word_embeddings": False,
+        }  # fmt: skip
+        image = 32100
+    return {
+        "vision_config": dict(_VIT_G),
+        "qformer_config": {**_QFORMER, "vocab_size": 30523},
+        "text_config": text,
+        "num_query_tokens": 32, "image_token_index": image,
+    }  # fmt: skip
+
+
 def _llava15() -> dict[str, Any]:
     return {
         "vision_config": {
@@ -196,16 +235,26 @@ NAMED_MODELS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
     "Salesforce/blip-vqa-capfilt-large": ("BlipForQuestionAnswering", lambda: _blip(large=True)),
     "Salesforce/blip2-opt-2.7b": ("Blip2ForConditionalGeneration", _blip2_opt),
     "Salesforce/blip2-itm-vit-g": ("Blip2ForImageTextRetrieval", _blip2_itm),
+    "Salesforce/instructblip-vicuna-7b": (
+        "InstructBlipForConditionalGeneration", lambda: _instructblip("vicuna")
+    ),
+    "Salesforce/instructblip-flan-t5-xl": (
+        "InstructBlipForConditionalGeneration", lambda: _instructblip("flan-t5")
+    ),
     "llava-hf/llava-1.5-7b-hf": ("LlavaForConditionalGeneration", _llava15),
     MINIGPT: ("MiniGPTv2", _minigpt),
 }  # fmt: skip
 
-_CONFIG_CLASSES = {"blip": "BlipConfig", "blip2": "Blip2Config", "llava": "LlavaConfig"}
+_CONFIG_CLASSES = {
+    "blip": "BlipConfig", "blip2": "Blip2Config", "instructblip": "InstructBlipConfig",
+    "llava": "LlavaConfig",
+}  # fmt: skip
 _OPTION_CHOICES = {
     "weights": ("auto", "random", "pretrained"),
     "init": ("scaled", "library"),
     "llava_mode": ("tower", "llm", "both"),
     "llm_method": ("prune", "merge"),
+    "cross_reduce": ("merge", "prune"),
 }
 
 
@@ -273,6 +322,11 @@ class VLModel(LoadedModel):
     tokenizer: Any = None
     speed_purpose: str = "caption"
     speed_tokens: int = 20
+    #: the split of the cross-modal method in use (None for any other method)
+    cross_split: dict[str, Any] | None = None
+    #: cross-modal splits searched so far (:mod:`turbo_eval.cross_modal`)
+    cross_splits: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _flops_probe: list[VLSample] = dataclasses.field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -340,9 +394,39 @@ class VLModel(LoadedModel):
 
     # -------------------------------------------------------- methods
     def set_method(self, overrides: dict[str, Any] | None) -> None:
-        super().set_method(overrides)
+        """As :meth:`LoadedModel.set_method`; a cross-modal method (``overrides`` naming
+        one under ``cross_modal``) also gets the text-guided site, at equal FLOPs."""
+        from .cross_modal import CROSS_MODAL, CROSS_SITE, set_cross_method
+
+        overrides = None if overrides is None else dict(overrides)
+        method = overrides.pop(CROSS_MODAL, None) if overrides else None
+        if self.handle is not None and (CROSS_SITE in self.handle.sites) != (method is not None):
+            self.handle.remove()  # a method runs with exactly its own sites
+            self.handle = None
+        self.cross_split = None
+        if method is not None and overrides:
+            self.cross_split = set_cross_method(self, overrides, method).as_dict()
+        else:
+            super().set_method(overrides)
         if self.handle is not None and self.family == "llava":
             _llava_settings(self.handle, self.options)
+
+    def set_flops_probe(self, samples: Sequence[VLSample]) -> None:
+        """The items whose timed call a cross-modal split is matched on (tasks set their
+        first two speed items); the splits found so far are forgotten."""
+        self._flops_probe = list(samples)
+        self.cross_splits.clear()
+
+    def flops_probe_items(self) -> list[VLSample]:
+        """The probe items (two noise images with a short text when no task set them)."""
+        if not self._flops_probe:
+            noise = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+            self._flops_probe = [VLSample(image, "what is in the picture") for image in noise]
+        return self._flops_probe
+
+    def probe_inputs(self) -> SpeedInputs:
+        """The prepared timed-call inputs of the probe items."""
+        return self.prepare(self.flops_probe_items())
 
 
 def _llava_settings(handle: Any, options: Mapping[str, Any]) -> None:
@@ -365,17 +449,22 @@ def _llava_settings(handle: Any, options: Mapping[str, Any]) -> None:
 # ------------------------------------------------------------------ loading
 def is_vl_model(name: str, options: Mapping[str, Any] | None = None) -> bool:
     """Whether ``name`` is a named VL checkpoint or a local folder of a VL class."""
+    return vl_architecture(name) is not None
+
+
+def vl_architecture(name: str) -> str | None:
+    """The class a named VL checkpoint or a local VL folder loads as (None: neither)."""
     if name in NAMED_MODELS:
-        return True
+        return NAMED_MODELS[name][0]
     path = Path(name).expanduser()
     config = path / "config.json"
     if path.is_dir() and config.is_file():
         try:
             architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures")
         except (OSError, ValueError):
-            return False
-        return any(a in VL_ARCHITECTURES for a in architectures or ())
-    return False
+            return None
+        return next((a for a in architectures or () if a in VL_ARCHITECTURES), None)
+    return None
 
 
 def _check_options(options: Mapping[str, Any]) -> None:
@@ -391,6 +480,11 @@ def _check_options(options: Mapping[str, Any]) -> None:
     keep = options.get("llm_keep", 0.5)
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
         raise ValueError(f"model option llm_keep must be a number in (0, 1], got {keep!r}")
+    share = options.get("cross_vision_share", 0.0)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise ValueError(
+            f"model option cross_vision_share must be a number in [0, 1], got {share!r}"
+        )
     if not isinstance(options.get("config", {}), Mapping):
         raise ValueError(f"model option config must be a table, got {options['config']!r}")
 
@@ -463,12 +557,19 @@ def _vision_size(config: Any) -> int:
 
 
 def _assemble(
-    name: str, module: nn.Module, architecture: str, tokenizer: Any, processor: Any, weights: str
+    name: str,
+    module: nn.Module,
+    architecture: str,
+    tokenizer: Any,
+    processor: Any,
+    weights: str,
+    qformer_tokenizer: Any = None,
 ) -> VLModel:
     family, head_class = VL_ARCHITECTURES[architecture]
     config = module.config
     size = _vision_size(config)
-    head = head_class(config, tokenizer, _Pixels(processor, size), TEMPLATES[family])
+    extra = {} if qformer_tokenizer is None else {"qformer_tokenizer": qformer_tokenizer}
+    head = head_class(config, tokenizer, _Pixels(processor, size), TEMPLATES[family], **extra)
     return _vl_model(name, module, family, head, tokenizer, weights)
 
 
@@ -523,12 +624,34 @@ def _pretrained(name: str) -> VLModel:
             f"the tokenizer found for {name!r} has {len(tokenizer)} tokens for a vocabulary of "
             f"{vocab}: save the checkpoint's own tokenizer with it"
         )
+    qformer = _saved_qformer_tokenizer(source, name) if architecture in _QFORMER_TEXT else None
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError):
         family = VL_ARCHITECTURES[architecture][0]
         processor = _image_processor(family, _vision_size(module.config))
-    return _assemble(name, module, architecture, tokenizer, processor, "pretrained")
+    return _assemble(name, module, architecture, tokenizer, processor, "pretrained", qformer)
+
+
+#: classes whose Q-Former reads the text with a tokenizer of its own
+_QFORMER_TEXT = ("InstructBlipForConditionalGeneration",)
+
+
+def _saved_qformer_tokenizer(source: str, name: str) -> Any:
+    """The Q-Former tokenizer saved with a checkpoint: ``InstructBlipProcessor.save_pretrained``
+    puts it in the folder ``qformer_tokenizer``."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            source, subfolder="qformer_tokenizer", local_files_only=True
+        )
+    except (OSError, ValueError, TypeError) as error:
+        raise OSError(
+            f"no Q-Former tokenizer saved with {name!r} (InstructBLIP reads the instruction "
+            "with it): save the InstructBlipProcessor, whose qformer_tokenizer goes to the "
+            f"folder qformer_tokenizer ({error})"
+        ) from error
 
 
 _TOKENIZER_FILES = (
@@ -577,8 +700,9 @@ def _random(name: str, options: Mapping[str, Any]) -> VLModel:
     if options.get("init", "scaled") == "scaled":
         scale_weights(module, int(options.get("init_seed", 0)))
     tokenizer = _tokenizer_for(family, architecture, config)
+    qformer = _bert_tokenizer(config.qformer_config) if architecture in _QFORMER_TEXT else None
     processor = _image_processor(family, _vision_size(config))
-    return _assemble(name, module, architecture, tokenizer, processor, "random")
+    return _assemble(name, module, architecture, tokenizer, processor, "random", qformer)
 
 
 #: attention projections whose weights :func:`scale_weights` multiplies by its gain
@@ -648,34 +772,11 @@ def _tokenizer_for(family: str, architecture: str, config: Any) -> Any:
     """A word-level tokenizer laid out on the config's vocabulary and special ids."""
     from .vl_tokenizer import word_tokenizer
 
-    def free(preferred: int, taken: set[int], vocab: int) -> int:
-        index = preferred if preferred < vocab and preferred not in taken else vocab - 1
-        while index in taken:
-            index -= 1
-        taken.add(index)
-        return index
-
-    if family == "blip" or architecture == "Blip2ForImageTextRetrieval":
-        text = config.text_config if family == "blip" else config.qformer_config
-        vocab = int(text.vocab_size)
-        pad = int(text.pad_token_id or 0)
-        specials = {"[PAD]": pad}
-        taken = {pad}
-        if family == "blip":
-            specials["[SEP]"] = int(text.sep_token_id)
-            specials["[DEC]"] = int(text.bos_token_id)
-            taken |= {specials["[SEP]"], specials["[DEC]"]}
-        else:
-            specials["[SEP]"] = free(102, taken, vocab)
-        for token, preferred in (("[UNK]", 100), ("[CLS]", 101), ("[MASK]", 103)):
-            specials[token] = free(preferred, taken, vocab)
-        roles = {"pad_token": "[PAD]", "sep_token": "[SEP]", "cls_token": "[CLS]"}
-        roles.update(mask_token="[MASK]", eos_token="[SEP]")
-        if family == "blip":
-            roles["bos_token"] = "[DEC]"
-        return word_tokenizer(
-            vocab, specials, unk_token="[UNK]", template=("[CLS]", "[SEP]"), **roles
-        )
+    free = _free_id
+    if family == "blip":
+        return _bert_tokenizer(config.text_config, blip_text=True)
+    if architecture == "Blip2ForImageTextRetrieval":
+        return _bert_tokenizer(config.qformer_config)
     text = config.llama if family == MINIGPT else config.text_config
     vocab = int(text.vocab_size)
     image = getattr(config, "image_token_id", None)
@@ -707,6 +808,39 @@ def _tokenizer_for(family: str, architecture: str, config: Any) -> Any:
     return word_tokenizer(
         vocab, specials, unk_token="<unk>", template=template, extra_words=_PROMPT_WORDS, **roles
     )
+
+
+def _free_id(preferred: int, taken: set[int], vocab: int) -> int:
+    """``preferred`` if it is free, else the highest free id below the vocabulary's end."""
+    index = preferred if preferred < vocab and preferred not in taken else vocab - 1
+    while index in taken:
+        index -= 1
+    taken.add(index)
+    return index
+
+
+def _bert_tokenizer(text: Any, blip_text: bool = False) -> Any:
+    """A BERT-style word-level tokenizer (``[CLS] text [SEP]``) for BLIP's text side
+    (``blip_text``: its ``[SEP]`` and ``[DEC]`` ids from the config) or a Q-Former."""
+    from .vl_tokenizer import word_tokenizer
+
+    vocab = int(text.vocab_size)
+    pad = int(text.pad_token_id or 0)
+    specials = {"[PAD]": pad}
+    taken = {pad}
+    if blip_text:
+        specials["[SEP]"] = int(text.sep_token_id)
+        specials["[DEC]"] = int(text.bos_token_id)
+        taken |= {specials["[SEP]"], specials["[DEC]"]}
+    else:
+        specials["[SEP]"] = _free_id(102, taken, vocab)
+    for token, preferred in (("[UNK]", 100), ("[CLS]", 101), ("[MASK]", 103)):
+        specials[token] = _free_id(preferred, taken, vocab)
+    roles = {"pad_token": "[PAD]", "sep_token": "[SEP]", "cls_token": "[CLS]"}
+    roles.update(mask_token="[MASK]", eos_token="[SEP]")
+    if blip_text:
+        roles["bos_token"] = "[DEC]"
+    return word_tokenizer(vocab, specials, unk_token="[UNK]", template=("[CLS]", "[SEP]"), **roles)
 
 
 def _load_minigpt(options: Mapping[str, Any], weights: str) -> VLModel:

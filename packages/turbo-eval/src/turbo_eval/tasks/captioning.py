@@ -104,6 +104,7 @@ class CaptionTask(Task):
         if self.reference_metric:
             self.metric = self.item_score = "cider"
         model.speed_purpose, model.speed_tokens = "caption", int(self.config["max_new_tokens"])
+        model.set_flops_probe(self.samples[:2])  # what cross-modal splits are matched on
         model.set_method(None)  # the runner sets each cell's method before evaluate
         steps = int(self.config["max_new_tokens"])
 

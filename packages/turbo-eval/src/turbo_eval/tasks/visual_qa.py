@@ -79,6 +79,7 @@ class VQATask(Task):
         if uses_reference(self.config["headline"], model, self.has_answers, "annotations"):
             self.metric = self.item_score = "accuracy"
         model.speed_purpose, model.speed_tokens = "vqa", int(self.config["max_new_tokens"])
+        model.set_flops_probe(self.samples[:2])  # what cross-modal splits are matched on
         model.set_method(None)  # the runner sets each cell's method before evaluate
         packed = map_indices(len(self.samples), self.batch_size, self._answers, progress, "VQA")
         steps = int(self.config["max_new_tokens"])

@@ -106,6 +106,7 @@ class VLRetrievalTask(Task):
         if self.reference_metric:
             self.metric = self.item_score = "t2i_r1"
         model.speed_purpose = "caption"
+        model.set_flops_probe(list(self.speed_items())[:2])  # cross-modal splits match on it
         model.set_method(None)  # the runner sets each cell's method before evaluate
         self.reference = None if self.reference_metric else self._scores()
         return {
