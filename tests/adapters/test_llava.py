@@ -3,11 +3,14 @@
 Oracles: the unpatched model (r = 0 / keep = 1 token for token; after ``remove``);
 the unpatched model fed hand-built shortened prompts with the merged tower features
 (tower mode); the unpatched language model run on the kept embeddings at their
-original positions, with the ranking recomputed here (LLM mode at K = 0); each row
+original positions, with the ranking recomputed in fastv_oracle.py (LLM mode at K = 0); each row
 generated alone (batches with padding and different image counts).
 """
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,14 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 import turbo_adapters as ta
 from turbo_adapters.families.llava import LlavaPatch
 from turbo_adapters.families.llava_llm import LLMReduction, cache_state
+
+# by path, not by name: tests/eval loads this file by path, without tests/adapters on sys.path
+_spec = importlib.util.spec_from_file_location(
+    "fastv_oracle", Path(__file__).with_name("fastv_oracle.py")
+)
+fastv_oracle = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fastv_oracle)
+ranked_kept, greedy_on_kept = fastv_oracle.ranked_kept, fastv_oracle.greedy_on_kept
 
 IMG = 99
 PAD = 0
@@ -186,29 +197,6 @@ def test_tower_mode_off_per_call_is_unpatched(model) -> None:
 
 
 # ---------------------------------------------------------------- LLM mode
-def _ranked_kept(model, embeds: torch.Tensor, image: torch.Tensor, keep: int) -> torch.Tensor:
-    """Independent FastV ranking at layer 0: last token's attention, heads averaged."""
-    lm = model.model.language_model
-    layer = lm.layers[0]
-    attn = layer.self_attn
-    n = embeds.shape[1]
-    positions = torch.arange(n)[None]
-    cos, sin = lm.rotary_emb(embeds, positions)
-    x = layer.input_layernorm(embeds)
-    d = attn.head_dim
-    q = attn.q_proj(x).view(1, n, -1, d).transpose(1, 2)
-    k = attn.k_proj(x).view(1, n, -1, d).transpose(1, 2)
-    rot = lambda t: torch.cat([-t[..., d // 2 :], t[..., : d // 2]], -1)
-    q = q * cos[:, None] + rot(q) * sin[:, None]
-    k = k * cos[:, None] + rot(k) * sin[:, None]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
-    scores = ((q[:, :, -1:] @ k.transpose(-1, -2)) * d**-0.5).softmax(-1).mean(1)[0, 0]
-    image_idx = image.nonzero().squeeze(-1)
-    top = image_idx[scores[image_idx].argsort(descending=True)[:keep]]
-    text_idx = (~image).nonzero().squeeze(-1)
-    return torch.cat([text_idx, top]).sort().values
-
-
 def test_llm_prune_at_layer0_matches_unpatched_on_kept_tokens(model) -> None:
     prompt = rows([1])[0]
     ids = torch.tensor([prompt])
@@ -217,7 +205,7 @@ def test_llm_prune_at_layer0_matches_unpatched_on_kept_tokens(model) -> None:
         embeds = model.get_input_embeddings()(ids)
         feats = model.model.get_image_features(pixel_values=px, return_dict=True).pooler_output[0]
         embeds[ids == IMG] = feats
-        kept = _ranked_kept(model, embeds, ids[0] == IMG, PER_IMAGE // 4)
+        kept = ranked_kept(model.model.language_model, embeds, ids[0] == IMG, PER_IMAGE // 4)
     patch = ta.apply(model, r=0)
     try:
         patch.modes = "llm"
@@ -229,19 +217,8 @@ def test_llm_prune_at_layer0_matches_unpatched_on_kept_tokens(model) -> None:
     finally:
         patch.remove()
     assert torch.equal(state.kept[0], kept)
-    # oracle: unpatched LM on the kept embeddings at their original positions, recomputed
-    # in full every step (use_cache=True only so transformers does not read the position
-    # gaps as packed sequences)
-    lm_embeds = embeds[:, kept]
-    positions = kept[None].clone()
-    tokens = []
-    with torch.no_grad():
-        for _ in range(NEW):
-            logits = model(inputs_embeds=lm_embeds, position_ids=positions, use_cache=True).logits
-            token = logits[0, -1].argmax()
-            tokens.append(int(token))
-            lm_embeds = torch.cat([lm_embeds, model.get_input_embeddings()(token)[None, None]], 1)
-            positions = torch.cat([positions, positions[:, -1:] + 1], 1)
+    # oracle: unpatched LM on the kept embeddings at their original positions
+    tokens = greedy_on_kept(model, model.get_input_embeddings(), embeds, kept, NEW)
     assert out[0, -NEW:].tolist() == tokens
     assert torch.allclose(
         cache_out.logits[0, -1],

@@ -1,11 +1,17 @@
-"""MiniGPT-v2 assembled from timm Eva + transformers LLaMA + peft LoRA, with Turbo in the tower.
+"""MiniGPT-v2 assembled from timm Eva + transformers LLaMA + peft LoRA, with Turbo in the
+tower, in the language model (LLM mode), or both.
 
-Oracles: the unpatched model (r = 0 token for token, after ``remove``); a count loop
-written here for the multiple-of-4 rule; for the loader, the model whose weights were
-saved in the official layout.
+Oracles: the unpatched model (r = 0 / keep = 1 token for token, after ``remove``); a
+count loop written here for the multiple-of-4 rule; each row generated alone (left
+padded batches in LLM mode); the unpatched LLaMA run on the kept embeddings at their
+original positions, with the ranking recomputed in fastv_oracle.py (LLM mode at K = 0);
+for the loader, the model whose weights were saved in the official layout.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +21,23 @@ pytest.importorskip("timm")
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import turbo_adapters as ta
-from turbo_adapters.models import MiniGPTv2, MiniGPTv2Config, load_minigptv2, official_lora_key
+from turbo_adapters.families.llava_llm import LLMReduction, cache_state
+from turbo_adapters.families.vlm_modes import VisionLanguagePatch
+from turbo_adapters.models import (
+    MiniGPTv2,
+    MiniGPTv2Config,
+    load_minigptv2,
+    official_lora_key,
+    prompt_layout,
+)
+
+# by path, as test_llava.py does (tests/eval loads that file without tests/adapters on sys.path)
+_spec = importlib.util.spec_from_file_location(
+    "fastv_oracle", Path(__file__).with_name("fastv_oracle.py")
+)
+fastv_oracle = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fastv_oracle)
+ranked_kept, greedy_on_kept = fastv_oracle.ranked_kept, fastv_oracle.greedy_on_kept
 
 NEW = 5
 PATCHES = 64  # (56 / 7) ** 2
@@ -62,10 +84,10 @@ def pixels(batch: int) -> torch.Tensor:
     return torch.randn(batch, 3, 56, 56, generator=torch.Generator().manual_seed(1))
 
 
-def answer(model: MiniGPTv2, batch: int) -> torch.Tensor:
+def answer(model: MiniGPTv2, batch: int, **kw) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(
-            pixels(batch), *prompts(batch), max_new_tokens=NEW, min_new_tokens=NEW
+            pixels(batch), *prompts(batch), max_new_tokens=NEW, min_new_tokens=NEW, **kw
         )
 
 
@@ -134,11 +156,124 @@ def test_remove_restores_exactly(model) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dicts = {n: set(m.__dict__) for n, m in model.named_modules()}
     patch = ta.apply(model, r=4)
-    answer(model, 2)
+    patch.llm = LLMReduction(layer=1, keep=0.5, method="merge")
+    patch.modes = "both"
+    assert not torch.equal(answer(model, 2), reference)
     patch.remove()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(set(m.__dict__) == dicts[n] for n, m in model.named_modules())
     assert torch.equal(answer(model, 2), reference)
+
+
+# ----------------------------------------------------------------- LLM mode
+def test_prompt_layout_matches_embed_prompts(model) -> None:
+    before, after = prompts(3)
+    with torch.no_grad():
+        embeds, mask = model.embed_prompts(pixels(3), before, after)
+        image = model.encode_image(pixels(3))
+    layout_mask, image_mask = prompt_layout(before, after, image.shape[1])
+    assert torch.equal(layout_mask, mask)
+    assert torch.equal(embeds[image_mask].view_as(image), image)
+
+
+@pytest.mark.parametrize("mode", ["llm", "both"])
+def test_llm_keep_all_equals_unpatched_greedy(model, mode: str) -> None:
+    reference = answer(model, 3)  # prompts of different lengths: left padded
+    patch = ta.apply(model, r=0)
+    try:
+        patch.llm = LLMReduction(layer=1, keep=1.0)
+        assert torch.equal(answer(model, 3, turbo_mode=mode), reference)
+        patch.r = 5  # per call: "none" is the unpatched model, whatever the settings
+        assert torch.equal(answer(model, 3, turbo_mode="none"), reference)
+    finally:
+        patch.remove()
+
+
+@pytest.mark.parametrize(
+    ("mode", "method", "rank"), [("llm", "prune", "last"), ("both", "merge", "text")]
+)
+def test_llm_batch_rows_equal_single_rows(model, mode: str, method: str, rank: str) -> None:
+    before, after = prompts(3)
+    px = pixels(3)
+    patch = ta.apply(model, r=3)
+    patch.llm = LLMReduction(layer=1, keep=0.3, method=method, rank=rank)
+    patch.modes = mode
+    gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, return_dict_in_generate=True)
+    try:
+        with torch.no_grad():
+            out = model.generate(px, before, after, **gen)
+            image = model.encode_image(px)
+            alone = [
+                model.generate(px[b : b + 1], before[b : b + 1], after[b : b + 1], **gen)
+                for b in range(3)
+            ]
+    finally:
+        patch.remove()
+    assert out.sequences.shape == (3, NEW)
+    for b in range(3):
+        assert torch.equal(out.sequences[b], alone[b].sequences[0]), b
+    # layer 0 caches the whole (padded) prompt, layer 1 the kept tokens of the longest row
+    tokens = image.shape[1]
+    assert tokens == (16 if mode == "llm" else 12)  # 65 - 5 * 3 -> 49 patches, rule: 48
+    width = tokens + max(len(h) + len(t) for h, t in zip(before, after, strict=True))
+    kept = max(len(h) + len(t) for h, t in zip(before, after, strict=True)) + -(-3 * tokens // 10)
+    cache = out.past_key_values
+    assert cache.get_seq_length(0) == width + NEW - 1
+    assert cache.get_seq_length(1) == kept + NEW - 1
+
+
+def test_llm_prune_at_layer0_matches_unpatched_on_kept_tokens(model) -> None:
+    before, after = prompts(1)
+    px = pixels(1)
+    keep = 5
+    decoder = model.llama_model.get_base_model().model
+    with torch.no_grad():
+        embeds, _ = model.embed_prompts(px, before, after)
+        image = prompt_layout(before, after, PATCHES // 4)[1][0]
+        kept = ranked_kept(decoder, embeds, image, keep)
+    patch = ta.apply(model, r=0)
+    try:
+        patch.llm = LLMReduction(layer=0, keep=keep / (PATCHES // 4))
+        patch.modes = "llm"
+        with torch.no_grad():
+            out = model.generate(
+                px, before, after, max_new_tokens=NEW, min_new_tokens=NEW,
+                return_dict_in_generate=True,
+            )  # fmt: skip
+    finally:
+        patch.remove()
+    assert kept.numel() == len(before[0]) + keep + len(after[0])
+    assert torch.equal(cache_state(out.past_key_values).kept[0], kept)
+    eos = model.llama_model.generation_config.eos_token_id  # min_new_tokens bans it
+    embed = model.llama_model.get_input_embeddings()
+    tokens = greedy_on_kept(model.llama_model, embed, embeds, kept, NEW, banned=eos)
+    assert out.sequences[0].tolist() == tokens
+    # the oracle depends on which image tokens are kept: other ones answer differently
+    dropped = image.nonzero().squeeze(-1)[~torch.isin(image.nonzero().squeeze(-1), kept)]
+    other = torch.cat([(~image).nonzero().squeeze(-1), dropped[:keep]]).sort().values
+    assert greedy_on_kept(model.llama_model, embed, embeds, other, NEW, banned=eos) != tokens
+
+
+def test_llm_settings_and_errors(model) -> None:
+    patch = ta.apply(model)
+    try:
+        assert isinstance(patch, VisionLanguagePatch) and patch.modes == frozenset({"tower"})
+        assert patch.num_text_layers == 2
+        with pytest.raises(ValueError, match="llm layer must be in \\[0, 1\\], got 2"):
+            answer(model, 1, turbo_mode="llm")  # the default K = 2 needs a deeper LLaMA
+        with pytest.raises(ValueError, match="llm layer must be in \\[0, 1\\]"):
+            patch.llm = LLMReduction(layer=2)
+        patch.llm = LLMReduction(layer=1, keep=0.5)
+        with pytest.raises(ValueError, match="turbo mode must be"):
+            answer(model, 1, turbo_mode="fast")
+        with pytest.raises(ValueError, match="num_beams=1"):
+            answer(model, 1, turbo_mode="llm", num_beams=2)
+        patch.modes = "llm"
+        embeds, mask = model.embed_prompts(pixels(1), *prompts(1))
+        with pytest.warns(RuntimeWarning, match="nothing was reduced"), torch.no_grad():
+            model.llama_model(inputs_embeds=embeds, attention_mask=mask)
+    finally:
+        patch.remove()
 
 
 # ------------------------------------------------------------------- loader

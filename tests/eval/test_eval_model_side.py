@@ -7,6 +7,7 @@ with fidelity against the dense unpatched model and FLOPs that multiply.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import textwrap
 from pathlib import Path
@@ -20,6 +21,7 @@ pytest.importorskip("torchao")
 
 from turbo_eval.cli import main  # noqa: E402
 from turbo_eval.methods import Cell, cells_for  # noqa: E402
+from turbo_eval.model_side import build_side  # noqa: E402
 from turbo_eval.suite import SuiteError, parse_suite  # noqa: E402
 
 METHODS = ["baseline", "turbo", "int8", "turbo+int8", "prune", "turbo+prune", "upop", "turbo+upop"]
@@ -63,7 +65,7 @@ def test_methods_parse_and_make_cells_with_paper_labels() -> None:
     assert stacked == {"r": 3, "mode": "redundancy", "alpha": 0.0, "model_side": "prune"}
 
 
-@pytest.mark.parametrize("bad", ["baseline+int8", "turbo+gptq", "int4", "turbo+"])
+@pytest.mark.parametrize("bad", ["baseline+int8", "turbo+awq", "int4", "turbo+"])
 def test_unknown_stacks_are_rejected_with_the_allowed_forms(bad: str) -> None:
     with pytest.raises(SuiteError, match=r"METHOD\+SIDE, or a SIDE alone"):
         parse_suite(suite_text("m", ["baseline", bad]))
@@ -113,3 +115,27 @@ def test_suite_rows_for_turbo_stacked_on_each_step(tiny_vit: Path, tmp_path: Pat
     }
     assert cells["turbo+upop"]["token_counts"] == cells["turbo"]["token_counts"] == [62, 59, 56]
     assert cells["upop"]["token_counts"] is None
+
+
+# ------------------------------------------------------------------------- GPTQ
+def test_gptq_methods_parse_and_need_a_quantized_model() -> None:
+    methods = ["baseline", "turbo", "gptq", "turbo+gptq"]
+    suite = parse_suite(suite_text("m", methods, 'gptq_model = "lm-gptq"'))
+    labels = {c.method: c.label for c in cells_for(suite, "m", "fidelity")}
+    assert labels["gptq"] == "GPTQ" and labels["turbo+gptq"] == "Turbo + GPTQ α=5 r=3"  # noqa: RUF001
+    assert Cell("m", "fidelity", "turbo+gptq", 3).overrides(suite)["model_side"] == "gptq"
+    with pytest.raises(SuiteError, match="gptq_model: required by the gptq methods"):
+        parse_suite(suite_text("m", methods))
+
+
+def test_gptq_side_names_what_is_missing(tmp_path: Path) -> None:
+    """Without ``gptq_model``, or without gptqmodel (this environment), the side says
+    what to give or install (the side itself is tested in the gptq environment)."""
+    import torch
+
+    dense = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="the gptq side needs gptq_model = a folder"):
+        build_side(dense, "gptq", {}, None)
+    if importlib.util.find_spec("gptqmodel") is None:
+        with pytest.raises(ModuleNotFoundError, match=r"gptqmodel.*tox -e gptq"):
+            build_side(dense, "gptq", {"gptq_model": str(tmp_path)}, None)

@@ -22,7 +22,7 @@ pytest.importorskip("tomesd")
 from turbo_eval.models import LoadedModel, load_model
 from turbo_eval.pipelines import PipelineModel
 from turbo_eval.runner import run_suite
-from turbo_eval.suite import load_suite, parse_suite
+from turbo_eval.suite import find_suite, parse_suite
 from turbo_eval.tasks import TASK_KINDS
 
 SUITE = """\
@@ -176,7 +176,7 @@ def test_errors_name_the_parameter():
 
 
 def test_embedded_sd_suite_parses():
-    suite = load_suite("sd")
+    suite = find_suite("sd")
     assert suite.name == "sd" and "tomesd" in suite.methods
     assert suite.tasks[0].kind == "generation-fidelity"
     default = parse_suite(

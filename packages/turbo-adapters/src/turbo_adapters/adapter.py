@@ -53,13 +53,15 @@ class FamilyAdapter(abc.ABC):
 
     Subclasses set ``name``, ``model_names`` (glob patterns), ``model_types``
     (``config.model_type`` values), ``model_classes`` (``(module, *class names)``)
-    and implement :meth:`install`.
+    and implement :meth:`install`. ``patch_class`` is the patch :meth:`patch` creates
+    (a subclass adds family controls, e.g. the vision-language modes).
     """
 
     name: str = ""
     model_names: tuple[str, ...] = ()
     model_types: tuple[str, ...] = ()
     model_classes: tuple[str, ...] = ()
+    patch_class: type[TurboPatch] = TurboPatch
 
     def matches(self, model: nn.Module) -> bool:
         return is_instance(model, *self.model_classes)
@@ -67,7 +69,7 @@ class FamilyAdapter(abc.ABC):
     def patch(
         self, model: nn.Module, config: TurboConfig, explicit: frozenset[str] = frozenset()
     ) -> TurboPatch:
-        patch = TurboPatch(model, self.name)
+        patch = self.patch_class(model, self.name)
         try:
             self.install(patch, model, config)
         except BaseException:

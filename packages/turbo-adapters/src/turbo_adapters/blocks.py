@@ -250,6 +250,7 @@ def install_scope(
     name: str = "forward",
     token_mask: Callable[..., torch.Tensor | None] | None = None,
     restore: bool = False,
+    when: Callable[[], bool] | None = None,
 ) -> None:
     """Open one site call around ``module.<name>`` and attach its sizes to the output.
 
@@ -259,9 +260,13 @@ def install_scope(
         restore: hand the tokens back at full length (every original token gets its
             merged token's value; needs source tracking on the site), for heads that
             average all tokens: their plain mean is then the size-weighted mean.
+        when: open the call only while ``when()`` is true (e.g. a vision-language
+            model's tower mode); otherwise ``module.<name>`` runs unchanged.
     """
 
     def entry(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if when is not None and not when():
+            return original(*args, **kwargs)
         mask = token_mask(*args, **kwargs) if token_mask is not None else None
         outermost = site.current() is None
         with site.scope(token_mask=mask) as call:

@@ -101,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "suite",
         nargs="?",
-        help="suite file (.toml/.yaml/.yml) or an embedded suite: sd (default: the embedded default)",
+        help="suite file (.toml/.yaml/.yml) or embedded suite name: default, quick, vl, sd "
+        "(default: the embedded default suite)",
+    )
+    run.add_argument(
+        "--suite",
+        dest="suite_option",
+        default=None,
+        help="the same as the positional SUITE (default: none)",
     )
     run.add_argument(
         "--quick", action="store_true", help="the small embedded suite, < 2 min (default: off)"
@@ -223,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--suite",
         default="default",
-        help="suite file, or 'default' / 'quick' for the embedded ones (default: default)",
+        help="suite file, or an embedded suite name: default, quick, vl (default: default)",
     )
     tune.add_argument(
         "--task",
@@ -267,10 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .report import collect_rows, markdown_table, write_report
     from .runner import run_suite
-    from .suite import SuiteError, default_suite, load_suite
+    from .suite import SuiteError, default_suite, find_suite
 
+    if args.suite and args.suite_option:
+        print("turbo-eval run: argument --suite: give the suite once", file=sys.stderr)
+        return 2
+    args.suite = args.suite or args.suite_option
     try:
-        suite = load_suite(args.suite) if args.suite else default_suite(quick=args.quick)
+        suite = find_suite(args.suite) if args.suite else default_suite(quick=args.quick)
     except (SuiteError, FileNotFoundError) as error:
         print(f"turbo-eval run: argument suite: {error}", file=sys.stderr)
         return 2
@@ -364,15 +375,12 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .suite import SuiteError, default_suite, load_suite
+    from .suite import SuiteError, find_suite
     from .tune import format_tune, tune_model, write_tune
 
     parser = build_parser()
     try:
-        if args.suite in ("default", "quick"):
-            suite = default_suite(quick=args.suite == "quick")
-        else:
-            suite = load_suite(args.suite)
+        suite = find_suite(args.suite)
     except (SuiteError, FileNotFoundError) as error:
         parser.error(f"argument --suite: {error}")
     if args.r is not None and min(args.r) < 1:

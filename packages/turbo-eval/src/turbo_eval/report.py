@@ -13,7 +13,10 @@ from .results import ResultStore
 
 __all__ = ["Row", "collect_rows", "markdown_table", "pareto_plot", "write_report"]
 
-METHOD_ORDER = {"baseline": 0, "redundancy": 1, "semantics": 2, "turbo": 3}
+METHOD_ORDER = {
+    "baseline": 0, "redundancy": 1, "semantics": 2, "turbo": 3,
+    "redundancy-cross": 4, "semantics-cross": 5, "turbo-cross": 6,
+}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -21,8 +24,10 @@ class Row:
     """One line of the table.
 
     ``delta*`` compare with the unpatched baseline, ``vs_tome*`` with redundancy-only
-    (ToMe) at the same r: the paired mean difference of the per-item scores and its
-    bootstrap 95 % interval (None without per-item results).
+    (ToMe) at the same r, ``vs_intra*`` (cross-modal methods only) with the intra-modal
+    method they match in FLOPs (``turbo-cross`` with ``turbo`` at the same r and alpha):
+    the paired mean difference of the per-item scores and its bootstrap 95 % interval
+    (None without per-item results).
     """
 
     model: str
@@ -45,6 +50,9 @@ class Row:
     vs_tome_high: float | None = None
     speed_vs_tome: float | None = None
     n_items: int | None = None
+    vs_intra: float | None = None
+    vs_intra_low: float | None = None
+    vs_intra_high: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +120,9 @@ def collect_rows(results: Iterable[str | Path]) -> list[Row]:
         tomes = {
             (c["model"], c["task"], int(c["r"])): c for c in cells if c["method"] == "redundancy"
         }
+        by_method = {
+            (c["model"], c["task"], c["method"], int(c["r"]), c.get("alpha")): c for c in cells
+        }
         for cell in cells:
             speed = store.read_speed(cell["model"], cell["task"]) or {}
             flops = speed.get("flops_per_item", {})
@@ -125,6 +136,8 @@ def collect_rows(results: Iterable[str | Path]) -> list[Row]:
             is_tome = cell["method"] == "redundancy"
             delta = _paired(cell, None if is_base else base)
             vs_tome = _paired(cell, None if is_base or is_tome else tome)
+            intra = _intra_partner(cell, by_method)
+            vs_intra = _paired(cell, intra) if intra is not None else (None, None, None)
             scores = _item_scores(cell)
             rows.append(
                 Row(
@@ -154,10 +167,26 @@ def collect_rows(results: Iterable[str | Path]) -> list[Row]:
                     if is_base or is_tome or tome is None
                     else _speed_ratio(speed, _key(cell), _key(tome)),
                     n_items=len(scores) if scores else None,
+                    vs_intra=vs_intra[0],
+                    vs_intra_low=vs_intra[1],
+                    vs_intra_high=vs_intra[2],
                 )
             )
     rows.sort(key=lambda r: (r.run, r.model, r.task, r.r, METHOD_ORDER.get(r.method, 9)))
     return rows
+
+
+def _intra_partner(
+    cell: dict[str, Any], cells: dict[tuple[Any, ...], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The intra-modal cell a cross-modal cell matches in FLOPs (None for other methods)."""
+    from .suite import CROSS_METHODS
+
+    base, plus, side = cell["method"].partition("+")
+    if base not in CROSS_METHODS:
+        return None
+    method = base.removesuffix("-cross") + plus + side
+    return cells.get((cell["model"], cell["task"], method, int(cell["r"]), cell.get("alpha")))
 
 
 def _key(cell: dict[str, Any]) -> str:
@@ -193,12 +222,16 @@ def markdown_table(rows: Sequence[Row]) -> str:
         items = next((row.n_items for row in group if row.n_items), None)
         count = f", {items} paired items" if items else ""
         out.append(f"### {model} / {task}{where}{count}\n")
+        # cross-modal rows get one more column: the intra-modal method at equal FLOPs
+        cross = any(row.method.partition("+")[0].endswith("-cross") for row in group)
         out.append(
             f"| method | r | {metric} | Δ vs baseline (pts) | Δ vs ToMe same r (pts) "
             "| FLOPs ratio | throughput | vs ToMe | items/s (this CPU) |"
+            + (" Δ vs intra-modal same r (pts) |" if cross else "")
         )
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cross else ""))
         for row in group:
+            extra = f" {_fmt_interval(row.vs_intra, row.vs_intra_low, row.vs_intra_high)} |"
             out.append(
                 f"| {row.label.split(' r=')[0]} | {row.r if row.method != 'baseline' else '-'} "
                 f"| {row.value:.4f} "
@@ -206,12 +239,14 @@ def markdown_table(rows: Sequence[Row]) -> str:
                 f"| {_fmt_interval(row.vs_tome, row.vs_tome_low, row.vs_tome_high)} "
                 f"| {_fmt(row.flops_ratio, '.2f', 'x')} | {_fmt(row.speedup, '.2f', 'x')} "
                 f"| {_fmt(row.speed_vs_tome, '.2f', 'x')} | {_fmt(row.items_per_s, '.1f')} |"
+                + (extra if cross else "")
             )
         out.append("")
     out.append(
         "Δ: mean per-item difference in points (x100) of the metric, with its paired "
         "bootstrap 95 % interval (scipy, percentile, 4000 resamples of the items); * marks "
-        "an interval that excludes 0. Methods at one r cost the same FLOPs. Throughput: "
+        "an interval that excludes 0. Methods at one r cost the same FLOPs (cross-modal "
+        "ones by construction, to the counted FLOPs of their intra-modal method). Throughput: "
         "median of per-round ratios against the unpatched model (and against ToMe), timed "
         "interleaved per r in one process; items/s are this machine's."
     )
@@ -223,6 +258,9 @@ STYLES = {
     "redundancy": ("tab:blue", "o"),
     "semantics": ("tab:green", "s"),
     "turbo": ("tab:red", "D"),
+    "redundancy-cross": ("tab:cyan", "v"),
+    "semantics-cross": ("tab:olive", "^"),
+    "turbo-cross": ("tab:pink", "P"),
 }
 
 

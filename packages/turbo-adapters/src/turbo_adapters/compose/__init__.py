@@ -13,7 +13,10 @@ of heads from the tensors::
     patch = compose.load_pruned_then_patch(dense_model, "upop.safetensors", quantize="torchao", r=13)
 
 Every recipe returns the :class:`~turbo_adapters.TurboPatch`; ``patch.remove()``
-gives back the quantized/pruned model (the model-side step is not undone).
+gives back the quantized/pruned model (the model-side step is not undone). Pruning
+never leaves a model its own library cannot run: BLIP's attention splits q/k/v with
+its input width, so for BLIP (and BLIP-2's tower) only MLP channels are pruned
+(``head_ratio=0`` / ``keep=1.0, mlp_keep=...``) and asking for heads raises.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from torch import nn
 from ..api import apply
 from ..patch import TurboPatch
 from .checkpoint import load_pruned, read_state_dict, save_pruned
-from .heads import HeadShape, attention_modules, head_shape, projection_width, set_head_shape
+from .heads import (
+    HeadShape,
+    attention_modules,
+    check_runnable,
+    head_shape,
+    library_error,
+    projection_width,
+    set_head_shape,
+)
 from .prune import mlp_pairs, narrow_heads, prune_heads_and_mlp
 from .quantize import BACKENDS, quantize_weights
 
@@ -36,7 +47,9 @@ __all__ = [
     "BACKENDS",
     "HeadShape",
     "attention_modules",
+    "check_runnable",
     "head_shape",
+    "library_error",
     "load_pruned",
     "load_pruned_then_patch",
     "mlp_pairs",

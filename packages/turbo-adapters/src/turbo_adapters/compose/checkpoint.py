@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .heads import attention_modules, head_shape, projection_width, set_head_shape
+from .heads import (
+    attention_modules,
+    check_runnable,
+    head_shape,
+    planned_shape,
+    projection_width,
+    set_head_shape,
+)
 
 __all__ = ["load_pruned", "read_state_dict", "save_pruned"]
 
@@ -80,6 +87,19 @@ def _resized(module: nn.Module, name: str, state: Mapping[str, torch.Tensor]) ->
     )
 
 
+def _state_width(name: str, attention: nn.Module, state: Mapping[str, torch.Tensor]) -> int | None:
+    """Channels of q the checkpoint gives the attention at ``name`` (None: not in it)."""
+    prefix = f"{name}." if name else ""
+    if isinstance(getattr(attention, "qkv", None), nn.Module):
+        fused = state.get(f"{prefix}qkv.weight")
+        return None if fused is None else int(fused.shape[0]) // 3
+    for child in ("q_proj", "query"):
+        weight = state.get(f"{prefix}{child}.weight")
+        if weight is not None:
+            return int(weight.shape[0])
+    return None
+
+
 def load_pruned(
     model: nn.Module,
     checkpoint: str | Path | Mapping[str, torch.Tensor],
@@ -100,11 +120,20 @@ def load_pruned(
 
     Raises:
         ValueError: for an unknown ``keep``, or widths that fit neither rule.
+        TypeError: before anything changes, if an attention's own forward cannot run the
+            checkpoint's heads (transformers' BLIP and BLIP-2 vision attention).
         RuntimeError: from ``load_state_dict(strict=True)`` for missing or extra keys.
     """
     if keep not in ("heads", "head_dim"):
         raise ValueError(f"keep must be 'heads' or 'head_dim', got {keep!r}")
     state = checkpoint if isinstance(checkpoint, Mapping) else read_state_dict(checkpoint)
+    attentions = attention_modules(model)
+    shapes = {}
+    for name, attention in attentions.items():
+        width = _state_width(name, attention, state)
+        if width is not None and width != projection_width(attention):
+            shapes[name] = planned_shape(attention, width, keep=keep)
+    check_runnable(attentions, shapes)  # before any layer is resized
     for name, module in list(model.named_modules()):
         new = _resized(module, name, state)
         if new is None:
@@ -112,7 +141,7 @@ def load_pruned(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     changed = {}
-    for name, attention in attention_modules(model).items():
+    for name, attention in attentions.items():
         shape = head_shape(attention)
         if projection_width(attention) != shape.num_heads * shape.head_dim:
             new_shape = set_head_shape(attention, keep=keep)

@@ -3,15 +3,17 @@
 Turbo reduces the vision tokens; GPTQ makes the language model that reads them
 cheaper. The two meet only at the language model's ``inputs_embeds``, so stacking
 needs no more than: quantize the language model (a saved transformers causal LM with
-its tokenizer), load it back, put it where the VLM's language model was, and patch
-the vision tower with ``turbo_adapters.apply``.
+its tokenizer, :func:`quantize_gptq`), load it back (:func:`load_gptq`), put it where
+the VLM's language model was (:func:`attach_gptq`), and patch the model with
+``turbo_adapters.apply``.
 
 gptqmodel pins numpy exactly and needs ``GPTQMODEL_CPU_WORKERS`` on small machines:
-install it in its own environment (tox ``gptq``).
+install it in its own environment (``pip install 'turbo-adapters[gptq]'``; tox ``gptq``).
 """
 
 from __future__ import annotations
 
+import copy as _copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,12 +22,30 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["gptq_linear_classes", "load_gptq", "quantize_gptq"]
+__all__ = ["attach_gptq", "gptq_linear_classes", "language_model_of", "load_gptq", "quantize_gptq"]
+
+MISSING = (
+    "GPTQ needs the gptqmodel package (gptqmodel>=7.6,<7.7), which pins numpy exactly and "
+    "so lives in its own environment: pip install 'turbo-adapters[gptq]', or run the tests "
+    "with python -m tox -e gptq"
+)
 
 
 def _workers() -> None:
     # gptqmodel starts one worker per core by default; 2 cores are shared with torch
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+
+
+def _gptqmodel() -> Any:
+    """The gptqmodel module, or a ModuleNotFoundError that says where to get it."""
+    _workers()
+    try:
+        import gptqmodel
+    except ModuleNotFoundError as error:
+        if error.name != "gptqmodel":
+            raise
+        raise ModuleNotFoundError(MISSING, name="gptqmodel") from error
+    return gptqmodel
 
 
 def quantize_gptq(
@@ -51,28 +71,29 @@ def quantize_gptq(
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits!r}")
     if not calibration:
         raise ValueError("calibration must hold at least one token sequence")
-    _workers()
-    from gptqmodel import GPTQModel, QuantizeConfig
-
+    gptqmodel = _gptqmodel()
     rows = []
     for ids in calibration:
         ids = ids.reshape(1, -1).long()
         if ids.shape[1] < 10:
             raise ValueError(f"calibration sequences need >= 10 tokens, got {ids.shape[1]}")
         rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    config = QuantizeConfig(bits=bits, group_size=group_size)
-    model = GPTQModel.load(str(pretrained), config, device=device)
+    config = gptqmodel.QuantizeConfig(bits=bits, group_size=group_size)
+    model = gptqmodel.GPTQModel.load(str(pretrained), config, device=device)
     model.quantize(rows, batch_size=1)
     model.save(str(out))
     return Path(out)
 
 
 def load_gptq(path: str | Path, device: str = "cpu") -> nn.Module:
-    """The quantized transformers model (e.g. ``LlamaForCausalLM``) saved at ``path``."""
-    _workers()
-    from gptqmodel import GPTQModel
+    """The quantized transformers model (e.g. ``LlamaForCausalLM``) saved at ``path``.
 
-    wrapper: Any = GPTQModel.load(str(path), device=device)
+    gptqmodel loads it in bfloat16 on the CPU (its CPU kernels take fp16/bf16) and sets
+    ``do_sample=True`` in its generation config: pass ``do_sample=False`` for greedy.
+    """
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"no GPTQ model folder at {path}")
+    wrapper: Any = _gptqmodel().GPTQModel.load(str(path), device=device)
     return wrapper.model.eval()  # type: ignore[no-any-return]
 
 
@@ -81,3 +102,124 @@ def gptq_linear_classes(model: nn.Module) -> set[str]:
     return {
         type(m).__name__ for m in model.modules() if type(m).__module__.startswith("gptqmodel.")
     }
+
+
+# ------------------------------------------------- where a VLM keeps its language model
+def _is_causal_lm(module: Any) -> bool:
+    return (
+        isinstance(module, nn.Module)
+        and hasattr(module, "get_output_embeddings")
+        and module.get_output_embeddings() is not None
+    )
+
+
+def _is_peft(module: Any) -> bool:
+    return type(module).__module__.startswith("peft.") and hasattr(module, "peft_config")
+
+
+def language_model_of(model: nn.Module) -> tuple[str, nn.Module]:
+    """How ``model`` holds its language model, and that model.
+
+    Returns:
+        ``(kind, module)``: ``"whole"`` (``model`` is a causal LM), ``"causal"``
+        (``model.language_model`` is a causal LM: BLIP-2, InstructBLIP), ``"base+head"``
+        (``model.model.language_model`` and ``model.lm_head``: transformers 5 LLaVA,
+        LLaVA-NeXT; the module returned is the base model) or ``"peft"``
+        (``model.llama_model`` is a peft model: MiniGPT-v2 with LoRA).
+
+    Raises:
+        TypeError: for a model with none of these.
+    """
+    slot = getattr(model, "language_model", None)
+    if _is_causal_lm(slot):
+        return "causal", slot
+    inner = getattr(model, "model", None)
+    base = getattr(inner, "language_model", None)
+    if isinstance(base, nn.Module) and isinstance(getattr(model, "lm_head", None), nn.Module):
+        return "base+head", base
+    if _is_peft(getattr(model, "llama_model", None)):
+        return "peft", model.llama_model
+    if _is_causal_lm(model) and getattr(model, "config", None) is not None:
+        return "whole", model
+    raise TypeError(
+        f"cannot find the language model of {type(model).__name__}: expected a causal LM, "
+        "a .language_model causal LM (BLIP-2), .model.language_model with .lm_head (LLaVA) "
+        "or a peft .llama_model (MiniGPT-v2)"
+    )
+
+
+def _text_config(model: nn.Module, kind: str, lm: nn.Module) -> Any:
+    if kind == "base+head":
+        config = getattr(model, "config", None)
+        return getattr(config, "text_config", None) or lm.config
+    return lm.config
+
+
+def _check_fits(dense: Any, quantized: Any) -> None:
+    for field in ("hidden_size", "vocab_size"):
+        want, got = getattr(dense, field, None), getattr(quantized, field, None)
+        if want is not None and got is not None and want != got:
+            raise ValueError(
+                f"the GPTQ model has {field}={got}, the model's language model {field}={want}: "
+                "quantize that language model (the same config and weights)"
+            )
+
+
+def _copy_sharing(model: nn.Module, *keep: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose ``keep`` parts share tensors with the original (they
+    are about to be replaced, so copying their weights would only cost memory)."""
+    memo: dict[int, Any] = {}
+    for part in keep:
+        memo.update({id(t): t for t in (*part.parameters(), *part.buffers())})
+    return _copy.deepcopy(model, memo)
+
+
+def attach_gptq(model: nn.Module, quantized: nn.Module, *, copy: bool = False) -> nn.Module:
+    """Put the GPTQ causal LM ``quantized`` where ``model``'s language model is.
+
+    Args:
+        model: a causal LM, or a VLM that :func:`language_model_of` understands.
+        quantized: from :func:`load_gptq`: the same language model, quantized.
+        copy: leave ``model`` as it is and return a copy (the dense language model's
+            weights are not copied).
+
+    Returns:
+        the model holding ``quantized`` (``quantized`` itself when ``model`` is a causal
+        LM). For MiniGPT-v2, ``quantized`` gets the dense model's LoRA (same config and
+        weights, through peft) around its GPTQ layers.
+
+    Raises:
+        TypeError: when no language model is found. ValueError: when the widths differ.
+    """
+    kind, lm = language_model_of(model)
+    _check_fits(_text_config(model, kind, lm), quantized.config)
+    if kind == "whole":
+        return quantized
+    parts = (lm, model.lm_head) if kind == "base+head" else (lm,)
+    target = _copy_sharing(model, *parts) if copy else model
+    kind, lm = language_model_of(target)
+    if kind == "causal":
+        target.language_model = quantized
+    elif kind == "base+head":
+        target.model.language_model = quantized.base_model
+        target.lm_head = quantized.get_output_embeddings()
+    else:
+        target.llama_model = _with_lora_of(lm, quantized)
+    return target
+
+
+def _with_lora_of(dense: Any, quantized: nn.Module) -> nn.Module:
+    """``quantized`` wrapped by peft with ``dense``'s adapter config and weights."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    name = getattr(dense, "active_adapter", "default")
+    weights = get_peft_model_state_dict(dense, adapter_name=name)
+    wrapped = get_peft_model(quantized, _copy.deepcopy(dense.peft_config[name]), adapter_name=name)
+    result = set_peft_model_state_dict(wrapped, weights, adapter_name=name)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"the LoRA weights did not fit the GPTQ model: missing {missing[:4]}, "
+            f"unexpected {list(result.unexpected_keys)[:4]}"
+        )
+    return wrapped

@@ -15,15 +15,28 @@ from ``head_dim``; :func:`set_head_shape` keeps both the library and Turbo right
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["HeadShape", "attention_modules", "head_shape", "projection_width", "set_head_shape"]
+__all__ = [
+    "HeadShape",
+    "attention_modules",
+    "check_runnable",
+    "head_shape",
+    "library_error",
+    "planned_shape",
+    "projection_width",
+    "set_head_shape",
+]
 
 _FUSED = "qkv"
 _SPLIT = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+OUT_PROJECTIONS = ("proj", "o_proj", "out_proj", "projection")
 _HEADS = ("num_heads", "num_attention_heads")
 _SCALES = ("scale", "scaling")
 
@@ -107,6 +120,35 @@ def head_shape(attention: nn.Module) -> HeadShape:
     )
 
 
+def planned_shape(attention: nn.Module, width: int, *, keep: str) -> tuple[int, int]:
+    """``(num_heads, head_dim)`` for q/k/v projections of ``width`` channels.
+
+    Args:
+        keep: ``"heads"`` (the number of heads stays) or ``"head_dim"`` (the head width
+            stays); see :func:`set_head_shape`.
+
+    Raises:
+        ValueError: for an unknown ``keep`` or a width that does not split that way.
+    """
+    if keep not in ("heads", "head_dim"):
+        raise ValueError(f"keep must be 'heads' or 'head_dim', got {keep!r}")
+    before = head_shape(attention)
+    if keep == "heads":
+        heads = before.num_heads
+        if width % heads:
+            raise ValueError(
+                f"{type(attention).__name__}: width {width} is not a multiple of its "
+                f"{heads} heads (narrowed heads keep the same channels in every head)"
+            )
+        return heads, width // heads
+    if width % before.head_dim:
+        raise ValueError(
+            f"{type(attention).__name__}: width {width} is not a multiple of head_dim "
+            f"{before.head_dim} (whole-head pruning keeps the head width)"
+        )
+    return width // before.head_dim, before.head_dim
+
+
 def set_head_shape(attention: nn.Module, *, keep: str) -> HeadShape:
     """Set ``attention``'s head attributes from its projection widths.
 
@@ -121,26 +163,8 @@ def set_head_shape(attention: nn.Module, *, keep: str) -> HeadShape:
     narrowed timm attention is switched to its explicit path (``fused_attn = False``)
     where ``attn.scale`` is applied, as UPop computes it.
     """
-    if keep not in ("heads", "head_dim"):
-        raise ValueError(f"keep must be 'heads' or 'head_dim', got {keep!r}")
-    width = projection_width(attention)
     before = head_shape(attention)
-    if keep == "heads":
-        heads = before.num_heads
-        if width % heads:
-            raise ValueError(
-                f"{type(attention).__name__}: width {width} is not a multiple of its "
-                f"{heads} heads (narrowed heads keep the same channels in every head)"
-            )
-        head_dim = width // heads
-    else:
-        head_dim = before.head_dim
-        if width % head_dim:
-            raise ValueError(
-                f"{type(attention).__name__}: width {width} is not a multiple of head_dim "
-                f"{head_dim} (whole-head pruning keeps the head width)"
-            )
-        heads = width // head_dim
+    heads, head_dim = planned_shape(attention, projection_width(attention), keep=keep)
     attention.head_dim = head_dim
     setattr(attention, _heads_attr(attention), heads)
     _sync_library_attrs(attention, heads, head_dim, narrowed=head_dim != before.head_dim)
@@ -160,3 +184,101 @@ def _sync_library_attrs(attention: nn.Module, heads: int, head_dim: int, narrowe
         extra["fused_attn"] = False  # timm: the fused path would use 1/sqrt(narrowed width)
     for name, value in extra.items():
         setattr(attention, name, value)
+
+
+# ------------------------------------------------ can the library run a new head shape?
+#: Why a library's attention cannot run changed heads, where the reason is known.
+_KNOWN_REASONS = {
+    name: (
+        f"transformers' {name} splits q/k/v into num_heads pieces of (input width // "
+        "num_heads) channels, so it runs only num_heads x head_dim == hidden_size; "
+        "no attribute changes that"
+    )
+    for name in ("BlipAttention", "Blip2Attention", "InstructBlipAttention")
+}
+
+
+def _meta_twin(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are on the meta device (no data)."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        twin = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            twin = nn.Parameter(twin, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = twin
+    return copy.deepcopy(module, memo)
+
+
+def _meta_linear(like: nn.Module, in_features: int, out_features: int) -> nn.Linear:
+    bias = getattr(like, "bias", None) is not None
+    return nn.Linear(in_features, out_features, bias=bias, device="meta")
+
+
+def library_error(attention: nn.Module, num_heads: int, head_dim: int) -> str | None:
+    """Why ``attention``'s own forward cannot run ``num_heads`` heads of ``head_dim``
+    channels, or None if it can.
+
+    The check runs the library's forward, on the meta device (no data, no weights
+    copied), on a twin whose q/k/v and output projections have the new widths and
+    whose head attributes are set as :func:`set_head_shape` sets them. Exactly one of
+    ``num_heads`` and ``head_dim`` may differ from the module's current shape.
+    """
+    before = head_shape(attention)
+    if (num_heads, head_dim) == (before.num_heads, before.head_dim):
+        return None
+    if num_heads != before.num_heads and head_dim != before.head_dim:
+        raise ValueError("change either the number of heads or the head width, not both")
+    twin = _meta_twin(attention)
+    width = num_heads * head_dim
+    fused = getattr(twin, _FUSED, None)
+    names = [_FUSED] if isinstance(fused, nn.Module) else list(_split_names(twin) or ())
+    if not names:
+        raise TypeError(f"{type(attention).__name__} has neither qkv nor q/k/v projections")
+    first = getattr(twin, names[0])
+    inputs = int(getattr(first, "in_features", None) or first.weight.shape[1])
+    for name in names:
+        copies = 3 if name == _FUSED else 1
+        setattr(twin, name, _meta_linear(getattr(twin, name), inputs, copies * width))
+    out_name = next(
+        (n for n in OUT_PROJECTIONS if isinstance(getattr(twin, n, None), nn.Module)), None
+    )
+    if out_name is not None:
+        old = getattr(twin, out_name)
+        setattr(twin, out_name, _meta_linear(old, width, _out_features(old)))
+    set_head_shape(twin, keep="heads" if num_heads == before.num_heads else "head_dim")
+    try:
+        with torch.no_grad():
+            twin(torch.zeros(1, 2, inputs, device="meta"))
+    except Exception as error:  # any failure of the library's forward is the answer
+        reason = _KNOWN_REASONS.get(type(attention).__name__)
+        found = f"{type(error).__name__}: {error}".strip()
+        return found if reason is None else f"{reason} ({found})"
+    return None
+
+
+def check_runnable(attentions: dict[str, nn.Module], shapes: dict[str, tuple[int, int]]) -> None:
+    """Raise ``TypeError`` unless every attention's library forward runs its new shape.
+
+    Pruning recipes call this before they change anything, so a model they refuse is
+    left as it was, and a model they prune still runs unpatched (``patch.remove()``
+    gives back a working model, and ``r = 0`` can be compared with it).
+
+    Args:
+        attentions: modules by name (:func:`attention_modules`).
+        shapes: ``(num_heads, head_dim)`` each named module would get.
+    """
+    checked: dict[tuple[type, tuple[int, int], tuple[int, int]], str | None] = {}
+    for name, shape in shapes.items():
+        attention = attentions[name]
+        before = head_shape(attention)
+        key = (type(attention), (before.num_heads, before.head_dim), shape)
+        if key not in checked:
+            checked[key] = library_error(attention, *shape)
+        error = checked[key]
+        if error is not None:
+            raise TypeError(
+                f"{name} ({type(attention).__name__}) cannot run {shape[0]} heads x {shape[1]} "
+                f"channels unpatched (it has {before.num_heads} x {before.head_dim}): {error}. "
+                "Prune only the MLP channels of this model (head_ratio=0, or keep=1.0 with "
+                "mlp_keep)"
+            )

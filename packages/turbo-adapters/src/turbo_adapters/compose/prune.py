@@ -10,18 +10,31 @@
   learns them; the structure, which is what Turbo must handle, is the same).
 
 Both leave plain ``nn.Linear`` layers of new shapes, fix the head attributes
-(:mod:`.heads`) and can be quantized and patched afterwards.
+(:mod:`.heads`) and can be quantized and patched afterwards. Before changing anything
+they check that the library's own attention runs the new head shape
+(:func:`.heads.check_runnable`): a pruned model must still run unpatched, so that
+``patch.remove()`` gives back a working model. transformers' BLIP and BLIP-2 vision
+attention cannot (it splits q/k/v with its input width), so for them only the MLP
+channels can be pruned; asking for heads raises a ``TypeError`` saying so.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .heads import attention_modules, head_shape, projection_width, set_head_shape
+from .heads import (
+    OUT_PROJECTIONS,
+    attention_modules,
+    check_runnable,
+    head_shape,
+    projection_width,
+    set_head_shape,
+)
 
 __all__ = ["mlp_pairs", "narrow_heads", "prune_heads_and_mlp"]
 
@@ -71,6 +84,11 @@ def prune_heads_and_mlp(
 
     Returns:
         the number of heads each attention kept, by module name.
+
+    Raises:
+        TypeError: before anything is pruned, if an attention's own forward cannot run
+            fewer heads (transformers' BLIP and BLIP-2 vision attention: prune their
+            MLP channels only, ``head_ratio=0``).
     """
     import torch_pruning as tp
 
@@ -83,10 +101,15 @@ def prune_heads_and_mlp(
             f"found no attention module with q/k/v projections in {type(model).__name__}"
         )
     num_heads = {}
-    for attention in attentions.values():
+    kept_shapes = {}
+    for name, attention in attentions.items():
         heads = projection_width(attention) // int(attention.head_dim)
-        for linear in _qkv_linears(attention):
-            num_heads[linear] = heads
+        if head_ratio > 0:  # else q/k/v are left out: torch-pruning would still group them
+            num_heads.update({linear: heads for linear in _qkv_linears(attention)})
+        # torch-pruning removes ceil(ratio x heads) heads of every attention
+        kept = max(heads - math.ceil(head_ratio * heads), 1)
+        kept_shapes[name] = (kept, int(attention.head_dim))
+    check_runnable(attentions, kept_shapes)
     roots = set(num_heads) | {fc1 for fc1, _ in pairs.values()}
     # every other layer is ignored, so neither the residual width nor the head changes
     ignored = [
@@ -147,21 +170,32 @@ def _sliced(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | N
     return new
 
 
-def _narrow_attention(attention: nn.Module, fraction: float) -> int:
+def _narrowed_width(attention: nn.Module, fraction: float) -> int:
+    """The head width ``attention`` keeps; checks it can be narrowed (nothing changes)."""
     for norm in ("q_norm", "k_norm"):
         if getattr(getattr(attention, norm, None), "weight", None) is not None:
             raise TypeError(
                 f"{type(attention).__name__}: narrowing heads with {norm} is not supported"
             )
     shape = head_shape(attention)
-    heads, head_dim = shape.num_heads, shape.head_dim
     width = projection_width(attention)
-    if heads * head_dim != width:
-        raise ValueError(f"{type(attention).__name__}: {heads} heads x {head_dim} != width {width}")
-    keep = max(1, round(head_dim * fraction))
-    linears = _qkv_linears(attention)
-    for linear in linears:
+    if shape.num_heads * shape.head_dim != width:
+        raise ValueError(
+            f"{type(attention).__name__}: {shape.num_heads} heads x {shape.head_dim} != width {width}"
+        )
+    for linear in _qkv_linears(attention):
         _require_plain(linear)
+    return max(1, round(shape.head_dim * fraction))
+
+
+def _narrow_attention(attention: nn.Module, keep: int) -> None:
+    """Keep ``keep`` channels of every head (the same ones in all heads and in q, k, v)."""
+    shape = head_shape(attention)
+    heads, head_dim = shape.num_heads, shape.head_dim
+    if keep == head_dim:
+        return
+    width = projection_width(attention)
+    linears = _qkv_linears(attention)
     # importance of channel c: its rows in q, k and v, over all heads
     if len(linears) == 1:
         rows = linears[0].weight.detach().float().reshape(3, heads, head_dim, -1)
@@ -179,12 +213,9 @@ def _narrow_attention(attention: nn.Module, fraction: float) -> int:
         names = [n for n, m in attention.named_children() if m in linears]
         for name in names:
             setattr(attention, name, _sliced(getattr(attention, name), index, None))
-    out_name = next(
-        n for n in ("proj", "o_proj", "out_proj", "projection") if hasattr(attention, n)
-    )
+    out_name = next(n for n in OUT_PROJECTIONS if hasattr(attention, n))
     setattr(attention, out_name, _sliced(getattr(attention, out_name), None, index))
     set_head_shape(attention, keep="heads")
-    return keep
 
 
 def _narrow_mlp(fc1: nn.Linear, fc2: nn.Linear, fraction: float) -> tuple[nn.Linear, nn.Linear]:
@@ -215,6 +246,11 @@ def narrow_heads(
     Returns:
         the head width each attention kept, by module name. The number of heads and the
         logit scale are unchanged.
+
+    Raises:
+        TypeError: before anything changes, for quantized layers, ``q_norm``/``k_norm``,
+            or an attention whose own forward cannot run narrower heads (transformers'
+            BLIP and BLIP-2 vision attention: narrow their MLPs only, ``keep=1.0``).
     """
     attentions = attention_modules(model)
     if not attentions:
@@ -223,14 +259,23 @@ def narrow_heads(
         )
     fractions = _per_layer("keep", keep, len(attentions))
     kept = {
-        name: _narrow_attention(a, f)
+        name: _narrowed_width(a, f)
         for (name, a), f in zip(attentions.items(), fractions, strict=True)
     }
-    if mlp_keep is not None:
-        pairs = mlp_pairs(model)
-        for (name, (fc1, fc2)), f in zip(
-            pairs.items(), _per_layer("mlp_keep", mlp_keep, len(pairs)), strict=True
-        ):
-            mlp = model.get_submodule(name)
-            mlp.fc1, mlp.fc2 = _narrow_mlp(fc1, fc2, f)
+    pairs = mlp_pairs(model) if mlp_keep is not None else {}
+    if mlp_keep is not None and not pairs:
+        raise TypeError(f"mlp_keep given, but {type(model).__name__} has no fc1/fc2 MLP")
+    mlp_fractions = [] if mlp_keep is None else _per_layer("mlp_keep", mlp_keep, len(pairs))
+    for fc1, fc2 in pairs.values():
+        _require_plain(fc1)
+        _require_plain(fc2)
+    check_runnable(
+        attentions, {name: (head_shape(a).num_heads, kept[name]) for name, a in attentions.items()}
+    )
+    # everything is checked: from here on the model changes
+    for name, attention in attentions.items():
+        _narrow_attention(attention, kept[name])
+    for (name, (fc1, fc2)), fraction in zip(pairs.items(), mlp_fractions, strict=True):
+        mlp = model.get_submodule(name)
+        mlp.fc1, mlp.fc2 = _narrow_mlp(fc1, fc2, fraction)
     return kept

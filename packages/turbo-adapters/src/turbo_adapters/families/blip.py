@@ -18,6 +18,7 @@ tokens without the ``log(size)`` bias.
 from __future__ import annotations
 
 import contextvars
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,14 +26,14 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from turbo_core import TurboConfig
-from turbo_core.merging import merge_sources
+from turbo_core import TurboConfig, size_log_bias
 
 from ..adapter import model_defaults
 from ..attention import QKVLayout, layout_attention
 from ..blocks import BlockSpec, install_blocks, install_scope, token_sizes
 from ..patch import TurboPatch
 from ..site import ReductionSite
+from . import blip_guided as guided
 from .hf_vit import HFAdapter, find_one
 
 __all__ = [
@@ -128,38 +129,37 @@ class BlipAdapter(HFAdapter):
 
 
 # ------------------------------------------------------------ cross-modal guidance
-#: The image tensor a BLIP text encoder call received and, once ranked, its reduction.
-_TEXT_CALL: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "turbo_blip_text_call", default=None
-)
-CROSS_SITE = "text-guided"
-_REDUCTIONS = ("merge", "prune")
+CROSS_SITE = guided.CROSS_SITE
 
 
 def use_cross_modal_guidance(
-    patch: TurboPatch, r: int, *, reduce: str = "merge", **changes: Any
+    patch: TurboPatch, r: int, *, reduce: str = "merge", pool: str = "mean", **changes: Any
 ) -> ReductionSite:
     """Reduce the image tokens once more, ranked by the text, before the cross-attentions.
 
     For models whose text encoder cross-attends to the image (``BlipForImageTextRetrieval``
     with the ITM head, ``BlipForQuestionAnswering``): at the first cross-attention the
-    text tokens' attention over the image tokens (averaged over heads and real text
-    tokens) is the semantic value, the image keys the redundancy metric; ``r`` tokens
-    are merged (size-weighted) or pruned (dropped; the survivors keep their sizes) and
-    every cross-attention of the call sees the reduced image. The CLS stays first.
-    The vision tower keeps its own CLS-guided schedule (``patch.configure(site="vision",
-    r=...)``); this site is ``patch.sites["text-guided"]`` (``patch.configure(
-    site="text-guided", r=..., alpha=...)``).
+    text tokens' attention over the image tokens (averaged over heads, pooled over the
+    real text tokens) is the semantic value, the image keys the redundancy metric; ``r``
+    tokens are merged (size-weighted) or pruned (dropped; the survivors keep their
+    sizes) and every cross-attention of the call sees the reduced image. The CLS stays
+    first. The ranking uses the text's hidden states as the first cross-attention
+    receives them (after layer 0's self-attention): the reduction happens inside that
+    layer, just before its cross-attention, which projects the image keys a second time
+    (the ranking's keys cover the full image). The vision tower keeps its own
+    CLS-guided schedule (``patch.configure(site="vision", r=...)``); this site is
+    ``patch.sites["text-guided"]`` (``patch.configure(site="text-guided", r=...,
+    alpha=...)``).
 
     Args:
         patch: a patch made by the hf-blip adapter.
         r: image tokens this step removes (clipped like any block's r).
         reduce: ``"merge"`` or ``"prune"``.
+        pool: ``"mean"`` or ``"max"`` over the text tokens.
         **changes: config fields for this site (``alpha``, ``mode``, ``trace_source`` ...);
             the rest is the vision site's config with ``min_tokens=0``.
     """
-    if reduce not in _REDUCTIONS:
-        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+    guided.check_options(reduce, pool)
     if patch.adapter_name != BlipAdapter.name or "vision" not in patch.sites:
         raise TypeError("use_cross_modal_guidance needs a patch made by the hf-blip adapter")
     encoder = getattr(patch.model, "text_encoder", None)
@@ -169,32 +169,28 @@ def use_cross_modal_guidance(
             f"{type(patch.model).__name__} has no text encoder that cross-attends to the image "
             "(cross-modal guidance needs BlipForImageTextRetrieval or BlipForQuestionAnswering)"
         )
-    config = patch.sites["vision"].config.replace(r=r, min_tokens=0, **changes)
-    site = patch.add_site(ReductionSite(CROSS_SITE, config, 1))
+    site = guided.add_guided_site(patch, r, changes)
 
     def entry(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         image = kwargs.get("encoder_hidden_states")
         if image is None:
             return original(*args, **kwargs)
-        with site.scope() as call:
-            text_mask = kwargs.get("attention_mask")
-            if text_mask is None and len(args) > 1:
-                text_mask = args[1]
-            token = _TEXT_CALL.set({"call": call, "image": image, "mask": text_mask})
-            try:
-                return original(*args, **kwargs)
-            finally:
-                _TEXT_CALL.reset(token)
+        text_mask = kwargs.get("attention_mask")
+        if text_mask is None and len(args) > 1:
+            text_mask = args[1]
+        weight = text_mask if text_mask is not None and text_mask.dim() == 2 else None
+        with guided.guided_call(
+            site, image, token_sizes(image), reduce=reduce, pool=pool, row_weight=weight
+        ):
+            return original(*args, **kwargs)
 
     patch.override(encoder, "forward", entry)
     for layer in layers:
-        _install_cross_attention(patch, site, layer.crossattention, reduce)
+        _install_cross_attention(patch, layer.crossattention)
     return site
 
 
-def _install_cross_attention(
-    patch: TurboPatch, site: ReductionSite, attention: nn.Module, reduce: str
-) -> None:
+def _install_cross_attention(patch: TurboPatch, attention: nn.Module) -> None:
     def forward(
         original: Callable[..., Any],
         hidden_states: Any,
@@ -202,58 +198,29 @@ def _install_cross_attention(
         encoder_hidden_states: Any = None,
         **kwargs: Any,
     ) -> Any:
-        text = _TEXT_CALL.get()
-        if text is None or encoder_hidden_states is not text["image"]:
+        call = guided.active()
+        if call is None or encoder_hidden_states is not call.image:
             return original(hidden_states, attention_mask, encoder_hidden_states, **kwargs)
-        if "reduced" not in text:  # the first cross-attention of this call ranks
-            text["reduced"] = _reduce_image(site, text, attention.self, hidden_states, reduce)
+        if call.reduced is None:  # the first cross-attention of this call ranks
+            inner = attention.self
+            width = inner.attention_head_size
+
+            def queries() -> torch.Tensor:
+                return rearrange(inner.query(hidden_states), "b t (h d) -> b h t d", d=width)
+
+            def keys() -> torch.Tensor:
+                return rearrange(inner.key(call.image), "b n (h d) -> b h n d", d=width)
+
+            bias = None
+            if inner in _BIASED:  # rank with the attention this layer will compute
+                bias = size_log_bias(call.size, hidden_states.dtype)
+            guided.reduce_image(call, queries, keys, scale=width**-0.5, bias=bias)
+        if call.reduced is call.image:  # nothing removed: the call as it was
+            return original(hidden_states, attention_mask, encoder_hidden_states, **kwargs)
         # BLIP's image mask is all ones; the reduced image has no padding either
-        return original(hidden_states, None, text["reduced"], **kwargs)
+        return original(hidden_states, None, call.reduced, **kwargs)
 
     patch.override(attention, "forward", forward)
-
-
-def _reduce_image(
-    site: ReductionSite,
-    text: dict[str, Any],
-    attention: nn.Module,
-    hidden_states: torch.Tensor,
-    reduce: str,
-) -> torch.Tensor:
-    """Rank the image tokens by the text's attention and remove the site's r of them."""
-    call, image = text["call"], text["image"]
-    state, reducer = call.state, call.reducer
-    width = attention.attention_head_size
-    q = rearrange(attention.query(hidden_states), "b t (h d) -> b h t d", d=width)
-    k = rearrange(attention.key(image), "b n (h d) -> b h n d", d=width)
-    probs = ((q @ k.transpose(-1, -2)) * width**-0.5).softmax(dim=-1).mean(dim=1)  # (B, T, N)
-    mask = text["mask"]
-    weight = torch.ones(probs.shape[:2], dtype=probs.dtype, device=probs.device)
-    if mask is not None and mask.dim() == 2:
-        weight = mask.to(probs.dtype)
-    semantic = (probs * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True)  # (B, N)
-    r = reducer.r_now(state, image.shape[1])
-    sizes = token_sizes(image)
-    state.size = None if sizes is None else sizes.clone()
-    plan = reducer.plan(k.mean(dim=1), semantic.float(), r)
-    if reduce == "merge":
-        reduced = reducer.merge(image, plan, state)
-    else:
-        if reducer.config.trace_source and state.source is None:
-            state.source = torch.arange(image.shape[1], device=image.device).expand(
-                image.shape[0], -1
-            )
-        if reducer.config.trace_source and plan.r:
-            state.source = merge_sources(state.source, plan)
-        index = plan.kept_idx.unsqueeze(-1)
-        reduced = image.gather(1, index.expand(-1, -1, image.shape[-1]))
-        if plan.r:
-            sizes = state.sizes_for(image)
-            state.size = sizes.gather(1, index)
-    state.r_applied.append(plan.r)
-    state.token_counts.append(reduced.shape[1])
-    state.block_index += 1
-    return reduced
 
 
 # ------------------------------------------------- proportional attention downstream
@@ -323,9 +290,9 @@ def use_size_bias_downstream(patch: TurboPatch) -> None:
 
 def _image_sizes(image: torch.Tensor) -> torch.Tensor | None:
     """``(B', N, 1)`` sizes of the image tokens a cross-attention receives, or None."""
-    text = _TEXT_CALL.get()
-    if text is not None and image is text.get("reduced"):
-        return text["call"].state.size
+    call = guided.active()
+    if call is not None and call.reduced is not None and image is call.reduced:
+        return call.reduced_size
     sizes = _IMAGE_SIZES.get()
     size = None if sizes is None else sizes["size"]
     if size is None or size.shape[1] != image.shape[1] or image.shape[0] % size.shape[0]:
@@ -334,7 +301,14 @@ def _image_sizes(image: torch.Tensor) -> torch.Tensor | None:
     return size if repeats == 1 else size.repeat_interleave(repeats, dim=0)
 
 
+#: Cross-attentions that add ``log(size)``; the guided ranking then adds it too.
+_BIASED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 def _install_size_bias(patch: TurboPatch, attention: nn.Module) -> None:
+    _BIASED.add(attention)
+    patch.add_cleanup(lambda: _BIASED.discard(attention))
+
     def forward(original: Callable[..., Any], hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
         image = kwargs.get("encoder_hidden_states")
         if image is not None:

@@ -21,11 +21,8 @@ or per call (``model.generate(..., turbo_mode="llm")``; also ``forward``):
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import inspect
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,117 +32,25 @@ from turbo_core import TurboConfig
 
 from ..adapter import model_defaults
 from ..attention import use_turbo_attention
-from ..blocks import install_blocks
+from ..blocks import install_blocks, install_scope
 from ..patch import TurboPatch
 from ..site import ReductionSite
 from .clip import CLIP_LAYER
 from .hf_vit import HFAdapter
 from .llava_llm import (
-    CURRENT,
-    LLMCall,
     LLMReduction,
-    cache_state,
-    decode_kwargs,
-    reduce_at_layer,
-    set_cache_state,
+    bind_arguments,
+    forward_in_call,
+    install_decoder_layers,
+    start_call,
 )
 from .llava_shrink import shrink_placeholders
+from .vlm_modes import VisionLanguagePatch, mode_scope, parse_modes
 
 __all__ = ["LLMReduction", "LlavaAdapter", "LlavaPatch", "parse_modes"]
 
-MODES = ("tower", "llm")
-_ALIASES = {"both": ("tower", "llm"), "none": (), "off": ()}
-_MODE: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar(
-    "turbo_llava_mode", default=None
-)
-
-
-def parse_modes(value: str | Iterable[str] | None) -> frozenset[str]:
-    """``"tower"``, ``"llm"``, ``"both"``, ``"none"`` or an iterable of modes -> a set."""
-    if value is None:
-        return frozenset()
-    names = _ALIASES.get(value, (value,)) if isinstance(value, str) else tuple(value)
-    unknown = [m for m in names if m not in MODES]
-    if unknown:
-        raise ValueError(
-            f"turbo mode must be 'tower', 'llm', 'both', 'none' or a set of {MODES}, got {value!r}"
-        )
-    return frozenset(names)
-
-
-class LlavaPatch(TurboPatch):
-    """A :class:`TurboPatch` with LLaVA's modes and LLM-mode settings.
-
-    Attributes:
-        tower_available: False for LLaVA-NeXT and for towers other than CLIP.
-        num_text_layers: decoder layers of the language model (K must be below).
-    """
-
-    def __init__(self, model: nn.Module, adapter_name: str) -> None:
-        super().__init__(model, adapter_name)
-        self.tower_available = False
-        self.tower_refusal = ""
-        self.num_text_layers = 0
-        self._modes: frozenset[str] = frozenset()
-        self._llm = LLMReduction()
-
-    @property
-    def modes(self) -> frozenset[str]:
-        """The modes used when a call does not pass ``turbo_mode``."""
-        return self._modes
-
-    @modes.setter
-    def modes(self, value: str | Iterable[str] | None) -> None:
-        self._modes = self.check_modes(parse_modes(value))
-
-    def check_modes(self, modes: frozenset[str]) -> frozenset[str]:
-        if "tower" in modes and not self.tower_available:
-            raise ValueError(f"tower mode is not available: {self.tower_refusal}; use 'llm'")
-        if "llm" in modes and self._llm.layer >= self.num_text_layers:
-            raise ValueError(
-                f"llm layer must be in [0, {self.num_text_layers - 1}], got {self._llm.layer}"
-            )
-        return modes
-
-    @property
-    def llm(self) -> LLMReduction:
-        """LLM-mode settings (layer K, keep fraction, method, rank, alpha)."""
-        return self._llm
-
-    @llm.setter
-    def llm(self, value: LLMReduction) -> None:
-        if not isinstance(value, LLMReduction):
-            raise TypeError(f"llm must be an LLMReduction, got {type(value).__name__}")
-        if value.layer >= self.num_text_layers:
-            raise ValueError(
-                f"llm layer must be in [0, {self.num_text_layers - 1}], got {value.layer}"
-            )
-        self._llm = value
-
-    def active_modes(self) -> frozenset[str]:
-        found = _MODE.get()
-        return self._modes if found is None else found
-
-
-@contextlib.contextmanager
-def _mode_scope(patch: LlavaPatch, kwargs: dict[str, Any]) -> Iterator[frozenset[str]]:
-    """Pop ``turbo_mode`` from a call's kwargs and make it the active mode inside."""
-    if "turbo_mode" in kwargs:
-        modes = patch.check_modes(parse_modes(kwargs.pop("turbo_mode")))
-        token = _MODE.set(modes)
-        try:
-            yield modes
-        finally:
-            _MODE.reset(token)
-    else:
-        yield patch.active_modes()
-
-
-def _named(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A call's arguments by name (positional ones bound to ``fn``'s signature)."""
-    bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
-    extra = bound.pop("kwargs", {})
-    return {**bound, **extra}
+#: LLaVA's patch: the shared vision-language patch (modes, LLM-mode settings).
+LlavaPatch = VisionLanguagePatch
 
 
 def _feature_layers(config: Any, num_layers: int) -> int:
@@ -174,6 +79,7 @@ class LlavaAdapter(HFAdapter):
     name = "llava"
     model_names = ("llava-hf/llava-1.5-*", "llava-hf/llava-v1.6-*", "llava-hf/llava-*")
     model_types = ("llava", "llava_next")
+    patch_class = VisionLanguagePatch
 
     def classes(self) -> dict[str, Any]:
         from transformers.models.clip import modeling_clip as clip
@@ -193,27 +99,12 @@ class LlavaAdapter(HFAdapter):
             "clip_layers": (clip.CLIPEncoderLayer,),
         }
 
-    def patch(
-        self, model: nn.Module, config: TurboConfig, explicit: frozenset[str] = frozenset()
-    ) -> TurboPatch:
-        patch = LlavaPatch(model, self.name)
-        try:
-            self.install(patch, model, config)
-        except BaseException:
-            patch.remove()
-            raise
-        return patch
-
     def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
         if not isinstance(patch, LlavaPatch):
             raise TypeError("the LLaVA adapter needs a LlavaPatch (use turbo_adapters.apply)")
         classes = self.classes()
         inner = model if isinstance(model, classes["inner"]) else model.model
         layers = list(inner.language_model.layers)
-        for layer in layers:
-            for part in ("self_attn", "input_layernorm"):
-                if not hasattr(layer, part):
-                    raise TypeError(f"{type(layer).__name__} has no {part}")
         patch.num_text_layers = len(layers)
         if isinstance(inner, classes["next"]):
             patch.tower_refusal = (
@@ -240,7 +131,7 @@ class LlavaAdapter(HFAdapter):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        self._install_llm(patch, inner, layers)
+        install_decoder_layers(patch, layers)
         self._install_entries(patch, model, inner)
 
     # ---------------------------------------------------------------- tower
@@ -260,47 +151,7 @@ class LlavaAdapter(HFAdapter):
         # tokens with their sizes); only those that reach the feature layer merge
         use_turbo_attention(patch, site, [layer.self_attn for layer in layers])
         install_blocks(patch, site, layers[:reach], CLIP_LAYER)
-
-        def forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            if "tower" not in patch.active_modes():
-                return original(*args, **kwargs)
-            with site.scope():
-                return original(*args, **kwargs)
-
-        patch.override(tower, "forward", forward)
-
-    # ------------------------------------------------------------------ llm
-    def _install_llm(self, patch: LlavaPatch, inner: nn.Module, layers: list[nn.Module]) -> None:
-        for index, layer in enumerate(layers):
-
-            def forward(
-                original: Callable[..., Any],
-                *args: Any,
-                _i: int = index,
-                _l: nn.Module = layer,
-                **kw: Any,
-            ) -> Any:
-                call = CURRENT.get()
-                if call is None:
-                    return original(*args, **kw)
-                k = (
-                    call.state.layer
-                    if call.image_mask is None and call.state
-                    else call.settings.layer
-                )
-                if _i < k:
-                    return original(*args, **kw)
-                hidden = args[0] if args else kw.pop("hidden_states")
-                args = args[1:]
-                if call.image_mask is not None:  # prefill
-                    if _i == k:
-                        hidden = reduce_at_layer(call, _l, hidden, kw)
-                elif call.layer_kwargs is None:  # decode: first layer >= K builds the mask
-                    call.layer_kwargs = decode_kwargs(call, hidden.shape[1], hidden.dtype)
-                kw.update(call.layer_kwargs or {})
-                return original(hidden, *args, **kw)
-
-            patch.override(layer, "forward", forward)
+        install_scope(patch, site, tower, when=lambda: "tower" in patch.active_modes())
 
     # -------------------------------------------------------------- entries
     def _install_entries(self, patch: LlavaPatch, model: nn.Module, inner: nn.Module) -> None:
@@ -341,53 +192,21 @@ class LlavaAdapter(HFAdapter):
                 named["position_ids"] = None
             return named
 
-        def llm_call(named: dict[str, Any]) -> LLMCall | None:
-            cache = named.get("past_key_values")
-            mask2d = named.get("attention_mask")
-            if mask2d is not None and mask2d.dim() != 2:
-                mask2d = None
-            state = cache_state(cache)
-            cached = cache.get_seq_length() if cache is not None else 0
-            if state is not None and cached > 0:  # decoding after an LLM-mode prefill
-                return LLMCall(patch.llm, None, mask2d, cache, state=state)
-            ids = named.get("input_ids")
-            if "llm" not in patch.active_modes() or ids is None:
-                return None
-            image_mask = ids == image_token
-            if cached > 0 or not bool(image_mask.any()):
-                return None
-            implementation = str(inner.language_model.config._attn_implementation or "")
-            if implementation.startswith("flash") or implementation == "flex_attention":
-                raise ValueError(
-                    f"llm mode needs an attention that takes a 4-D additive mask (sdpa or "
-                    f"eager); the language model uses {implementation!r}"
-                )
-            return LLMCall(patch.llm, image_mask, mask2d, cache)
-
         def inner_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            with _mode_scope(patch, kwargs):
-                named = shrink(_named(original, args, kwargs))
-                call = llm_call(named)
-                if call is None:
-                    return original(**named)
-                token = CURRENT.set(call)
-                try:
-                    output = original(**named)
-                finally:
-                    CURRENT.reset(token)
-                if call.image_mask is not None and call.state is not None:
-                    set_cache_state(
-                        named.get("past_key_values") or output.past_key_values, call.state
-                    )
-                return output
+            with mode_scope(patch, kwargs) as modes:
+                named = shrink(bind_arguments(original, args, kwargs))
+                ids = named.get("input_ids")
+                image_mask = ids == image_token if "llm" in modes and ids is not None else None
+                call = start_call(patch.llm, named, image_mask, inner.language_model.config)
+                return forward_in_call(call, original, named)
 
         patch.override(inner, "forward", inner_forward)
         if inner is model:
             return
 
         def outer_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            with _mode_scope(patch, kwargs):
-                return original(**shrink(_named(original, args, kwargs)))
+            with mode_scope(patch, kwargs):
+                return original(**shrink(bind_arguments(original, args, kwargs)))
 
         patch.override(model, "forward", outer_forward)
         if hasattr(model, "generate"):
@@ -400,7 +219,7 @@ class LlavaAdapter(HFAdapter):
         shrink: Callable[[dict[str, Any]], dict[str, Any]],
     ) -> None:
         def generate(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            with _mode_scope(patch, kwargs) as modes:
+            with mode_scope(patch, kwargs) as modes:
                 if "llm" in modes and max(kwargs.get("num_beams", 1) or 1, 1) > 1:
                     raise ValueError(
                         "llm mode supports num_beams=1 only (its cache is not reordered)"

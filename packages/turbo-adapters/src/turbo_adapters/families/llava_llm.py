@@ -1,5 +1,12 @@
 """LLM mode for LLaVA-style models: FastV-style reduction of image tokens at decoder layer K.
 
+One implementation for every family whose language model is a transformers decoder
+with LLaMA-style layers (``self_attn`` with ``q_proj``/``k_proj``, ``input_layernorm``,
+rotary ``position_embeddings``): LLaVA, LLaVA-NeXT and MiniGPT-v2. A family calls
+:func:`install_decoder_layers` on the decoder's layers and, around the decoder
+model's ``forward``, :func:`start_call` (with the image positions of a prefill) and
+:func:`forward_in_call`.
+
 At the input of decoder layer ``K`` (prefill only), the image tokens are ranked by the
 attention that the last prompt token (``rank="last"``) or every text token
 (``rank="text"``) pays them, computed with layer K's own q/k projections and rotary
@@ -22,15 +29,28 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import inspect
 import math
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LLMCacheState", "LLMCall", "LLMReduction", "reduce_at_layer"]
+from ..patch import TurboPatch
+
+__all__ = [
+    "LLMCacheState",
+    "LLMCall",
+    "LLMReduction",
+    "bind_arguments",
+    "forward_in_call",
+    "install_decoder_layers",
+    "reduce_at_layer",
+    "start_call",
+]
 
 _STATE_ATTR = "_turbo_llm_state"
 METHODS = ("prune", "merge")
@@ -292,3 +312,107 @@ def decode_kwargs(call: LLMCall, q_len: int, dtype: torch.dtype) -> dict[str, An
     key_valid = torch.cat([state.key_valid, tail], dim=1)
     size = torch.cat([state.size, torch.ones(batch, new, dtype=state.size.dtype, device=device)], 1)
     return {"attention_mask": _mask(key_valid, size, q_len, dtype)}
+
+
+# ---------------------------------------------------------------- installing
+def install_decoder_layers(patch: TurboPatch, layers: Sequence[nn.Module]) -> None:
+    """Make decoder layers >= K run on the reduced sequence while an :class:`LLMCall` is on.
+
+    At the prefill, layer K's input is reduced (:func:`reduce_at_layer`); on decode
+    steps the first layer >= K builds the mask over the kept slots. Layers get the
+    replaced mask and rotary embeddings as keyword arguments; outside a call (or
+    below K) they run exactly as before.
+    """
+    for layer in layers:
+        for part in ("self_attn", "input_layernorm"):
+            if not hasattr(layer, part):
+                raise TypeError(f"{type(layer).__name__} has no {part}")
+    for index, layer in enumerate(layers):
+
+        def forward(
+            original: Callable[..., Any],
+            *args: Any,
+            _i: int = index,
+            _l: nn.Module = layer,
+            **kw: Any,
+        ) -> Any:
+            call = CURRENT.get()
+            if call is None:
+                return original(*args, **kw)
+            k = call.state.layer if call.image_mask is None and call.state else call.settings.layer
+            if _i < k:
+                return original(*args, **kw)
+            hidden = args[0] if args else kw.pop("hidden_states")
+            args = args[1:]
+            if call.image_mask is not None:  # prefill
+                if _i == k:
+                    hidden = reduce_at_layer(call, _l, hidden, kw)
+            elif call.layer_kwargs is None:  # decode: first layer >= K builds the mask
+                call.layer_kwargs = decode_kwargs(call, hidden.shape[1], hidden.dtype)
+            kw.update(call.layer_kwargs or {})
+            return original(hidden, *args, **kw)
+
+        patch.override(layer, "forward", forward)
+
+
+def bind_arguments(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """A call's arguments by name (positional ones bound to ``fn``'s signature)."""
+    bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    extra = bound.pop("kwargs", {})
+    return {**bound, **extra}
+
+
+def start_call(
+    settings: LLMReduction,
+    named: Mapping[str, Any],
+    image_mask: torch.Tensor | None,
+    language_config: Any,
+) -> LLMCall | None:
+    """The :class:`LLMCall` of one decoder-model forward, or None (run it unchanged).
+
+    Args:
+        settings: the patch's LLM-mode settings (used by a prefill).
+        named: the forward's arguments by name (``past_key_values``, ``attention_mask``).
+        image_mask: ``(B, N)`` image positions when LLM mode is active for this call
+            and the positions are known; None otherwise.
+        language_config: the decoder's config (its attention implementation is checked).
+
+    A decode step after an LLM-mode prefill (its cache carries the state) always
+    continues on the reduced cache, whatever mode is active now.
+    """
+    cache = named.get("past_key_values")
+    mask2d = named.get("attention_mask")
+    if mask2d is not None and mask2d.dim() != 2:
+        mask2d = None
+    state = cache_state(cache)
+    cached = cache.get_seq_length() if cache is not None else 0
+    if state is not None and cached > 0:  # decoding after an LLM-mode prefill
+        return LLMCall(settings, None, mask2d, cache, state=state)
+    if image_mask is None or cached > 0 or not bool(image_mask.any()):
+        return None
+    implementation = str(getattr(language_config, "_attn_implementation", None) or "")
+    if implementation.startswith("flash") or implementation == "flex_attention":
+        raise ValueError(
+            f"llm mode needs an attention that takes a 4-D additive mask (sdpa or eager); "
+            f"the language model uses {implementation!r}"
+        )
+    return LLMCall(settings, image_mask, mask2d, cache)
+
+
+def forward_in_call(
+    call: LLMCall | None, original: Callable[..., Any], named: dict[str, Any]
+) -> Any:
+    """``original(**named)`` with ``call`` active; a prefill leaves its state on the cache."""
+    if call is None:
+        return original(**named)
+    token = CURRENT.set(call)
+    try:
+        output = original(**named)
+    finally:
+        CURRENT.reset(token)
+    if call.image_mask is not None and call.state is not None:
+        cache = named.get("past_key_values")
+        set_cache_state(cache if cache is not None else output.past_key_values, call.state)
+    return output

@@ -137,6 +137,20 @@ class TimmEvaAdapter(FamilyAdapter):
     model_classes = ("timm.models.eva", "Eva")
 
     def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
+        site = self.install_tower(patch, model, config)
+        # the scopes wrap the grid recorder, so it runs inside the call they open
+        install_scope(patch, site, model, "forward_features")
+        install_scope(patch, site, model, "forward")
+        install_timm_pool(patch, model)
+
+    def install_tower(
+        self, patch: TurboPatch, model: nn.Module, config: TurboConfig
+    ) -> ReductionSite:
+        """The site, block runners and grid recorder, without entry scopes.
+
+        For models that embed an ``Eva`` and open the site's call themselves (around
+        ``forward_features``, after this), e.g. only in some modes.
+        """
         from timm.models.eva import EvaAttention, EvaBlock
 
         blocks = list(model.blocks)
@@ -178,7 +192,4 @@ class TimmEvaAdapter(FamilyAdapter):
             return original(x, *args, **kw)
 
         patch.override(model, "forward_features", record_grid)
-        # the scopes wrap the grid recorder, so it runs inside the call they open
-        install_scope(patch, site, model, "forward_features")
-        install_scope(patch, site, model, "forward")
-        install_timm_pool(patch, model)
+        return site

@@ -10,7 +10,9 @@ alpha 16, on ``q_proj`` and ``v_proj``). Prompt::
     <s>[INST] <Img><ImageHere></Img> [vqa] {question} [/INST]
 
 With Turbo merging in the tower the number of patch tokens reaching the concatenation
-must stay a multiple of 4 (:mod:`turbo_adapters.families.minigpt` sees to it).
+must stay a multiple of 4 (:mod:`turbo_adapters.families.minigpt` sees to it). A patched
+model also takes ``turbo_mode="tower" | "llm" | "both" | "none"`` in ``generate``,
+``chat``, ``embed_prompts`` and ``encode_image``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PROMPT", "MiniGPTv2", "MiniGPTv2Config", "load_minigptv2", "official_lora_key"]
+__all__ = [
+    "PROMPT",
+    "MiniGPTv2",
+    "MiniGPTv2Config",
+    "load_minigptv2",
+    "official_lora_key",
+    "prompt_layout",
+]
 
 PROMPT = "[INST] <Img><ImageHere></Img> {task} {question} [/INST]"
 IMAGE_HERE = "<ImageHere>"
@@ -69,6 +78,30 @@ def _llama_config() -> Any:
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
         num_attention_heads=32, vocab_size=32000, max_position_embeddings=4096,
     )  # fmt: skip
+
+
+def prompt_layout(
+    before: Sequence[Sequence[int]],
+    after: Sequence[Sequence[int]],
+    image_tokens: int,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where :meth:`MiniGPTv2.embed_prompts` puts each row's tokens.
+
+    Rows are ``before + image_tokens + after``, left padded to the longest.
+
+    Returns:
+        ``(B, W)`` int64 attention mask (1 at real tokens) and ``(B, W)`` bool image mask.
+    """
+    lengths = [len(h) + image_tokens + len(t) for h, t in zip(before, after, strict=True)]
+    width = max(lengths)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
+    image = torch.zeros(len(lengths), width, dtype=torch.bool, device=device)
+    for b, (head, length) in enumerate(zip(before, lengths, strict=True)):
+        start = width - length
+        mask[b, start:] = 1
+        image[b, start + len(head) : start + len(head) + image_tokens] = True
+    return mask, image
 
 
 class MiniGPTv2(nn.Module):
@@ -122,22 +155,19 @@ class MiniGPTv2(nn.Module):
         after: Sequence[Sequence[int]],
         pad_token_id: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ``inputs_embeds`` and mask for ``before + image + after`` per row."""
+        """Left-padded ``inputs_embeds`` and mask for ``before + image + after`` per row
+        (laid out by :func:`prompt_layout`)."""
         image = self.encode_image(pixels)
         embed = self.llama_model.get_input_embeddings()
-        rows = []
+        mask, _ = prompt_layout(before, after, image.shape[1], device=image.device)
+        pad = embed(torch.tensor([pad_token_id], device=image.device))[0]
+        embeds = pad.expand(*mask.shape, -1).clone()
         for b, (head, tail) in enumerate(zip(before, after, strict=True)):
             ids = [
                 torch.tensor(list(t), dtype=torch.long, device=image.device) for t in (head, tail)
             ]
-            rows.append(torch.cat([embed(ids[0]), image[b].to(embed.weight.dtype), embed(ids[1])]))
-        width = max(r.shape[0] for r in rows)
-        pad = embed(torch.tensor([pad_token_id], device=image.device))[0]
-        embeds = pad.expand(len(rows), width, -1).clone()
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=image.device)
-        for b, r in enumerate(rows):
-            embeds[b, width - r.shape[0] :] = r
-            mask[b, width - r.shape[0] :] = 1
+            row = torch.cat([embed(ids[0]), image[b].to(embed.weight.dtype), embed(ids[1])])
+            embeds[b, mask.shape[1] - row.shape[0] :] = row
         return embeds, mask
 
     def generate(
