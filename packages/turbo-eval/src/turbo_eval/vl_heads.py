@@ -102,8 +102,11 @@ class Head:
     def generate(
         self, module: nn.Module, inputs: dict[str, Any], max_new_tokens: int, exact: bool = False
     ) -> Generation:
-        """Greedy new tokens; ``exact`` makes every row generate ``max_new_tokens``."""
-        raise NotImplementedError
+        """Greedy new tokens; ``exact`` makes every row generate ``max_new_tokens``.
+
+        The model's own ``generate`` on ``inputs``; heads whose model needs more override it.
+        """
+        return self._greedy(module.generate, max_new_tokens, exact, **inputs)
 
     def teacher_forced(
         self, module: nn.Module, inputs: dict[str, Any], tokens: torch.Tensor
@@ -212,11 +215,6 @@ class BlipVQAHead(Head):
             "attention_mask": encoded.attention_mask,
         }
 
-    def generate(
-        self, module: nn.Module, inputs: dict[str, Any], max_new_tokens: int, exact: bool = False
-    ) -> Generation:
-        return self._greedy(module.generate, max_new_tokens, exact, **inputs)
-
 
 class Blip2Head(Head):
     """``Blip2ForConditionalGeneration`` (OPT or T5): query-token placeholders, then the
@@ -236,11 +234,6 @@ class Blip2Head(Head):
     @property
     def encoder_decoder(self) -> bool:
         return bool(getattr(self.config.text_config, "is_encoder_decoder", False))
-
-    def generate(
-        self, module: nn.Module, inputs: dict[str, Any], max_new_tokens: int, exact: bool = False
-    ) -> Generation:
-        return self._greedy(module.generate, max_new_tokens, exact, **inputs)
 
     def teacher_forced(
         self, module: nn.Module, inputs: dict[str, Any], tokens: torch.Tensor
@@ -307,11 +300,6 @@ class LlavaHead(Head):
         rows = [self._expanded(self.text(t, purpose), pixels) for t in texts]
         ids, mask = self._left_pad(rows)
         return {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask}
-
-    def generate(
-        self, module: nn.Module, inputs: dict[str, Any], max_new_tokens: int, exact: bool = False
-    ) -> Generation:
-        return self._greedy(module.generate, max_new_tokens, exact, **inputs)
 
     def teacher_forced(
         self, module: nn.Module, inputs: dict[str, Any], tokens: torch.Tensor
