@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -57,6 +58,11 @@ FIDELITY_ONLY = ("turbo 0.5 per-half maps", "turbo 0.5 mean-text")
 #: tomesd's default computation (queries merged in full-resolution self-attention at
 #: 0.5) as Turbo settings: with alpha 0 and use_rand False it equals tomesd exactly
 AT_TOMESD = {"ratio_attn1": 0.5, "attn1_kv": False, "max_downsample": 1}
+#: the same, but every sample of the CFG pair planned on its own, as tomesd does (Turbo's
+#: default lets the conditional half's plan serve both halves: half the matching)
+PER_SAMPLE = {**AT_TOMESD, "plan_from": "each"}
+#: tomesd merging all three components
+ALL3 = {"merge_attn": True, "merge_crossattn": True, "merge_mlp": True}
 
 
 def target_settings(model: str) -> list[Setting]:
@@ -67,6 +73,10 @@ def target_settings(model: str) -> list[Setting]:
         ("tomesd 0.5", "tomesd", {"ratio": 0.5}),
         ("turbo at tomesd 0.5", "turbo", dict(AT_TOMESD)),
         ("redundancy at tomesd 0.5", "redundancy", dict(AT_TOMESD)),
+        # tomesd's own computation: every sample of the CFG pair plans on its own
+        ("redundancy at tomesd 0.5, per-sample plans", "redundancy", dict(PER_SAMPLE)),
+        ("tomesd 0.5 all3", "tomesd", {"ratio": 0.5, **ALL3}),
+        ("turbo at tomesd 0.5 all3", "turbo", {**AT_TOMESD, "ratio_attn2": 0.5, "ratio_ff": 0.5}),
         ("turbo sd-fast", "turbo", {"preset": "sd-fast"}),
         ("redundancy sd-fast", "redundancy", {"preset": "sd-fast"}),
     ]
@@ -88,7 +98,7 @@ def settings_for(model: str, mode: str = "all") -> list[Setting]:
             ("turbo default (sdxl)", "turbo", {}),
         ]
     kv16 = {"ratio_attn1": 0.9375, "sx": 4, "sy": 4, **kv}  # one destination per 4x4
-    all3 = {"merge_attn": True, "merge_crossattn": True, "merge_mlp": True}
+    all3 = ALL3
     aggressive = {"ratio_attn1": 0.75, "ratio_attn2": 0.7, "ratio_ff": 0.7, "max_downsample": 2}
     return [
         *out,
@@ -96,7 +106,7 @@ def settings_for(model: str, mode: str = "all") -> list[Setting]:
         ("redundancy 0.5", "redundancy", {"ratio_attn1": 0.5}),
         ("turbo 0.5", "turbo", {"ratio_attn1": 0.5}),
         ("tomesd 0.5 all3", "tomesd", {"ratio": 0.5, **all3}),
-        ("turbo 0.5 all3", "turbo", {"ratio_attn1": 0.5, "ratio_attn2": 0.5, "ratio_ff": 0.5}),
+        ("turbo 0.5 all3", "turbo", {**AT_TOMESD, "ratio_attn2": 0.5, "ratio_ff": 0.5}),
         ("turbo kv.75", "turbo", {"ratio_attn1": 0.75, **kv}),
         (
             "turbo kv.75 a2.5 ff.5 md2",
@@ -197,10 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="setting names to run (default: all)")
     parser.add_argument(
         "--mode",
-        choices=("all", "target"),
+        choices=("all", "target", "merge-step"),
         default="all",
         help="all: every setting; target: the sd-fast preset beside tomesd 0.5 and Turbo at "
-        "tomesd's settings, with the issue's target checked (default: all)",
+        "tomesd's settings, with the issue's target checked; merge-step: the merge machinery "
+        "alone, tomesd's against Turbo's (default: all)",
+    )
+    parser.add_argument(
+        "--vs",
+        default="tomesd 0.5",
+        help="the setting every other is compared with, round by round (default: tomesd 0.5)",
     )
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--plot", help="write a Pareto plot (fidelity vs speedup) here")
@@ -214,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
+    if args.mode == "merge-step":
+        merge_step(max(args.repeats, 5))
+        return 0
     settings = settings_for(args.model, args.mode)
     if args.only:
         settings = [s for s in settings if s[0] in args.only or s[1] == "baseline"]
@@ -287,14 +306,26 @@ def main(argv: list[str] | None = None) -> int:
             "relative_diff": statistics.mean(relative[name]),
         }
         rows.append(row)
+    for row in rows:
+        peer = peer_of(row["setting"], timing["methods"], args.vs)
+        if peer is not None and row["setting"] in timing["methods"]:
+            row["vs"] = {"peer": peer, **paired_speed(timing, peer, row["setting"])}
     print(
-        f"{'setting':28s} {'FLOPs ratio':>11s} {'speedup':>8s} {'img/s':>7s} {'|diff|':>9s} {'rel':>7s}"
+        f"{'setting':44s} {'FLOPs ratio':>11s} {'speedup':>8s} {'img/s':>7s} {'|diff|':>9s} "
+        f"{'rel':>7s}  speed over the peer, per round [95% interval]"
     )
     for row in rows:
         ratio = f"{row['flops_ratio']:.3f}" if row["flops_ratio"] else "-"
+        versus = row.get("vs")
         print(
-            f"{row['setting']:28s} {ratio:>11s} {row['speedup']:8.3f} {row['images_per_s']:7.3f} "
+            f"{row['setting']:44s} {ratio:>11s} {row['speedup']:8.3f} {row['images_per_s']:7.3f} "
             f"{row['mean_abs_diff']:9.5f} {row['relative_diff']:7.4f}"
+            + (
+                f"  {versus['ratio']:.3f}x [{versus['low']:.3f}, {versus['high']:.3f}] "
+                f"vs {versus['peer']}"
+                if versus
+                else ""
+            )
         )
     if args.mode == "target":
         print_target(rows)
@@ -304,6 +335,95 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(rows, args.plot, args.model)
     return 0
+
+
+def peer_of(name: str, timed: dict[str, Any], default: str) -> str | None:
+    """The setting ``name`` is compared with: ``tomesd X`` for ``... at tomesd X[, ...]``
+    when that ran, else ``default`` (when it ran and is not ``name`` itself)."""
+    if "at tomesd " in name:
+        peer = "tomesd " + name.split("at tomesd ", 1)[1].split(",")[0]
+        if peer in timed:
+            return peer
+    return default if default in timed and default != name else None
+
+
+def paired_speed(timing: dict[str, Any], peer: str, name: str) -> dict[str, float]:
+    """How much faster ``name`` ran than ``peer``: the geometric mean over rounds of
+    ``t_peer / t_name`` (both timed in the same round) with its paired bootstrap 95 %
+    interval (an interval above 1 resolves "faster")."""
+    from turbo_eval.stats import paired_difference
+
+    peer_s, own_s = timing["methods"][peer]["seconds"], timing["methods"][name]["seconds"]
+    if len(peer_s) < 2:
+        ratio = peer_s[0] / own_s[0]
+        return {"ratio": ratio, "low": ratio, "high": ratio, "rounds": 1}
+    log_ratio = paired_difference([math.log(t) for t in peer_s], [math.log(t) for t in own_s])
+    return {
+        "ratio": math.exp(log_ratio.mean),
+        "low": math.exp(log_ratio.low),
+        "high": math.exp(log_ratio.high),
+        "rounds": len(peer_s),
+    }
+
+
+def merge_step(repeats: int) -> None:
+    """Time the merge machinery alone, where tomesd and Turbo differ at equal settings.
+
+    One full-resolution SD-1.5 block's tokens (a CFG pair, 64 x 64 latent grid, 320
+    channels), ratio 0.5, 2 x 2 windows with seeded random destinations: tomesd's
+    ``bipartite_soft_matching_random2d`` with its merge and unmerge, against the
+    turbo_core calls the Stable Diffusion hooks make (window destinations, window
+    scores, plan, size-weighted merge, copy restore), with every sample planned on its
+    own and with one plan from the conditional half. Interleaved, median per method.
+    """
+    import tomesd.merge
+
+    from turbo_adapters.families.sd_hooks import _both_halves
+    from turbo_core import CopyRestorer, SizeWeightedMerger, score_windows, window_destinations
+
+    batch, height, width, channels = 2, 64, 64, 320
+    tokens = height * width
+    r = int(tokens * 0.5)
+    x = torch.randn(batch, tokens, channels, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(batch, tokens - r, channels, generator=torch.Generator().manual_seed(1))
+    merger, restorer = SizeWeightedMerger(), CopyRestorer()
+
+    def tomesd_step() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        merge, unmerge = tomesd.merge.bipartite_soft_matching_random2d(
+            x, width, height, 2, 2, r, no_rand=False, generator=generator
+        )
+        merge(x)
+        return unmerge(y)
+
+    def turbo_step(one_plan: bool) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        dst = window_destinations(height, width, 2, 2, generator)
+        plan = score_windows(x[batch // 2 :] if one_plan else x, dst).plan(r)
+        plan = _both_halves(plan) if one_plan else plan
+        merger.merge(x, plan)
+        return restorer.restore(y, plan)
+
+    fns = {
+        "tomesd": tomesd_step,
+        "turbo, per-sample plans": lambda: turbo_step(False),
+        "turbo, one plan per CFG pair": lambda: turbo_step(True),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    base = statistics.median(seconds["tomesd"])
+    print(
+        f"merge machinery of one block ({batch} x {tokens} x {channels}, r={r}), {repeats} rounds"
+    )
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        print(f"  {name:30s} {median * 1e3:7.2f} ms  ({base / median:.2f}x tomesd's speed)")
 
 
 def print_target(rows: list[dict[str, Any]]) -> None:

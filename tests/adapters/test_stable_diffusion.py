@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import turbo_adapters as ta
+from turbo_core import CopyRestorer, MergePlan
 
 diffusers = pytest.importorskip("diffusers")
 tomesd = pytest.importorskip("tomesd")
@@ -460,3 +461,40 @@ def test_text_to_image_map_matches_explicit_loop():
                 maps.append(torch.stack(per_head).mean(0))
             folded = torch.stack(maps).amax(0) if reduce == "max" else torch.stack(maps).mean(0)
             torch.testing.assert_close(got[b], folded * 12, rtol=1e-10, atol=1e-12)
+
+
+def test_plan_from_cond_one_plan_for_both_halves():
+    """Under CFG halves the conditional half's tokens pick the plan both halves follow."""
+    unet = make_unet()
+    latent, t, text = unet_inputs(batch=2)
+    latent = latent.clone()
+    latent[0] = torch.randn(latent[0].shape, generator=torch.Generator().manual_seed(3))
+
+    class RecordingRestorer(CopyRestorer):
+        def __init__(self) -> None:
+            self.plans: list[MergePlan] = []
+
+        def restore(self, y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+            self.plans.append(plan)
+            return super().restore(y, plan)
+
+    seen = {}
+    outputs = {}
+    for plan_from in ("each", "cond"):
+        restorer = RecordingRestorer()
+        settings = dict(ratio_attn1=0.6, attn1_kv=False, alpha=2.0, cfg_halves=True)
+        settings["plan_from"] = plan_from
+        with ta.patched(unet, restorer=restorer, **settings):
+            outputs[plan_from] = run(unet, (latent, t, text))
+        seen[plan_from] = restorer.plans
+    assert len(seen["cond"]) == len(seen["each"]) > 0
+    for each, cond in zip(seen["each"], seen["cond"], strict=True):
+        # the conditional row's plan is its own either way; "cond" gives it to row 0 too
+        assert torch.equal(cond.kept_idx[1], each.kept_idx[1])
+        assert torch.equal(cond.kept_idx[0], cond.kept_idx[1])
+        assert torch.equal(cond.merged_into[0], cond.merged_into[1])
+    assert any(not torch.equal(p.kept_idx[0], p.kept_idx[1]) for p in seen["each"])
+    torch.testing.assert_close(outputs["cond"][1], outputs["each"][1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(outputs["cond"][0], outputs["each"][0])
+    with pytest.raises(ValueError, match="plan_from must be 'cond' or 'each'"):
+        ta.apply(unet, plan_from="both")

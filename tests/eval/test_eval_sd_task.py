@@ -41,6 +41,7 @@ r = [50]
 merge = ["attn1", "ff"]
 attn1_kv = false
 use_rand = false
+plan_from = "each"      # tomesd plans every sample on its own
 
 [[tasks]]
 kind = "generation-fidelity"

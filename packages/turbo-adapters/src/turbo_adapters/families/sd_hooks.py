@@ -250,10 +250,13 @@ class DenoiserHooks:
         if not wanted:
             return
         dst = window_destinations(height, width, settings.sx, settings.sy, call.generator)
+        batch = x.shape[0]
+        # one plan from the conditional half, followed by both halves: half the matching
+        shared = settings.plan_from == "cond" and batch % 2 == 0 and self.owner.cfg_halves()
         semantic = None
         if config.uses_semantics and block.attn2 is not None:
-            semantic = self._semantic(block, x, kwargs, call)
-        scores = score_windows(x, dst, semantic, config, index)
+            semantic = self._semantic(block, x, kwargs, call, shared)
+        scores = score_windows(x[batch // 2 :] if shared else x, dst, semantic, config, index)
         plans: dict[int, MergePlan] = {}
         chosen: dict[str, MergePlan] = {}
         for component, r in wanted.items():
@@ -268,14 +271,21 @@ class DenoiserHooks:
                 )
                 r = scores.max_r
             if r not in plans:
-                plans[r] = scores.plan(r)
+                plans[r] = _both_halves(scores.plan(r)) if shared else scores.plan(r)
             chosen[component] = plans[r]
         call.plans[id(block)] = chosen
         call.stats.tokens.append((name, num_tokens, {c: p.r for c, p in chosen.items()}))
 
     def _semantic(
-        self, block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], call: _Call
+        self,
+        block: nn.Module,
+        x: torch.Tensor,
+        kwargs: dict[str, Any],
+        call: _Call,
+        shared: bool = False,
     ) -> torch.Tensor | None:
+        """``(B, N)`` semantic value of every token; the conditional half's ``(B/2, N)``
+        alone when ``shared`` (one plan for both halves)."""
         text = kwargs.get("encoder_hidden_states")
         if isinstance(text, (tuple, list)):  # IP-Adapter: (text, image embeddings)
             text = text[0]
@@ -283,7 +293,9 @@ class DenoiserHooks:
             return None
         settings = call.settings
         batch = x.shape[0]
-        halves = batch % 2 == 0 and settings.semantic_from == "cond" and self.owner.cfg_halves()
+        halves = shared or (
+            batch % 2 == 0 and settings.semantic_from == "cond" and self.owner.cfg_halves()
+        )
         rows = slice(batch // 2, batch) if halves else slice(0, batch)
         image, text = x[rows], text[rows]
         norm = block.norm2 if isinstance(getattr(block, "norm2", None), nn.LayerNorm) else None
@@ -293,6 +305,8 @@ class DenoiserHooks:
             image = norm(image)
         keep = text_token_mask(image.shape[0], text.shape[1], x.device, call.text_mask)
         semantic = text_to_image_attention(block.attn2, image, text, keep, settings.text_reduce)
+        if shared:
+            return semantic
         return torch.cat([semantic, semantic]) if halves else semantic
 
     def _block_done(self, block: nn.Module, args: Any, output: Any) -> None:
@@ -365,6 +379,14 @@ class DenoiserHooks:
         if plan is None:
             return None
         return call.site_call.reducer.restorer.restore(output, plan)
+
+
+def _both_halves(plan: MergePlan) -> MergePlan:
+    """The plan of the conditional half, for the ``[unconditional; conditional]`` batch."""
+    kept, merged, into = (
+        t.repeat(2, 1) for t in (plan.kept_idx, plan.merged_idx, plan.merged_into)
+    )
+    return MergePlan(kept, merged, into, plan.num_tokens)
 
 
 def _takes(attention: nn.Module, name: str) -> bool:

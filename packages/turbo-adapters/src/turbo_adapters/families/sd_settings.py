@@ -80,6 +80,11 @@ class SDSettings:
             from the pipeline call when a pipeline is patched, else False.
         semantic_from: ``"cond"`` (conditional half's map for both halves) or
             ``"each"`` (every sample its own map) under classifier-free guidance.
+        plan_from: ``"cond"``: under classifier-free guidance the conditional half's
+            tokens choose one plan that both halves follow (half the matching work:
+            the halves enter the first block with identical tokens and differ only by
+            what the text adds later); ``"each"``: every sample its own plan (tomesd's
+            way). With ``"cond"`` the semantic map is the conditional half's too.
         attn1_kv: in self-attention merge only the keys and values: every query keeps
             its own token (nothing to restore), the merged keys carry ``log(size)``
             (proportional attention, with ``prop_attn``). Off: merge the queries too
@@ -98,6 +103,7 @@ class SDSettings:
     text_reduce: str = "max"
     cfg_halves: bool | None = None
     semantic_from: str = "cond"
+    plan_from: str = "cond"
     attn1_kv: bool = False
 
     def __post_init__(self) -> None:
@@ -119,8 +125,9 @@ class SDSettings:
             raise TypeError(f"cfg_halves must be a bool or None, got {self.cfg_halves!r}")
         if self.text_reduce not in ("max", "mean"):
             raise ValueError(f"text_reduce must be 'max' or 'mean', got {self.text_reduce!r}")
-        if self.semantic_from not in ("cond", "each"):
-            raise ValueError(f"semantic_from must be 'cond' or 'each', got {self.semantic_from!r}")
+        for name in ("semantic_from", "plan_from"):
+            if getattr(self, name) not in ("cond", "each"):
+                raise ValueError(f"{name} must be 'cond' or 'each', got {getattr(self, name)!r}")
         steps = self.steps
         if steps is not None and not callable(steps):
             if isinstance(steps, (str, bytes)) or not isinstance(steps, Collection):
