@@ -77,6 +77,11 @@ def target_settings(model: str) -> list[Setting]:
         ("redundancy at tomesd 0.5, per-sample plans", "redundancy", dict(PER_SAMPLE)),
         ("tomesd 0.5 all3", "tomesd", {"ratio": 0.5, **ALL3}),
         ("turbo at tomesd 0.5 all3", "turbo", {**AT_TOMESD, "ratio_attn2": 0.5, "ratio_ff": 0.5}),
+        (
+            "redundancy at tomesd 0.5 all3",
+            "redundancy",
+            {**AT_TOMESD, "ratio_attn2": 0.5, "ratio_ff": 0.5},
+        ),
         ("turbo sd-fast", "turbo", {"preset": "sd-fast"}),
         ("redundancy sd-fast", "redundancy", {"preset": "sd-fast"}),
     ]
