@@ -314,8 +314,7 @@ def _install_size_bias(patch: TurboPatch, attention: nn.Module) -> None:
         if image is not None:
             size = _image_sizes(image)
             if size is not None:
-                bias = size.reshape(size.shape[0], 1, 1, -1).log().to(hidden_states.dtype)
-                kwargs["encoder_attention_mask"] = bias
+                kwargs["encoder_attention_mask"] = size_log_bias(size, hidden_states.dtype)
         return original(hidden_states, *args, **kwargs)
 
     patch.override(attention, "forward", forward)
