@@ -426,3 +426,37 @@ def build_vision() -> nn.Module:
 
 def test_blip_and_blip2_share_the_site_name() -> None:
     assert blip.CROSS_SITE == blip2.CROSS_SITE == "text-guided"
+
+
+
+def _blip_itm() -> tuple[nn.Module, Any, nn.Module, Any]:
+    from test_blip import build as build_blip
+    from test_blip import text
+
+    model = build_blip("BlipForImageTextRetrieval")
+    first = model.text_encoder.encoder.layer[0].crossattention
+    return model, blip, first, lambda: model(input_ids=text(2), pixel_values=images(2)).itm_score
+
+
+def _blip2_itm() -> tuple[nn.Module, Any, nn.Module, Any]:
+    model = build("Blip2ForImageTextRetrieval")
+    first = model.qformer.encoder.layer[0].crossattention
+    return model, blip2, first, lambda: itm(model, images(2), prompt(2))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("make", [_blip_itm, _blip2_itm], ids=["blip", "blip2"])
+def test_a_bypassed_first_cross_attention_is_reported(make: Any) -> None:
+    """Another library replaces layer 0's cross-attention forward after the patch: a later
+    cross-attention must not rank in its place (with other rows, silently), and the call
+    says that nothing was reduced."""
+    import types
+
+    model, family, first, scores = make()
+    reference = scores()
+    site = family.use_cross_modal_guidance(ta.apply(model, r=0), r=4)
+    first.forward = types.MethodType(type(first).forward, first)
+    with pytest.warns(ta.TurboBypassWarning, match="first cross-attention did not go through"):
+        got = scores()
+    torch.testing.assert_close(got, reference)  # every cross-attention read the full image
+    assert site.last_state.token_counts == []

@@ -76,3 +76,15 @@ def test_guide_row_of_keys_sliced_from_a_fused_qkv(seed, batch, heads, tokens, d
     _, weights = eager_attention(q.contiguous(), k.contiguous(), v.contiguous())
     row = guide_attention(q[:, :, 0], k)
     torch.testing.assert_close(row, weights[:, :, 0].mean(dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_size_bias_of_a_float64_model_is_float64_exact():
+    """Sizes are float32 counts; their log for a float64 model is taken in float64
+    (a float32 log would round the bias to ~1e-7 and cap float64 oracles there)."""
+    size = torch.tensor([[[1.0], [3.0], [7.0], [11.0]]])
+    bias = size_log_bias(size, torch.float64)
+    assert bias.dtype == torch.float64
+    assert torch.equal(bias[0, 0, 0], size[0, :, 0].double().log())
+    assert not torch.equal(size[0, :, 0].log().double(), size[0, :, 0].double().log())
+    half = size_log_bias(size, torch.bfloat16)  # narrow models: as before, float32 log
+    assert torch.equal(half[0, 0, 0], size[0, :, 0].log().to(torch.bfloat16))

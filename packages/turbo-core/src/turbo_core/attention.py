@@ -87,7 +87,9 @@ def size_log_bias(size: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     """
     if size is None:
         return None
-    return rearrange(size, "b n 1 -> b 1 1 n").log().to(dtype)
+    # sizes are float32 (exact counts); a float64 model gets its log in float64
+    wide = torch.promote_types(size.dtype, dtype)
+    return rearrange(size, "b n 1 -> b 1 1 n").to(wide).log().to(dtype)
 
 
 def add_size_bias(

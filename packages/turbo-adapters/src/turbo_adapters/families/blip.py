@@ -149,7 +149,9 @@ def use_cross_modal_guidance(
     (the ranking's keys cover the full image). The vision tower keeps its own
     CLS-guided schedule (``patch.configure(site="vision", r=...)``); this site is
     ``patch.sites["text-guided"]`` (``patch.configure(site="text-guided", r=...,
-    alpha=...)``).
+    alpha=...)``). Only layer 0's cross-attention ranks: if something replaced its
+    forward after this call, nothing is reduced and the call warns
+    (:class:`~turbo_adapters.TurboBypassWarning`).
 
     Args:
         patch: a patch made by the hf-blip adapter.
@@ -185,12 +187,14 @@ def use_cross_modal_guidance(
             return original(*args, **kwargs)
 
     patch.override(encoder, "forward", entry)
-    for layer in layers:
-        _install_cross_attention(patch, layer.crossattention)
+    for index, layer in enumerate(layers):
+        _install_cross_attention(patch, layer.crossattention, ranks=index == 0)
     return site
 
 
-def _install_cross_attention(patch: TurboPatch, attention: nn.Module) -> None:
+def _install_cross_attention(patch: TurboPatch, attention: nn.Module, *, ranks: bool) -> None:
+    """``ranks``: layer 0's cross-attention, the only one that ranks and reduces."""
+
     def forward(
         original: Callable[..., Any],
         hidden_states: Any,
@@ -200,6 +204,8 @@ def _install_cross_attention(patch: TurboPatch, attention: nn.Module) -> None:
     ) -> Any:
         call = guided.active()
         if call is None or encoder_hidden_states is not call.image:
+            return original(hidden_states, attention_mask, encoder_hidden_states, **kwargs)
+        if call.reduced is None and not ranks:  # layer 0 was bypassed: the call warns
             return original(hidden_states, attention_mask, encoder_hidden_states, **kwargs)
         if call.reduced is None:  # the first cross-attention of this call ranks
             inner = attention.self
@@ -314,8 +320,7 @@ def _install_size_bias(patch: TurboPatch, attention: nn.Module) -> None:
         if image is not None:
             size = _image_sizes(image)
             if size is not None:
-                bias = size.reshape(size.shape[0], 1, 1, -1).log().to(hidden_states.dtype)
-                kwargs["encoder_attention_mask"] = bias
+                kwargs["encoder_attention_mask"] = size_log_bias(size, hidden_states.dtype)
         return original(hidden_states, *args, **kwargs)
 
     patch.override(attention, "forward", forward)

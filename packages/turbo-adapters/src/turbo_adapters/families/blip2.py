@@ -180,7 +180,9 @@ def use_cross_modal_guidance(
     ranking's keys cover the full image; the FLOPs count both).
 
     The vision tower keeps its CLS-guided schedule (``patch.configure(site="vision",
-    r=...)``); this site is ``patch.sites["text-guided"]``.
+    r=...)``); this site is ``patch.sites["text-guided"]``. Only layer 0's
+    cross-attention ranks: if something replaced its forward after this call, nothing is
+    reduced and the call warns (:class:`~turbo_adapters.TurboBypassWarning`).
 
     Args:
         patch: a patch made by the hf-blip2 or hf-instructblip adapter.
@@ -244,7 +246,7 @@ def _install(patch: TurboPatch, option: str) -> _QFormerHooks:
     patch.override(qformer, "forward", _qformer_entry)
     patch.override(qformer.encoder, "forward", _encoder_entry(hooks))
     for attention in cross:
-        _install_cross_attention(patch, hooks, attention)
+        _install_cross_attention(patch, hooks, attention, ranks=attention is cross[0])
     return hooks
 
 
@@ -309,7 +311,10 @@ _CROSS_ARGUMENTS = (
 )
 
 
-def _install_cross_attention(patch: TurboPatch, hooks: _QFormerHooks, attention: nn.Module) -> None:
+def _install_cross_attention(
+    patch: TurboPatch, hooks: _QFormerHooks, attention: nn.Module, *, ranks: bool
+) -> None:
+    """``ranks``: layer 0's cross-attention, the only one that ranks and reduces."""
     inner = attention.attention
 
     def forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -320,7 +325,8 @@ def _install_cross_attention(patch: TurboPatch, hooks: _QFormerHooks, attention:
             return original(**kwargs)
         image, size = incoming.image, incoming.size
         call = guided.active()
-        if call is not None and call.image is image:
+        # a later cross-attention never ranks: if layer 0 was bypassed, the call warns
+        if call is not None and call.image is image and (ranks or call.reduced is not None):
             if call.reduced is None:  # layer 0: rank with the queries it receives
                 queries = kwargs["hidden_states"]
                 width = inner.attention_head_size

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 
 from turbo_core.merging import merge_sources
 
+from ..blocks import TurboBypassWarning
 from ..patch import TurboPatch
 from ..site import ReductionSite, SiteCall
 
@@ -112,7 +114,12 @@ def guided_call(
     pool: str,
     row_weight: torch.Tensor | None = None,
 ) -> Iterator[GuidedCall]:
-    """Open one call of the guided site for ``image``; :func:`active` returns it inside."""
+    """Open one call of the guided site for ``image``; :func:`active` returns it inside.
+
+    A call whose first cross-attention never reached :func:`reduce_image` (another
+    library replaced its forward after the patch) ends with a
+    :class:`~turbo_adapters.TurboBypassWarning`: nothing was reduced.
+    """
     with site.scope() as call:
         guided = GuidedCall(call, image, size, reduce, pool, row_weight)
         token = _GUIDED.set(guided)
@@ -120,6 +127,14 @@ def guided_call(
             yield guided
         finally:
             _GUIDED.reset(token)
+        if guided.reduced is None:
+            warnings.warn(
+                f"the image went to the cross-attentions under Turbo's {site.name!r} site, but "
+                "the first cross-attention did not go through Turbo: something replaced or "
+                "bypassed its forward after use_cross_modal_guidance (nothing was merged)",
+                TurboBypassWarning,
+                stacklevel=4,
+            )
 
 
 def rank_image(
