@@ -484,3 +484,20 @@ def test_size_bias_downstream_r0_and_remove() -> None:
     assert torch.equal(
         model.generate(input_ids=question, pixel_values=pixels, max_new_tokens=4), reference
     )
+
+
+@torch.no_grad()
+def test_size_bias_reaches_a_text_encoder_called_on_the_tower_output() -> None:
+    """A retrieval loop encodes each image once and calls the text encoder on the tower's
+    output itself (outside the model's forward): the bias must reach it all the same."""
+    model = build("BlipForImageTextRetrieval")
+    pixels, ids = images(2), text(2)
+    patch = ta.apply(model, r=3)
+    plain = model(input_ids=ids, pixel_values=pixels).itm_score
+    blip.use_size_bias_downstream(patch)
+    forward = model(input_ids=ids, pixel_values=pixels).itm_score
+    assert not torch.allclose(forward, plain, atol=1e-4)
+    image = model.vision_model(pixel_values=pixels).last_hidden_state
+    assert ta.token_sizes(image) is not None
+    out = model.text_encoder(input_ids=ids, encoder_hidden_states=image).last_hidden_state
+    torch.testing.assert_close(model.itm_head(out[:, 0]), forward)

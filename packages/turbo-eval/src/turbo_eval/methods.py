@@ -7,7 +7,8 @@ from typing import Any
 
 from .cross_modal import CROSS_MODAL, intra_method
 from .model_side import MODEL_SIDE, SIDE_LABELS, split_method
-from .suite import CROSS_METHODS, Suite
+from .size_bias import SIZE_BIAS, plain_method
+from .suite import CROSS_METHODS, SIZE_BIAS_METHODS, Suite
 
 __all__ = ["Cell", "cells_for", "method_overrides"]
 
@@ -22,10 +23,13 @@ LABELS = {
     "redundancy-cross": "cross-modal redundancy-only",
     "semantics-cross": "cross-modal semantics-only",
     "turbo-cross": "cross-modal Turbo",
+    "redundancy-sizebias": "redundancy-only (ToMe) + size bias downstream",
+    "semantics-sizebias": "semantics-only + size bias downstream",
+    "turbo-sizebias": "Turbo + size bias downstream",
     "tomesd": "tomesd",  # the peer library, on diffusion pipelines
 }
 #: methods with an alpha (swept over the suite's ``alpha``)
-ALPHA_METHODS = ("turbo", "turbo-cross")
+ALPHA_METHODS = ("turbo", "turbo-cross", "turbo-sizebias")
 
 
 def method_overrides(
@@ -37,7 +41,9 @@ def method_overrides(
     names that step under :data:`~turbo_eval.model_side.MODEL_SIDE`. A cross-modal method
     (``"turbo-cross"``) is its intra-modal method's overrides plus its own name under
     :data:`~turbo_eval.cross_modal.CROSS_MODAL`; the model splits ``r`` between its
-    vision and text-guided sites at equal FLOPs (:mod:`turbo_eval.cross_modal`).
+    vision and text-guided sites at equal FLOPs (:mod:`turbo_eval.cross_modal`). A
+    size-bias method (``"turbo-sizebias"``) is its plain method's overrides plus
+    ``size_bias = True`` (:mod:`turbo_eval.size_bias`).
     """
     base, side = split_method(method)
     if side is not None:
@@ -52,6 +58,8 @@ def method_overrides(
             **(method_overrides(intra_method(method), r, suite, alpha) or {}),
             CROSS_MODAL: method,
         }
+    if method in SIZE_BIAS_METHODS:
+        return {**(method_overrides(plain_method(method), r, suite, alpha) or {}), SIZE_BIAS: True}
     if method == "redundancy":
         return {"r": r, "mode": "redundancy", "alpha": 0.0}
     if method == "semantics":

@@ -88,12 +88,18 @@ class LoadedModel:
         ``"prune"``, ``"upop"``); ``self.module`` becomes that model.
         """
         from .model_side import MODEL_SIDE
+        from .size_bias import SIZE_BIAS
 
         overrides = dict(overrides) if overrides is not None else None
         if overrides is not None and "peer" in overrides:
             raise ValueError(
                 f"method {overrides['peer']!r} runs on diffusion pipelines only, "
                 f"not on {self.name!r}"
+            )
+        if overrides is not None and overrides.pop(SIZE_BIAS, False):
+            raise TypeError(
+                f"the size-bias methods need cross-attentions over the image tokens; model "
+                f"{self.name!r} ({type(self.module).__name__}) has none"
             )
         side = overrides.pop(MODEL_SIDE, None) if overrides is not None else None
         target = self.side(side)

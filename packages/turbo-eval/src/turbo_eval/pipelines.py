@@ -31,6 +31,7 @@ import turbo_adapters
 
 from .model_side import MODEL_SIDE
 from .models import LoadedModel
+from .size_bias import SIZE_BIAS
 
 __all__ = [
     "PEER",
@@ -145,6 +146,11 @@ class PipelineModel(LoadedModel):
         """Unpatched for None; else Turbo with ``overrides`` (``r``, ``mode``, ``alpha`` ...)
         plus the model's fixed settings, or the peer named under :data:`PEER`."""
         overrides = dict(overrides) if overrides else {}
+        if overrides.pop(SIZE_BIAS, False):
+            raise TypeError(
+                f"the size-bias methods act on vision-language models, not on the pipeline "
+                f"{self.name!r}"
+            )
         if overrides.pop(MODEL_SIDE, None) is not None:
             self.side("model-side step")
         self._unpatch()

@@ -16,7 +16,9 @@ __all__ = ["Row", "collect_rows", "markdown_table", "pareto_plot", "write_report
 METHOD_ORDER = {
     "baseline": 0, "redundancy": 1, "semantics": 2, "turbo": 3,
     "redundancy-cross": 4, "semantics-cross": 5, "turbo-cross": 6,
+    "redundancy-sizebias": 7, "semantics-sizebias": 8, "turbo-sizebias": 9,
 }  # fmt: skip
+_LAST = len(METHOD_ORDER)  # methods not listed sort after these
 
 
 @dataclasses.dataclass
@@ -24,10 +26,12 @@ class Row:
     """One line of the table.
 
     ``delta*`` compare with the unpatched baseline, ``vs_tome*`` with redundancy-only
-    (ToMe) at the same r, ``vs_intra*`` (cross-modal methods only) with the intra-modal
-    method they match in FLOPs (``turbo-cross`` with ``turbo`` at the same r and alpha):
-    the paired mean difference of the per-item scores and its bootstrap 95 % interval
-    (None without per-item results).
+    (ToMe) at the same r, ``vs_intra*`` with the method's partner at the same r and
+    alpha (cross-modal methods: the intra-modal method they match in FLOPs,
+    ``turbo-cross`` with ``turbo``; size-bias methods: the same method without the bias,
+    ``turbo-sizebias`` with ``turbo``; None for other methods): the paired mean
+    difference of the per-item scores and its bootstrap 95 % interval (None without
+    per-item results).
     """
 
     model: str
@@ -136,7 +140,7 @@ def collect_rows(results: Iterable[str | Path]) -> list[Row]:
             is_tome = cell["method"] == "redundancy"
             delta = _paired(cell, None if is_base else base)
             vs_tome = _paired(cell, None if is_base or is_tome else tome)
-            intra = _intra_partner(cell, by_method)
+            intra = _partner(cell, by_method)
             vs_intra = _paired(cell, intra) if intra is not None else (None, None, None)
             scores = _item_scores(cell)
             rows.append(
@@ -172,20 +176,24 @@ def collect_rows(results: Iterable[str | Path]) -> list[Row]:
                     vs_intra_high=vs_intra[2],
                 )
             )
-    rows.sort(key=lambda r: (r.run, r.model, r.task, r.r, METHOD_ORDER.get(r.method, 9)))
+    rows.sort(key=lambda r: (r.run, r.model, r.task, r.r, METHOD_ORDER.get(r.method, _LAST)))
     return rows
 
 
-def _intra_partner(
+def _partner(
     cell: dict[str, Any], cells: dict[tuple[Any, ...], dict[str, Any]]
 ) -> dict[str, Any] | None:
-    """The intra-modal cell a cross-modal cell matches in FLOPs (None for other methods)."""
-    from .suite import CROSS_METHODS
+    """The cell a cross-modal cell matches in FLOPs (its intra-modal method), or the one a
+    size-bias cell differs from by the bias alone (None for other methods)."""
+    from .suite import CROSS_METHODS, SIZE_BIAS_METHODS
 
     base, plus, side = cell["method"].partition("+")
-    if base not in CROSS_METHODS:
+    if base in CROSS_METHODS:
+        method = base.removesuffix("-cross") + plus + side
+    elif base in SIZE_BIAS_METHODS:
+        method = base.removesuffix("-sizebias") + plus + side
+    else:
         return None
-    method = base.removesuffix("-cross") + plus + side
     return cells.get((cell["model"], cell["task"], method, int(cell["r"]), cell.get("alpha")))
 
 
@@ -222,14 +230,15 @@ def markdown_table(rows: Sequence[Row]) -> str:
         items = next((row.n_items for row in group if row.n_items), None)
         count = f", {items} paired items" if items else ""
         out.append(f"### {model} / {task}{where}{count}\n")
-        # cross-modal rows get one more column: the intra-modal method at equal FLOPs
-        cross = any(row.method.partition("+")[0].endswith("-cross") for row in group)
+        # cross-modal and size-bias rows get one more column: their partner method
+        header = _partner_header(group)
+        partner = header is not None
         out.append(
             f"| method | r | {metric} | Δ vs baseline (pts) | Δ vs ToMe same r (pts) "
             "| FLOPs ratio | throughput | vs ToMe | items/s (this CPU) |"
-            + (" Δ vs intra-modal same r (pts) |" if cross else "")
+            + (f" {header} |" if partner else "")
         )
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cross else ""))
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if partner else ""))
         for row in group:
             extra = f" {_fmt_interval(row.vs_intra, row.vs_intra_low, row.vs_intra_high)} |"
             out.append(
@@ -239,7 +248,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
                 f"| {_fmt_interval(row.vs_tome, row.vs_tome_low, row.vs_tome_high)} "
                 f"| {_fmt(row.flops_ratio, '.2f', 'x')} | {_fmt(row.speedup, '.2f', 'x')} "
                 f"| {_fmt(row.speed_vs_tome, '.2f', 'x')} | {_fmt(row.items_per_s, '.1f')} |"
-                + (extra if cross else "")
+                + (extra if partner else "")
             )
         out.append("")
     out.append(
@@ -248,9 +257,25 @@ def markdown_table(rows: Sequence[Row]) -> str:
         "an interval that excludes 0. Methods at one r cost the same FLOPs (cross-modal "
         "ones by construction, to the counted FLOPs of their intra-modal method). Throughput: "
         "median of per-round ratios against the unpatched model (and against ToMe), timed "
-        "interleaved per r in one process; items/s are this machine's."
+        "interleaved per r in one process; items/s are this machine's. Partner column: a "
+        "cross-modal row against its intra-modal method at equal FLOPs, a size-bias row "
+        "(log(size) in the cross-attentions over merged image tokens) against the same "
+        "method without it, both at the same r and alpha."
     )
     return "\n".join(out)
+
+
+def _partner_header(group: Sequence[Row]) -> str | None:
+    """The partner column's title for a table's rows (None: no row has a partner)."""
+    kinds = {row.method.partition("+")[0].rpartition("-")[2] for row in group}
+    cross, bias = "cross" in kinds, "sizebias" in kinds
+    if cross and bias:
+        return "Δ vs partner same r (pts)"
+    if cross:
+        return "Δ vs intra-modal same r (pts)"
+    if bias:
+        return "Δ vs no size bias same r (pts)"
+    return None
 
 
 STYLES = {
@@ -261,6 +286,9 @@ STYLES = {
     "redundancy-cross": ("tab:cyan", "v"),
     "semantics-cross": ("tab:olive", "^"),
     "turbo-cross": ("tab:pink", "P"),
+    "redundancy-sizebias": ("tab:purple", "o"),
+    "semantics-sizebias": ("tab:brown", "s"),
+    "turbo-sizebias": ("tab:orange", "D"),
 }
 
 
@@ -284,7 +312,7 @@ def pareto_plot(rows: Sequence[Row], path: str | Path) -> Path:
     )
     for ax, ((model, task), group) in zip(axes[0], groups.items(), strict=False):
         series: dict[str, list[Row]] = {}
-        for row in sorted(group, key=lambda r: METHOD_ORDER.get(r.method, 9)):
+        for row in sorted(group, key=lambda r: METHOD_ORDER.get(r.method, _LAST)):
             series.setdefault(row.label.split(" r=")[0], []).append(row)
         palette = iter(["tab:red", "tab:orange", "tab:purple", "tab:brown"])
         for offset, (label, members) in enumerate(series.items()):

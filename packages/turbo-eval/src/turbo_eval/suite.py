@@ -42,6 +42,7 @@ __all__ = [
     "CROSS_METHODS",
     "METHODS",
     "PEER_METHODS",
+    "SIZE_BIAS_METHODS",
     "ModelSpec",
     "Suite",
     "SuiteError",
@@ -56,6 +57,11 @@ METHODS = ("baseline", "redundancy", "semantics", "turbo")
 #: cross-modal variants (text-guided reduction at the FLOPs of the intra-modal method at
 #: the same r; :mod:`turbo_eval.cross_modal`): never in the default list
 CROSS_METHODS = ("redundancy-cross", "semantics-cross", "turbo-cross")
+#: the intra-modal methods with ``log(size)`` in the text side's cross-attentions over
+#: the merged image tokens (:mod:`turbo_eval.size_bias`): never in the default list
+SIZE_BIAS_METHODS = ("redundancy-sizebias", "semantics-sizebias", "turbo-sizebias")
+#: methods that patch the model with Turbo (and may stack on a model-side step)
+PATCHING_METHODS = METHODS[1:] + CROSS_METHODS + SIZE_BIAS_METHODS
 #: peer libraries run as a method (tomesd on diffusion pipelines): never in the default
 #: list, never stacked on a model-side step
 PEER_METHODS = ("tomesd",)
@@ -65,9 +71,9 @@ FUSIONS = ("difference", "division", "product", "layer_dynamic")
 
 
 METHODS_HINT = (
-    f"a non-empty list of {list(METHODS + CROSS_METHODS + PEER_METHODS)}, each (but a "
-    f"peer) optionally stacked on a model-side step as METHOD+SIDE, or a SIDE alone "
-    f"(SIDE: {list(SIDES)})"
+    f"a non-empty list of {list(METHODS + CROSS_METHODS + SIZE_BIAS_METHODS + PEER_METHODS)}, "
+    "each (but a peer) optionally stacked on a model-side step as METHOD+SIDE, or a SIDE "
+    f"alone (SIDE: {list(SIDES)})"
 )
 
 
@@ -75,11 +81,12 @@ def is_method(method: Any) -> bool:
     """``"turbo"``, ``"turbo+int8"`` or ``"int8"``: a known method, side, or both."""
     if not isinstance(method, str):
         return False
-    if method in METHODS or method in CROSS_METHODS or method in PEER_METHODS or method in SIDES:
+    if method in METHODS or method in PATCHING_METHODS or method in PEER_METHODS:
+        return True
+    if method in SIDES:
         return True
     base, plus, side = method.partition("+")
-    patched = base != "baseline" and (base in METHODS or base in CROSS_METHODS)
-    return bool(plus) and patched and side in SIDES
+    return bool(plus) and base in PATCHING_METHODS and side in SIDES
 
 
 class SuiteError(ValueError):
@@ -400,6 +407,17 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
                         "models", i, "methods" if own else "name",
                         f"method {crossing[0]!r} needs a text-guided reduction site; model "
                         f"{model_name!r} has none: {problem}",
+                    )  # fmt: skip
+            biasing = [m for m in own or methods or () if m.partition("+")[0] in SIZE_BIAS_METHODS]
+            if biasing:
+                from .size_bias import size_bias_problem
+
+                problem = size_bias_problem(model_name)
+                if problem:
+                    check.error(
+                        "models", i, "methods" if own else "name",
+                        f"method {biasing[0]!r} needs cross-attentions over the image tokens; "
+                        f"model {model_name!r} has none: {problem}",
                     )  # fmt: skip
         gptq = any(is_method(m) and m.rpartition("+")[2] == "gptq" for m in own or methods or ())
         if gptq and not (isinstance(extra.get("gptq_model"), str) and extra["gptq_model"]):

@@ -326,6 +326,8 @@ class VLModel(LoadedModel):
     cross_split: dict[str, Any] | None = None
     #: cross-modal splits searched so far (:mod:`turbo_eval.cross_modal`)
     cross_splits: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the patch that has the size bias downstream (:mod:`turbo_eval.size_bias`), if any
+    _biased: Any = dataclasses.field(default=None, repr=False)
     _flops_probe: list[VLSample] = dataclasses.field(default_factory=list)
 
     @property
@@ -395,19 +397,33 @@ class VLModel(LoadedModel):
     # -------------------------------------------------------- methods
     def set_method(self, overrides: dict[str, Any] | None) -> None:
         """As :meth:`LoadedModel.set_method`; a cross-modal method (``overrides`` naming
-        one under ``cross_modal``) also gets the text-guided site, at equal FLOPs."""
+        one under ``cross_modal``) also gets the text-guided site, at equal FLOPs, and a
+        size-bias method (``size_bias = True``) the adapter's ``log(size)`` in the
+        cross-attentions over the image (:mod:`turbo_eval.size_bias`)."""
         from .cross_modal import CROSS_MODAL, CROSS_SITE, set_cross_method
+        from .size_bias import SIZE_BIAS, apply_size_bias
 
         overrides = None if overrides is None else dict(overrides)
         method = overrides.pop(CROSS_MODAL, None) if overrides else None
-        if self.handle is not None and (CROSS_SITE in self.handle.sites) != (method is not None):
-            self.handle.remove()  # a method runs with exactly its own sites
+        bias = bool(overrides.pop(SIZE_BIAS, False)) if overrides else False
+        if bias and method is not None:
+            raise ValueError(
+                f"model {self.name!r}: a method is cross-modal or size-biased, not both"
+            )
+        if self.handle is not None and (
+            (CROSS_SITE in self.handle.sites) != (method is not None)
+            or (self.handle is self._biased) != bias  # the bias comes off with the patch only
+        ):
+            self.handle.remove()  # a method runs with exactly its own sites and options
             self.handle = None
         self.cross_split = None
         if method is not None and overrides:
             self.cross_split = set_cross_method(self, overrides, method).as_dict()
         else:
             super().set_method(overrides)
+        if bias and self.handle is not None and self.handle is not self._biased:
+            apply_size_bias(self.handle, self.name, type(self.module).__name__)
+            self._biased = self.handle
         if self.handle is not None and self.family == "llava":
             _llava_settings(self.handle, self.options)
 

@@ -243,7 +243,10 @@ def use_size_bias_downstream(patch: TurboPatch) -> None:
     (the caption decoder's, the ITM/VQA text encoder's; not the VQA answer decoder's,
     which attends to the question) adds ``log(size)`` to its logits, at every decoding
     step and for every beam (sizes follow generate's ``repeat_interleave`` expansion).
-    The bias reaches the library's attention as its ``encoder_attention_mask``.
+    The bias reaches the library's attention as its ``encoder_attention_mask``. The
+    sizes come from the image tensor itself when it carries them (the patched tower's
+    output, also when the text encoder is called on it directly, as a retrieval loop
+    that encodes each image once does), else from the call's tower output.
     """
     if patch.adapter_name != BlipAdapter.name or "vision" not in patch.sites:
         raise TypeError("use_size_bias_downstream needs a patch made by the hf-blip adapter")
@@ -299,6 +302,9 @@ def _image_sizes(image: torch.Tensor) -> torch.Tensor | None:
     call = guided.active()
     if call is not None and call.reduced is not None and image is call.reduced:
         return call.reduced_size
+    own = token_sizes(image)  # the tower's output, whoever calls the text side with it
+    if own is not None and own.shape[:2] == image.shape[:2]:
+        return own
     sizes = _IMAGE_SIZES.get()
     size = None if sizes is None else sizes["size"]
     if size is None or size.shape[1] != image.shape[1] or image.shape[0] % size.shape[0]:
