@@ -498,3 +498,34 @@ def test_plan_from_cond_one_plan_for_both_halves():
     assert not torch.allclose(outputs["cond"][0], outputs["each"][0])
     with pytest.raises(ValueError, match="plan_from must be 'cond' or 'each'"):
         ta.apply(unet, plan_from="both")
+
+
+def test_controlnet_in_guess_mode_is_not_split_into_cfg_halves():
+    """Guess mode runs the ControlNet on the conditional rows alone: no halves there."""
+    pipe = tiny_pipeline(kind="controlnet")
+
+    class RecordingRestorer(CopyRestorer):
+        def __init__(self) -> None:
+            self.plans: list[MergePlan] = []
+
+        def restore(self, y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+            self.plans.append(plan)
+            return super().restore(y, plan)
+
+    restorer = RecordingRestorer()
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with ta.patched(pipe, ratio_attn1=0.5, attn1_kv=False, restorer=restorer) as patch:
+        pipe(
+            prompt=["a cat", "a red dog"],
+            image=image,
+            guess_mode=True,
+            num_inference_steps=1,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert patch.cond_rows == 2 and patch.cfg_halves(4) and not patch.cfg_halves(2)
+    by_batch = {plan.batch_size: plan for plan in restorer.plans}
+    assert set(by_batch) == {2, 4}  # the ControlNet's conditional rows, the UNet's CFG batch
+    unet_plan, controlnet_plan = by_batch[4], by_batch[2]
+    assert torch.equal(unet_plan.kept_idx[0], unet_plan.kept_idx[2])  # one plan per pair
+    assert not torch.equal(controlnet_plan.kept_idx[0], controlnet_plan.kept_idx[1])

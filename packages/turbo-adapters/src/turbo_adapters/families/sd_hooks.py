@@ -252,7 +252,7 @@ class DenoiserHooks:
         dst = window_destinations(height, width, settings.sx, settings.sy, call.generator)
         batch = x.shape[0]
         # one plan from the conditional half, followed by both halves: half the matching
-        shared = settings.plan_from == "cond" and batch % 2 == 0 and self.owner.cfg_halves()
+        shared = settings.plan_from == "cond" and batch % 2 == 0 and self.owner.cfg_halves(batch)
         semantic = None
         if config.uses_semantics and block.attn2 is not None:
             semantic = self._semantic(block, x, kwargs, call, shared)
@@ -294,7 +294,7 @@ class DenoiserHooks:
         settings = call.settings
         batch = x.shape[0]
         halves = shared or (
-            batch % 2 == 0 and settings.semantic_from == "cond" and self.owner.cfg_halves()
+            batch % 2 == 0 and settings.semantic_from == "cond" and self.owner.cfg_halves(batch)
         )
         rows = slice(batch // 2, batch) if halves else slice(0, batch)
         image, text = x[rows], text[rows]

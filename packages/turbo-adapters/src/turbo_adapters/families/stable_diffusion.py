@@ -129,6 +129,7 @@ class StableDiffusionPatch(TurboPatch):
         text_mask: ``(B, T)`` keep mask of the conditional prompts' text tokens, set by
             the patched pipeline's ``encode_prompt`` (or by the user for a bare UNet).
         pipeline_cfg: whether the last pipeline call used classifier-free guidance.
+        cond_rows: rows of the last pipeline call's conditional prompt embeddings.
     """
 
     def __init__(self, target: Any, config: TurboConfig, settings: SDSettings) -> None:
@@ -136,6 +137,7 @@ class StableDiffusionPatch(TurboPatch):
         self.settings = settings
         self.text_mask: torch.Tensor | None = None
         self.pipeline_cfg: bool | None = None
+        self.cond_rows: int | None = None
         self._hooks: list[DenoiserHooks] = []
         try:
             for role, module in _denoisers(target):
@@ -179,11 +181,16 @@ class StableDiffusionPatch(TurboPatch):
         self.settings = settings
         return self
 
-    def cfg_halves(self) -> bool:
-        """Whether the batch holds ``[unconditional; conditional]`` halves."""
+    def cfg_halves(self, batch: int | None = None) -> bool:
+        """Whether a denoiser call's batch (of ``batch`` rows) holds ``[unconditional;
+        conditional]`` halves. In a pipeline call with classifier-free guidance only a
+        batch of twice the conditional prompts' rows does: a ControlNet in guess mode
+        sees the conditional rows alone."""
         if self.settings.cfg_halves is not None:
             return self.settings.cfg_halves
-        return bool(self.pipeline_cfg)
+        if not self.pipeline_cfg:
+            return False
+        return batch is None or self.cond_rows is None or batch == 2 * self.cond_rows
 
     def new_generation(self) -> None:
         """Count denoising steps from 0 again (done at every patched pipeline call)."""
@@ -218,7 +225,10 @@ class StableDiffusionPatch(TurboPatch):
             self.new_generation()
             self.pipeline_cfg = bool(bound.get("do_classifier_free_guidance", False))
             self.text_mask = _prompt_mask(pipe, bound)
-            return original(*args, **kwargs)
+            output = original(*args, **kwargs)
+            first = output[0] if isinstance(output, (tuple, list)) and output else None
+            self.cond_rows = first.shape[0] if isinstance(first, torch.Tensor) else None
+            return output
 
         self.override(pipe, "encode_prompt", encode_prompt)
 
