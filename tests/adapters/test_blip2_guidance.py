@@ -428,7 +428,6 @@ def test_blip_and_blip2_share_the_site_name() -> None:
     assert blip.CROSS_SITE == blip2.CROSS_SITE == "text-guided"
 
 
-
 def _blip_itm() -> tuple[nn.Module, Any, nn.Module, Any]:
     from test_blip import build as build_blip
     from test_blip import text
