@@ -463,20 +463,23 @@ def test_text_to_image_map_matches_explicit_loop():
             torch.testing.assert_close(got[b], folded * 12, rtol=1e-10, atol=1e-12)
 
 
+class RecordingRestorer(CopyRestorer):
+    """The copy restorer, keeping every plan it restored (which rows followed which)."""
+
+    def __init__(self) -> None:
+        self.plans: list[MergePlan] = []
+
+    def restore(self, y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+        self.plans.append(plan)
+        return super().restore(y, plan)
+
+
 def test_plan_from_cond_one_plan_for_both_halves():
     """Under CFG halves the conditional half's tokens pick the plan both halves follow."""
     unet = make_unet()
     latent, t, text = unet_inputs(batch=2)
     latent = latent.clone()
     latent[0] = torch.randn(latent[0].shape, generator=torch.Generator().manual_seed(3))
-
-    class RecordingRestorer(CopyRestorer):
-        def __init__(self) -> None:
-            self.plans: list[MergePlan] = []
-
-        def restore(self, y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-            self.plans.append(plan)
-            return super().restore(y, plan)
 
     seen = {}
     outputs = {}
@@ -503,14 +506,6 @@ def test_plan_from_cond_one_plan_for_both_halves():
 def test_controlnet_in_guess_mode_is_not_split_into_cfg_halves():
     """Guess mode runs the ControlNet on the conditional rows alone: no halves there."""
     pipe = tiny_pipeline(kind="controlnet")
-
-    class RecordingRestorer(CopyRestorer):
-        def __init__(self) -> None:
-            self.plans: list[MergePlan] = []
-
-        def restore(self, y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-            self.plans.append(plan)
-            return super().restore(y, plan)
 
     restorer = RecordingRestorer()
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

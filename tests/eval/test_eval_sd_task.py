@@ -156,6 +156,11 @@ def test_errors_name_the_parameter():
         model.set_method({"r": 150, "mode": "turbo"})
     with pytest.raises(ValueError, match="model-side steps"):
         model.set_method({"r": 10, "model_side": "int8"})
+    with pytest.raises(TypeError, match=r"cannot take the method setting\(s\) \['cross_modal'\]"):
+        model.set_method({"r": 10, "mode": "turbo", "cross_modal": "turbo-cross"})
+    with pytest.raises(TypeError, match=r"\['min_tokens'\]"):
+        model.set_method({"r": 10, "peer": "tomesd", "min_tokens": 4})
+    assert model.handle is None and model.peer is None  # refused before patching
     with pytest.raises(ValueError, match="unknown option"):
         load_model("sd-tiny", None, {"ratio_atn1": 0.5})
     with pytest.raises(ValueError, match="ratio_attn1 is set by r"):

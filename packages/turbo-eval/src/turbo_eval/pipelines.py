@@ -157,10 +157,17 @@ class PipelineModel(LoadedModel):
         if not overrides:
             return
         ratios = self.ratios(overrides.pop("r", 0))
-        if overrides.pop(PEER, None) == "tomesd":
+        peer = overrides.pop(PEER, None)
+        config = {k: overrides.pop(k) for k in list(overrides) if k in _CONFIG_FIELDS}
+        if overrides:  # e.g. a cross-modal method or a ViT-only option: never dropped silently
+            raise TypeError(
+                f"the pipeline {self.name!r} cannot take the method setting(s) "
+                f"{sorted(overrides)}; a pipeline takes r, {', '.join(_CONFIG_FIELDS)} "
+                "and the tomesd peer"
+            )
+        if peer == "tomesd":
             self._apply_tomesd(ratios)
             return
-        config = {k: v for k, v in overrides.items() if k in _CONFIG_FIELDS}
         settings = {**self.settings, **ratios, **config}
         self.handle = turbo_adapters.apply(self.module, **settings)
 
