@@ -55,8 +55,9 @@ Setting = tuple[str, str, dict[str, Any]]
 FIDELITY_ONLY = ("turbo 0.5 per-half maps", "turbo 0.5 mean-text")
 
 
-#: tomesd's default computation (queries merged in full-resolution self-attention at
-#: 0.5) as Turbo settings: with alpha 0 and use_rand False it equals tomesd exactly
+#: tomesd's default components and ratio (queries merged in full-resolution
+#: self-attention at 0.5) as Turbo settings; with alpha 0, use_rand False and
+#: plan_from "each" (PER_SAMPLE) Turbo computes exactly what tomesd does
 AT_TOMESD = {"ratio_attn1": 0.5, "attn1_kv": False, "max_downsample": 1}
 #: the same, but every sample of the CFG pair planned on its own, as tomesd does (Turbo's
 #: default lets the conditional half's plan serve both halves: half the matching)
