@@ -15,6 +15,7 @@ and the sub-modules those entry points call themselves):
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -54,7 +55,7 @@ class Generation:
     first_logits: torch.Tensor
 
 
-class Head:
+class Head(abc.ABC):
     """Base of the per-family call logic.
 
     Class attributes:
@@ -96,8 +97,9 @@ class Head:
         return self.prompts[purpose].format(text=text)
 
     # ------------------------------------------------------- interface
+    @abc.abstractmethod
     def inputs(self, images: Sequence[Any], texts: Sequence[str], purpose: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """The model's keyword inputs for ``images`` with ``texts`` (prompts or questions)."""
 
     def generate(
         self, module: nn.Module, inputs: dict[str, Any], max_new_tokens: int, exact: bool = False
@@ -112,7 +114,10 @@ class Head:
         self, module: nn.Module, inputs: dict[str, Any], tokens: torch.Tensor
     ) -> torch.Tensor:
         """``(B, T, V)`` logits predicting ``tokens[:, t]`` from the prompt and ``tokens[:, :t]``."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} gives no teacher-forced caption logits "
+            f"(it answers {list(self.purposes)} as a {self.kind!r} head)"
+        )
 
     def speed(self, module: nn.Module, inputs: dict[str, Any], max_new_tokens: int) -> Any:
         """The timed call: generation of exactly ``max_new_tokens`` tokens."""
@@ -149,18 +154,22 @@ class Head:
 
 
 # ------------------------------------------------------------------------ BLIP
-class BlipCaptionHead(Head):
-    """``BlipForConditionalGeneration``: the text decoder continues a caption prompt."""
-
-    purposes = ("caption",)
+class _BlipTextHead(Head):
+    """BLIP's text side: its generate stops on [SEP] and pads with the text config's id."""
 
     @property
     def eos_id(self) -> int:
-        return int(self.config.text_config.sep_token_id)  # BLIP's generate stops on [SEP]
+        return int(self.config.text_config.sep_token_id)
 
     @property
     def pad_id(self) -> int:
         return int(self.config.text_config.pad_token_id)
+
+
+class BlipCaptionHead(_BlipTextHead):
+    """``BlipForConditionalGeneration``: the text decoder continues a caption prompt."""
+
+    purposes = ("caption",)
 
     def inputs(self, images: Sequence[Any], texts: Sequence[str], purpose: str) -> dict[str, Any]:
         prompts = [self.text(t, purpose) for t in texts]
@@ -193,18 +202,10 @@ class BlipCaptionHead(Head):
         return logits[:, start : start + tokens.shape[1]].float()
 
 
-class BlipVQAHead(Head):
+class BlipVQAHead(_BlipTextHead):
     """``BlipForQuestionAnswering``: the answer decoder reads the image-grounded question."""
 
     purposes = ("vqa",)
-
-    @property
-    def eos_id(self) -> int:
-        return int(self.config.text_config.sep_token_id)
-
-    @property
-    def pad_id(self) -> int:
-        return int(self.config.text_config.pad_token_id)
 
     def inputs(self, images: Sequence[Any], texts: Sequence[str], purpose: str) -> dict[str, Any]:
         questions = [self.text(t, purpose) for t in texts]
