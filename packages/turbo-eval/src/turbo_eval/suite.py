@@ -27,6 +27,7 @@ checked field by field before any model loads. Layout::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import sys
 from collections.abc import Mapping
@@ -60,6 +61,17 @@ CROSS_METHODS = ("redundancy-cross", "semantics-cross", "turbo-cross")
 #: the intra-modal methods with ``log(size)`` in the text side's cross-attentions over
 #: the merged image tokens (:mod:`turbo_eval.size_bias`): never in the default list
 SIZE_BIAS_METHODS = ("redundancy-sizebias", "semantics-sizebias", "turbo-sizebias")
+#: methods that need a part of a vision-language model: (methods, what they need, the
+#: module and function saying why a model lacks it; imported when used: they import this)
+_VL_METHOD_NEEDS = (
+    (CROSS_METHODS, "a text-guided reduction site", ".cross_modal", "cross_modal_problem"),
+    (
+        SIZE_BIAS_METHODS,
+        "cross-attentions over the image tokens",
+        ".size_bias",
+        "size_bias_problem",
+    ),
+)
 #: methods that patch the model with Turbo (and may stack on a model-side step)
 PATCHING_METHODS = METHODS[1:] + CROSS_METHODS + SIZE_BIAS_METHODS
 #: peer libraries run as a method (tomesd on diffusion pipelines): never in the default
@@ -397,27 +409,17 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
                     None if own is None else tuple(own),
                 )
             )
-            crossing = [m for m in own or methods or () if m.partition("+")[0] in CROSS_METHODS]
-            if crossing:
-                from .cross_modal import cross_modal_problem
-
-                problem = cross_modal_problem(model_name)
+            for family, needs, module, function in _VL_METHOD_NEEDS:
+                asking = [m for m in own or methods or () if m.partition("+")[0] in family]
+                if not asking:
+                    continue
+                problem_of = getattr(importlib.import_module(module, __package__), function)
+                problem = problem_of(model_name)
                 if problem:
                     check.error(
                         "models", i, "methods" if own else "name",
-                        f"method {crossing[0]!r} needs a text-guided reduction site; model "
-                        f"{model_name!r} has none: {problem}",
-                    )  # fmt: skip
-            biasing = [m for m in own or methods or () if m.partition("+")[0] in SIZE_BIAS_METHODS]
-            if biasing:
-                from .size_bias import size_bias_problem
-
-                problem = size_bias_problem(model_name)
-                if problem:
-                    check.error(
-                        "models", i, "methods" if own else "name",
-                        f"method {biasing[0]!r} needs cross-attentions over the image tokens; "
-                        f"model {model_name!r} has none: {problem}",
+                        f"method {asking[0]!r} needs {needs}; model {model_name!r} has none: "
+                        f"{problem}",
                     )  # fmt: skip
         gptq = any(is_method(m) and m.rpartition("+")[2] == "gptq" for m in own or methods or ())
         if gptq and not (isinstance(extra.get("gptq_model"), str) and extra["gptq_model"]):
