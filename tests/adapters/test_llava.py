@@ -10,17 +10,21 @@ generated alone (batches with padding and different image counts).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
+import transformers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import turbo_adapters as ta
+from turbo_adapters.compat import IncompatibleLibraryError, versions_tested
 from turbo_adapters.families.llava import LlavaPatch
-from turbo_adapters.families.llava_llm import LLMReduction, cache_state
+from turbo_adapters.families.llava_llm import LLMReduction, cache_state, find_cache
 
 # by path, not by name: tests/eval loads this file by path, without tests/adapters on sys.path
 _spec = importlib.util.spec_from_file_location(
@@ -213,7 +217,7 @@ def test_llm_prune_at_layer0_matches_unpatched_on_kept_tokens(model) -> None:
         out = generate(model, ids, torch.ones_like(ids), px)
         with torch.no_grad():
             cache_out = model(input_ids=ids, pixel_values=px, use_cache=True)
-        state = cache_state(cache_out.past_key_values)
+        state = cache_state(find_cache(cache_out))
     finally:
         patch.remove()
     assert torch.equal(state.kept[0], kept)
@@ -257,7 +261,7 @@ def test_llm_reduces_the_late_layers_cache(model) -> None:
             out = model(input_ids=ids, pixel_values=pixels(2), use_cache=True, turbo_mode="llm")
     finally:
         patch.remove()
-    cache = out.past_key_values
+    cache = find_cache(out)
     n = ids.shape[1]
     assert cache.get_seq_length(0) == cache.get_seq_length(1) == n
     assert cache.get_seq_length(2) == cache.get_seq_length(3) == n - PER_IMAGE
@@ -301,3 +305,94 @@ def test_remove_restores_exactly() -> None:
         assert set(m.__dict__) == set(dicts[name]), name
     assert model.config.vision_config._attn_implementation == attn_impl
     assert torch.equal(generate(model, ids, mask, px), reference)
+
+
+# ------------------------------------------------- library compatibility
+def cache_argument(model) -> str:
+    """What the installed transformers calls the cache argument (renamed in 5.25)."""
+    names = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def decode_by_hand(model, ids: torch.Tensor, px: torch.Tensor, name: str) -> list[int]:
+    """Greedy decoding written by hand, passing the cache back as ``name``."""
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=px, use_cache=True)
+        cache, tokens = find_cache(out), []
+        for _ in range(NEW):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(nxt))
+            out = model(input_ids=nxt, use_cache=True, **{name: cache})
+    return tokens
+
+
+def test_llm_decode_finds_the_cache_under_either_name(model) -> None:
+    """The decode steps find the prefill's state on the cache whatever keyword carries it
+    (``past_key_values`` before transformers 5.25, ``cache`` and its alias after)."""
+    ids = torch.tensor(rows([1]))
+    px = pixels(1)
+    patch = ta.apply(model, r=0)
+    try:
+        patch.modes = "llm"
+        patch.llm = LLMReduction(layer=2, keep=0.3)
+        reference = generate(model, ids, torch.ones_like(ids), px)[0, -NEW:].tolist()
+        for name in sorted({cache_argument(model), "past_key_values"}):
+            assert decode_by_hand(model, ids, px, name) == reference, name
+    finally:
+        patch.remove()
+    unpatched = generate(model, ids, torch.ones_like(ids), px)[0, -NEW:].tolist()
+    assert unpatched != reference  # keeping 30 % of the image changed the answer
+
+
+def test_llm_cache_used_outside_the_patched_model_raises_a_clear_error(model) -> None:
+    """Decoding by calling the language model directly would hand layers >= K a mask over
+    the full prompt and a cache of the kept tokens: refused by name, not a shape error."""
+    ids = torch.tensor(rows([1]))
+    patch = ta.apply(model, r=0)
+    try:
+        patch.llm = LLMReduction(layer=2, keep=0.5)
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=pixels(1), use_cache=True, turbo_mode="llm")
+            step = model.get_input_embeddings()(torch.tensor([[5]]))
+            language = model.model.language_model
+            with pytest.raises(RuntimeError, match="llava \\(llm mode\\): decoder layer 2 "):
+                language(inputs_embeds=step, **{cache_argument(language): find_cache(out)})
+    finally:
+        patch.remove()
+
+
+class RenamedKeywordsLayer(LlamaDecoderLayer):
+    """A decoder layer as a future transformers could write it: the mask and the rotary
+    embeddings under other keyword names (what LLM mode hands layers >= K by name)."""
+
+    def forward(self, hidden_states, mask=None, rotary=None, **kwargs):  # type: ignore[override]
+        return super().forward(
+            hidden_states, attention_mask=mask, position_embeddings=rotary, **kwargs
+        )
+
+
+def test_llm_mode_refused_at_apply_when_the_library_changed() -> None:
+    """Feature detection at apply: the error names the adapter, what is missing, the
+    installed transformers and the tested range; tower mode is still offered."""
+    model = build(seed=5)
+    for layer in model.model.language_model.layers:
+        layer.__class__ = RenamedKeywordsLayer
+    patch = ta.apply(model, r=2)  # tower mode (the default here) does not need the decoder
+    try:
+        assert patch.modes == {"tower"}
+        with pytest.raises(IncompatibleLibraryError) as raised:
+            patch.modes = "llm"
+        message = str(raised.value)
+        assert message.startswith("llava (llm mode) cannot patch this model")
+        assert (
+            "RenamedKeywordsLayer.forward to take attention_mask and position_embeddings" in message
+        )
+        assert f"transformers {transformers.__version__} does not provide" in message
+        assert f"tested with transformers {versions_tested('transformers')}" in message
+        ids, mask = left_pad(rows([1]))
+        with pytest.raises(IncompatibleLibraryError, match="llava \\(llm mode\\)"):
+            generate(model, ids, mask, pixels(1), turbo_mode="llm")
+        # the layers were left as they are: the (renamed) model still runs unpatched
+        assert all("forward" not in vars(layer) for layer in model.model.language_model.layers)
+    finally:
+        patch.remove()

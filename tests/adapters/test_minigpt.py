@@ -21,7 +21,7 @@ pytest.importorskip("timm")
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import turbo_adapters as ta
-from turbo_adapters.families.llava_llm import LLMReduction, cache_state
+from turbo_adapters.families.llava_llm import LLMReduction, cache_state, find_cache
 from turbo_adapters.families.vlm_modes import VisionLanguagePatch
 from turbo_adapters.models import (
     MiniGPTv2,
@@ -217,7 +217,7 @@ def test_llm_batch_rows_equal_single_rows(model, mode: str, method: str, rank: s
     assert tokens == (16 if mode == "llm" else 12)  # 65 - 5 * 3 -> 49 patches, rule: 48
     width = tokens + max(len(h) + len(t) for h, t in zip(before, after, strict=True))
     kept = max(len(h) + len(t) for h, t in zip(before, after, strict=True)) + -(-3 * tokens // 10)
-    cache = out.past_key_values
+    cache = find_cache(out)
     assert cache.get_seq_length(0) == width + NEW - 1
     assert cache.get_seq_length(1) == kept + NEW - 1
 
@@ -243,7 +243,7 @@ def test_llm_prune_at_layer0_matches_unpatched_on_kept_tokens(model) -> None:
     finally:
         patch.remove()
     assert kept.numel() == len(before[0]) + keep + len(after[0])
-    assert torch.equal(cache_state(out.past_key_values).kept[0], kept)
+    assert torch.equal(cache_state(find_cache(out)).kept[0], kept)
     eos = model.llama_model.generation_config.eos_token_id  # min_new_tokens bans it
     embed = model.llama_model.get_input_embeddings()
     tokens = greedy_on_kept(model.llama_model, embed, embeds, kept, NEW, banned=eos)

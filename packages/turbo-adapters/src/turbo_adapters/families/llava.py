@@ -33,6 +33,7 @@ from turbo_core import TurboConfig
 from ..adapter import model_defaults
 from ..attention import use_turbo_attention
 from ..blocks import install_blocks, install_scope
+from ..compat import IncompatibleLibraryError
 from ..patch import TurboPatch
 from ..site import ReductionSite
 from .clip import CLIP_LAYER
@@ -40,6 +41,7 @@ from .hf_vit import HFAdapter
 from .llava_llm import (
     LLMReduction,
     bind_arguments,
+    check_decoder,
     forward_in_call,
     install_decoder_layers,
     start_call,
@@ -118,6 +120,11 @@ class LlavaAdapter(HFAdapter):
         else:
             self._install_tower(patch, inner, config)
             patch.tower_available = True
+        try:
+            check_decoder(patch.adapter_name, inner.language_model, layers)
+            install_decoder_layers(patch, layers)
+        except IncompatibleLibraryError as refusal:  # tower mode still works
+            patch.llm_refusal = refusal
         if patch.tower_available:
             patch.modes = "tower"
         elif patch.llm.layer < patch.num_text_layers:
@@ -131,7 +138,6 @@ class LlavaAdapter(HFAdapter):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        install_decoder_layers(patch, layers)
         self._install_entries(patch, model, inner)
 
     # ---------------------------------------------------------------- tower

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import inspect
 import math
 import sys
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import accepts, installed_version, require, versions_tested
 from ..patch import TurboPatch
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "LLMCall",
     "LLMReduction",
     "bind_arguments",
+    "check_decoder",
+    "find_cache",
     "forward_in_call",
     "install_decoder_layers",
     "reduce_at_layer",
@@ -124,6 +128,33 @@ class LLMCall:
 CURRENT: contextvars.ContextVar[LLMCall | None] = contextvars.ContextVar(
     "turbo_llava_llm_call", default=None
 )
+
+
+def find_cache(values: Any) -> Any:
+    """The KV cache among a call's arguments or outputs, found by its type.
+
+    transformers renamed the cache argument and output (``past_key_values`` to ``cache``
+    in 5.25, with an alias until 5.40); finding the :class:`transformers.Cache` object
+    itself does not depend on what it is called.
+
+    Args:
+        values: the values of a call's arguments, or a model output (a ``ModelOutput``,
+            a tuple, or anything iterable).
+    """
+    cache_type = _cache_type()
+    if isinstance(values, Mapping):
+        values = values.values()
+    for value in values or ():
+        if isinstance(value, cache_type):
+            return value
+    return None
+
+
+@functools.cache
+def _cache_type() -> type:
+    from transformers.cache_utils import Cache  # imported when first needed: a heavy module
+
+    return Cache
 
 
 def cache_state(cache: Any) -> LLMCacheState | None:
@@ -315,18 +346,79 @@ def decode_kwargs(call: LLMCall, q_len: int, dtype: torch.dtype) -> dict[str, An
 
 
 # ---------------------------------------------------------------- installing
+def check_decoder(adapter: str, decoder: nn.Module, layers: Sequence[nn.Module]) -> None:
+    """Refuse a decoder whose library lacks what LLM mode relies on (feature detection).
+
+    LLM mode hands layers >= K their mask and rotary embeddings as the layers' own
+    keyword arguments, recomputes layer K's attention from its ``q_proj`` / ``k_proj``
+    and its module's ``apply_rotary_pos_emb``, and keeps its state on the KV cache
+    object the decoder model receives. Each of these is checked here, so a library
+    release that changed one is refused with
+    :class:`~turbo_adapters.compat.IncompatibleLibraryError` when LLM mode is asked
+    for, not mid-generation.
+
+    Raises:
+        IncompatibleLibraryError: naming ``adapter``, what is missing, the installed
+            transformers and the tested range.
+    """
+    who = f"{adapter} (llm mode)"
+    for layer in layers:
+        for part in ("self_attn", "input_layernorm"):
+            if not hasattr(layer, part):
+                raise TypeError(f"{type(layer).__name__} has no {part}")
+    layer, attn = layers[0], layers[0].self_attn
+    layer_name = type(layer).__name__
+    require(
+        who,
+        "transformers",
+        accepts(layer.forward, ("attention_mask", "position_embeddings")),
+        f"{layer_name}.forward to take attention_mask and position_embeddings by name",
+    )
+    require(
+        who,
+        "transformers",
+        all(hasattr(attn, name) for name in ("q_proj", "k_proj", "head_dim", "scaling"))
+        and callable(getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)),
+        f"{type(attn).__name__} with q_proj, k_proj, head_dim, scaling and a module-level "
+        "apply_rotary_pos_emb",
+    )
+    cache_params = [
+        p for p in inspect.signature(decoder.forward).parameters.values()
+        if "Cache" in str(p.annotation)
+    ]  # fmt: skip
+    require(
+        who,
+        "transformers",
+        bool(cache_params),
+        f"{type(decoder).__name__}.forward to take the KV cache (a transformers Cache) "
+        "as an argument",
+    )
+
+
+def _orphan_cache_error(adapter: str, index: int) -> RuntimeError:
+    return RuntimeError(
+        f"{adapter} (llm mode): decoder layer {index} received the reduced KV cache of an "
+        "LLM-mode prefill outside a Turbo call, so its attention mask would cover the full "
+        "prompt while its cache holds only the kept tokens. Continue decoding through the "
+        "patched model (forward or generate), not its language model directly; if you did, "
+        "this transformers release passes the cache by a route turbo-adapters does not "
+        "know (transformers "
+        f"{installed_version('transformers')}, tested {versions_tested('transformers')})"
+    )
+
+
 def install_decoder_layers(patch: TurboPatch, layers: Sequence[nn.Module]) -> None:
     """Make decoder layers >= K run on the reduced sequence while an :class:`LLMCall` is on.
 
     At the prefill, layer K's input is reduced (:func:`reduce_at_layer`); on decode
     steps the first layer >= K builds the mask over the kept slots. Layers get the
     replaced mask and rotary embeddings as keyword arguments; outside a call (or
-    below K) they run exactly as before.
+    below K) they run exactly as before, except that a layer >= K handed a reduced
+    cache outside a call raises (it would otherwise fail inside the attention with a
+    shape error that names nothing of ours).
+
+    Call :func:`check_decoder` first: these overrides assume what it checks.
     """
-    for layer in layers:
-        for part in ("self_attn", "input_layernorm"):
-            if not hasattr(layer, part):
-                raise TypeError(f"{type(layer).__name__} has no {part}")
     for index, layer in enumerate(layers):
 
         def forward(
@@ -338,6 +430,9 @@ def install_decoder_layers(patch: TurboPatch, layers: Sequence[nn.Module]) -> No
         ) -> Any:
             call = CURRENT.get()
             if call is None:
+                state = cache_state(find_cache(kw))
+                if state is not None and _i >= state.layer:
+                    raise _orphan_cache_error(patch.adapter_name, _i)
                 return original(*args, **kw)
             k = call.state.layer if call.image_mask is None and call.state else call.settings.layer
             if _i < k:
@@ -374,7 +469,8 @@ def start_call(
 
     Args:
         settings: the patch's LLM-mode settings (used by a prefill).
-        named: the forward's arguments by name (``past_key_values``, ``attention_mask``).
+        named: the forward's arguments by name (the KV cache is found among them by its
+            type, the 2-D padding mask as ``attention_mask``).
         image_mask: ``(B, N)`` image positions when LLM mode is active for this call
             and the positions are known; None otherwise.
         language_config: the decoder's config (its attention implementation is checked).
@@ -382,7 +478,7 @@ def start_call(
     A decode step after an LLM-mode prefill (its cache carries the state) always
     continues on the reduced cache, whatever mode is active now.
     """
-    cache = named.get("past_key_values")
+    cache = find_cache(named)
     mask2d = named.get("attention_mask")
     if mask2d is not None and mask2d.dim() != 2:
         mask2d = None
@@ -413,6 +509,6 @@ def forward_in_call(
     finally:
         CURRENT.reset(token)
     if call.image_mask is not None and call.state is not None:
-        cache = named.get("past_key_values")
-        set_cache_state(cache if cache is not None else output.past_key_values, call.state)
+        cache = find_cache(named)
+        set_cache_state(cache if cache is not None else find_cache(output), call.state)
     return output

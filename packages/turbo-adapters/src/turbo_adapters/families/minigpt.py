@@ -35,9 +35,17 @@ from turbo_core import CountRule, TurboConfig
 
 from ..adapter import FamilyAdapter
 from ..blocks import install_scope
+from ..compat import IncompatibleLibraryError
 from ..models.minigpt import prompt_layout
 from ..patch import TurboPatch
-from .llava_llm import bind_arguments, forward_in_call, install_decoder_layers, start_call
+from .llava_llm import (
+    bind_arguments,
+    check_decoder,
+    find_cache,
+    forward_in_call,
+    install_decoder_layers,
+    start_call,
+)
 from .timm_eva import TimmEvaAdapter
 from .vlm_modes import VisionLanguagePatch, mode_scope
 
@@ -68,7 +76,7 @@ def _decoder(model: Any) -> nn.Module:
 
 
 def _cached(named: dict[str, Any]) -> int:
-    cache = named.get("past_key_values")
+    cache = find_cache(named)
     return int(cache.get_seq_length()) if cache is not None else 0
 
 
@@ -104,7 +112,11 @@ class MiniGPTv2Adapter(FamilyAdapter):
         patch.tower_available = True
         patch.modes = "tower"
 
-        install_decoder_layers(patch, layers)
+        try:
+            check_decoder(patch.adapter_name, decoder, layers)
+            install_decoder_layers(patch, layers)
+        except IncompatibleLibraryError as refusal:  # tower mode still works
+            patch.llm_refusal = refusal
         self._install_entries(patch, model, decoder)
 
     def _install_entries(

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ..compat import IncompatibleLibraryError
 from ..patch import TurboPatch
 from .llava_llm import LLMReduction
 
@@ -47,6 +48,8 @@ class VisionLanguagePatch(TurboPatch):
     Attributes:
         tower_available: whether tower mode can act (False e.g. for LLaVA-NeXT).
         tower_refusal: why not, for the error message.
+        llm_refusal: the installed library lacks what LLM mode relies on (asking for
+            ``"llm"`` raises this error); None when LLM mode can run.
         num_text_layers: decoder layers of the language model (K must be below).
     """
 
@@ -54,6 +57,7 @@ class VisionLanguagePatch(TurboPatch):
         super().__init__(model, adapter_name)
         self.tower_available = False
         self.tower_refusal = ""
+        self.llm_refusal: IncompatibleLibraryError | None = None
         self.num_text_layers = 0
         self._modes: frozenset[str] = frozenset()
         self._llm = LLMReduction()
@@ -71,6 +75,8 @@ class VisionLanguagePatch(TurboPatch):
         """``modes`` if this model can run them, else a ValueError saying why not."""
         if "tower" in modes and not self.tower_available:
             raise ValueError(f"tower mode is not available: {self.tower_refusal}; use 'llm'")
+        if "llm" in modes and self.llm_refusal is not None:
+            raise IncompatibleLibraryError(*self.llm_refusal.args)
         if "llm" in modes and self._llm.layer >= self.num_text_layers:
             raise ValueError(
                 f"llm layer must be in [0, {self.num_text_layers - 1}], got {self._llm.layer}"
