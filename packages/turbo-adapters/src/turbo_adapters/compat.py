@@ -32,10 +32,10 @@ __all__ = [
 # library -> (lowest, newest) version the test suite passed on
 TESTED: dict[str, tuple[str, str]] = {
     "transformers": ("5.23.0", "5.25.0"),
-    "diffusers": ("0.42.1", "0.42.1"),
-    "timm": ("1.0.31", "1.0.31"),
-    "accelerate": ("1.16.0", "1.16.0"),
-    "peft": ("0.21.2", "0.21.2"),
+    "diffusers": ("0.42.0", "0.42.1"),
+    "timm": ("1.0.20", "1.0.31"),
+    "accelerate": ("1.10.0", "1.16.0"),
+    "peft": ("0.18.0", "0.21.2"),
 }
 
 
