@@ -13,47 +13,80 @@ from turbo_eval.vl_metrics import (
     caption_scores,
     itm_rerank_recall,
     normalize_answer,
+    strip_punctuation,
     vqa_accuracy,
 )
 
 
+# each case worked by hand from the official evaluation's rules (vqaEval.py)
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ("Two", "2"),
-        ("the red Circle.", "red circle"),
-        ("  A dog!  ", "dog"),
-        ("yes,", "yes"),
-        ("1,000", "1,000"),
-        ("2.5", "2.5"),
-        ("dont know", "don't know"),
-        ("t-shirt", "t shirt"),
+        ("Two", "2"),  # number words to digits
+        ("None", "0"),
+        ("the red Circle.", "red circle"),  # articles dropped, a final period removed
+        ("  A dog!  ", "dog!"),  # "!" is not among the official marks
+        ("yes,", "yes"),  # a mark touching nothing becomes a space
+        ("yes, it is", "yes it is"),  # a mark touching a space vanishes
+        ("1,000", "1000"),  # a digit-comma-digit number: every mark vanishes
+        ("1,000 cats, 2 dogs", "1000 cats 2 dogs"),
+        ("10, 20", "10 20"),
+        ("2.5", "2.5"),  # a period before a digit stays
+        ("3.14.", "3.14"),
+        ("a.m.", "am"),
+        ("(red)", "red"),
+        ("t-shirt", "t-shirt"),  # "-" is not among the official marks
+        ("don't", "don t"),  # the apostrophe is a mark: a space, then two words
+        ("dont know", "don't know"),  # an apostrophe-less contraction is restored
+        ("whats up", "what's up"),
+        ("its lets im", "its lets im"),  # words, not contractions the table reaches
+        ("line\nbreak\tand tab", "line break and tab"),
     ],
 )
-def test_answer_normalisation(raw: str, expected: str) -> None:
+def test_answer_normalisation_follows_the_official_rules(raw: str, expected: str) -> None:
     assert normalize_answer(raw) == expected
 
 
+def test_punctuation_step_alone_keeps_case_and_words() -> None:
+    assert strip_punctuation("Two Dogs, (brown)") == "Two Dogs brown "
+    assert strip_punctuation("1,000.") == "1000"
+
+
 def _official(prediction: str, humans: list[str]) -> float:
-    """The VQAv2 score as the official loop computes it (leave one annotator out)."""
+    """The score as the official loop computes it: leave each annotator out in turn; the
+    human answers get the punctuation step only, and only when they disagree."""
     guess = normalize_answer(prediction)
+    if len(set(humans)) > 1:
+        humans = [strip_punctuation(a) for a in humans]
     scores = []
     for left_out in range(len(humans)):
         others = humans[:left_out] + humans[left_out + 1 :]
-        scores.append(min(1.0, sum(normalize_answer(a) == guess for a in others) / 3))
+        scores.append(min(1.0, sum(a == guess for a in others) / 3))
     return sum(scores) / len(scores)
 
 
 def test_vqa_accuracy_matches_the_official_loop() -> None:
-    humans = ["2"] * 3 + ["two"] + ["3"] * 4 + ["4", "5"]  # "two" normalises to "2"
-    for guess, expected in (("2", 1.0), ("3", 1.0), ("4", 0.3), ("6", 0.0)):
+    # human answers are compared as given: "two" is not a "2" (VQAv2's are normalised)
+    humans = ["2"] * 3 + ["two"] + ["3"] * 4 + ["4", "5"]
+    cases = (("2", 0.9), ("two", 0.9), ("3", 1.0), ("4", 0.3), ("6", 0.0))
+    for guess, expected in cases:
         assert vqa_accuracy([guess], [humans]) == pytest.approx(_official(guess, humans))
         assert vqa_accuracy([guess], [humans]) == pytest.approx(expected)
     two = ["x", "x"] + ["y"] * 8
     assert vqa_accuracy(["x"], [two]) == pytest.approx(0.6)
     assert vqa_accuracy(["x", "y"], [two, two]) == pytest.approx(0.8)
+    commas = ["yes, it is"] * 3 + ["no"] * 7  # disagreeing answers get the punctuation step
+    assert vqa_accuracy(["yes it is"], [commas]) == pytest.approx(0.9)  # 3 of 10 agree
+    assert _official("yes it is", commas) == pytest.approx(0.9)
+    # ... which leaves a space where a mark touched nothing: the official "yes," is "yes "
+    trailing = ["yes,"] * 3 + ["no"] * 7
+    assert vqa_accuracy(["yes"], [trailing]) == _official("yes", trailing) == 0.0
+    assert vqa_accuracy(["circle"], [["circle"]]) == 1.0  # one answer: a match scores 1
+    assert vqa_accuracy(["circle"], [["Circle"]]) == 0.0  # unanimous answers are not touched
     with pytest.raises(ValueError, match="one entry per question"):
         vqa_accuracy(["x"], [])
+    with pytest.raises(ValueError, match="at least one human answer"):
+        vqa_accuracy(["x"], [[]])
 
 
 def test_caption_scores_rank_the_closer_caption_higher() -> None:

@@ -208,10 +208,8 @@ def load_vqa_samples(
     if dataset == "easy-vqa":
         from .assets.easy_vqa import load_easy_vqa
 
-        return [
-            VLSample(item.image, item.question, item.answers, f"{item.image_id}/{n}")
-            for n, item in enumerate(load_easy_vqa("test", limit))
-        ]
+        items = load_easy_vqa("test", limit)
+        return [VLSample(i.image, i.question, i.answers, i.question_id) for i in items]
     for key in VQA_DATASETS[dataset]:
         if not Path(paths[key]).expanduser().exists():
             raise FileNotFoundError(f"{key}: no file or folder at {paths[key]}")

@@ -1,9 +1,11 @@
 """Vision-language metrics: VQAv2 accuracy, captioning scores, retrieval with ITM re-ranking.
 
 - :func:`vqa_accuracy`: the VQAv2 soft score (an answer is fully right when at least 3
-  of the annotators gave it), averaged over the leave-one-annotator-out subsets as the
-  official evaluation does, after the standard answer normalisation
-  (:func:`normalize_answer`).
+  of the annotators gave it), averaged over the leave-one-annotator-out subsets, with
+  the official evaluation's answer rules (:func:`normalize_answer`); the one VQA metric
+  of the project.
+- :func:`answer_agreement` and :func:`first_token_kl`: fidelity of a patched generator
+  to the unpatched one.
 - :func:`caption_scores`: BLEU-4 and CIDEr through ``pycocoevalcap`` (and METEOR where
   its Java runtime is available), on lower-cased, punctuation-free captions.
 - :func:`itm_rerank_recall`: image-text retrieval as BLIP evaluates it: rank by the ITC
@@ -20,53 +22,166 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 __all__ = [
+    "answer_agreement",
     "caption_scores",
     "cider_per_image",
+    "first_token_kl",
     "itm_rerank_ranks",
     "itm_rerank_recall",
     "normalize_answer",
+    "strip_punctuation",
     "vqa_accuracy",
 ]
 
-_NUMBERS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}  # fmt: skip
-_ARTICLES = {"a", "an", "the"}
-_CONTRACTIONS = {
-    "dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't",
-    "cant": "can't", "wont": "won't", "didnt": "didn't", "wasnt": "wasn't",
-    "werent": "weren't", "hasnt": "hasn't", "havent": "haven't", "shouldnt": "shouldn't",
-    "couldnt": "couldn't", "wouldnt": "wouldn't", "im": "i'm", "ive": "i've",
-    "youre": "you're", "theyre": "they're", "thats": "that's", "whats": "what's",
-    "lets": "let's", "its": "it's",
-}  # fmt: skip
-# punctuation is removed, except an apostrophe inside a word and a comma or point
-# inside a number ("1,000", "2.5" stay numbers)
-_PUNCT = re.compile(r"(?!(?<=\d)[.,](?=\d))[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:.]")
+# The official VQA evaluation's answer rules (the VQA challenge's vqaEval.py), in our words:
+# number words 0-10 to digits, articles dropped, contractions written without their
+# apostrophe restored. Only the contractions its table can reach from lower-case text are
+# listed ("lets", "its" and "im" stay words), each with the straight apostrophe (its table
+# mixes straight and typographic ones, an artefact no human answer depends on).
+_NUMBER_WORDS = {
+    word: str(value)
+    for value, word in enumerate(
+        ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+    )
+} | {"none": "0"}
+_ARTICLES = frozenset({"a", "an", "the"})
+_CONTRACTED = [
+    "ain't",
+    "aren't",
+    "can't",
+    "could've",
+    "couldn't",
+    "didn't",
+    "doesn't",
+    "don't",
+    "hadn't",
+    "hasn't",
+    "haven't",
+    "he'd",
+    "he's",
+    "how'd",
+    "how'll",
+    "how's",
+    "isn't",
+    "it'd",
+    "it'll",
+    "ma'am",
+    "mightn't",
+    "might've",
+    "mustn't",
+    "must've",
+    "needn't",
+    "not've",
+    "o'clock",
+    "oughtn't",
+    "shan't",
+    "should've",
+    "shouldn't",
+    "somebody'll",
+    "somebody's",
+    "someone'd",
+    "someone'll",
+    "someone's",
+    "something'd",
+    "something'll",
+    "that's",
+    "there'd",
+    "there're",
+    "there's",
+    "they'd",
+    "they'll",
+    "they're",
+    "they've",
+    "'twas",
+    "wasn't",
+    "we've",
+    "weren't",
+    "what'll",
+    "what're",
+    "what's",
+    "what've",
+    "when's",
+    "where'd",
+    "where's",
+    "where've",
+    "who'd",
+    "who'll",
+    "who's",
+    "who've",
+    "why'll",
+    "why're",
+    "why's",
+    "won't",
+    "would've",
+    "wouldn't",
+    "y'all",
+    "you'd",
+    "you'll",
+    "you're",
+    "you've",
+]
+_CONTRACTIONS = {word.replace("'", ""): word for word in _CONTRACTED}
+# marks that become a space, or vanish when they touch a space or the text holds a
+# digit-comma-digit number ("1,000" -> "1000"); "-" and "!" are not among them
+_PUNCTUATION = (
+    ";",
+    ":",
+    "/",
+    "'",
+    "[",
+    "]",
+    '"',
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+)
+_DIGIT_COMMA = re.compile(r"\d,\d")
+# a period is dropped unless a digit follows ("2.5" stays; the official pattern's
+# look-behind is malformed, so a digit before the period does not protect it)
+_LONE_PERIOD = re.compile(r"\.(?!\d)")
+
+
+def strip_punctuation(answer: str) -> str:
+    """The official evaluation's punctuation step (applied to every answer it compares)."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    glued = _DIGIT_COMMA.search(text) is not None
+    out = text
+    for mark in _PUNCTUATION:
+        touches_space = f"{mark} " in text or f" {mark}" in text
+        out = out.replace(mark, "" if glued or touches_space else " ")
+    return _LONE_PERIOD.sub("", out)
 
 
 def normalize_answer(answer: str) -> str:
-    """The standard VQA answer normalisation (lower case, punctuation, numbers, articles)."""
+    """A predicted answer as the official VQA evaluation compares it.
+
+    Punctuation (:func:`strip_punctuation`), then lower case, number words to digits,
+    articles dropped and apostrophe-less contractions restored.
+    """
     if not isinstance(answer, str):
         raise TypeError(f"answer must be a str, got {type(answer).__name__}")
-    text = answer.lower().replace("\n", " ").replace("\t", " ").strip()
-    text = _PUNCT.sub(lambda m: "" if m.group(0) in "'" else " ", text)
-    words = []
-    for word in text.split():
-        word = _NUMBERS.get(word, word)
-        if word in _ARTICLES:
-            continue
-        words.append(_CONTRACTIONS.get(word, word))
-    return " ".join(words)
+    words = [_NUMBER_WORDS.get(w, w) for w in strip_punctuation(answer).lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
-    """Mean VQAv2 accuracy of ``predictions`` against each question's human answers.
+    """Mean VQA accuracy of ``predictions`` against each question's human answers.
 
-    For one question with n human answers of which m equal the prediction, the score
-    is the mean over the n leave-one-out subsets of ``min(1, matches / 3)``; with 10
-    answers: 3 matches score 1, 2 score 0.6, 1 scores 0.3.
+    As the official evaluation: the prediction is normalised (:func:`normalize_answer`);
+    the human answers are taken as the data set gives them (VQAv2's are normalised
+    already), with only the punctuation step when they disagree. For one question with
+    n human answers of which m equal the prediction, the score is the mean over the n
+    leave-one-out subsets of ``min(1, matches / 3)``: with 10 answers, 3 matches score 1,
+    2 score 0.6, 1 scores 0.3. A single human answer scores 1 on a match.
     """
     if len(predictions) != len(answers):
         raise ValueError(
@@ -80,7 +195,9 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
         if not humans:
             raise ValueError("every question needs at least one human answer")
         guess = normalize_answer(predicted)
-        hits = [normalize_answer(a) == guess for a in humans]
+        if len(set(humans)) > 1:
+            humans = [strip_punctuation(a) for a in humans]
+        hits = [a == guess for a in humans]
         n, m = len(hits), sum(hits)
         if n == 1:
             total += float(m)
@@ -88,6 +205,20 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
         # leaving out a matching answer leaves m - 1 matches, another one leaves m
         total += (m * min(1.0, (m - 1) / 3) + (n - m) * min(1.0, m / 3)) / n
     return total / len(predictions)
+
+
+def answer_agreement(patched: torch.Tensor, reference: torch.Tensor) -> float:
+    """Share of rows whose generated token ids equal the reference's, ``(B, T)`` each."""
+    if patched.shape != reference.shape:
+        raise ValueError(f"shapes differ: {tuple(patched.shape)} vs {tuple(reference.shape)}")
+    return (patched == reference).all(-1).float().mean().item()
+
+
+def first_token_kl(patched_logits: torch.Tensor, reference_logits: torch.Tensor) -> float:
+    """Mean KL(reference || patched) of the first generated token's distribution, ``(B, V)``."""
+    ref = reference_logits.float().log_softmax(-1)
+    out = patched_logits.float().log_softmax(-1)
+    return (ref.exp() * (ref - out)).sum(-1).mean().item()
 
 
 def _tokens(caption: str) -> str:

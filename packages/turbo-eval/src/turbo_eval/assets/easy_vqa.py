@@ -7,27 +7,20 @@ answers, here that answer repeated ten times) so the VQAv2 accuracy applies unch
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
+
+from ..vqa import VQAItem
 
 __all__ = ["VQAItem", "load_easy_vqa"]
 
 _SPLITS = ("train", "test")
 
 
-@dataclasses.dataclass(frozen=True)
-class VQAItem:
-    """One question about one image, with its human answers (VQAv2 form)."""
-
-    image_id: int
-    image: np.ndarray  # (H, W, 3) uint8
-    question: str
-    answers: tuple[str, ...]
-
-
 def load_easy_vqa(split: str = "test", limit: int | None = None) -> list[VQAItem]:
     """Questions of ``split`` in the package's order, at most ``limit`` of them.
+
+    Each item's image is its ``(H, W, 3)`` uint8 pixels; its id is
+    ``"<image id>/<question index>"``.
 
     Raises:
         ModuleNotFoundError: when ``easy-vqa`` is not installed (``pip install easy-vqa``).
@@ -48,11 +41,11 @@ def load_easy_vqa(split: str = "test", limit: int | None = None) -> list[VQAItem
     count = len(questions) if limit is None else min(limit, len(questions))
     images: dict[int, np.ndarray] = {}
     items = []
-    for question, answer, image_id in zip(
-        questions[:count], answers[:count], image_ids[:count], strict=True
+    for n, (question, answer, image_id) in enumerate(
+        zip(questions[:count], answers[:count], image_ids[:count], strict=True)
     ):
         if image_id not in images:
             with Image.open(paths[image_id]) as image:
                 images[image_id] = np.asarray(image.convert("RGB"))
-        items.append(VQAItem(int(image_id), images[image_id], question, (answer,) * 10))
+        items.append(VQAItem(images[image_id], question, (answer,) * 10, f"{image_id}/{n}"))
     return items
