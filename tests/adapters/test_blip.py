@@ -16,10 +16,9 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from conformance import Case, parametrize, run_check  # noqa: E402
-
 import turbo_adapters as ta  # noqa: E402
 from turbo_adapters.families import blip  # noqa: E402
+from turbo_adapters.testing import Case, parametrize, run_check  # noqa: E402
 
 IMAGE, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 48, 4, 4
 TOKENS = (IMAGE // PATCH) ** 2 + 1  # 16 patches + CLS

@@ -21,7 +21,6 @@ pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torch_pruning")
 
-from conformance import Case, expected_counts, run_check  # noqa: E402
 from test_blip import DEPTH as BLIP_DEPTH  # noqa: E402
 from test_blip import build as build_blip  # noqa: E402
 from test_blip import build_vision as build_blip_vision  # noqa: E402
@@ -31,6 +30,7 @@ from test_conformance import hf_qk, images, informative, timm_qk  # noqa: E402
 import turbo_adapters as ta  # noqa: E402
 from turbo_adapters import compose  # noqa: E402
 from turbo_adapters.families import hf_vit, timm_vit  # noqa: E402
+from turbo_adapters.testing import Case, expected_counts, run_check  # noqa: E402
 
 IMAGE, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 80, 3, 10  # head width 8
 TOKENS = (IMAGE // PATCH) ** 2 + 1

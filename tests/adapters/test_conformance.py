@@ -1,4 +1,4 @@
-"""Every built-in adapter through the conformance kit (tests/adapters/conformance.py).
+"""Every built-in adapter through the conformance kit (turbo_adapters.testing).
 
 An adapter joins by adding one `Case` to `CASES`: a tiny model built from a config in
 code, its inputs, and q/k written from its own attention modules for the oracle.
@@ -6,6 +6,7 @@ code, its inputs, and q/k written from its own attention modules for the oracle.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from typing import Any
 
@@ -19,11 +20,10 @@ pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from conformance import Case, KitOps, parametrize, run_check  # noqa: E402
-
 from turbo_adapters import BlockSpec, token_sizes  # noqa: E402
 from turbo_adapters.families import bert, clip, hf_vit, timm_eva, timm_vit  # noqa: E402
 from turbo_adapters.families import torchvision_vit as tv  # noqa: E402
+from turbo_adapters.testing import Case, KitOps, parametrize, run_check  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -537,3 +537,22 @@ SD_CASES = (
 @parametrize(CASES + SD_CASES)
 def test_conformance(case: Case, check: str) -> None:
     run_check(case, check)
+
+
+def test_kit_runs_on_the_dtype_asked_for() -> None:
+    """The kit moves model and inputs to the dtype (and device) it is given; a dtype
+    that is not floating is refused by name."""
+    case = CASES[0]
+    seen: list[torch.dtype] = []
+
+    def output(model, args):
+        seen.append(next(model.parameters()).dtype)
+        assert all(a.dtype == torch.float64 for a in args if a.is_floating_point())
+        return case.output(model, args)
+
+    run_check(dataclasses.replace(case, output=output), "r0_equals_unpatched", dtype="float64")
+    assert seen and set(seen) == {torch.float64}
+    with pytest.raises(ValueError, match="dtype must name a floating torch dtype"):
+        run_check(case, "r0_equals_unpatched", dtype="int8")
+    with pytest.raises(ValueError, match="check must be one of"):
+        run_check(case, "no_such_check")

@@ -1,4 +1,4 @@
-"""Cross-modal guidance through the conformance kit (tests/adapters/conformance.py).
+"""Cross-modal guidance through the conformance kit (turbo_adapters.testing).
 
 The kit's ``r`` is the guided step's: ``use_cross_modal_guidance(patch, r)`` reduces the
 image once more between the vision tower and the layers that cross-attend to it, ranked
@@ -29,7 +29,6 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from conformance import Case, KitOps, expected_counts, oracle, parametrize, run_check  # noqa: E402
 from test_blip import PAD, images, text  # noqa: E402
 from test_blip import build as build_blip  # noqa: E402
 from test_blip2_guidance import build as build_blip2  # noqa: E402
@@ -37,6 +36,7 @@ from test_blip2_guidance import itm, prompt, words  # noqa: E402
 
 import turbo_adapters as ta  # noqa: E402
 from turbo_adapters.families import blip, blip2  # noqa: E402
+from turbo_adapters.testing import Case, KitOps, expected_counts, oracle, parametrize, run_check  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

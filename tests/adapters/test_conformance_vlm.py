@@ -1,4 +1,4 @@
-"""Vision-language adapters through the conformance kit (tests/adapters/conformance.py).
+"""Vision-language adapters through the conformance kit (turbo_adapters.testing).
 
 The kit's checks run on each model's tower mode (the reduction the kit can count);
 LLM mode has its own oracles in test_llava.py and test_minigpt.py. Model helpers
@@ -18,7 +18,6 @@ pytest.importorskip("timm")
 pytest.importorskip("accelerate")
 pytest.importorskip("peft")
 
-from conformance import Case, parametrize, run_check  # noqa: E402
 from test_conformance import (  # noqa: E402
     DEPTH,
     HEADS,
@@ -35,6 +34,7 @@ from timm.models.eva import EvaAttention  # noqa: E402
 
 from turbo_adapters.families import clip, timm_eva  # noqa: E402
 from turbo_adapters.models import MiniGPTv2, MiniGPTv2Config  # noqa: E402
+from turbo_adapters.testing import Case, parametrize, run_check  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

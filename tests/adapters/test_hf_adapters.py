@@ -9,9 +9,7 @@ arithmetic on the schedule for token counts.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,17 +20,12 @@ transformers = pytest.importorskip("transformers")
 
 import turbo_adapters  # noqa: E402
 from turbo_adapters import adapter_for_model, get_adapter, handle_of  # noqa: E402
+from turbo_core import testing as oracle  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMAGE, PATCH, WIDTH, LAYERS, HEADS = 64, 8, 64, 4, 4
 GRID_TOKENS = (IMAGE // PATCH) ** 2  # 64 patches
-
-_oracle_spec = importlib.util.spec_from_file_location(
-    "turbo_core_test_oracle", Path(__file__).parents[1] / "core" / "oracle.py"
-)
-oracle = importlib.util.module_from_spec(_oracle_spec)
-_oracle_spec.loader.exec_module(oracle)
 
 
 # ----------------------------------------------------------------------------- models

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 import torch
-from conformance import CHECKS, Case, run_check
 from torch import nn
 
 import turbo_adapters as ta
 from turbo_adapters.families import lavis
+from turbo_adapters.testing import CHECKS, Case, run_check
 
 IMAGE, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 48, 4, 4
 TOKENS = (IMAGE // PATCH) ** 2 + 1

@@ -4,20 +4,18 @@ tower, in the language model (LLM mode), or both.
 Oracles: the unpatched model (r = 0 / keep = 1 token for token, after ``remove``); a
 count loop written here for the multiple-of-4 rule; each row generated alone (left
 padded batches in LLM mode); the unpatched LLaMA run on the kept embeddings at their
-original positions, with the ranking recomputed in fastv_oracle.py (LLM mode at K = 0);
+original positions, with the ranking recomputed in support/fastv_oracle.py (LLM mode at K = 0);
 for the loader, the model whose weights were saved in the official layout.
 """
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("timm")
+from support.fastv_oracle import greedy_on_kept, ranked_kept
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import turbo_adapters as ta
@@ -30,14 +28,6 @@ from turbo_adapters.models import (
     official_lora_key,
     prompt_layout,
 )
-
-# by path, as test_llava.py does (tests/eval loads that file without tests/adapters on sys.path)
-_spec = importlib.util.spec_from_file_location(
-    "fastv_oracle", Path(__file__).with_name("fastv_oracle.py")
-)
-fastv_oracle = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fastv_oracle)
-ranked_kept, greedy_on_kept = fastv_oracle.ranked_kept, fastv_oracle.greedy_on_kept
 
 NEW = 5
 PATCHES = 64  # (56 / 7) ** 2

@@ -8,9 +8,9 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from inputs import cases, fusions, make_case, modes
-from oracle import oracle_merge, oracle_plan
 
 from turbo_core import TokenReducer, TurboConfig
+from turbo_core.testing import oracle_merge, oracle_plan
 
 
 def reducer_for(case, **kw) -> TokenReducer:
@@ -131,7 +131,7 @@ def test_vectorised_matcher_agrees_with_loop_oracle(case, mode, fusion, alpha, b
         min_tokens,
     )
     # Near-ties are decided by float rounding, not by the algorithm: skip those draws.
-    from oracle import _cosine, degree_of
+    from turbo_core.testing import _cosine, degree_of
 
     for b in range(case.batch):
         m = case.metric[b].double().tolist()

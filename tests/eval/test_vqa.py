@@ -5,7 +5,6 @@ The VQA accuracy has its tests with the other vision-language metrics (test_vl_m
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -66,12 +65,8 @@ def test_easy_vqa_is_real_packaged_data() -> None:
 def test_fidelity_of_tower_mode_on_easy_vqa_images() -> None:
     pytest.importorskip("easy_vqa")
     from PIL import Image
+    from support import tiny_llava as cases
 
-    spec = importlib.util.spec_from_file_location(
-        "llava_cases", Path(__file__).parents[1] / "adapters" / "test_llava.py"
-    )
-    cases = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cases)
     import turbo_adapters as ta
 
     items = load_easy_vqa("test", limit=3)

@@ -6,6 +6,9 @@ module or callable; loading it registers its adapters)::
 
     [project.entry-points."turbo_adapters.adapters"]
     my_model = "my_package.turbo_adapter"
+
+Such an adapter proves itself with the conformance kit the built-in ones pass:
+:mod:`turbo_adapters.testing` (one ``Case`` per model, ``run_check`` per check).
 """
 
 from __future__ import annotations

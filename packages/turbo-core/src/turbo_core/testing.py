@@ -1,6 +1,9 @@
-"""A slow, obviously-correct reference for one bipartite merge step (loops, float64).
+"""A slow, obviously correct reference for one bipartite merge step (loops, float64).
 
-Written from the method description only, sharing no code with turbo_core:
+For tests: turbo-core's own property tests and the conformance kit
+(:mod:`turbo_adapters.testing`) compare the library's plan and merge with it, so a
+third-party adapter can too. Written from the method description only, it imports
+nothing from the rest of turbo_core:
 A = even positions, B = odd positions; the first ``protected`` tokens never merge
 and never receive a merge; every other A token i gets its best B partner by cosine
 similarity; A tokens are ranked by information degree (highest first, earlier
@@ -12,8 +15,15 @@ when nothing merges, the sequence keeps its order.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+
+__all__ = ["Plan", "degree_of", "oracle_merge", "oracle_plan"]
+
+#: one row's plan: the kept original positions (in output order), the merged positions,
+#: and for each merged position the output slot it joins
+Plan = tuple[list[int], list[int], list[int]]
 
 
 def _cosine(u: list[float], v: list[float]) -> float:
@@ -33,6 +43,7 @@ def degree_of(
     gamma: float,
     block: int,
 ) -> float:
+    """Information degree of one token under ``mode`` and ``fusion`` (S1 to S4)."""
     if mode == "redundancy" or (mode == "turbo" and weight == 0):
         return redundancy
     if mode == "semantics":
@@ -43,7 +54,8 @@ def degree_of(
         return redundancy / (weight * max(semantic, 1e-6))
     if fusion == "product":
         return redundancy * (1 - weight * semantic)
-    return redundancy - beta ** abs(gamma - block) * weight * semantic
+    decay: float = beta ** abs(gamma - block)
+    return redundancy - decay * weight * semantic
 
 
 def oracle_plan(
@@ -58,9 +70,9 @@ def oracle_plan(
     gamma: float = 0.0,
     block: int = 0,
     min_tokens: int = 0,
-):
-    """Per batch element: (kept, merged, into) as Python lists, plus per-row details."""
-    plans = []
+) -> list[Plan]:
+    """Per batch element: (kept, merged, into) as Python lists."""
+    plans: list[Plan] = []
     for b in range(metric.shape[0]):
         m = metric[b].double().tolist()
         n = len(m)
@@ -70,11 +82,11 @@ def oracle_plan(
             continue
         a_pos = [i for i in range(0, n, 2)]
         b_pos = [j for j in range(1, n, 2) if j >= protected]
-        candidates = []
+        candidates: list[tuple[float, int, int]] = []
         for i in a_pos:
             if i < protected:
                 continue
-            best_j, best_s = None, -math.inf
+            best_j, best_s = -1, -math.inf
             for j in b_pos:
                 s = _cosine(m[i], m[j])
                 if s > best_s:
@@ -96,7 +108,7 @@ def oracle_plan(
 
 
 def oracle_merge(
-    x: torch.Tensor, size: torch.Tensor | None, plan
+    x: torch.Tensor, size: torch.Tensor | None, plan: Plan
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average per output slot, float64, one token at a time."""
     kept, merged, into = plan
@@ -105,10 +117,11 @@ def oracle_merge(
     members: dict[int, list[int]] = {k: [tok] for k, tok in enumerate(kept)}
     for tok, slot in zip(merged, into, strict=False):
         members[slot].append(tok)
-    out, out_size = [], []
+    out: list[torch.Tensor] = []
+    out_size: list[float] = []
     for k in range(len(kept)):
         total = sum(float(size[t, 0]) for t in members[k])
-        acc = sum(size[t, 0] * x[t] for t in members[k])
+        acc: Any = sum(size[t, 0] * x[t] for t in members[k])
         out.append(acc / total)
         out_size.append(total)
     return torch.stack(out), torch.tensor(out_size, dtype=torch.float64)[:, None]

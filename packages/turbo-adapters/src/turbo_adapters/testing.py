@@ -1,38 +1,136 @@
 """The conformance kit: what every adapter must satisfy. An adapter joins with one `Case`.
 
-Oracles, none of which shares code with turbo_core or turbo_adapters:
+Public, so that a third-party adapter registered through the ``turbo_adapters.adapters``
+entry point runs the same checks as the built-in ones (pytest is needed to run it)::
+
+    from turbo_adapters.testing import Case, parametrize, run_check
+
+    CASES = [Case(id="my-vit", build=..., inputs=..., ...)]
+
+    @parametrize(CASES)
+    def test_conformance(case, check):
+        run_check(case, check)
+
+Oracles, none of which shares code with the library's merging:
 - the unpatched model (r = 0, after ``remove``, under accelerate hooks, pruned, int8);
 - arithmetic on the schedule for token counts (a loop written here);
 - for one block, an eager float64 recomputation: the unpatched block's own
   attention residual (captured with a hook), q/k written per family in the case,
-  the loop-based plan and merge of ``tests/core/oracle.py``, then the block's MLP
+  the loop-based plan and merge of :mod:`turbo_core.testing`, then the block's MLP
   (a step the self-attention oracle does not describe, one ranked by a
   cross-attention, brings its own float64 oracle as ``Case.oracle``).
+
+Device and dtype: CPU and float32 unless ``run_check`` is given others or the
+environment sets ``TURBO_KIT_DEVICE`` / ``TURBO_KIT_DTYPE`` (``cuda``, ``bfloat16``); the
+model and the floating inputs are moved there, tolerances widen with the dtype's
+precision, and the float64 oracle check runs in float64 on that device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-import importlib.util
+import os
 import threading
 import types
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-import turbo_adapters as ta
-from turbo_adapters import BlockSpec
 from turbo_core import Target
+from turbo_core import testing as oracle
 
-_spec = importlib.util.spec_from_file_location(
-    "turbo_kit_oracle", Path(__file__).parents[1] / "core" / "oracle.py"
+from . import api as ta
+from .blocks import BlockSpec, TurboBypassWarning
+from .patch import handle_of
+
+__all__ = [
+    "CHECKS",
+    "Case",
+    "KitOps",
+    "KitTarget",
+    "expected_counts",
+    "kit_target",
+    "oracle",
+    "parametrize",
+    "run_check",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class KitTarget:
+    """Where the kit runs a case: a device and the floating dtype of model and inputs."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def tolerance(self, base: float) -> float:
+        """A float32 tolerance widened by the square root of the dtype's coarser epsilon."""
+        ratio = torch.finfo(self.dtype).eps / torch.finfo(torch.float32).eps
+        return base * max(1.0, ratio) ** 0.5
+
+
+def kit_target(
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> KitTarget:
+    """The target from the arguments, else ``TURBO_KIT_DEVICE`` / ``TURBO_KIT_DTYPE``, else
+    CPU and float32."""
+    device = device or os.environ.get("TURBO_KIT_DEVICE") or "cpu"
+    dtype = dtype or os.environ.get("TURBO_KIT_DTYPE") or "float32"
+    if isinstance(dtype, str):
+        found = getattr(torch, dtype, None)
+        if not isinstance(found, torch.dtype) or not found.is_floating_point:
+            raise ValueError(
+                f"dtype must name a floating torch dtype (float32, bfloat16 ...), got {dtype!r}"
+            )
+        dtype = found
+    return KitTarget(torch.device(device), dtype)
+
+
+_TARGET: contextvars.ContextVar[KitTarget | None] = contextvars.ContextVar(
+    "turbo_kit_target", default=None
 )
-oracle = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(oracle)
+
+
+def target() -> KitTarget:
+    """The target of the check being run."""
+    return _TARGET.get() or kit_target()
+
+
+@contextlib.contextmanager
+def _targeting(found: KitTarget) -> Iterator[None]:
+    token = _TARGET.set(found)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def _moved(value: Any, found: KitTarget) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            return value.to(found.device, found.dtype)
+        return value.to(found.device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, found) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, found) for k, v in value.items()}
+    return value
+
+
+def build(case: Case) -> nn.Module:
+    """``case.build()`` on the current target."""
+    found = target()
+    return case.build().to(device=found.device, dtype=found.dtype)
+
+
+def inputs(case: Case, batch: int) -> tuple[Any, ...]:
+    """``case.inputs(batch)`` on the current target (floating tensors in its dtype)."""
+    return tuple(_moved(a, target()) for a in case.inputs(batch))
 
 
 class KitOps:
@@ -134,18 +232,19 @@ def assert_reduced(case: Case, model: nn.Module, patch: Any) -> list[int]:
 
 # ------------------------------------------------------------------------- the kit
 def check_r0_equals_unpatched(case: Case) -> None:
-    model = case.build()
-    args = case.inputs(2)
+    model = build(case)
+    args = inputs(case, 2)
     ref = run(case, model, args)
     patch = case.ops.apply(model, 0)
     got = run(case, model, args)
     assert case.ops.counts(patch) == [case.tokens] * len(case.blocks(model))
-    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    tol = target().tolerance(2e-5)
+    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
 
 
 def check_remove_restores_exactly(case: Case) -> None:
-    model = case.build()
-    args = case.inputs(2)
+    model = build(case)
+    args = inputs(case, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dicts = module_dicts(model)
     ref = run(case, model, args)
@@ -160,14 +259,14 @@ def check_remove_restores_exactly(case: Case) -> None:
     assert module_dicts(model) == dicts  # no attribute of Turbo's left behind
     state = model.state_dict()
     assert list(state) == list(before) and all(torch.equal(state[k], before[k]) for k in before)
-    assert ta.handle_of(model) is None
+    assert handle_of(model) is None
 
 
 def check_counts_follow_schedule(case: Case) -> None:
-    model = case.build()
+    model = build(case)
     depth = len(case.blocks(model))
     patch = case.ops.apply(model, 0)
-    args = case.inputs(2)
+    args = inputs(case, 2)
     for r in (case.r, [case.r + 2, 0, 1][:depth], (case.r, -1.0)):
         case.ops.set_r(patch, r)
         run(case, model, args)
@@ -183,23 +282,25 @@ def check_counts_follow_schedule(case: Case) -> None:
 
 
 def check_batch_equals_single(case: Case) -> None:
-    model = case.build()
-    args = case.inputs(3)
+    model = build(case)
+    args = inputs(case, 3)
     patch = case.ops.apply(model, case.r)
     batched = run(case, model, args)
     counts = assert_reduced(case, model, patch)
     for b in range(3):
         single = run(case, model, tuple(a[b : b + 1] for a in args))
         assert case.ops.counts(patch) == counts
-        torch.testing.assert_close(single[0], batched[b], atol=3e-5, rtol=3e-5)
+        tol = target().tolerance(3e-5)
+        torch.testing.assert_close(single[0], batched[b], atol=tol, rtol=tol)
 
 
 def check_block_matches_float64_oracle(case: Case, alpha: float = 2.0) -> None:
     if case.oracle is not None:
         case.oracle(case, alpha)
         return
-    model = case.build().double()
-    args = tuple(a.double() if a.is_floating_point() else a for a in case.inputs(2))
+    on = target()
+    model = case.build().to(device=on.device, dtype=torch.float64)
+    args = _moved(case.inputs(2), KitTarget(on.device, torch.float64))
     first = case.blocks(model)[0]
     spec = case.spec
     captured: dict[str, torch.Tensor] = {}
@@ -247,8 +348,8 @@ def check_block_matches_float64_oracle(case: Case, alpha: float = 2.0) -> None:
 
 
 def check_alpha0_equals_redundancy(case: Case) -> None:
-    model = case.build()
-    args = case.inputs(2)
+    model = build(case)
+    args = inputs(case, 2)
     outputs, sources = [], []
     for overrides in ({"alpha": 0.0}, {"mode": "redundancy", "alpha": 3.0}):
         patch = case.ops.apply(model, case.r, trace_source=True, **overrides)
@@ -272,8 +373,8 @@ def check_roles_survive_settings(case: Case) -> None:
             degree = torch.where(scores.degree.isinf(), scores.degree, -scores.degree)
             return dataclasses.replace(scores, degree=degree)
 
-    model = case.build()
-    args = case.inputs(2)
+    model = build(case)
+    args = inputs(case, 2)
     patch = case.ops.apply(model, case.r, trace_source=True)
     run(case, model, args)
     plain = case.ops.source(patch)
@@ -291,9 +392,9 @@ def _dispatch(case: Case, model: nn.Module) -> None:
     from accelerate.hooks import attach_align_device_hook
 
     if "cpu_offload" in case.cannot:
-        attach_align_device_hook(model, execution_device=torch.device("cpu"))
+        attach_align_device_hook(model, execution_device=target().device)
     else:
-        cpu_offload(model, execution_device=torch.device("cpu"))
+        cpu_offload(model, execution_device=target().device)
 
 
 def check_accelerate_hooks(case: Case) -> None:
@@ -307,8 +408,8 @@ def check_accelerate_hooks(case: Case) -> None:
             return args, kwargs
 
     # hooks added before apply (dispatched/offloaded model), then patched
-    model = case.build()
-    args = case.inputs(2)
+    model = build(case)
+    args = inputs(case, 2)
     ref = run(case, model, args)
     _dispatch(case, model)
     for block in case.blocks(model):
@@ -326,7 +427,7 @@ def check_accelerate_hooks(case: Case) -> None:
     remove_hook_from_submodules(model)
 
     # hooks added after apply
-    model = case.build()
+    model = build(case)
     patch = case.ops.apply(model, case.r)
     _dispatch(case, model)
     run(case, model, args)
@@ -336,8 +437,8 @@ def check_accelerate_hooks(case: Case) -> None:
 
 
 def check_compile(case: Case) -> None:
-    model = case.build()
-    args = case.inputs(2)
+    model = build(case)
+    args = inputs(case, 2)
     patch = case.ops.apply(model, case.r)
     eager = run(case, model, args)
     counts = assert_reduced(case, model, patch)
@@ -348,14 +449,15 @@ def check_compile(case: Case) -> None:
     finally:
         torch._dynamo.reset()
     assert case.ops.counts(patch) == counts
-    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+    tol = target().tolerance(1e-5)
+    torch.testing.assert_close(got, eager, atol=tol, rtol=tol)
 
 
 def check_threads(case: Case) -> None:
-    models = [case.build(), case.build()]
+    models = [build(case), build(case)]
     rs = [1, case.r + 1]
     patches = [case.ops.apply(m, r) for m, r in zip(models, rs, strict=True)]
-    args = case.inputs(2)
+    args = inputs(case, 2)
     expected = [run(case, m, args) for m in models]
     depth = len(case.blocks(models[0]))
     errors: list[str] = []
@@ -366,7 +468,7 @@ def check_threads(case: Case) -> None:
             counts = case.ops.counts(patches[i])
             if counts != case.ops.expected(case, [rs[i]] * depth):
                 errors.append(f"model {i}: counts {counts}")
-            if not torch.allclose(got, expected[i], atol=1e-5):
+            if not torch.allclose(got, expected[i], atol=target().tolerance(1e-5)):
                 errors.append(f"model {i}: output differs")
 
     threads = [threading.Thread(target=work, args=(i % 2,)) for i in range(4)]
@@ -380,9 +482,10 @@ def check_threads(case: Case) -> None:
 def _equal_at_r0_then_merges(case: Case, model: nn.Module, tolerance: float) -> None:
     """A model changed outside Turbo (pruned, quantized): r = 0 equals it unpatched, and
     r > 0 runs and follows the schedule."""
-    args = case.inputs(2)
+    args = inputs(case, 2)
     ref = run(case, model, args)
     patch = case.ops.apply(model, 0)
+    tolerance = target().tolerance(tolerance)
     torch.testing.assert_close(run(case, model, args), ref, atol=tolerance, rtol=tolerance)
     case.ops.set_r(patch, case.r)
     out = run(case, model, args)
@@ -392,25 +495,25 @@ def _equal_at_r0_then_merges(case: Case, model: nn.Module, tolerance: float) -> 
 
 
 def check_torch_pruning(case: Case) -> None:
-    model = case.build()
-    case.prune(model, case.inputs(2))
+    model = build(case)
+    case.prune(model, inputs(case, 2))
     _equal_at_r0_then_merges(case, model, 2e-5)
 
 
 def check_bypass_is_reported(case: Case) -> None:
     """Blocks whose forward another library replaced after apply: a warning, not silence."""
-    model = case.build()
+    model = build(case)
     case.ops.apply(model, case.r)
     for block in case.blocks(model):
         block.forward = types.MethodType(type(block).forward, block)  # Turbo's wrapper gone
-    with pytest.warns(ta.TurboBypassWarning, match="nothing was merged"):
-        run(case, model, case.inputs(2))
+    with pytest.warns(TurboBypassWarning, match="nothing was merged"):
+        run(case, model, inputs(case, 2))
 
 
 def check_torchao_int8(case: Case) -> None:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    model = case.build()
+    model = build(case)
     quantize_(model, Int8WeightOnlyConfig())
     _equal_at_r0_then_merges(case, model, 1e-4)
 
@@ -432,11 +535,20 @@ CHECKS = {
 }
 
 
-def run_check(case: Case, name: str) -> None:
-    """Run one check; one the unpatched model itself cannot pass is skipped with its reason."""
-    if name in case.cannot and name in CHECKS:
+def run_check(
+    case: Case,
+    name: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> None:
+    """Run one check on ``device`` / ``dtype`` (see :func:`kit_target`); one the unpatched
+    model itself cannot pass is skipped with its reason."""
+    if name not in CHECKS:
+        raise ValueError(f"check must be one of {sorted(CHECKS)}, got {name!r}")
+    if name in case.cannot:
         pytest.skip(f"{case.id}: {case.cannot[name]}")
-    CHECKS[name](case)
+    with _targeting(kit_target(device, dtype)):
+        CHECKS[name](case)
 
 
 def parametrize(cases: list[Case]) -> Any:

@@ -1,0 +1,1 @@
+"""Helpers shared by several test folders (on pytest's path: ``from support import ...``)."""
