@@ -25,7 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints"
 # lock file -> the tox environment whose resolution it freezes (the others that share a lock
 # install a subset of it: type and bench-core use core, main uses eval, bench-* use adapters)
-LOCKS = {"lint": "lint", "core": "core", "eval": "eval", "adapters": "adapters", "gptq": "gptq"}
+LOCKS = {
+    "lint": "lint",
+    "docs": "docs",
+    "core": "core",
+    "eval": "eval",
+    "adapters": "adapters",
+    "gptq": "gptq",
+}
 OWN = ("turbo-core", "turbo-adapters", "turbo-eval", "turbo_core", "turbo_adapters", "turbo_eval")
 
 
