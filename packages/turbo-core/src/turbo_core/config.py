@@ -91,7 +91,8 @@ class TurboConfig:
             reference ``alpha=5`` equals paper ``alpha=150``.
         fusion: S1 ``difference`` (default), S2 ``division``, S3 ``product``,
             S4 ``layer_dynamic`` (uses ``beta`` and ``gamma``).
-        beta, gamma: S4's decay base and the block where the semantic weight peaks.
+        beta: S4's decay base.
+        gamma: the block where S4's semantic weight peaks.
         mode: ``turbo``, ``redundancy`` (ToMe) or ``semantics`` (rank by -A only).
         min_tokens: no merging in a block whose input has fewer tokens than this.
         prop_attn: add ``log(size)`` to attention logits (proportional attention).
