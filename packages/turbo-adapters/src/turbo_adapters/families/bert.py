@@ -21,7 +21,7 @@ from ..adapter import model_defaults
 from ..blocks import BlockSpec, install_scope
 from ..patch import TurboPatch
 from ..site import ReductionSite
-from .hf_vit import HFAdapter, install_hf_layers
+from .hf_base import HFAdapter, install_hf_layers
 
 __all__ = ["BERT_LAYER", "BertAdapter"]
 

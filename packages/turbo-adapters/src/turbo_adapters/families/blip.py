@@ -34,7 +34,7 @@ from ..blocks import BlockSpec, install_blocks, install_scope, token_sizes
 from ..patch import TurboPatch
 from ..site import ReductionSite
 from . import blip_guided as guided
-from .hf_vit import HFAdapter, find_one
+from .hf_base import HFAdapter, find_one
 
 __all__ = [
     "BLIP_ATTENTION",

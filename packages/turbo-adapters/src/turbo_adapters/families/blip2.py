@@ -39,7 +39,7 @@ from ..blocks import BlockSpec, install_scope, token_sizes
 from ..patch import TurboPatch
 from ..site import ReductionSite
 from . import blip_guided as guided
-from .hf_vit import HFAdapter, find_one, install_hf_layers
+from .hf_base import HFAdapter, find_one, install_hf_layers
 
 __all__ = [
     "BLIP2_LAYER",

@@ -20,7 +20,7 @@ from ..adapter import model_defaults
 from ..blocks import BlockSpec, install_scope
 from ..patch import TurboPatch
 from ..site import ReductionSite
-from .hf_vit import HFAdapter, find_one, install_hf_layers
+from .hf_base import HFAdapter, find_one, install_hf_layers
 
 __all__ = ["CLIP_LAYER", "HFCLIPVisionAdapter"]
 

@@ -8,29 +8,19 @@ restored to full length, so the library's own mean is the size-weighted mean.
 
 from __future__ import annotations
 
-import abc
-import sys
 from typing import Any
 
 from torch import nn
 
 from turbo_core import TurboConfig
 
-from ..adapter import FamilyAdapter, model_defaults
-from ..attention import use_turbo_attention
-from ..blocks import BlockSpec, install_blocks, install_scope
+from ..adapter import model_defaults
+from ..blocks import BlockSpec, install_scope
 from ..patch import TurboPatch
 from ..site import ReductionSite
+from .hf_base import HFAdapter, find_one, install_hf_layers
 
-__all__ = [
-    "DINOV2_LAYER",
-    "HF_VIT_LAYER",
-    "HFAdapter",
-    "HFDinov2Adapter",
-    "HFViTAdapter",
-    "find_one",
-    "install_hf_layers",
-]
+__all__ = ["DINOV2_LAYER", "HF_VIT_LAYER", "HFDinov2Adapter", "HFViTAdapter"]
 
 #: ``ViTLayer`` / ``DeiTLayer``.
 HF_VIT_LAYER = BlockSpec(
@@ -52,46 +42,6 @@ DINOV2_LAYER = BlockSpec(
     ls2="layer_scale2",
     drop2="drop_path",
 )
-
-
-def find_one(model: nn.Module, classes: tuple[type, ...], what: str) -> nn.Module:
-    """The single submodule (or ``model`` itself) that is an instance of ``classes``."""
-    found = [m for m in model.modules() if isinstance(m, classes)]
-    if len(found) != 1:
-        raise TypeError(
-            f"expected exactly one {what} in {type(model).__name__}, found {len(found)}"
-        )
-    return found[0]
-
-
-def install_hf_layers(
-    patch: TurboPatch, site: ReductionSite, layers: list[nn.Module], spec: BlockSpec
-) -> None:
-    """Layers on the block runner, their attention on Turbo's registered function."""
-    if not layers:
-        raise TypeError("found no transformer layers to patch")
-    for layer in layers:
-        spec.check(layer)
-    use_turbo_attention(
-        patch, site, [spec.part(layer, spec.owner or spec.attn) for layer in layers]
-    )
-    install_blocks(patch, site, layers, spec)
-
-
-class HFAdapter(FamilyAdapter):
-    """Matching for transformers models: by class, without importing transformers needlessly."""
-
-    @abc.abstractmethod
-    def classes(self) -> dict[str, Any]:
-        """``{"models": (...), ...}``: the transformers classes (imported lazily)."""
-
-    def matches(self, model: nn.Module) -> bool:
-        if "transformers" not in sys.modules:
-            return False
-        try:
-            return isinstance(model, self.classes()["models"])
-        except ImportError:
-            return False
 
 
 class HFViTAdapter(HFAdapter):

@@ -37,7 +37,7 @@ from ..compat import IncompatibleLibraryError
 from ..patch import TurboPatch
 from ..site import ReductionSite
 from .clip import CLIP_LAYER
-from .hf_vit import HFAdapter
+from .hf_base import HFAdapter
 from .llava_llm import (
     LLMReduction,
     bind_arguments,
