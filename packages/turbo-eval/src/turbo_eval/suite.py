@@ -54,6 +54,7 @@ __all__ = [
     "find_suite",
     "load_suite",
     "parse_suite",
+    "remote_code_problem",
 ]
 
 METHODS = ("baseline", "redundancy", "semantics", "turbo")
@@ -617,6 +618,21 @@ def _check_distinct_cells(check: _Checker, tasks: list[TaskSpec], index: list[in
                 f"{check.lines.find('tasks', earlier, None)}): both would write the same "
                 "cells; give each a distinct name (name = \"...\")",
             )  # fmt: skip
+
+
+def remote_code_problem(suite: Suite, trusted: bool) -> str | None:
+    """Why ``suite`` may not run without ``--trust-remote-code`` (None: it may).
+
+    A suite is data; ``trust_remote_code = true`` would run Python code from a model's
+    folder, so the person running the command must say so too.
+    """
+    asking = suite.remote_code_models()
+    if not asking or trusted:
+        return None
+    return (
+        f"model(s) {list(asking)} set trust_remote_code = true: loading them runs Python code "
+        "from their folders; pass --trust-remote-code if you trust that code"
+    )
 
 
 def load_suite(path: str | Path) -> Suite:
