@@ -179,11 +179,15 @@ def test_unnamed_tasks_of_one_kind_on_one_model_are_refused_naming_both():
 @pytest.mark.parametrize(
     ("extra", "line", "message"),
     [
-        ("min_tokenz = 3\n", 9, "models[0].min_tokenz: unknown option; did you mean 'min_tokens'?"),
+        (
+            "min_tokenz = 3\n",
+            9,
+            "models[0].min_tokenz: unknown option (did you mean 'min_tokens'?)",
+        ),
         (
             "pretrianed = true\n",
             9,
-            "models[0].pretrianed: unknown option; did you mean 'pretrained'?",
+            "models[0].pretrianed: unknown option (did you mean 'pretrained'?)",
         ),
     ],
 )
@@ -197,12 +201,16 @@ def test_unknown_task_options_methods_and_keys_name_the_nearest():
     text = _suite(tasks="max_imgs = 3\n", head="semantic_scal = 2.0\n").replace(
         '"turbo"]', '"turob"]'
     )
+    text += "\n[modles]\nx = 1\n"
     with pytest.raises(SuiteError) as caught:
         parse_suite(text, "s.toml", "toml")
     message = str(caught.value)
-    assert "tasks[0].max_imgs: unknown option for 'fidelity'; did you mean 'max_images'?" in message
-    assert "suite.semantic_scal: unknown key; did you mean 'semantic_scale'?" in message
-    assert "suite.methods: unknown method 'turob'; did you mean 'turbo'?" in message
+    assert (
+        "tasks[0].max_imgs: unknown option for 'fidelity' (did you mean 'max_images'?)" in message
+    )
+    assert "suite.semantic_scal: unknown key (did you mean 'semantic_scale'?)" in message
+    assert "suite.methods: unknown method 'turob' (did you mean 'turbo'?)" in message
+    assert "unknown top-level key 'modles' (did you mean 'models'?); allowed" in message
 
 
 @pytest.mark.parametrize(

@@ -93,9 +93,9 @@ METHODS_HINT = (
 
 
 def nearest(name: str, allowed: Any) -> str:
-    """``"; did you mean 'x'?"`` for the allowed name closest to a misspelt one, else ``""``."""
+    """``" (did you mean 'x'?)"`` for the allowed name closest to a misspelt one, else ``""``."""
     close = difflib.get_close_matches(name, [str(a) for a in allowed], n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _all_methods() -> list[str]:
@@ -379,7 +379,7 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
             check.problems.append(
                 (
                     None,
-                    f"unknown top-level key {key!r}{nearest(key, ('suite', 'models', 'tasks'))} "
+                    f"unknown top-level key {key!r}{nearest(key, ('suite', 'models', 'tasks'))}; "
                     "allowed: suite, models, tasks",
                 )
             )
@@ -471,7 +471,6 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         extra = {k: v for k, v in entry.items() if k not in spec_keys}
         if model_name:
             _check_model_options(check, i, model_name, extra)
-        if model_name:
             models.append(
                 ModelSpec(
                     model_name,
