@@ -545,3 +545,22 @@ def test_a_cell_whose_items_do_not_match_its_baseline_is_refused(tiny_dinov2, tm
         main(["report", str(out)])
     err = capsys.readouterr().err
     assert turbo.name in err and "2 items" in err and "3" in err and "baseline" in err, err
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("alpha = [1.0]", "alpha = [inf]"), "suite.alpha: must be a finite number >= 0"),
+        (
+            ("resolution = 56\n", "resolution = 56\nmin_tokens = -3\n"),
+            "models[0].min_tokens: min_tokens must be an int >= 0, got -3",
+        ),
+    ],
+)
+def test_validate_only_refuses_settings_that_would_crash_mid_run(
+    tiny_dinov2, tmp_path, capsys, edit, message
+):
+    suite = write_small_suite(tmp_path, tiny_dinov2)
+    suite.write_text(suite.read_text().replace(*edit))
+    assert main(["run", str(suite), "--validate-only"]) == 2
+    assert message in capsys.readouterr().err
