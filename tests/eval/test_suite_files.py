@@ -209,7 +209,7 @@ def test_unknown_task_options_methods_and_keys_name_the_nearest():
         "tasks[0].max_imgs: unknown option for 'fidelity' (did you mean 'max_images'?)" in message
     )
     assert "suite.semantic_scal: unknown key (did you mean 'semantic_scale'?)" in message
-    assert "suite.methods: unknown method 'turob' (did you mean 'turbo'?)" in message
+    assert "'turob' is not one (did you mean 'turbo'?)" in message
     assert "unknown top-level key 'modles' (did you mean 'models'?); allowed" in message
 
 

