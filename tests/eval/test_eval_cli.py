@@ -564,3 +564,20 @@ def test_validate_only_refuses_settings_that_would_crash_mid_run(
     suite.write_text(suite.read_text().replace(*edit))
     assert main(["run", str(suite), "--validate-only"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_clear_takes_a_crashed_write_leftover_but_not_a_lookalike(tmp_path):
+    from turbo_eval.results import NotAResultsFolderError, ResultStore
+
+    store = ResultStore(tmp_path / "out")
+    store.write_run({"suite": {}})
+    store.write_cell("m__t__baseline__r0", {"x": 1})
+    (store.root / "tmpk3j_x9q1.tmp").write_text("{")  # what a killed atomic write leaves
+    (store.root / "cells" / "tmp0a1b2c3d.tmp").write_text("{")
+    (store.root / "cells" / "notes.tmp").write_text("mine")
+    with pytest.raises(NotAResultsFolderError, match=r"notes\.tmp"):
+        store.clear()
+    (store.root / "cells" / "notes.tmp").unlink()
+    said = store.clear()
+    assert "1 cells" in said and "run.json" in said, said
+    assert not store.root.exists() and tmp_path.exists()

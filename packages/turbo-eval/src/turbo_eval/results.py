@@ -150,6 +150,11 @@ def _read_json(path: Path, required: tuple[str, ...]) -> dict[str, Any] | None:
     return data
 
 
+def _is_leftover(name: str) -> bool:
+    """A temporary file of :func:`_write_json` that a killed process left behind."""
+    return name.startswith("tmp") and name.endswith(".tmp")
+
+
 class ResultStore:
     """Reads and writes a results folder (nothing outside it)."""
 
@@ -253,9 +258,11 @@ class ResultStore:
                 foreign += [
                     p
                     for p in sorted(entry.iterdir())
-                    if p.is_symlink() or not p.is_file() or p.suffix not in (".json", ".tmp")
+                    if p.is_symlink()
+                    or not p.is_file()
+                    or not (p.suffix == ".json" or _is_leftover(p.name))
                 ]
-            elif entry.name not in _TOP_FILES or not entry.is_file():
+            elif not entry.is_file() or not (entry.name in _TOP_FILES or _is_leftover(entry.name)):
                 foreign.append(entry)
         return foreign
 
@@ -282,7 +289,7 @@ class ResultStore:
                 f"{self.root} holds {len(foreign)} entries turbo-eval did not write ({shown}): "
                 "--overwrite removes nothing there; move them out, or choose another --out"
             )
-        counts = {}
+        counts: dict[str, int] = {}
         for folder in _FOLDERS:
             path = self.root / folder
             if path.is_dir():
@@ -290,10 +297,11 @@ class ResultStore:
                 for file in files:
                     file.unlink()
                 path.rmdir()
-                counts[folder] = len(files)
+                counts[folder] = sum(file.suffix == ".json" for file in files)
         top = [name for name in _TOP_FILES if (self.root / name).is_file()]
-        for name in top:
-            (self.root / name).unlink()
+        leftovers = [p for p in self.root.iterdir() if _is_leftover(p.name)]
+        for path in [self.root / name for name in top] + leftovers:
+            path.unlink()
         self.root.rmdir()
         listed = [f"{counts.get('cells', 0)} cells", f"{counts.get('speed', 0)} speed files"]
         return f"removed {self.root}: {', '.join(listed + [n for n in top if n != MARKER])}"
