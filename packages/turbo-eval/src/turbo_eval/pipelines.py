@@ -234,10 +234,15 @@ def generate_latents(pipe: Any, items: Sequence[GenerationItem]) -> torch.Tensor
         return pipe(**call).images.float().cpu()
 
 
-def _check_options(options: Mapping[str, Any]) -> None:
+def pipeline_options() -> frozenset[str]:
+    """The model options a pipeline takes: its own, the SD settings, Turbo's per-model ones."""
     from .methods import MODEL_TURBO_OPTIONS
 
-    allowed = set(_OWN_OPTIONS) | set(_settings_fields()) | set(MODEL_TURBO_OPTIONS)
+    return frozenset(_OWN_OPTIONS) | _settings_fields() | frozenset(MODEL_TURBO_OPTIONS)
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    allowed = pipeline_options()
     unknown = sorted(set(options) - allowed - {"trust_remote_code"})
     if unknown:
         raise ValueError(

@@ -81,15 +81,26 @@ def _item_scores(cell: dict[str, Any]) -> list[float] | None:
 
 
 def _paired(
-    a: dict[str, Any], b: dict[str, Any] | None
+    a: dict[str, Any], b: dict[str, Any] | None, store: ResultStore
 ) -> tuple[float | None, float | None, float | None]:
-    """Mean difference of ``a`` minus ``b`` per item, with its interval (or Nones)."""
+    """Mean difference of ``a`` minus ``b`` per item, with its interval (or Nones).
+
+    Raises:
+        ValueError: both cells have per-item scores, but not as many (they were not
+            computed on the same items; pairing them would be meaningless).
+    """
     from .stats import paired_difference
 
     if b is None:
         return None, None, None
     scores_a, scores_b = _item_scores(a), _item_scores(b)
-    if not scores_a or not scores_b or len(scores_a) != len(scores_b) or len(scores_a) < 2:
+    if scores_a and scores_b and len(scores_a) != len(scores_b):
+        raise ValueError(
+            f"{store.cell_path(_key(a))} has {len(scores_a)} items but the {b['method']} cell "
+            f"it is paired with, {store.cell_path(_key(b))}, has {len(scores_b)}: they were "
+            "not computed on the same items; delete the wrong cell and run the suite again"
+        )
+    if not scores_a or not scores_b or len(scores_a) < 2:
         return None, None, None
     interval = paired_difference(scores_a, scores_b)
     return interval.mean, interval.low, interval.high
@@ -138,10 +149,10 @@ def collect_rows(results: Iterable[str | Path]) -> list[Row]:
             is_base = cell["method"] == "baseline"
             tome = tomes.get((cell["model"], cell["task"], int(cell["r"])))
             is_tome = cell["method"] == "redundancy"
-            delta = _paired(cell, None if is_base else base)
-            vs_tome = _paired(cell, None if is_base or is_tome else tome)
+            delta = _paired(cell, None if is_base else base, store)
+            vs_tome = _paired(cell, None if is_base or is_tome else tome, store)
             intra = _partner(cell, by_method)
-            vs_intra = _paired(cell, intra) if intra is not None else (None, None, None)
+            vs_intra = _paired(cell, intra, store) if intra is not None else (None, None, None)
             scores = _item_scores(cell)
             rows.append(
                 Row(

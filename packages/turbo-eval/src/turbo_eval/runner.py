@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .methods import Cell, cells_for
-from .models import LoadedModel, load_model
-from .results import ResultStore, environment
-from .suite import Suite
+from .models import LoadedModel, load_model, weights_checksum
+from .results import CorruptResultError, ResultStore, environment
+from .suite import Suite, remote_code_problem
 from .tasks import TASK_KINDS, Task
 
 __all__ = ["measure_speed", "run_suite"]
@@ -108,7 +108,7 @@ def _shared_speed(
     for other in suite.tasks:
         if other.model != model or other.name == task:
             continue
-        speed = store.read_speed(model, other.name)
+        speed = _read_speed(store, model, other.name, _silent)  # named at its own turn
         if speed is None:
             continue
         old, new = f"__{other.name}__", f"__{task}__"
@@ -137,16 +137,59 @@ def _shared_speed(
     return None
 
 
+def _read_speed(
+    store: ResultStore, model: str, task: str, log: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """The speed figures, or None when missing or corrupt (a corrupt file is named and
+    measured again)."""
+    try:
+        return store.read_speed(model, task)
+    except CorruptResultError as error:
+        log(f"{error}: recomputing")
+        return None
+
+
+def _cell_missing(store: ResultStore, key: str, log: Callable[[str], None]) -> bool:
+    """Whether a cell must be computed: not there, or corrupt (named, recomputed)."""
+    try:
+        return store.read_cell(key) is None
+    except CorruptResultError as error:
+        log(f"{error}: recomputing")
+        return True
+
+
+def _suite_content(suite: dict[str, Any]) -> dict[str, Any]:
+    """A suite's content: everything but where it was read from (``ok.toml`` and
+    ``/abs/ok.toml`` are the same suite)."""
+    return {key: value for key, value in suite.items() if key != "source"}
+
+
 def _check_resume(store: ResultStore, suite: Suite, quick: bool) -> None:
     previous = store.read_run()
     if previous is None:
         return
-    same = previous.get("suite") == _jsonable(suite.to_dict()) and previous.get("quick") == quick
-    if not same:
+    same_suite = _suite_content(previous["suite"]) == _suite_content(_jsonable(suite.to_dict()))
+    if not (same_suite and previous.get("quick") == quick):
         raise RuntimeError(
             f"{store.root} holds results of a different suite or mode; resume needs the same "
             "suite: choose another --out, or pass --overwrite to start afresh"
         )
+
+
+def _check_weights(store: ResultStore, model: LoadedModel, main: bool) -> None:
+    """Record the model's weights' checksum in ``run.json``; refuse a resume whose model
+    has other weights (its cells would be paired with cells of another network)."""
+    checksum = weights_checksum(model.module)
+    run = store.read_run() or {}
+    recorded = run.get("weights", {}).get(model.name)
+    if recorded is not None and recorded != checksum:
+        raise RuntimeError(
+            f"{store.root} holds cells of model {model.name!r} with other weights (checksum "
+            f"{recorded}, now {checksum}): resume needs the same weights; choose another "
+            "--out, or pass --overwrite to start afresh"
+        )
+    if recorded is None and checksum is not None and main:
+        store.write_run({**run, "weights": {**run.get("weights", {}), model.name: checksum}})
 
 
 def _jsonable(data: Any) -> Any:
@@ -162,12 +205,26 @@ def run_suite(
     progress: bool = True,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    trust_remote_code: bool = False,
 ) -> ResultStore:
     """Run every missing cell of ``suite`` into ``out`` (finished cells are kept).
 
     Under ``torchrun`` every rank runs this; data is sharded by batch, results are
-    gathered, and rank 0 alone writes files and measures throughput.
+    gathered, and rank 0 alone writes files and measures throughput. Models are created
+    under the suite's seed, and a resume whose weights differ is refused.
+
+    Args:
+        overwrite: first delete ``out`` if turbo-eval made it (its marker and layout).
+        trust_remote_code: allow models with ``trust_remote_code = true`` in the suite.
+
+    Raises:
+        ValueError: the suite asks for remote code without ``trust_remote_code``.
+        NotAResultsFolderError: ``overwrite`` on a folder turbo-eval did not make.
+        CorruptResultError: ``run.json`` is unreadable (corrupt cells are recomputed).
     """
+    problem = remote_code_problem(suite, trust_remote_code)
+    if problem:
+        raise ValueError(problem)
     distributed.init_from_env()
     main = distributed.is_main()
     progress = progress and main
@@ -175,9 +232,7 @@ def run_suite(
         log = _silent
     store = ResultStore(out)
     if overwrite and store.root.exists() and main:
-        import shutil
-
-        shutil.rmtree(store.root)
+        log(store.clear())
     distributed.barrier()
     _check_resume(store, suite, quick)
     if store.read_run() is None and main:
@@ -194,17 +249,22 @@ def run_suite(
         tasks = [t for t in suite.tasks if t.model == model_spec.name]
         todo = {
             t.name: [
-                c for c in cells_for(suite, model_spec.name, t.name) if not store.has_cell(c.key)
+                c
+                for c in cells_for(suite, model_spec.name, t.name)
+                if _cell_missing(store, c.key, log)
             ]
             for t in tasks
         }
-        need_speed = [t for t in tasks if store.read_speed(model_spec.name, t.name) is None]
+        need_speed = [t for t in tasks if _read_speed(store, model_spec.name, t.name, log) is None]
         distributed.barrier()  # every rank has read the same to-do list
         if not any(todo.values()) and not need_speed:
             log(f"[{model_spec.name}] all cells done, skipping")
             continue
         log(f"[{model_spec.name}] loading")
-        model = load_model(model_spec.name, model_spec.resolution, dict(model_spec.options))
+        model = load_model(
+            model_spec.name, model_spec.resolution, dict(model_spec.options), seed=suite.seed
+        )
+        _check_weights(store, model, main)
         batch_size = model_spec.batch_size or suite.batch_size
         for task_spec in tasks:
             task: Task = TASK_KINDS[task_spec.kind](
@@ -241,7 +301,7 @@ def run_suite(
                     },
                 )
                 log(f"  {cell.label:<32} {task.metric}={metrics[task.metric]:.4f}")
-            if main and store.read_speed(model_spec.name, task.name) is None:
+            if main and _read_speed(store, model_spec.name, task.name, _silent) is None:
                 cells = cells_for(suite, model_spec.name, task.name)
                 shared = _shared_speed(store, suite, model_spec.name, task.name, model.modality)
                 if shared is None:

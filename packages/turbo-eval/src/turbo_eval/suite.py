@@ -27,7 +27,9 @@ checked field by field before any model loads. Layout::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
+import math
 import re
 import sys
 from collections.abc import Mapping
@@ -52,6 +54,7 @@ __all__ = [
     "find_suite",
     "load_suite",
     "parse_suite",
+    "remote_code_problem",
 ]
 
 METHODS = ("baseline", "redundancy", "semantics", "turbo")
@@ -87,6 +90,33 @@ METHODS_HINT = (
     "each (but a peer) optionally stacked on a model-side step as METHOD+SIDE, or a SIDE "
     f"alone (SIDE: {list(SIDES)})"
 )
+
+
+def nearest(name: str, allowed: Any) -> str:
+    """``" (did you mean 'x'?)"`` for the allowed name closest to a misspelt one, else ``""``."""
+    close = difflib.get_close_matches(name, [str(a) for a in allowed], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _all_methods() -> list[str]:
+    """Every method name, stacked ones included (for suggestions)."""
+    plain = list(dict.fromkeys(METHODS + PATCHING_METHODS + PEER_METHODS + SIDES))
+    return plain + [f"{m}+{side}" for m in PATCHING_METHODS for side in SIDES]
+
+
+PLAIN_NAME_HINT = "a plain name (no path separators, no '..', not starting with '.' or '~')"
+
+
+def is_plain_name(name: Any) -> bool:
+    """A name safe as a file or folder name: no separators, no ``..``, not absolute."""
+    return (
+        isinstance(name, str)
+        and bool(name.strip())
+        and not any(sep in name for sep in ("/", "\\", "\0"))
+        and ".." not in name
+        and not name.startswith(("~", "."))
+        and ":" not in name  # a drive letter on Windows
+    )
 
 
 def is_method(method: Any) -> bool:
@@ -162,6 +192,10 @@ class Suite:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def remote_code_models(self) -> tuple[str, ...]:
+        """Models that ask for ``trust_remote_code = true`` (code run from their folders)."""
+        return tuple(m.name for m in self.models if m.options.get("trust_remote_code") is True)
 
 
 class _Lines:
@@ -266,6 +300,55 @@ class _Checker:
         return value
 
 
+def _syntax_error_line(error: Exception) -> int | None:
+    """The 1-based line of a YAML or TOML syntax error (tomllib before 3.14 only says it
+    in the message: "... (at line 13, column 14)")."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        return int(mark.line) + 1
+    lineno = getattr(error, "lineno", None)
+    if isinstance(lineno, int):
+        return lineno
+    found = re.search(r"\(at line (\d+), column \d+\)", str(error))
+    return int(found.group(1)) if found else None
+
+
+def _model_options(name: str) -> frozenset[str]:
+    """The options a ``[[models]]`` entry may set for the model ``name``: its loader's
+    (pipeline, vision-language, or timm / transformers / embedded), Turbo's per-model
+    settings, the model-side steps' and ``trust_remote_code``."""
+    from .cross_modal import CROSS_OPTIONS
+    from .methods import MODEL_TURBO_OPTIONS
+    from .model_side import SIDE_OPTIONS
+    from .models import LOADER_OPTIONS
+    from .pipelines import is_pipeline_model, pipeline_options
+    from .vl_models import VL_OPTIONS, is_vl_model
+
+    common = frozenset(("trust_remote_code", *MODEL_TURBO_OPTIONS, *SIDE_OPTIONS))
+    if is_pipeline_model(name):
+        return common | pipeline_options()
+    if is_vl_model(name):
+        return common | frozenset(VL_OPTIONS) | frozenset(CROSS_OPTIONS)
+    return common | frozenset(LOADER_OPTIONS)
+
+
+def _turbo_option_problems(options: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(key, message)`` for Turbo settings of a model that Turbo's own config refuses
+    (``min_tokens = -3``): found here, not mid-run after the baseline cell."""
+    from turbo_core import TurboConfig
+
+    from .methods import MODEL_TURBO_OPTIONS
+
+    problems = []
+    for key in MODEL_TURBO_OPTIONS:
+        if key in options:
+            try:
+                TurboConfig(**{key: options[key]})
+            except (TypeError, ValueError) as error:
+                problems.append((key, str(error)))
+    return problems
+
+
 def _known_task_kinds() -> tuple[str, ...]:
     from .tasks import TASK_KINDS
 
@@ -283,15 +366,9 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         else:
             data = tomllib.loads(text)
     except Exception as error:  # the parsers' own messages carry the line
-        line = getattr(getattr(error, "problem_mark", None), "line", None)
         raise SuiteError(
             source,
-            [
-                (
-                    line + 1 if line is not None else None,
-                    f"not valid {'YAML' if is_yaml else 'TOML'}: {error}",
-                )
-            ],
+            [(_syntax_error_line(error), f"not valid {'YAML' if is_yaml else 'TOML'}: {error}")],
         ) from error
     if not isinstance(data, Mapping):
         raise SuiteError(source, [(1, "the suite must be a table/mapping at top level")])
@@ -300,7 +377,11 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
     for key in data:
         if key not in ("suite", "models", "tasks"):
             check.problems.append(
-                (None, f"unknown top-level key {key!r}; allowed: suite, models, tasks")
+                (
+                    None,
+                    f"unknown top-level key {key!r}{nearest(key, ('suite', 'models', 'tasks'))}; "
+                    "allowed: suite, models, tasks",
+                )
             )
     head = data.get("suite", {})
     if not isinstance(head, Mapping):
@@ -319,24 +400,18 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
     }
     for key in head:
         if key not in allowed_head:
-            check.error("suite", None, key, f"unknown key; allowed: {sorted(allowed_head)}")
+            check.error(
+                "suite", None, key,
+                f"unknown key{nearest(key, allowed_head)}; allowed: {sorted(allowed_head)}",
+            )  # fmt: skip
 
     def positive(v):
         return v > 0
 
-    name = check.get(head, "suite", None, "name", str, "suite")
+    name = check.get(head, "suite", None, "name", str, "suite", is_plain_name, PLAIN_NAME_HINT)
     seed = check.get(head, "suite", None, "seed", int, 0, lambda v: v >= 0, "an int >= 0")
     batch_size = check.get(head, "suite", None, "batch_size", int, 32, positive, "an int > 0")
-    methods = check.get(
-        head,
-        "suite",
-        None,
-        "methods",
-        list,
-        list(METHODS),
-        lambda v: v and all(is_method(m) for m in v),
-        METHODS_HINT,
-    )
+    methods = _methods(check, head, "suite", None, list(METHODS))
     fusion = check.get(
         head,
         "suite",
@@ -355,14 +430,15 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         "alpha",
         list,
         [5.0],
-        lambda v: (
-            v and all(isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0 for a in v)
-        ),
-        "a number >= 0 or a non-empty list of them",
+        lambda v: v and all(_finite_at_least_0(a) for a in v),
+        "a finite number >= 0 or a non-empty list of them",
     )
     scale = check.get(
-        head, "suite", None, "semantic_scale", float, 30.0, lambda v: v >= 0, "a number >= 0"
-    )
+        head, "suite", None, "semantic_scale", float, 30.0, _finite_at_least_0,
+        "a finite number >= 0",
+    )  # fmt: skip
+    if alpha:
+        _check_alpha_keys(check, alpha)
     tp_batch = check.get(head, "suite", None, "throughput_batch", int, 16, positive, "an int > 0")
     tp_repeats = check.get(
         head, "suite", None, "throughput_repeats", int, 5, positive, "an int > 0"
@@ -390,15 +466,15 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
             ),
             "a non-empty list of ints >= 0",
         )
+        for twice in sorted({x for x in r or () if list(r).count(x) > 1}):
+            check.error("models", i, "r", f"{twice} is listed twice (one cell per r)")
         resolution = check.get(entry, "models", i, "resolution", int, None, positive, "an int > 0")
         model_batch = check.get(entry, "models", i, "batch_size", int, None, positive, "an int > 0")
-        own = check.get(
-            entry, "models", i, "methods", list, None,
-            lambda v: v and all(is_method(m) for m in v), METHODS_HINT,
-        )  # fmt: skip
+        own = _methods(check, entry, "models", i, None)
         spec_keys = ("name", "r", "resolution", "batch_size", "methods")
         extra = {k: v for k, v in entry.items() if k not in spec_keys}
         if model_name:
+            _check_model_options(check, i, model_name, extra)
             models.append(
                 ModelSpec(
                     model_name,
@@ -430,6 +506,7 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
     names = [m.name for m in models]
     for dup in {n for n in names if names.count(n) > 1}:
         check.problems.append((None, f"models: {dup!r} is listed twice"))
+    _check_model_file_names(check, names)
 
     tasks: list[TaskSpec] = []
     raw_tasks = data.get("tasks", [])
@@ -437,6 +514,7 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         check.problems.append((None, "tasks: at least one [[tasks]] entry is required"))
         raw_tasks = []
     kinds = _known_task_kinds()
+    task_index: list[int] = []  # each parsed task's entry in the file
     for i, entry in enumerate(raw_tasks):
         if not isinstance(entry, Mapping):
             check.error("tasks", i, None, "must be a table")
@@ -454,6 +532,8 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
             hint=f"the name of a listed model {names}",
         )
         options = {k: v for k, v in entry.items() if k not in ("kind", "model")}
+        if "name" in options and not is_plain_name(options["name"]):
+            check.error("tasks", i, "name", f"must be {PLAIN_NAME_HINT}, got {options['name']!r}")
         if kind:
             from .tasks import TASK_KINDS
 
@@ -461,6 +541,8 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
                 check.error("tasks", i, problem_key, message)
         if kind and model:
             tasks.append(TaskSpec(kind, model, options))
+            task_index.append(i)
+    _check_distinct_cells(check, tasks, task_index)
 
     if check.problems:
         raise SuiteError(source, check.problems)
@@ -477,6 +559,109 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         throughput_batch=tp_batch,
         throughput_repeats=tp_repeats,
         source=source,
+    )
+
+
+def _finite_at_least_0(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def _methods(
+    check: _Checker, data: Mapping[str, Any], table: str, index: int | None, default: Any
+) -> Any:
+    """A method list; each unknown method is named, with the nearest known one."""
+    methods = check.get(
+        data, table, index, "methods", list, default, bool, "a non-empty list of methods"
+    )
+    if methods is None or methods is default:
+        return methods
+    unknown = [m for m in methods if not is_method(m)]
+    for method in unknown:
+        check.error(
+            table, index, "methods",
+            f"must be {METHODS_HINT}; {method!r} is not one"
+            f"{nearest(str(method), _all_methods())}",
+        )  # fmt: skip
+    return default if unknown else methods
+
+
+def _check_model_options(
+    check: _Checker, index: int, model: str, options: Mapping[str, Any]
+) -> None:
+    """Unknown options (named, with the nearest known), Turbo settings out of range, and
+    ``trust_remote_code`` that is not a bool."""
+    allowed = _model_options(model)
+    for key in options:
+        if key not in allowed:
+            check.error(
+                "models", index, key,
+                f"unknown option{nearest(key, allowed)}; allowed for {model!r}: {sorted(allowed)}",
+            )  # fmt: skip
+    for key, message in _turbo_option_problems(options):
+        check.error("models", index, key, message)
+    trust = options.get("trust_remote_code", False)
+    if not isinstance(trust, bool):
+        check.error("models", index, "trust_remote_code", f"must be bool, got {trust!r}")
+
+
+def _check_alpha_keys(check: _Checker, alpha: list[Any]) -> None:
+    """Alphas equal to 6 significant digits (as cell keys write them) would share cells."""
+    first: dict[str, int] = {}
+    for i, value in enumerate(alpha):
+        earlier = first.setdefault(format(float(value), "g"), i)
+        if earlier != i:
+            check.error(
+                "suite", None, "alpha",
+                f"{alpha[earlier]!r} and {value!r} would share their cells (keys hold alpha to 6 "
+                "significant digits): drop one",
+            )  # fmt: skip
+
+
+def _check_model_file_names(check: _Checker, names: list[str]) -> None:
+    """Models whose names differ only by '/' against '--' would share results files."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        earlier = first.setdefault(name.replace("/", "--"), i)
+        if earlier != i and names[earlier] != name:
+            check.error(
+                "models", i, "name",
+                f"{name!r} and {names[earlier]!r} (models[{earlier}]) would share their "
+                "results files ('/' is written '--'): rename one",
+            )  # fmt: skip
+
+
+def _check_distinct_cells(check: _Checker, tasks: list[TaskSpec], index: list[int]) -> None:
+    """Two tasks with one name on one model would write the same cells: refused, naming
+    both entries (unnamed tasks are named by their kind)."""
+    first: dict[tuple[str, str], int] = {}
+    for task, i in zip(tasks, index, strict=True):
+        earlier = first.setdefault((task.model, task.name), i)
+        if earlier != i:
+            check.error(
+                "tasks", i, None,
+                f"{task.name!r} on {task.model!r} again (tasks[{earlier}], line "
+                f"{check.lines.find('tasks', earlier, None)}): both would write the same "
+                "cells; give each a distinct name (name = \"...\")",
+            )  # fmt: skip
+
+
+def remote_code_problem(suite: Suite, trusted: bool) -> str | None:
+    """Why ``suite`` may not run without ``--trust-remote-code`` (None: it may).
+
+    A suite is data; ``trust_remote_code = true`` would run Python code from a model's
+    folder, so the person running the command must say so too.
+    """
+    asking = suite.remote_code_models()
+    if not asking or trusted:
+        return None
+    return (
+        f"model(s) {list(asking)} set trust_remote_code = true: loading them runs Python code "
+        "from their folders; pass --trust-remote-code if you trust that code"
     )
 
 

@@ -146,13 +146,23 @@ def tune_model(
     semantic_norm: str = "none",
     repeats: int | None = None,
     log: Callable[[str], None] = print,
+    trust_remote_code: bool = False,
 ) -> TuneResult:
-    """Tune ``model_name`` of ``suite`` on one of its tasks (the calibration set)."""
+    """Tune ``model_name`` of ``suite`` on one of its tasks (the calibration set).
+
+    The model is created under the suite's seed; a suite model with
+    ``trust_remote_code = true`` is refused unless ``trust_remote_code`` is given.
+    """
     import torch
 
     from .measure import count_flops, interleaved_throughput
     from .models import load_model
+    from .suite import remote_code_problem
     from .tasks import TASK_KINDS
+
+    problem = remote_code_problem(suite, trust_remote_code)
+    if problem:
+        raise ValueError(problem)
 
     specs = [m for m in suite.models if m.name == model_name]
     if not specs:
@@ -167,7 +177,7 @@ def tune_model(
     if not tasks:
         raise ValueError(f"task {task_name!r} is not a task of {model_name!r} in the suite")
     task_spec = tasks[0]
-    model = load_model(spec.name, spec.resolution, dict(spec.options))
+    model = load_model(spec.name, spec.resolution, dict(spec.options), seed=suite.seed)
     task = TASK_KINDS[task_spec.kind](
         task_spec.options, model, suite.seed, spec.batch_size or suite.batch_size
     )

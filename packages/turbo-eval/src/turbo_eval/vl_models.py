@@ -256,6 +256,18 @@ _OPTION_CHOICES = {
     "llm_method": ("prune", "merge"),
     "cross_reduce": ("merge", "prune"),
 }
+#: Every model option a VL model reads (the module docstring says what each means).
+VL_OPTIONS = (
+    *_OPTION_CHOICES,
+    "init_seed",
+    "config",
+    "llm_layer",
+    "llm_keep",
+    "cross_vision_share",
+    "minigpt_checkpoint",
+    "eva_weights",
+    "llama_dir",
+)
 
 
 # --------------------------------------------------------------------- items

@@ -60,8 +60,14 @@ class Task(abc.ABC):
             if key == "name":
                 continue
             if key not in cls.options:
+                from ..suite import nearest
+
                 problems.append(
-                    (key, f"unknown option for {cls.kind!r}; allowed: {sorted(cls.options)}")
+                    (
+                        key,
+                        f"unknown option for {cls.kind!r}{nearest(key, cls.options)}; "
+                        f"allowed: {sorted(cls.options)}",
+                    )
                 )
                 continue
             kind = cls.options[key][0]
