@@ -21,10 +21,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("scipy")
 
-from turbo_eval.cross_modal import CROSS_SITE  # noqa: E402
 from turbo_eval.measure import count_flops  # noqa: E402
-from turbo_eval.methods import Cell, cells_for, method_overrides  # noqa: E402
+from turbo_eval.methods import Cell, apply_method, cells_for, method_overrides  # noqa: E402
 from turbo_eval.models import load_model  # noqa: E402
+from turbo_eval.names import CROSS_SITE  # noqa: E402
 from turbo_eval.suite import SuiteError, parse_suite  # noqa: E402
 from turbo_eval.tasks import TASK_KINDS  # noqa: E402
 from turbo_eval.vl_models import VLModel, VLSample  # noqa: E402
@@ -73,7 +73,7 @@ def make_task(kind: str, model: VLModel, **options: Any) -> Any:
 
 
 def run_cell(task: Any, model: VLModel, method: str, r: int) -> tuple[dict[str, Any], Any]:
-    model.set_method(method_overrides(method, r, SUITE))
+    apply_method(model, method_overrides(method, r, SUITE))
     metrics = dict(task.evaluate(lambda it, _: it))
     return metrics, metrics.pop("items")
 
@@ -118,10 +118,10 @@ def test_cross_modal_cells_cost_the_flops_of_their_intra_modal_cell(
 ) -> None:
     model, _ = request.getfixturevalue(which)
     intra = method.removesuffix("-cross")
-    model.set_method(method_overrides(intra, R, SUITE))
+    apply_method(model, method_overrides(intra, R, SUITE))
     intra_flops = probe_flops(model)
     intra_counts = model.handle.sites["vision"].last_state.token_counts
-    model.set_method(method_overrides(method, R, SUITE))
+    apply_method(model, method_overrides(method, R, SUITE))
     cross_flops = probe_flops(model)
     split = model.cross_split
     assert split["target_flops"] == intra_flops and split["flops"] == cross_flops
@@ -131,7 +131,7 @@ def test_cross_modal_cells_cost_the_flops_of_their_intra_modal_cell(
     assert sites["vision"].last_state.token_counts[-1] > intra_counts[-1]
     assert sites[CROSS_SITE].last_state.r_applied == [split["text_r"]]
     assert sites[CROSS_SITE].config.mode == sites["vision"].config.mode == intra
-    model.set_method(method_overrides(intra, R, SUITE))  # back to one site, exactly
+    apply_method(model, method_overrides(intra, R, SUITE))  # back to one site, exactly
     assert set(model.handle.sites) == {"vision"} and probe_flops(model) == intra_flops
 
 
@@ -156,7 +156,7 @@ def test_the_vision_share_option_keeps_more_of_r_at_the_vision_site() -> None:
     pytest.importorskip("easy_vqa")
     model = tiny(VQA, cross_vision_share=1.0)
     model.speed_purpose, model.speed_tokens = "vqa", 2
-    model.set_method(method_overrides("turbo-cross", R, SUITE))
+    apply_method(model, method_overrides("turbo-cross", R, SUITE))
     split = model.cross_split
     assert split["vision_r"] == R and abs(split["flops_error"]) < FLOPS_TOLERANCE
     # the whole r at the vision site already meets the target, and a text-guided site at
@@ -202,7 +202,7 @@ def test_the_retrieval_session_equals_the_library_forward_under_two_sites() -> N
     found = packaged_captioned_photos(3)
     images, texts = [c.image for c in found], [c.captions[0] for c in found]
     model.set_flops_probe([VLSample(i, t) for i, t in zip(images, texts, strict=True)][:2])
-    model.set_method(method_overrides("turbo-cross", R, SUITE))
+    apply_method(model, method_overrides("turbo-cross", R, SUITE))
     assert model.cross_split["vision_r"] >= R // 2 and model.cross_split["text_r"] > 0
     session = model.retrieval(images, texts, batch_size=2)
     inputs = model.head.inputs(images, texts, "caption")
@@ -248,7 +248,7 @@ def test_a_model_without_a_text_guided_site_is_refused_by_name() -> None:
 def test_a_cross_method_on_a_model_without_the_site_fails_at_run_time_by_name() -> None:
     model = tiny(CAPTION)
     with pytest.raises(TypeError, match=rf"method 'turbo-cross' .* model '{CAPTION}'"):
-        model.set_method(method_overrides("turbo-cross", 4, SUITE))
+        apply_method(model, method_overrides("turbo-cross", 4, SUITE))
 
 
 def test_cross_cells_sweep_alpha_and_label_themselves() -> None:

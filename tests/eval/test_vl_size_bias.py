@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("scipy")
 pytest.importorskip("skimage")  # the packaged captioned photos
 
-from turbo_eval.methods import Cell, cells_for, method_overrides  # noqa: E402
+from turbo_eval.methods import Cell, apply_method, cells_for, method_overrides  # noqa: E402
 from turbo_eval.models import load_model  # noqa: E402
 from turbo_eval.suite import SuiteError, parse_suite  # noqa: E402
 from turbo_eval.tasks import TASK_KINDS  # noqa: E402
@@ -113,7 +113,7 @@ def setup(name: str) -> tuple[VLModel, Any, str]:
 
 
 def run_cell(task: Any, model: VLModel, method: str, r: int) -> tuple[dict[str, Any], Any]:
-    model.set_method(method_overrides(method, r, SUITE))
+    apply_method(model, method_overrides(method, r, SUITE))
     metrics = dict(task.evaluate(lambda it, _: it))
     items = metrics.pop("items")
     if model.kind == "match":  # the session's ITM scores, as the task computes them
@@ -156,7 +156,7 @@ def test_the_method_is_the_adapters_option() -> None:
     model = tiny(CAPTION)
     samples = [VLSample(p.image, model.caption_prompt) for p in packaged_captioned_photos(2)]
     tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
-    model.set_method(method_overrides("turbo-sizebias", R, SUITE))
+    apply_method(model, method_overrides("turbo-sizebias", R, SUITE))
     ours = model.teacher_forced(samples, "caption", tokens)
     model.set_method(None)
     settings = method_overrides("turbo", R, SUITE)
@@ -165,14 +165,14 @@ def test_the_method_is_the_adapters_option() -> None:
     oracle = model.teacher_forced(samples, "caption", tokens)
     patch.remove()
     torch.testing.assert_close(ours, oracle, rtol=0, atol=0)
-    model.set_method(method_overrides("turbo", R, SUITE))
+    apply_method(model, method_overrides("turbo", R, SUITE))
     assert not torch.allclose(model.teacher_forced(samples, "caption", tokens), ours)
 
 
 def test_a_model_without_the_option_is_refused_at_run_time_by_name() -> None:
     model = tiny(LLAVA)
     with pytest.raises(TypeError, match=rf"size-bias methods need .* model '{LLAVA}'"):
-        model.set_method(method_overrides("turbo-sizebias", 4, SUITE))
+        apply_method(model, method_overrides("turbo-sizebias", 4, SUITE))
 
 
 # ------------------------------------------------------------------- parsing

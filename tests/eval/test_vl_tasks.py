@@ -22,7 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("scipy")
 
-from turbo_eval.methods import method_overrides  # noqa: E402
+from turbo_eval.methods import apply_method, method_overrides  # noqa: E402
 from turbo_eval.models import load_model  # noqa: E402
 from turbo_eval.suite import SuiteError, parse_suite  # noqa: E402
 from turbo_eval.tasks import TASK_KINDS  # noqa: E402
@@ -177,7 +177,7 @@ def make_task(kind: str, model: VLModel, **options: Any) -> Any:
 
 
 def run_cell(task: Any, model: VLModel, method: str, r: int) -> tuple[dict[str, Any], Any, Any]:
-    model.set_method(method_overrides(method, r, SUITE))
+    apply_method(model, method_overrides(method, r, SUITE))
     metrics = dict(task.evaluate(lambda it, _: it))
     items = metrics.pop("items")
     for column in items.values():

@@ -23,7 +23,7 @@ pytest.importorskip("turbo_eval")
 from tiny_lm import IMAGE_TOKEN, llama_config  # noqa: E402
 
 from turbo_adapters.compose import gptq  # noqa: E402
-from turbo_eval.methods import cells_for  # noqa: E402
+from turbo_eval.methods import apply_method, cells_for  # noqa: E402
 from turbo_eval.models import LoadedModel  # noqa: E402
 from turbo_eval.suite import parse_suite  # noqa: E402
 
@@ -87,7 +87,7 @@ def test_gptq_methods_run_on_the_quantized_side(quantized_folder: Path) -> None:
 
     features = {}
     for key in [("baseline", 0), ("gptq", 0), ("turbo+gptq", 0), ("turbo+gptq", R)]:
-        loaded.set_method(cells[key].overrides(suite))
+        apply_method(loaded, cells[key].overrides(suite))
         features[key] = loaded.features(photos)
         if key[0] != "baseline":
             assert gptq.gptq_linear_classes(loaded.module)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .methods import apply_method
 from .models import load_model
 
 __all__ = ["bench_model", "format_bench"]
@@ -57,7 +58,7 @@ def bench_model(
 
     def runner(overrides: dict[str, Any] | None):
         def run() -> object:
-            model.set_method(overrides)
+            apply_method(model, overrides)
             return model.forward_features(model.module, inputs, model.handle)
 
         return run

@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
-from .models import LoadedModel
-from .suite import CROSS_METHODS
+from .loaded_model import LoadedModel
+from .names import CROSS_MODAL, CROSS_SITE, MODEL_SIDE, intra_method
 
 __all__ = [
     "CROSS_MODAL",
@@ -59,10 +59,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The key under which a method's overrides name its cross-modal method.
-CROSS_MODAL = "cross_modal"
-#: The site the adapters' ``use_cross_modal_guidance`` adds.
-CROSS_SITE = "text-guided"
 #: Model classes whose text side cross-attends to the image tokens, and their adapter.
 GUIDED_ARCHITECTURES = {
     "BlipForImageTextRetrieval": "hf-blip",
@@ -83,13 +79,6 @@ _UNBOUNDED = 1 << 20  # a text-guided r that one bipartite step always clips
 _VISION_ONLY = ("min_tokens",)
 
 
-def intra_method(method: str) -> str:
-    """``"turbo-cross"`` -> ``"turbo"``: the intra-modal method it is compared with."""
-    if method not in CROSS_METHODS:
-        raise ValueError(f"method must be one of {list(CROSS_METHODS)}, got {method!r}")
-    return method.removesuffix("-cross")
-
-
 def guidance_function(adapter: str) -> Callable[..., Any] | None:
     """The adapter's ``use_cross_modal_guidance``, or None when it has none."""
     module = _GUIDANCE_MODULES.get(adapter)
@@ -103,7 +92,7 @@ def guidance_function(adapter: str) -> Callable[..., Any] | None:
 
 def cross_modal_problem(name: str) -> str | None:
     """Why the suite's model ``name`` cannot run a cross-modal method (None: it can)."""
-    from .vl_models import vl_architecture
+    from .vl_catalog import vl_architecture
 
     architecture = vl_architecture(name)
     if architecture is None:
@@ -155,7 +144,6 @@ class CrossSplit:
 
 # ------------------------------------------------------------------ configuring
 def _text_fields(overrides: dict[str, Any], text_r: int) -> dict[str, Any]:
-    from .model_side import MODEL_SIDE
 
     fields = {k: v for k, v in overrides.items() if k != MODEL_SIDE and k not in _VISION_ONLY}
     return {**fields, "r": text_r, "min_tokens": 0}

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .cross_modal import CROSS_MODAL, intra_method
-from .model_side import MODEL_SIDE, SIDE_LABELS, split_method
-from .size_bias import SIZE_BIAS, plain_method
-from .suite import CROSS_METHODS, SIZE_BIAS_METHODS, Suite
+from .cross_modal import set_cross_method
+from .loaded_model import LoadedModel
+from .model_side import SIDE_LABELS
+from .names import (
+    CROSS_METHODS,
+    CROSS_MODAL,
+    CROSS_SITE,
+    MODEL_SIDE,
+    MODEL_TURBO_OPTIONS,
+    SIZE_BIAS,
+    SIZE_BIAS_METHODS,
+    intra_method,
+    plain_method,
+    split_method,
+)
+from .size_bias import apply_size_bias
 
-__all__ = ["Cell", "cells_for", "method_overrides"]
+if TYPE_CHECKING:  # the suite parser imports this module's names, not the other way
+    from .suite import Suite
 
-#: Turbo settings a suite may give per model (``[[models]] min_tokens = 12``).
-MODEL_TURBO_OPTIONS = ("min_tokens", "prop_attn")
+__all__ = ["Cell", "apply_method", "cells_for", "method_overrides"]
+
 
 LABELS = {
     "baseline": "baseline",
@@ -126,3 +139,41 @@ def cells_for(suite: Suite, model: str, task: str) -> list[Cell]:
             elif method not in unpatched:
                 cells.append(Cell(model, task, method, r))
     return cells
+
+
+def apply_method(model: LoadedModel, overrides: dict[str, Any] | None) -> None:
+    """Patch ``model`` for one method's overrides (:func:`method_overrides`); None unpatches.
+
+    A plain method (Turbo, ToMe, semantics-only, on a model-side step or not) is the
+    model's own :meth:`~turbo_eval.loaded_model.LoadedModel.set_method`. A vision-language
+    model also takes the cross-modal methods (the text-guided site added at the FLOPs of
+    the intra-modal method, :mod:`turbo_eval.cross_modal`) and the size-bias ones (the
+    adapter's ``log(size)`` in the cross-attentions over the image,
+    :mod:`turbo_eval.size_bias`); a method runs with exactly its own sites and options.
+    """
+    from .vl_models import VLModel
+
+    if not isinstance(model, VLModel):
+        model.set_method(overrides)
+        return
+    overrides = None if overrides is None else dict(overrides)
+    cross = overrides.pop(CROSS_MODAL, None) if overrides else None
+    bias = bool(overrides.pop(SIZE_BIAS, False)) if overrides else False
+    if bias and cross is not None:
+        raise ValueError(f"model {model.name!r}: a method is cross-modal or size-biased, not both")
+    handle = model.handle
+    if handle is not None and (
+        (CROSS_SITE in handle.sites) != (cross is not None)
+        or (handle is model._biased) != bias  # the bias comes off with the patch only
+    ):
+        handle.remove()
+        model.handle = None
+    model.cross_split = None
+    if cross is not None and overrides:
+        model.cross_split = set_cross_method(model, overrides, cross).as_dict()
+    else:  # the base class's: VLModel.set_method would drop a size-biased patch
+        LoadedModel.set_method(model, overrides)
+    model.settle_family_options()
+    if bias and model.handle is not None and model.handle is not model._biased:
+        apply_size_bias(model.handle, model.name, type(model.module).__name__)
+        model._biased = model.handle

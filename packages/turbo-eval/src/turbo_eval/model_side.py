@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from .suite import SIDES
+from .names import MODEL_SIDE, SIDES, split_method
 
 #: Model options the model-side steps read (their defaults are in :func:`build_side`).
 SIDE_OPTIONS = (
@@ -42,17 +42,8 @@ SIDE_OPTIONS = (
 __all__ = ["MODEL_SIDE", "SIDES", "SIDE_LABELS", "build_side", "split_method"]
 
 #: The key under which a method's overrides name its model-side step.
-MODEL_SIDE = "model_side"
 SIDE_LABELS = {"int8": "int8", "prune": "pruned 30%", "upop": "UPop-style", "gptq": "GPTQ"}
 _CLASSIFIERS = ("head", "classifier", "fc", "heads")
-
-
-def split_method(method: str) -> tuple[str, str | None]:
-    """``"turbo+int8"`` -> ``("turbo", "int8")``; ``"int8"`` -> ``("baseline", "int8")``."""
-    if method in SIDES:
-        return "baseline", method
-    base, plus, side = method.partition("+")
-    return base, (side if plus else None)
 
 
 def _classifiers(model: nn.Module) -> list[str]:

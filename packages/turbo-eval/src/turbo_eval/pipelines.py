@@ -29,9 +29,8 @@ import torch
 
 import turbo_adapters
 
-from .model_side import MODEL_SIDE
-from .models import LoadedModel
-from .size_bias import SIZE_BIAS
+from .loaded_model import LoadedModel
+from .names import MODEL_SIDE, MODEL_TURBO_OPTIONS, SIZE_BIAS
 
 __all__ = [
     "PEER",
@@ -236,7 +235,6 @@ def generate_latents(pipe: Any, items: Sequence[GenerationItem]) -> torch.Tensor
 
 def pipeline_options() -> frozenset[str]:
     """The model options a pipeline takes: its own, the SD settings, Turbo's per-model ones."""
-    from .methods import MODEL_TURBO_OPTIONS
 
     return frozenset(_OWN_OPTIONS) | _settings_fields() | frozenset(MODEL_TURBO_OPTIONS)
 

@@ -196,7 +196,7 @@ def _partner(
 ) -> dict[str, Any] | None:
     """The cell a cross-modal cell matches in FLOPs (its intra-modal method), or the one a
     size-bias cell differs from by the bias alone (None for other methods)."""
-    from .suite import CROSS_METHODS, SIZE_BIAS_METHODS
+    from .names import CROSS_METHODS, SIZE_BIAS_METHODS
 
     base, plus, side = cell["method"].partition("+")
     if base in CROSS_METHODS:

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .methods import Cell, cells_for
+from .methods import Cell, apply_method, cells_for
 from .models import LoadedModel, load_model, weights_checksum
 from .results import CorruptResultError, ResultStore, environment
 from .suite import Suite, remote_code_problem
@@ -51,7 +51,7 @@ def measure_speed(
 
     def runner(overrides: dict[str, Any] | None) -> Callable[[], object]:
         def run() -> object:
-            model.set_method(overrides)
+            apply_method(model, overrides)
             return model.forward_features(model.module, inputs, model.handle)
 
         return run
@@ -66,7 +66,7 @@ def measure_speed(
     timing: dict[str, Any] = {"methods": {}, "groups": {}, "rounds": repeats}
     with torch.inference_mode():
         for key, fn in progress(list(fns.items()), "FLOPs"):
-            model.set_method(configs[key])  # settled first: a cross-modal split is searched here
+            apply_method(model, configs[key])  # settled first: a cross-modal split is searched here
             flops[key] = count_flops(fn) / len(items)
         for r, keys in progress(sorted(groups.items()), "throughput per r"):
             members = ([baseline_key] if baseline_key else []) + keys
@@ -277,7 +277,7 @@ def run_suite(
                 continue
             log(f"[{model_spec.name}/{task.name}] {facts}")
             for cell in bar(todo[task.name], f"{task.name} cells"):
-                model.set_method(cell.overrides(suite))
+                apply_method(model, cell.overrides(suite))
                 torch.manual_seed(suite.seed)
                 started = time.perf_counter()
                 metrics = dict(task.evaluate(bar))

@@ -19,7 +19,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from .suite import SIZE_BIAS_METHODS
+from .names import SIZE_BIAS, plain_method
 
 __all__ = [
     "BIASED_ARCHITECTURES",
@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 #: The key under which a method's overrides ask for the bias downstream.
-SIZE_BIAS = "size_bias"
 #: Model classes with cross-attentions over the image tokens, and their adapter.
 BIASED_ARCHITECTURES = {
     "BlipForConditionalGeneration": "hf-blip",
@@ -49,13 +48,6 @@ _MODULES = {
 }
 
 
-def plain_method(method: str) -> str:
-    """``"turbo-sizebias"`` -> ``"turbo"``: the same method without the bias."""
-    if method not in SIZE_BIAS_METHODS:
-        raise ValueError(f"method must be one of {list(SIZE_BIAS_METHODS)}, got {method!r}")
-    return method.removesuffix("-sizebias")
-
-
 def size_bias_function(adapter: str) -> Callable[[Any], None] | None:
     """The adapter's ``use_size_bias_downstream``, or None when it has none."""
     module = _MODULES.get(adapter)
@@ -69,7 +61,7 @@ def size_bias_function(adapter: str) -> Callable[[Any], None] | None:
 
 def size_bias_problem(name: str) -> str | None:
     """Why the suite's model ``name`` cannot run a size-bias method (None: it can)."""
-    from .vl_models import vl_architecture
+    from .vl_catalog import vl_architecture
 
     architecture = vl_architecture(name)
     if architecture is None:

@@ -27,7 +27,6 @@ checked field by field before any model loads. Layout::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import math
 import re
@@ -35,6 +34,21 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from .names import (
+    CROSS_METHODS,
+    FUSIONS,
+    METHODS,
+    METHODS_HINT,
+    MODEL_TURBO_OPTIONS,
+    PEER_METHODS,
+    PLAIN_NAME_HINT,
+    SIZE_BIAS_METHODS,
+    all_methods,
+    is_method,
+    is_plain_name,
+    nearest,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,13 +71,6 @@ __all__ = [
     "remote_code_problem",
 ]
 
-METHODS = ("baseline", "redundancy", "semantics", "turbo")
-#: cross-modal variants (text-guided reduction at the FLOPs of the intra-modal method at
-#: the same r; :mod:`turbo_eval.cross_modal`): never in the default list
-CROSS_METHODS = ("redundancy-cross", "semantics-cross", "turbo-cross")
-#: the intra-modal methods with ``log(size)`` in the text side's cross-attentions over
-#: the merged image tokens (:mod:`turbo_eval.size_bias`): never in the default list
-SIZE_BIAS_METHODS = ("redundancy-sizebias", "semantics-sizebias", "turbo-sizebias")
 #: methods that need a part of a vision-language model: (methods, what they need, the
 #: module and function saying why a model lacks it; imported when used: they import this)
 _VL_METHOD_NEEDS = (
@@ -75,60 +82,6 @@ _VL_METHOD_NEEDS = (
         "size_bias_problem",
     ),
 )
-#: methods that patch the model with Turbo (and may stack on a model-side step)
-PATCHING_METHODS = METHODS[1:] + CROSS_METHODS + SIZE_BIAS_METHODS
-#: peer libraries run as a method (tomesd on diffusion pipelines): never in the default
-#: list, never stacked on a model-side step
-PEER_METHODS = ("tomesd",)
-#: model-side steps a method may stack on (``"turbo+int8"``) or that run alone (``"int8"``)
-SIDES = ("int8", "prune", "upop", "gptq")
-FUSIONS = ("difference", "division", "product", "layer_dynamic")
-
-
-METHODS_HINT = (
-    f"a non-empty list of {list(METHODS + CROSS_METHODS + SIZE_BIAS_METHODS + PEER_METHODS)}, "
-    "each (but a peer) optionally stacked on a model-side step as METHOD+SIDE, or a SIDE "
-    f"alone (SIDE: {list(SIDES)})"
-)
-
-
-def nearest(name: str, allowed: Any) -> str:
-    """``" (did you mean 'x'?)"`` for the allowed name closest to a misspelt one, else ``""``."""
-    close = difflib.get_close_matches(name, [str(a) for a in allowed], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _all_methods() -> list[str]:
-    """Every method name, stacked ones included (for suggestions)."""
-    plain = list(dict.fromkeys(METHODS + PATCHING_METHODS + PEER_METHODS + SIDES))
-    return plain + [f"{m}+{side}" for m in PATCHING_METHODS for side in SIDES]
-
-
-PLAIN_NAME_HINT = "a plain name (no path separators, no '..', not starting with '.' or '~')"
-
-
-def is_plain_name(name: Any) -> bool:
-    """A name safe as a file or folder name: no separators, no ``..``, not absolute."""
-    return (
-        isinstance(name, str)
-        and bool(name.strip())
-        and not any(sep in name for sep in ("/", "\\", "\0"))
-        and ".." not in name
-        and not name.startswith(("~", "."))
-        and ":" not in name  # a drive letter on Windows
-    )
-
-
-def is_method(method: Any) -> bool:
-    """``"turbo"``, ``"turbo+int8"`` or ``"int8"``: a known method, side, or both."""
-    if not isinstance(method, str):
-        return False
-    if method in METHODS or method in PATCHING_METHODS or method in PEER_METHODS:
-        return True
-    if method in SIDES:
-        return True
-    base, plus, side = method.partition("+")
-    return bool(plus) and base in PATCHING_METHODS and side in SIDES
 
 
 class SuiteError(ValueError):
@@ -318,7 +271,6 @@ def _model_options(name: str) -> frozenset[str]:
     (pipeline, vision-language, or timm / transformers / embedded), Turbo's per-model
     settings, the model-side steps' and ``trust_remote_code``."""
     from .cross_modal import CROSS_OPTIONS
-    from .methods import MODEL_TURBO_OPTIONS
     from .model_side import SIDE_OPTIONS
     from .models import LOADER_OPTIONS
     from .pipelines import is_pipeline_model, pipeline_options
@@ -336,8 +288,6 @@ def _turbo_option_problems(options: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``(key, message)`` for Turbo settings of a model that Turbo's own config refuses
     (``min_tokens = -3``): found here, not mid-run after the baseline cell."""
     from turbo_core import TurboConfig
-
-    from .methods import MODEL_TURBO_OPTIONS
 
     problems = []
     for key in MODEL_TURBO_OPTIONS:
@@ -585,7 +535,7 @@ def _methods(
         check.error(
             table, index, "methods",
             f"must be {METHODS_HINT}; {method!r} is not one"
-            f"{nearest(str(method), _all_methods())}",
+            f"{nearest(str(method), all_methods())}",
         )  # fmt: skip
     return default if unknown else methods
 

@@ -156,6 +156,7 @@ def tune_model(
     import torch
 
     from .measure import count_flops, interleaved_throughput
+    from .methods import apply_method
     from .models import load_model
     from .suite import remote_code_problem
     from .tasks import TASK_KINDS
@@ -199,7 +200,7 @@ def tune_model(
         }
 
     def run(settings: dict[str, Any] | None) -> tuple[float, Sequence[float] | None]:
-        model.set_method(settings)
+        apply_method(model, settings)
         torch.manual_seed(suite.seed)
         metrics = dict(task.evaluate(lambda it, _: it))
         items = (metrics.get("items") or {}).get(task.item_score)
@@ -216,7 +217,7 @@ def tune_model(
 
         def call(config: dict[str, Any] | None) -> Callable[[], object]:
             def go() -> object:
-                model.set_method(config)
+                apply_method(model, config)
                 return model.forward_features(model.module, inputs, model.handle)
 
             return go

@@ -20,16 +20,33 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .vl_models import VLSample
-
 __all__ = [
     "PHOTO_CAPTIONS",
     "VQA_DATASETS",
     "CaptionedImage",
+    "VLSample",
     "load_caption_annotations",
     "load_vqa_samples",
     "packaged_captioned_photos",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class VLSample:
+    """One image with one text (a caption prompt, a caption or a question).
+
+    Attributes:
+        image: an ``(H, W, 3)`` uint8 array or an image file.
+        text: the text.
+        answers: human answers or reference captions (may be empty).
+        key: an id for results (image id, question id).
+    """
+
+    image: Any
+    text: str
+    answers: tuple[str, ...] = ()
+    key: str = ""
+
 
 #: Captions of packaged photos, by the photo's name in :mod:`turbo_eval.assets.images`.
 PHOTO_CAPTIONS: dict[str, tuple[str, ...]] = {

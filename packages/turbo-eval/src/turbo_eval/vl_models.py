@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +44,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import LoadedModel
+from .loaded_model import LoadedModel
+from .names import CROSS_MODAL, CROSS_SITE, SIZE_BIAS
+from .vl_catalog import (
+    _CONFIG_CLASSES,
+    _PROMPT_WORDS,
+    CAPTION_PROMPTS,
+    MINIGPT,
+    NAMED_MODELS,
+    TEMPLATES,
+    VL_ARCHITECTURES,
+    _minigpt,
+    is_vl_model,
+    vl_architecture,
+)
+from .vl_data import VLSample
 from .vl_heads import (
-    Blip2Head,
     Blip2ITMHead,
-    BlipCaptionHead,
     BlipITMHead,
-    BlipVQAHead,
     Generation,
     Head,
-    InstructBlipHead,
-    LlavaHead,
     MiniGPTHead,
     RetrievalSession,
 )
@@ -74,181 +82,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: transformers classes the tasks can drive: family and call head
-VL_ARCHITECTURES: dict[str, tuple[str, type[Head]]] = {
-    "BlipForConditionalGeneration": ("blip", BlipCaptionHead),
-    "BlipForQuestionAnswering": ("blip", BlipVQAHead),
-    "BlipForImageTextRetrieval": ("blip", BlipITMHead),
-    "Blip2ForConditionalGeneration": ("blip2", Blip2Head),
-    "Blip2ForImageTextRetrieval": ("blip2", Blip2ITMHead),
-    "InstructBlipForConditionalGeneration": ("instructblip", InstructBlipHead),
-    "LlavaForConditionalGeneration": ("llava", LlavaHead),
-}
-MINIGPT = "minigpt-v2"
-
-#: prompt templates per family ({text}: the caption prompt or the question)
-TEMPLATES = {
-    "blip": {"caption": "{text}", "vqa": "{text}"},
-    "blip2": {"caption": "{text}", "vqa": "Question: {text} Answer:"},
-    # LAVIS's InstructBLIP prompts (the caption prompt is the instruction itself)
-    "instructblip": {"caption": "{text}", "vqa": "Question: {text} Short answer:"},
-    "llava": {
-        "caption": "USER: <image>\n{text} ASSISTANT:",
-        "vqa": "USER: <image>\n{text} ASSISTANT:",
-    },
-    MINIGPT: {
-        "caption": "[INST] <Img><ImageHere></Img> [caption] {text} [/INST]",
-        "vqa": "[INST] <Img><ImageHere></Img> [vqa] {text} [/INST]",
-    },
-}
-#: the caption prompt a family gets when a task gives none
-CAPTION_PROMPTS = {
-    "blip": "a picture of",
-    "blip2": "",
-    "instructblip": "A short image caption:",
-    "llava": "Describe the image briefly.",
-    MINIGPT: "Briefly describe this image.",
-}
-_PROMPT_WORDS = ("inst", "img", "imagehere", "vqa", "[", "]", "/", "<", ">", "question", "answer")
-
-
-def _blip(large: bool = False) -> dict[str, Any]:
-    width = 1024 if large else 768
-    return {
-        "vision_config": {
-            "hidden_size": width, "intermediate_size": 4 * width,
-            "num_hidden_layers": 24 if large else 12, "num_attention_heads": 16 if large else 12,
-            "image_size": 384, "patch_size": 16, "layer_norm_eps": 1e-5, "hidden_act": "gelu",
-        },
-        "text_config": {
-            "vocab_size": 30524, "hidden_size": 768, "intermediate_size": 3072,
-            "num_hidden_layers": 12, "num_attention_heads": 12, "encoder_hidden_size": width,
-            "max_position_embeddings": 512, "bos_token_id": 30522, "sep_token_id": 102,
-            "eos_token_id": 2, "pad_token_id": 0, "layer_norm_eps": 1e-12,
-        },
-        "projection_dim": 512, "image_text_hidden_size": 256,
-    }  # fmt: skip
-
-
-_VIT_G = {
-    "hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
-    "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "qkv_bias": True,
-    "layer_norm_eps": 1e-6, "hidden_act": "gelu",
-}  # fmt: skip
-_QFORMER = {
-    "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-    "intermediate_size": 3072, "encoder_hidden_size": 1408, "cross_attention_frequency": 2,
-    "max_position_embeddings": 512, "pad_token_id": 0,
-}  # fmt: skip
-
-
-def _blip2_opt() -> dict[str, Any]:
-    return {
-        "vision_config": dict(_VIT_G),
-        "qformer_config": dict(_QFORMER),
-        "text_config": {
-            "model_type": "opt", "vocab_size": 50272, "hidden_size": 2560,
-            "num_hidden_layers": 32, "ffn_dim": 10240, "num_attention_heads": 32,
-            "max_position_embeddings": 2048, "word_embed_proj_dim": 2560,
-            "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1,
-        },
-        "num_query_tokens": 32, "image_token_index": 50265,
-    }  # fmt: skip
-
-
-def _blip2_itm() -> dict[str, Any]:
-    return {
-        "vision_config": dict(_VIT_G),
-        "qformer_config": {**_QFORMER, "use_qformer_text_input": True},
-        "num_query_tokens": 32, "image_token_index": None, "image_text_hidden_size": 256,
-    }  # fmt: skip
-
-
-def _instructblip(language: str) -> dict[str, Any]:
-    """Salesforce/instructblip-vicuna-7b (LLaMA) or -flan-t5-xl: BLIP-2's tower and
-    Q-Former, whose text input reads the instruction with a BERT vocabulary + ``[DEC]``."""
-    if language == "vicuna":
-        text = {
-            "model_type": "llama", "vocab_size": 32002, "hidden_size": 4096,
-            "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-            "num_key_value_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-            "tie_word_embeddings": False,
-        }  # fmt: skip
-        image = 32001
-    else:
-        text = {
-            "model_type": "t5", "vocab_size": 32128, "d_model": 2048, "d_kv": 64,
-            "d_ff": 5120, "num_layers": 24, "num_heads": 32, "feed_forward_proj": "gated-gelu",
-            "decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0,
-            "tie_word_embeddings": False,
-        }  # fmt: skip
-        image = 32100
-    return {
-        "vision_config": dict(_VIT_G),
-        "qformer_config": {**_QFORMER, "vocab_size": 30523},
-        "text_config": text,
-        "num_query_tokens": 32, "image_token_index": image,
-    }  # fmt: skip
-
-
-def _llava15() -> dict[str, Any]:
-    return {
-        "vision_config": {
-            "model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-            "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336,
-            "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu",
-        },
-        "text_config": {
-            "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-            "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-            "pad_token_id": 32001,
-        },
-        "image_token_id": 32000, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
-        "vision_feature_select_strategy": "default", "image_seq_length": 576,
-        "pad_token_id": 32001,
-    }  # fmt: skip
-
-
-def _minigpt() -> dict[str, Any]:
-    return {
-        "llama": {
-            "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
-            "pad_token_id": 0,
-        }
-    }  # fmt: skip
-
-
-#: checkpoints built with random weights from their real configuration: (class, config)
-NAMED_MODELS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
-    "Salesforce/blip-image-captioning-base": ("BlipForConditionalGeneration", _blip),
-    "Salesforce/blip-image-captioning-large": (
-        "BlipForConditionalGeneration", lambda: _blip(large=True)
-    ),
-    "Salesforce/blip-itm-base-coco": ("BlipForImageTextRetrieval", _blip),
-    "Salesforce/blip-itm-base-flickr": ("BlipForImageTextRetrieval", _blip),
-    "Salesforce/blip-itm-large-coco": ("BlipForImageTextRetrieval", lambda: _blip(large=True)),
-    "Salesforce/blip-itm-large-flickr": ("BlipForImageTextRetrieval", lambda: _blip(large=True)),
-    "Salesforce/blip-vqa-base": ("BlipForQuestionAnswering", _blip),
-    "Salesforce/blip-vqa-capfilt-large": ("BlipForQuestionAnswering", lambda: _blip(large=True)),
-    "Salesforce/blip2-opt-2.7b": ("Blip2ForConditionalGeneration", _blip2_opt),
-    "Salesforce/blip2-itm-vit-g": ("Blip2ForImageTextRetrieval", _blip2_itm),
-    "Salesforce/instructblip-vicuna-7b": (
-        "InstructBlipForConditionalGeneration", lambda: _instructblip("vicuna")
-    ),
-    "Salesforce/instructblip-flan-t5-xl": (
-        "InstructBlipForConditionalGeneration", lambda: _instructblip("flan-t5")
-    ),
-    "llava-hf/llava-1.5-7b-hf": ("LlavaForConditionalGeneration", _llava15),
-    MINIGPT: ("MiniGPTv2", _minigpt),
-}  # fmt: skip
-
-_CONFIG_CLASSES = {
-    "blip": "BlipConfig", "blip2": "Blip2Config", "instructblip": "InstructBlipConfig",
-    "llava": "LlavaConfig",
-}  # fmt: skip
 _OPTION_CHOICES = {
     "weights": ("auto", "random", "pretrained"),
     "init": ("scaled", "library"),
@@ -271,23 +104,6 @@ VL_OPTIONS = (
 
 
 # --------------------------------------------------------------------- items
-@dataclasses.dataclass(frozen=True)
-class VLSample:
-    """One image with one text (a caption prompt, a caption or a question).
-
-    Attributes:
-        image: an ``(H, W, 3)`` uint8 array or an image file.
-        text: the text.
-        answers: human answers or reference captions (may be empty).
-        key: an id for results (image id, question id).
-    """
-
-    image: Any
-    text: str
-    answers: tuple[str, ...] = ()
-    key: str = ""
-
-
 @dataclasses.dataclass
 class SpeedInputs:
     """Prepared inputs of the timed call (``LoadedModel.prepare`` for a VL model)."""
@@ -408,34 +224,24 @@ class VLModel(LoadedModel):
 
     # -------------------------------------------------------- methods
     def set_method(self, overrides: dict[str, Any] | None) -> None:
-        """As :meth:`LoadedModel.set_method`; a cross-modal method (``overrides`` naming
-        one under ``cross_modal``) also gets the text-guided site, at equal FLOPs, and a
-        size-bias method (``size_bias = True``) the adapter's ``log(size)`` in the
-        cross-attentions over the image (:mod:`turbo_eval.size_bias`)."""
-        from .cross_modal import CROSS_MODAL, CROSS_SITE, set_cross_method
-        from .size_bias import SIZE_BIAS, apply_size_bias
-
-        overrides = None if overrides is None else dict(overrides)
-        method = overrides.pop(CROSS_MODAL, None) if overrides else None
-        bias = bool(overrides.pop(SIZE_BIAS, False)) if overrides else False
-        if bias and method is not None:
-            raise ValueError(
-                f"model {self.name!r}: a method is cross-modal or size-biased, not both"
+        """As :meth:`LoadedModel.set_method`, then the LLaVA options. A cross-modal or
+        size-bias method is applied by :func:`turbo_eval.methods.apply_method`."""
+        if overrides and (CROSS_MODAL in overrides or SIZE_BIAS in overrides):
+            raise TypeError(
+                f"model {self.name!r}: cross-modal and size-bias methods are applied by "
+                "turbo_eval.methods.apply_method, not VLModel.set_method"
             )
         if self.handle is not None and (
-            (CROSS_SITE in self.handle.sites) != (method is not None)
-            or (self.handle is self._biased) != bias  # the bias comes off with the patch only
+            CROSS_SITE in self.handle.sites or self.handle is self._biased
         ):
-            self.handle.remove()  # a method runs with exactly its own sites and options
+            self.handle.remove()  # a plain method runs with exactly its own sites and options
             self.handle = None
-        self.cross_split = None
-        if method is not None and overrides:
-            self.cross_split = set_cross_method(self, overrides, method).as_dict()
-        else:
-            super().set_method(overrides)
-        if bias and self.handle is not None and self.handle is not self._biased:
-            apply_size_bias(self.handle, self.name, type(self.module).__name__)
-            self._biased = self.handle
+        super().set_method(overrides)
+        self.settle_family_options()
+
+    def settle_family_options(self) -> None:
+        """The family's own patch settings from the model options (LLaVA's mode and LLM-mode
+        reduction), after any change of the patch."""
         if self.handle is not None and self.family == "llava":
             _llava_settings(self.handle, self.options)
 
@@ -475,26 +281,6 @@ def _llava_settings(handle: Any, options: Mapping[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------ loading
-def is_vl_model(name: str, options: Mapping[str, Any] | None = None) -> bool:
-    """Whether ``name`` is a named VL checkpoint or a local folder of a VL class."""
-    return vl_architecture(name) is not None
-
-
-def vl_architecture(name: str) -> str | None:
-    """The class a named VL checkpoint or a local VL folder loads as (None: neither)."""
-    if name in NAMED_MODELS:
-        return NAMED_MODELS[name][0]
-    path = Path(name).expanduser()
-    config = path / "config.json"
-    if path.is_dir() and config.is_file():
-        try:
-            architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures")
-        except (OSError, ValueError):
-            return None
-        return next((a for a in architectures or () if a in VL_ARCHITECTURES), None)
-    return None
-
-
 def _check_options(options: Mapping[str, Any]) -> None:
     for key, allowed in _OPTION_CHOICES.items():
         if key in options and options[key] not in allowed:

@@ -12,7 +12,7 @@ import abc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from ..models import LoadedModel
+from ..loaded_model import LoadedModel
 
 __all__ = ["TASK_KINDS", "Progress", "Task", "register_task"]
 
@@ -60,7 +60,7 @@ class Task(abc.ABC):
             if key == "name":
                 continue
             if key not in cls.options:
-                from ..suite import nearest
+                from ..names import nearest
 
                 problems.append(
                     (

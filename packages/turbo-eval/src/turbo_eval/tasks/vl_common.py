@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..models import LoadedModel
+from ..loaded_model import LoadedModel
 from .base import Progress
 
 __all__ = [
@@ -46,7 +46,8 @@ def check_positive(options: Mapping[str, Any], *keys: str) -> list[tuple[str | N
 
 def require_vl_model(model: LoadedModel, task: str, kind: str, purpose: str | None) -> Any:
     """The model as a :class:`~turbo_eval.vl_models.VLModel` that can do ``task``."""
-    from ..vl_models import VL_ARCHITECTURES, VLModel
+    from ..vl_catalog import VL_ARCHITECTURES
+    from ..vl_models import VLModel
 
     needs = "an image-text matching model" if kind == "match" else "a captioning or VQA model"
     classes = sorted(name for name, (_, head) in VL_ARCHITECTURES.items() if head.kind == kind)

@@ -1,0 +1,134 @@
+"""The vocabulary of turbo-eval: every method name a suite may use, the one grammar that
+reads a method name, the keys under which a method's overrides travel, and the checks of
+names given by users (plain file names, the nearest valid name for a misspelt one).
+
+It imports nothing of turbo-eval, so every layer can use it: the suite parser validates
+against it, the method modules read it, the models layer reads the override keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+__all__ = [
+    "CROSS_METHODS",
+    "CROSS_MODAL",
+    "CROSS_SITE",
+    "FUSIONS",
+    "METHODS",
+    "METHODS_HINT",
+    "MODEL_SIDE",
+    "MODEL_TURBO_OPTIONS",
+    "PATCHING_METHODS",
+    "PEER_METHODS",
+    "PLAIN_NAME_HINT",
+    "SIDES",
+    "SIZE_BIAS",
+    "SIZE_BIAS_METHODS",
+    "all_methods",
+    "intra_method",
+    "is_method",
+    "is_plain_name",
+    "nearest",
+    "plain_method",
+    "split_method",
+]
+
+METHODS = ("baseline", "redundancy", "semantics", "turbo")
+#: cross-modal variants (text-guided reduction at the FLOPs of the intra-modal method at
+#: the same r; :mod:`turbo_eval.cross_modal`): never in the default list
+CROSS_METHODS = ("redundancy-cross", "semantics-cross", "turbo-cross")
+#: the intra-modal methods with ``log(size)`` in the text side's cross-attentions over
+#: the merged image tokens (:mod:`turbo_eval.size_bias`): never in the default list
+SIZE_BIAS_METHODS = ("redundancy-sizebias", "semantics-sizebias", "turbo-sizebias")
+#: methods that patch the model with Turbo (and may stack on a model-side step)
+PATCHING_METHODS = METHODS[1:] + CROSS_METHODS + SIZE_BIAS_METHODS
+#: peer libraries run as a method (tomesd on diffusion pipelines): never in the default
+#: list, never stacked on a model-side step
+PEER_METHODS = ("tomesd",)
+#: model-side steps a method may stack on (``"turbo+int8"``) or that run alone (``"int8"``)
+SIDES = ("int8", "prune", "upop", "gptq")
+FUSIONS = ("difference", "division", "product", "layer_dynamic")
+
+
+METHODS_HINT = (
+    f"a non-empty list of {list(METHODS + CROSS_METHODS + SIZE_BIAS_METHODS + PEER_METHODS)}, "
+    "each (but a peer) optionally stacked on a model-side step as METHOD+SIDE, or a SIDE "
+    f"alone (SIDE: {list(SIDES)})"
+)
+
+
+def nearest(name: str, allowed: Any) -> str:
+    """``" (did you mean 'x'?)"`` for the allowed name closest to a misspelt one, else ``""``."""
+    close = difflib.get_close_matches(name, [str(a) for a in allowed], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def all_methods() -> list[str]:
+    """Every method name, stacked ones included (for suggestions)."""
+    plain = list(dict.fromkeys(METHODS + PATCHING_METHODS + PEER_METHODS + SIDES))
+    return plain + [f"{m}+{side}" for m in PATCHING_METHODS for side in SIDES]
+
+
+PLAIN_NAME_HINT = "a plain name (no path separators, no '..', not starting with '.' or '~')"
+
+
+def is_plain_name(name: Any) -> bool:
+    """A name safe as a file or folder name: no separators, no ``..``, not absolute."""
+    return (
+        isinstance(name, str)
+        and bool(name.strip())
+        and not any(sep in name for sep in ("/", "\\", "\0"))
+        and ".." not in name
+        and not name.startswith(("~", "."))
+        and ":" not in name  # a drive letter on Windows
+    )
+
+
+def is_method(method: Any) -> bool:
+    """``"turbo"``, ``"turbo+int8"`` or ``"int8"``: a known method, side, or both."""
+    if not isinstance(method, str):
+        return False
+    if method in METHODS or method in PATCHING_METHODS or method in PEER_METHODS:
+        return True
+    if method in SIDES:
+        return True
+    base, plus, side = method.partition("+")
+    return bool(plus) and base in PATCHING_METHODS and side in SIDES
+
+
+# ------------------------------------------------------------- override keys
+#: The key under which a method's overrides name its model-side step (``"int8"`` ...).
+MODEL_SIDE = "model_side"
+#: The key under which a method's overrides ask for ``log(size)`` downstream.
+SIZE_BIAS = "size_bias"
+#: The key under which a method's overrides name its cross-modal method.
+CROSS_MODAL = "cross_modal"
+#: The site the adapters' ``use_cross_modal_guidance`` adds.
+CROSS_SITE = "text-guided"
+#: Turbo settings a suite may give per model (``[[models]] min_tokens = 12``).
+MODEL_TURBO_OPTIONS = ("min_tokens", "prop_attn")
+
+
+# ------------------------------------------------------------------ grammar
+def split_method(method: str) -> tuple[str, str | None]:
+    """``"turbo+int8"`` -> ``("turbo", "int8")``; ``"int8"`` -> ``("baseline", "int8")``."""
+    if method in SIDES:
+        return "baseline", method
+    base, plus, side = method.partition("+")
+    return base, (side if plus else None)
+
+
+def intra_method(method: str) -> str:
+    """``"turbo-cross"`` -> ``"turbo"``: the intra-modal method it is compared with."""
+    if method not in CROSS_METHODS:
+        raise ValueError(f"method must be one of {list(CROSS_METHODS)}, got {method!r}")
+    return method.removesuffix("-cross")
+
+
+def plain_method(method: str) -> str:
+    """``"turbo-sizebias"`` -> ``"turbo"``: the same method without the bias."""
+    if method not in SIZE_BIAS_METHODS:
+        raise ValueError(f"method must be one of {list(SIZE_BIAS_METHODS)}, got {method!r}")
+    return method.removesuffix("-sizebias")
