@@ -277,6 +277,32 @@ def test_changing_r_on_the_handle_takes_effect() -> None:
     assert ta.handle_of(model) is handle
 
 
+def test_r_as_numpy_or_tensor_integer_is_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    model = make_vit()
+    handle = ta.apply(model, r=np.int64(2))
+    with torch.no_grad():
+        model(images())
+        assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [2] * DEPTH)
+        handle.r = torch.tensor(3)
+        model(images())
+    assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [3] * DEPTH)
+
+
+def test_r_list_longer_than_the_blocks_is_refused_at_apply_and_on_the_handle() -> None:
+    model = make_vit()
+    with pytest.raises(ValueError, match=f"r lists {DEPTH + 1} blocks but the model has {DEPTH}"):
+        ta.apply(model, r=[1] * (DEPTH + 1))
+    assert ta.handle_of(model) is None  # nothing half-patched
+    handle = ta.apply(model, r=[1] * DEPTH)
+    with pytest.raises(ValueError, match=f"r lists {DEPTH + 2} blocks but the model has {DEPTH}"):
+        handle.r = [1] * (DEPTH + 2)
+    assert handle.r == (1,) * DEPTH  # the refused setting changed nothing
+    with torch.no_grad():
+        model(images())
+    assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [1] * DEPTH)
+
+
 # --------------------------------------------------------------- batch and dtype
 def test_batched_equals_per_sample() -> None:
     model = make_vit()

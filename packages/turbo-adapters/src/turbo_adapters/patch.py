@@ -87,7 +87,7 @@ class TurboPatch:
         targets = self._targets(site)
         fields = {k: v for k, v in changes.items() if k not in ROLE_NAMES}
         for target in targets:  # validate everything before changing anything
-            target.config.replace(**fields)
+            target.check(target.config.replace(**fields))
         for target in targets:
             target.configure(**changes)
         return self

@@ -26,7 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from turbo_core import CountRule, ReductionState, TokenReducer, TurboConfig, guide_attention
+from turbo_core import (
+    CountRule,
+    Ratio,
+    ReductionState,
+    Target,
+    TokenReducer,
+    TurboConfig,
+    guide_attention,
+)
 
 __all__ = ["GUIDES", "ROLE_NAMES", "Observation", "ReductionSite", "SiteCall"]
 
@@ -108,7 +116,16 @@ class ReductionSite:
 
     # ----------------------------------------------------------------- settings
     def _build(self, config: TurboConfig) -> TokenReducer:
+        self.check(config)
         return TokenReducer(config, **self._roles)
+
+    def check(self, config: TurboConfig) -> None:
+        """Refuse ``config`` if it cannot run on this site's blocks (now, not at the first call).
+
+        A per-block r list longer than the blocks raises a ``ValueError`` naming both counts.
+        """
+        if not isinstance(config.r, (Ratio, Target)):  # the static forms expand now
+            config.schedule(self.num_blocks)
 
     @property
     def config(self) -> TurboConfig:

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
-from ._checks import check_float, check_int
+from ._checks import as_integer, check_float, check_int
 
 __all__ = [
     "CountRule",
@@ -147,7 +147,7 @@ def normalise_r(r: Any) -> RNormal:
         return (base, inflection)
     if isinstance(r, (list, tuple)):
         return tuple(check_int(v, f"r[{i}]") for i, v in enumerate(r))
-    if isinstance(r, bool) or not isinstance(r, int):
+    if as_integer(r) is None:  # ints, numpy integers and 0-d integer tensors pass
         raise TypeError(f"r must be {_R_FORMS}; got {r!r}")
     return check_int(r, "r")
 
