@@ -304,6 +304,22 @@ def test_r_list_longer_than_the_blocks_is_refused_at_apply_and_on_the_handle() -
 
 
 # --------------------------------------------------------------- batch and dtype
+@pytest.mark.parametrize("variant", ["cls", "avg", "distilled"])
+def test_empty_batch_returns_what_the_unpatched_model_returns(variant: str) -> None:
+    model = make_vit(variant)
+    empty = torch.zeros(0, 3, 32, 32)
+    with torch.no_grad():
+        ref, ref_features = model(empty), model.forward_features(empty)
+        handle = ta.apply(model, r=3, alpha=1.0, trace_source=True)
+        out, features = model(empty), model.forward_features(empty)
+    assert out.shape == ref.shape == (0, 10)
+    prefix = handle.config.protected_tokens  # CLS, distillation token: none for avg
+    counts = expected_counts(PATCHES + prefix, prefix, [3] * DEPTH)
+    assert handle.last_state.token_counts == counts
+    assert features.shape == (0, counts[-1], ref_features.shape[-1])
+    assert features.dtype == ref_features.dtype
+
+
 def test_batched_equals_per_sample() -> None:
     model = make_vit()
     x = images(5)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from inputs import cases, fusions, make_case, modes
 from oracle import oracle_merge, oracle_plan
 
-from turbo_core import TokenReducer, TurboConfig
+from turbo_core import TokenReducer, TurboConfig, guide_attention
 
 
 def reducer_for(case, **kw) -> TokenReducer:
@@ -318,3 +319,23 @@ def test_padding_ranks_after_real_tokens():
     assert all(mask[0, i] for i in plan.merged_idx[0].tolist())
     seeds = plan.kept_idx[0, plan.merged_into[0]]
     assert all(mask[0, i] for i in seeds.tolist())
+
+
+@pytest.mark.parametrize("trace_source", [False, True])
+def test_an_empty_batch_goes_through_every_step(trace_source):
+    """Batch size 0 gives empty outputs of the merged shapes, as an unpatched model does."""
+    reducer = TokenReducer(TurboConfig(r=3, alpha=1.0, protected=1, trace_source=trace_source))
+    state = reducer.start(num_blocks=2)
+    x, query = torch.randn(0, 12, 8), torch.randn(0, 2, 4)
+    for tokens in (12, 9):
+        keys = torch.randn(0, 2, tokens, 4)
+        semantic = guide_attention(query, keys, size=state.size)
+        assert semantic.shape == (0, tokens)
+        plan = reducer.plan(x, semantic, 3)
+        assert reducer.restore(reducer.merge(x, plan), plan).shape == (0, tokens, 8)
+        x = reducer.step(x, x, state, semantic)
+        bias = reducer.attention_bias(state, torch.float32)
+        assert bias is not None and bias.shape == (0, 1, 1, tokens - 3)
+    assert x.shape == (0, 6, 8)
+    assert state.token_counts == [9, 6]
+    assert state.sizes_for(x).shape == (0, 6, 1)
