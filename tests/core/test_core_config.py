@@ -34,6 +34,10 @@ from turbo_core import PRESETS, TokenReducer, TurboConfig, expand_r
         ({"protected": 1.0}, r"protected must be None .* or an int >= 0, got 1.0"),
         ({"beta": math.inf}, "beta must be a finite number"),
         ({"prop_attn": 1}, "prop_attn must be a bool"),
+        (
+            {"alpha": 1e200, "semantic_scale": 1e200},  # each finite, the product is not
+            r"alpha \* semantic_scale must be <= 1e\+300",
+        ),
     ],
 )
 def test_bad_config_names_the_parameter(kwargs, message):
@@ -134,6 +138,13 @@ def test_states_are_independent_between_forwards():
     assert second.block_index == 0 and second.size is None and second.source is None
     out = reducer.step(x, x, second)
     assert out.shape[1] == 10 and first.block_index == second.block_index == 1
+
+
+def test_s4_weight_beyond_float64_is_refused_naming_beta():
+    config = TurboConfig(r=2, fusion="s4", beta=1e10, gamma=40.0, alpha=1.0, protected=1)
+    metric = torch.randn(1, 9, 4)
+    with pytest.raises(ValueError, match=r"S4's weight beta \*\* \|gamma - block\|.*lower beta"):
+        TokenReducer(config).plan(metric, torch.rand(1, 9).softmax(-1), 2)
 
 
 def test_clipping_r_is_reported():
