@@ -8,13 +8,15 @@ per-sample runs for batching.
 from __future__ import annotations
 
 import copy
+import inspect
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import turbo_adapters as ta
-from turbo_core import TokenReducer, TurboConfig
+from turbo_core import RClippedWarning, TokenReducer, TurboConfig
 
 timm_vt = pytest.importorskip("timm.models.vision_transformer")
 timm_deit = pytest.importorskip("timm.models.deit")
@@ -287,6 +289,29 @@ def test_r_as_numpy_or_tensor_integer_is_accepted() -> None:
         handle.r = torch.tensor(3)
         model(images())
     assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [3] * DEPTH)
+
+
+def _clip_warnings(run) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")  # the patch's own once, not the filter's
+        run()
+    return [w for w in caught if issubclass(w.category, RClippedWarning)]
+
+
+def test_clip_warning_is_said_once_per_setting_at_the_callers_line() -> None:
+    model, x = make_vit(), images()
+    handle = ta.apply(model, r=7)  # 17 tokens, 10 after the first block: 4 at most
+    line = inspect.currentframe().f_lineno + 1
+    first = _clip_warnings(lambda: model(x))
+    assert len(first) == 1 and "block 1: r=7 clipped to 4" in str(first[0].message)
+    assert (first[0].filename, first[0].lineno) == (__file__, line)
+    assert _clip_warnings(lambda: model(x)) == []  # after a catch_warnings block too
+    assert _clip_warnings(lambda: model.forward_features(x)) == []
+    handle.r = 8  # a new setting is said again, once
+    line = inspect.currentframe().f_lineno + 1
+    (said,) = _clip_warnings(lambda: model.forward_features(x))
+    assert (said.filename, said.lineno) == (__file__, line)
+    assert _clip_warnings(lambda: model(x)) == []
 
 
 def test_r_list_longer_than_the_blocks_is_refused_at_apply_and_on_the_handle() -> None:

@@ -11,6 +11,7 @@ exactly what was there.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,7 @@ class TurboPatch:
         if site.name in self.sites:
             raise ValueError(f"a site named {site.name!r} exists already")
         self.sites[site.name] = site
+        site.model_ref = weakref.ref(self.model)
         return site
 
     @property

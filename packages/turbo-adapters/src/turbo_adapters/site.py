@@ -20,7 +20,10 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
+import sys
+import weakref
 from collections.abc import Iterator, Mapping
+from types import FrameType
 from typing import Any
 
 import torch
@@ -112,12 +115,20 @@ class ReductionSite:
         self._last: contextvars.ContextVar[ReductionState | None] = contextvars.ContextVar(
             f"turbo_last_{name}_{next(_ids)}", default=None
         )
+        #: the patched model (weakly), set by the patch: a clip warning points at its caller
+        self.model_ref: weakref.ReferenceType[Any] | None = None
         self.reducer = self._build(config)
 
     # ----------------------------------------------------------------- settings
     def _build(self, config: TurboConfig) -> TokenReducer:
         self.check(config)
-        return TokenReducer(config, **self._roles)
+        reducer = TokenReducer(config, **self._roles)
+        # what calls run: with source tracking when the site needs it, built once per
+        # setting so the reducer's once-per-setting warnings stay once
+        self._runner = reducer
+        if self.needs_source and not config.trace_source:
+            self._runner = TokenReducer(config.replace(trace_source=True), **self._roles)
+        return reducer
 
     def check(self, config: TurboConfig) -> None:
         """Refuse ``config`` if it cannot run on this site's blocks (now, not at the first call).
@@ -168,9 +179,7 @@ class ReductionSite:
         if active is not None:
             yield active
             return
-        reducer = self.reducer  # a snapshot: configure() during the call changes nothing
-        if self.needs_source and not reducer.config.trace_source:
-            reducer = TokenReducer(reducer.config.replace(trace_source=True), **self._roles)
+        reducer = self._runner  # a snapshot: configure() during the call changes nothing
         state = reducer.start(self.num_blocks, token_mask=token_mask, rule=self.rule)
         call = SiteCall(reducer, state)
         token = self._call.set(call)
@@ -197,6 +206,7 @@ class ReductionSite:
         ranking uses semantics.
         """
         state, reducer = call.state, call.reducer
+        self._resolve(call, k.shape[2])
         if reducer.r_now(state, k.shape[2]) == 0:
             call.observations.pop(owner, None)
             return
@@ -215,7 +225,7 @@ class ReductionSite:
         observed = call.observations.pop(owner, None)
         state = call.state
         if observed is None:  # this block does not merge; still advance the schedule
-            call.reducer.r_now(state, x.shape[1])  # resolves the schedule on block 0
+            self._resolve(call, x.shape[1])  # resolves the schedule on block 0
             state.r_applied.append(0)
             state.token_counts.append(x.shape[1])
             state.block_index += 1
@@ -226,3 +236,35 @@ class ReductionSite:
                 f"but the block merges {tuple(x.shape[:2])}"
             )
         return call.reducer.step(x, observed.metric, state, observed.semantic)
+
+    def _resolve(self, call: SiteCall, num_tokens: int) -> None:
+        """Resolve the call's schedule at its first block; a clip is said once per setting,
+        at the line that called the model (not inside Turbo, torch or the model)."""
+        if call.state.resolved is not None:
+            return
+        resolved = call.reducer.resolve(call.state, num_tokens, warn=False)
+        if resolved.clipped and not call.reducer.clip_said:  # the frame walk only then
+            model = self.model_ref() if self.model_ref is not None else None
+            call.reducer.warn_clipped(resolved, stacklevel=_stacklevel_of_caller(model))
+
+
+# Frames of these packages run the call, never the user's line that made it.
+_CALL_MACHINERY = frozenset({"turbo_core", "turbo_adapters", "torch", "accelerate", "contextlib"})
+
+
+def _stacklevel_of_caller(model: Any) -> int:
+    """Stack level, for the function calling this one, of the frame that called ``model``:
+    the first frame outside the call machinery and outside methods of ``model``'s modules."""
+    inside = {id(m) for m in model.modules()} if isinstance(model, nn.Module) else set()
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and _runs_the_call(frame, inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _runs_the_call(frame: FrameType, inside: set[int]) -> bool:
+    name = frame.f_globals.get("__name__", "")
+    if isinstance(name, str) and name.split(".", 1)[0] in _CALL_MACHINERY:
+        return True
+    owner = frame.f_locals.get("self")
+    return isinstance(owner, nn.Module) and id(owner) in inside
