@@ -390,6 +390,48 @@ def test_patch_does_not_touch_weights_or_parameters() -> None:
     assert {n: p for n, p in model.named_parameters()} == params  # same objects
 
 
+def _module_dicts(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module's own attributes, to compare by identity: what "exactly" restored means."""
+    return {name: dict(m.__dict__) for name, m in model.named_modules()}
+
+
+def _same_dicts(now: dict[str, dict[str, Any]], before: dict[str, dict[str, Any]]) -> bool:
+    return now.keys() == before.keys() and all(
+        now[n].keys() == before[n].keys() and all(now[n][k] is before[n][k] for k in before[n])
+        for n in before
+    )
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_models_sharing_a_config_are_patched_and_restored_independently(first: str) -> None:
+    """apply(A); apply(B); remove(A) used to route B back to sdpa (unmerged, no warning)
+    and remove(B) to leave the shared config on "turbo"."""
+    config = _vit_config()
+    models = {}
+    for seed, name in enumerate("ab"):
+        torch.manual_seed(seed)
+        models[name] = transformers.ViTModel(config).eval()
+    assert models["a"].config is models["b"].config
+    x, implementation = _images(2), config._attn_implementation
+    dicts = {name: _module_dicts(m) for name, m in models.items()}
+    with torch.no_grad():
+        reference = {name: m(x).last_hidden_state for name, m in models.items()}
+        patches = {name: turbo_adapters.apply(m, r=4) for name, m in models.items()}
+        second = "b" if first == "a" else "a"
+        turbo_adapters.remove(models[first])
+        assert config._attn_implementation == implementation
+        assert torch.equal(models[first](x).last_hidden_state, reference[first])
+        merged = models[second](x).last_hidden_state
+        counts = _expected_counts(GRID_TOKENS + 1, [4] * LAYERS, 1)
+        assert patches[second].last_state.token_counts == counts
+        assert merged.shape[1] == counts[-1]
+        turbo_adapters.remove(models[second])
+        assert torch.equal(models[second](x).last_hidden_state, reference[second])
+    assert config._attn_implementation == implementation
+    for name, model in models.items():
+        assert _same_dicts(_module_dicts(model), dicts[name]), name
+
+
 # --------------------------------------------------------------------------- training
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_backward_gives_finite_gradients(case: Case) -> None:

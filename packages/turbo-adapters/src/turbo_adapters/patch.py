@@ -180,6 +180,30 @@ class TurboPatch:
         self._undo.append(undo)
         return wrapper
 
+    def set_attribute(self, module: nn.Module, name: str, value: Any) -> None:
+        """Set ``module.<name>`` on this instance only; :meth:`remove` puts back what was there.
+
+        For state that must not live on an object other models share (a transformers
+        config): the module gets its own value, nothing else sees it.
+        """
+        previous = module.__dict__.get(name, _MISSING)
+        module.__dict__[name] = value
+        if module not in self._wrapped:
+            self.claim(module)
+
+        def undo() -> None:
+            if module.__dict__.get(name, _MISSING) is value:
+                _restore(module, name, previous)
+                return
+            warnings.warn(
+                f"{type(module).__name__}.{name} was replaced after Turbo set it; "
+                "Turbo left the new value in place",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+        self._undo.append(undo)
+
     def add_cleanup(self, undo: Callable[[], None]) -> None:
         """Register an action that :meth:`remove` runs (in reverse order of adding)."""
         self._undo.append(undo)
