@@ -8,15 +8,18 @@ per-sample runs for batching.
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
+import threading
 import warnings
+import weakref
 
 import pytest
 import torch
 from torch import nn
 
 import turbo_adapters as ta
-from turbo_core import RClippedWarning, TokenReducer, TurboConfig
+from turbo_core import RClippedWarning, ReductionState, TokenReducer, TurboConfig
 
 timm_vt = pytest.importorskip("timm.models.vision_transformer")
 timm_deit = pytest.importorskip("timm.models.deit")
@@ -326,6 +329,59 @@ def test_r_list_longer_than_the_blocks_is_refused_at_apply_and_on_the_handle() -
     with torch.no_grad():
         model(images())
     assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [1] * DEPTH)
+
+
+def _live(kind: type) -> int:
+    gc.collect()
+    return sum(issubclass(type(o), kind) for o in gc.get_objects())  # type(): no __class__ lookups
+
+
+def test_remove_releases_the_last_state_in_every_thread() -> None:
+    model, x = make_vit(), images()
+    handle = ta.apply(model, r=2, trace_source=True)
+    states, done, removed = [], threading.Event(), threading.Event()
+
+    def run() -> None:
+        with torch.no_grad():
+            model(x)
+        states.append(weakref.ref(handle.last_state))
+        done.set()
+        removed.wait(timeout=60)  # alive (its context too) until the patch is removed
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    with torch.no_grad():  # and one in this thread
+        model(x)
+    states.append(weakref.ref(handle.last_state))
+    assert done.wait(timeout=60)
+    try:
+        assert all(s() is not None for s in states)  # kept while patched, for inspection
+        handle.remove()
+        gc.collect()
+        assert handle.last_state is None
+        assert [s() for s in states] == [None, None]
+    finally:
+        removed.set()
+        worker.join()
+
+
+@pytest.mark.usefixtures("one_thread")  # 1,000 tiny forwards: threads only contend
+def test_apply_forward_remove_cycles_keep_memory_flat() -> None:
+    """1,000 cycles used to keep every patch's last state (sizes, sources) in the thread."""
+    model, x = make_vit(), images(1)
+
+    def cycles(count: int) -> None:
+        for _ in range(count):
+            handle = ta.apply(model, r=2, trace_source=True)
+            with torch.no_grad():
+                model(x)
+            handle.remove()
+
+    cycles(20)  # warm-up: lazy imports, caches
+    tensors, states = _live(torch.Tensor), _live(ReductionState)
+    cycles(1000)
+    assert _live(torch.Tensor) <= tensors
+    assert _live(ReductionState) <= states
 
 
 # --------------------------------------------------------------- batch and dtype

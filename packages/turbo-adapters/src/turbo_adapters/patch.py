@@ -212,6 +212,8 @@ class TurboPatch:
         """Undo everything; the model is then exactly as before patching."""
         while self._undo:
             self._undo.pop()()
+        for site in self.sites.values():
+            site.release()
         for module in self._wrapped:
             module.__dict__.pop(_PATCH_ATTR, None)
         self._wrapped.clear()

@@ -70,6 +70,30 @@ class SiteCall:
     observations: dict[nn.Module, Observation] = dataclasses.field(default_factory=dict)
 
 
+class _SiteKey:
+    """A site's key in :data:`_LAST_STATES`; replaced to drop the site's entries."""
+
+    __slots__ = ("__weakref__",)
+
+
+#: The state of the last finished call through every live site, in this thread/context.
+#: One variable for all sites, keyed weakly: a site that is released or collected leaves
+#: nothing behind in any context (a variable per site stayed in the thread's context).
+_LAST_STATES: contextvars.ContextVar[Mapping[_SiteKey, ReductionState]] = contextvars.ContextVar(
+    "turbo_last_states"
+)
+
+
+def _keep_last(key: _SiteKey, state: ReductionState) -> None:
+    # a new mapping each time: a context copied into a task or thread never sees
+    # another's calls (the copy shares the old mapping, not the new one)
+    last: weakref.WeakKeyDictionary[_SiteKey, ReductionState] = weakref.WeakKeyDictionary(
+        _LAST_STATES.get({})
+    )
+    last[key] = state
+    _LAST_STATES.set(last)
+
+
 class ReductionSite:
     """One reduced token sequence (a vision tower, a text encoder, ...).
 
@@ -112,9 +136,7 @@ class ReductionSite:
         self._call: contextvars.ContextVar[SiteCall | None] = contextvars.ContextVar(
             f"turbo_site_{name}_{next(_ids)}", default=None
         )
-        self._last: contextvars.ContextVar[ReductionState | None] = contextvars.ContextVar(
-            f"turbo_last_{name}_{next(_ids)}", default=None
-        )
+        self._key = _SiteKey()  # this site's entry in every context's last states
         #: the patched model (weakly), set by the patch: a clip warning points at its caller
         self.model_ref: weakref.ReferenceType[Any] | None = None
         self.reducer = self._build(config)
@@ -166,7 +188,15 @@ class ReductionSite:
     @property
     def last_state(self) -> ReductionState | None:
         """The state of the last finished call in this thread/context."""
-        return self._last.get()
+        return _LAST_STATES.get({}).get(self._key)
+
+    def release(self) -> None:
+        """Forget the last states kept for :attr:`last_state`, in every thread.
+
+        ``patch.remove()`` calls it: the states (sizes, sources) go with the patch,
+        also from the context of a thread that is still running.
+        """
+        self._key = _SiteKey()  # the old key dies: every context's entry for it goes
 
     @contextlib.contextmanager
     def scope(self, token_mask: torch.Tensor | None = None) -> Iterator[SiteCall]:
@@ -187,7 +217,7 @@ class ReductionSite:
             yield call
         finally:
             self._call.reset(token)
-            self._last.set(state)
+            _keep_last(self._key, state)
 
     # ------------------------------------------------------ attention -> block
     def observe(
