@@ -8,6 +8,7 @@ arithmetic on the schedule for token counts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 from collections.abc import Callable
@@ -430,6 +431,32 @@ def test_models_sharing_a_config_are_patched_and_restored_independently(first: s
     assert config._attn_implementation == implementation
     for name, model in models.items():
         assert _same_dicts(_module_dicts(model), dicts[name]), name
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_deepcopy_of_a_patched_model_is_the_unpatched_model(case: Case) -> None:
+    model, x = _make(case), _images(2)
+    with torch.no_grad():
+        reference = case.run(model, x)
+        turbo_adapters.apply(model, r=8)
+        merged = case.run(model, x)
+    with pytest.warns(turbo_adapters.UnpatchedCopyWarning, match="not patched"):
+        twin = copy.deepcopy(model)
+    with torch.no_grad():
+        copied, still = case.run(twin, x), case.run(model, x)
+    for name in reference:
+        assert torch.equal(copied[name], reference[name]), name
+        assert torch.equal(still[name], merged[name]), name
+    turbo_adapters.remove(model)
+    for original, copy_ in zip(model.modules(), twin.modules(), strict=True):
+        assert handle_of(copy_) is None
+        assert set(copy_.__dict__) == set(original.__dict__)  # nothing of the patch came along
+
+    def configs(m: nn.Module) -> set[int]:
+        return {id(part.config) for part in m.modules() if "config" in part.__dict__}
+
+    # the copy's modules share their configs as the original's do, not the patch's copies
+    assert len(configs(twin)) == len(configs(model))
 
 
 # --------------------------------------------------------------------------- training

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gc
 import inspect
+import pickle
 import threading
 import warnings
 import weakref
@@ -243,6 +244,58 @@ def test_remove_restores_model_exactly(variant: str) -> None:
     assert list(state) == list(before)
     assert all(torch.equal(state[k], before[k]) for k in before)
     assert ta.handle_of(model) is None
+
+
+def _unpatched_everywhere(model: nn.Module) -> bool:
+    return all(ta.handle_of(m) is None and "forward" not in m.__dict__ for m in model.modules())
+
+
+def test_deepcopy_of_a_patched_model_is_an_unpatched_model_and_says_so() -> None:
+    model, x = make_vit(), images()
+    with torch.no_grad():
+        ref = model(x)
+        handle = ta.apply(model, r=3)
+        merged = model(x)
+    with pytest.warns(ta.UnpatchedCopyWarning, match="not patched.*apply Turbo to it"):
+        twin = copy.deepcopy(model)
+    assert _unpatched_everywhere(twin)
+    with torch.no_grad():
+        assert torch.equal(twin(x), ref)  # the copy runs unpatched, on its own weights
+        assert torch.equal(model(x), merged)  # the original is still patched
+        twin_handle = ta.apply(twin, r=3)  # and the copy patches independently
+        assert torch.equal(twin(x), merged)
+        assert twin_handle.last_state.token_counts == handle.last_state.token_counts
+        ta.remove(model)
+        assert torch.equal(model(x), ref) and torch.equal(twin(x), merged)
+
+
+@pytest.mark.parametrize("save", ["pickle", "torch.save"])
+def test_saving_a_patched_model_saves_the_unpatched_model(save: str, tmp_path) -> None:
+    model, x = make_vit(), images()
+    with torch.no_grad():
+        ref = model(x)
+    ta.apply(model, r=3)
+
+    def round_trip(module: nn.Module) -> nn.Module:
+        if save == "pickle":
+            return pickle.loads(pickle.dumps(module))
+        torch.save(module, tmp_path / "model.pt")
+        return torch.load(tmp_path / "model.pt", weights_only=False)
+
+    with pytest.warns(ta.UnpatchedCopyWarning, match="not patched"):
+        loaded = round_trip(model)
+    assert _unpatched_everywhere(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref)
+    assert ta.handle_of(model) is not None  # saving changed nothing on the model
+
+
+def test_a_patch_itself_refuses_copy_and_pickle_saying_to_remove_it() -> None:
+    handle = ta.apply(make_vit(), r=3)
+    for attempt in (copy.deepcopy, copy.copy, pickle.dumps):
+        for target in (handle, handle.site):
+            with pytest.raises(TypeError, match=r"turbo_adapters.remove\(model\) first"):
+                attempt(target)
 
 
 def test_patching_twice_raises() -> None:

@@ -70,6 +70,14 @@ class SiteCall:
     observations: dict[nn.Module, Observation] = dataclasses.field(default_factory=dict)
 
 
+def refuse_copy(what: str) -> TypeError:
+    """The error for copying or pickling a patch or one of its parts."""
+    return TypeError(
+        f"{what} cannot be copied or pickled: call turbo_adapters.remove(model) first, then "
+        "copy or save the model (and apply Turbo again)"
+    )
+
+
 class _SiteKey:
     """A site's key in :data:`_LAST_STATES`; replaced to drop the site's entries."""
 
@@ -140,6 +148,9 @@ class ReductionSite:
         #: the patched model (weakly), set by the patch: a clip warning points at its caller
         self.model_ref: weakref.ReferenceType[Any] | None = None
         self.reducer = self._build(config)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise refuse_copy("a Turbo reduction site (part of a patch)")
 
     # ----------------------------------------------------------------- settings
     def _build(self, config: TurboConfig) -> TokenReducer:
