@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -457,6 +460,82 @@ def test_deepcopy_of_a_patched_model_is_the_unpatched_model(case: Case) -> None:
 
     # the copy's modules share their configs as the original's do, not the patch's copies
     assert len(configs(twin)) == len(configs(model))
+
+
+@functools.cache
+def _twins_sharing_a_config() -> tuple[Any, dict[str, nn.Module]]:
+    """Two tiny ViTs (different weights) on one config object, built once for the fuzz."""
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
+    models = {}
+    for seed, name in enumerate("ab"):
+        torch.manual_seed(seed)
+        models[name] = transformers.ViTModel(config).eval()
+    return config, models
+
+
+_OPS = st.one_of(
+    st.tuples(st.just("apply"), st.sampled_from("ab"), st.sampled_from([0, 3, 40])),
+    st.tuples(st.just("r"), st.sampled_from("ab"), st.sampled_from([0, 2, 5, 40])),
+    st.tuples(st.just("alpha"), st.sampled_from("ab"), st.sampled_from([0.0, 1.0, 30.0])),
+    st.tuples(st.just("forward"), st.sampled_from("ab"), st.none()),
+    st.tuples(st.just("remove"), st.sampled_from("ab"), st.none()),
+)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(st.lists(_OPS, min_size=1, max_size=10))
+def test_fuzz_patches_on_models_sharing_a_config(ops: list[tuple[str, str, Any]]) -> None:
+    """apply / settings / forward / remove in any order on two models sharing a config:
+    every forward merges exactly as its own patch says (or not at all when unpatched), and
+    after the last remove both models are exactly as before."""
+    config, models = _twins_sharing_a_config()
+    x, implementation = torch.randn(1, 3, 32, 32), config._attn_implementation
+    dicts = {name: _module_dicts(m) for name, m in models.items()}
+    with torch.no_grad():
+        reference = {name: m(x).last_hidden_state for name, m in models.items()}
+    r_of: dict[str, int] = {}  # the patched models and their r
+    try:
+        for op, name, value in ops:
+            model = models[name]
+            if op == "apply" and name in r_of:
+                with pytest.raises(RuntimeError, match="already patched"):
+                    turbo_adapters.apply(model, r=value)
+            elif op == "apply":
+                turbo_adapters.apply(model, r=value)
+                r_of[name] = value
+            elif op == "remove" and name not in r_of:
+                with pytest.raises(ValueError, match="not patched"):
+                    turbo_adapters.remove(model)
+            elif op == "remove":
+                turbo_adapters.remove(model)
+                del r_of[name]
+            elif op in ("r", "alpha") and name in r_of:
+                setattr(handle_of(model), op, value)
+                r_of[name] = value if op == "r" else r_of[name]
+            elif op == "forward":
+                with torch.no_grad():
+                    out = model(x).last_hidden_state
+                if name in r_of:
+                    counts = _expected_counts(16 + 1, [r_of[name]] * 2, 1)  # CLS + 4 x 4
+                    assert handle_of(model).last_state.token_counts == counts
+                    assert out.shape[1] == counts[-1]
+                else:
+                    assert torch.equal(out, reference[name])
+            assert config._attn_implementation == implementation  # never the shared config
+    finally:
+        for name in list(r_of):
+            turbo_adapters.remove(models[name])
+    with torch.no_grad():
+        for name, model in models.items():
+            assert torch.equal(model(x).last_hidden_state, reference[name])
+            assert _same_dicts(_module_dicts(model), dicts[name]), name
 
 
 # --------------------------------------------------------------------------- training
