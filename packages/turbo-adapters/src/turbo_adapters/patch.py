@@ -225,7 +225,12 @@ class TurboPatch:
         module.__dict__[name] = value
         self._changes.setdefault(id(module), []).append((name, value, previous))
         if name == "__getstate__":  # the other names are undone by their own callers
-            self._undo.append(lambda: _restore(module, name, previous))
+
+            def undo() -> None:
+                if module.__dict__.get(name) is value:
+                    _restore(module, name, previous)
+
+            self._undo.append(undo)
         return previous
 
     def _unpatched_state(self, module: nn.Module) -> dict[str, Any]:
@@ -262,6 +267,7 @@ class TurboPatch:
         for module in self._wrapped:
             module.__dict__.pop(_PATCH_ATTR, None)
         self._wrapped.clear()
+        self._changes.clear()
 
     @property
     def patched_modules(self) -> list[nn.Module]:

@@ -145,6 +145,7 @@ class ReductionSite:
             f"turbo_site_{name}_{next(_ids)}", default=None
         )
         self._key = _SiteKey()  # this site's entry in every context's last states
+        self._released: ReductionState | None = None  # last_state after release()
         #: the patched model (weakly), set by the patch: a clip warning points at its caller
         self.model_ref: weakref.ReferenceType[Any] | None = None
         self.reducer = self._build(config)
@@ -198,15 +199,20 @@ class ReductionSite:
 
     @property
     def last_state(self) -> ReductionState | None:
-        """The state of the last finished call in this thread/context."""
-        return _LAST_STATES.get({}).get(self._key)
+        """The state of the last finished call in this thread/context.
+
+        After :meth:`release`, the releasing thread's last state, kept by the site alone.
+        """
+        return _LAST_STATES.get({}).get(self._key, self._released)
 
     def release(self) -> None:
-        """Forget the last states kept for :attr:`last_state`, in every thread.
+        """Let every thread's context drop the states kept for :attr:`last_state`.
 
-        ``patch.remove()`` calls it: the states (sizes, sources) go with the patch,
-        also from the context of a thread that is still running.
+        ``patch.remove()`` calls it: no context keeps a removed patch's states (sizes,
+        sources). The calling thread's last state stays readable on the site, so it
+        goes when the patch object goes.
         """
+        self._released = self.last_state
         self._key = _SiteKey()  # the old key dies: every context's entry for it goes
 
     @contextlib.contextmanager
