@@ -231,12 +231,19 @@ def test_only_the_vision_config_selects_turbo() -> None:
         "qformer": model.qformer.config._attn_implementation,
         "lm": model.language_model.config._attn_implementation,
     }
+    vision = model.vision_model.config
+    before["vision"] = vision._attn_implementation
     ta.apply(model, r=2)
-    assert model.vision_model.config._attn_implementation == "turbo"
+    attentions = [layer.self_attn for layer in model.vision_model.encoder.layers]
+    # the tower's attention modules select turbo on the patch's own copy of their config;
+    # the shared configs (the tower's, the Q-Former's, the LM's) are untouched
+    assert all(a.config._attn_implementation == "turbo" for a in attentions)
+    assert all(a.config is not vision for a in attentions)
+    assert model.vision_model.config._attn_implementation == before["vision"]
     assert model.qformer.config._attn_implementation == before["qformer"]
     assert model.language_model.config._attn_implementation == before["lm"]
     ta.remove(model)
-    assert model.vision_model.config._attn_implementation != "turbo"
+    assert all(a.config is vision for a in attentions)
 
 
 @pytest.mark.parametrize(

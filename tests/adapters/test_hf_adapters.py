@@ -2,18 +2,22 @@
 
 Oracles: the unpatched model (r = 0, and after ``remove``), an explicit float64 forward
 written here from the modules' weights with the slow loop-based merge of
-``tests/core/oracle.py`` (shares no code with turbo_core or the adapters), and
+``turbo_core.testing`` (shares no code with turbo_core or the adapters), and
 arithmetic on the schedule for token counts.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -381,6 +385,150 @@ def test_patch_does_not_touch_weights_or_parameters() -> None:
     params = {n: p for n, p in model.named_parameters()}
     turbo_adapters.apply(model, r=8)
     assert {n: p for n, p in model.named_parameters()} == params  # same objects
+
+
+def _module_dicts(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module's own attributes, to compare by identity: what "exactly" restored means."""
+    return {name: dict(m.__dict__) for name, m in model.named_modules()}
+
+
+def _same_dicts(now: dict[str, dict[str, Any]], before: dict[str, dict[str, Any]]) -> bool:
+    return now.keys() == before.keys() and all(
+        now[n].keys() == before[n].keys() and all(now[n][k] is before[n][k] for k in before[n])
+        for n in before
+    )
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_models_sharing_a_config_are_patched_and_restored_independently(first: str) -> None:
+    """apply(A); apply(B); remove(A) used to route B back to sdpa (unmerged, no warning)
+    and remove(B) to leave the shared config on "turbo"."""
+    config = _vit_config()
+    models = {}
+    for seed, name in enumerate("ab"):
+        torch.manual_seed(seed)
+        models[name] = transformers.ViTModel(config).eval()
+    assert models["a"].config is models["b"].config
+    x, implementation = _images(2), config._attn_implementation
+    dicts = {name: _module_dicts(m) for name, m in models.items()}
+    with torch.no_grad():
+        reference = {name: m(x).last_hidden_state for name, m in models.items()}
+        patches = {name: turbo_adapters.apply(m, r=4) for name, m in models.items()}
+        second = "b" if first == "a" else "a"
+        turbo_adapters.remove(models[first])
+        assert config._attn_implementation == implementation
+        assert torch.equal(models[first](x).last_hidden_state, reference[first])
+        merged = models[second](x).last_hidden_state
+        counts = _expected_counts(GRID_TOKENS + 1, [4] * LAYERS, 1)
+        assert patches[second].last_state.token_counts == counts
+        assert merged.shape[1] == counts[-1]
+        turbo_adapters.remove(models[second])
+        assert torch.equal(models[second](x).last_hidden_state, reference[second])
+    assert config._attn_implementation == implementation
+    for name, model in models.items():
+        assert _same_dicts(_module_dicts(model), dicts[name]), name
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_deepcopy_of_a_patched_model_is_the_unpatched_model(case: Case) -> None:
+    model, x = _make(case), _images(2)
+    with torch.no_grad():
+        reference = case.run(model, x)
+        turbo_adapters.apply(model, r=8)
+        merged = case.run(model, x)
+    with pytest.warns(turbo_adapters.UnpatchedCopyWarning, match="not patched"):
+        twin = copy.deepcopy(model)
+    with torch.no_grad():
+        copied, still = case.run(twin, x), case.run(model, x)
+    for name in reference:
+        assert torch.equal(copied[name], reference[name]), name
+        assert torch.equal(still[name], merged[name]), name
+    turbo_adapters.remove(model)
+    for original, copy_ in zip(model.modules(), twin.modules(), strict=True):
+        assert handle_of(copy_) is None
+        assert set(copy_.__dict__) == set(original.__dict__)  # nothing of the patch came along
+
+    def configs(m: nn.Module) -> set[int]:
+        return {id(part.config) for part in m.modules() if "config" in part.__dict__}
+
+    # the copy's modules share their configs as the original's do, not the patch's copies
+    assert len(configs(twin)) == len(configs(model))
+
+
+@functools.cache
+def _twins_sharing_a_config() -> tuple[Any, dict[str, nn.Module]]:
+    """Two tiny ViTs (different weights) on one config object, built once for the fuzz."""
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
+    models = {}
+    for seed, name in enumerate("ab"):
+        torch.manual_seed(seed)
+        models[name] = transformers.ViTModel(config).eval()
+    return config, models
+
+
+_OPS = st.one_of(
+    st.tuples(st.just("apply"), st.sampled_from("ab"), st.sampled_from([0, 3, 40])),
+    st.tuples(st.just("r"), st.sampled_from("ab"), st.sampled_from([0, 2, 5, 40])),
+    st.tuples(st.just("alpha"), st.sampled_from("ab"), st.sampled_from([0.0, 1.0, 30.0])),
+    st.tuples(st.just("forward"), st.sampled_from("ab"), st.none()),
+    st.tuples(st.just("remove"), st.sampled_from("ab"), st.none()),
+)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(st.lists(_OPS, min_size=1, max_size=10))
+def test_fuzz_patches_on_models_sharing_a_config(ops: list[tuple[str, str, Any]]) -> None:
+    """apply / settings / forward / remove in any order on two models sharing a config:
+    every forward merges exactly as its own patch says (or not at all when unpatched), and
+    after the last remove both models are exactly as before."""
+    config, models = _twins_sharing_a_config()
+    x, implementation = torch.randn(1, 3, 32, 32), config._attn_implementation
+    dicts = {name: _module_dicts(m) for name, m in models.items()}
+    with torch.no_grad():
+        reference = {name: m(x).last_hidden_state for name, m in models.items()}
+    r_of: dict[str, int] = {}  # the patched models and their r
+    try:
+        for op, name, value in ops:
+            model = models[name]
+            if op == "apply" and name in r_of:
+                with pytest.raises(RuntimeError, match="already patched"):
+                    turbo_adapters.apply(model, r=value)
+            elif op == "apply":
+                turbo_adapters.apply(model, r=value)
+                r_of[name] = value
+            elif op == "remove" and name not in r_of:
+                with pytest.raises(ValueError, match="not patched"):
+                    turbo_adapters.remove(model)
+            elif op == "remove":
+                turbo_adapters.remove(model)
+                del r_of[name]
+            elif op in ("r", "alpha") and name in r_of:
+                setattr(handle_of(model), op, value)
+                r_of[name] = value if op == "r" else r_of[name]
+            elif op == "forward":
+                with torch.no_grad():
+                    out = model(x).last_hidden_state
+                if name in r_of:
+                    counts = _expected_counts(16 + 1, [r_of[name]] * 2, 1)  # CLS + 4 x 4
+                    assert handle_of(model).last_state.token_counts == counts
+                    assert out.shape[1] == counts[-1]
+                else:
+                    assert torch.equal(out, reference[name])
+            assert config._attn_implementation == implementation  # never the shared config
+    finally:
+        for name in list(r_of):
+            turbo_adapters.remove(models[name])
+    with torch.no_grad():
+        for name, model in models.items():
+            assert torch.equal(model(x).last_hidden_state, reference[name])
+            assert _same_dicts(_module_dicts(model), dicts[name]), name
 
 
 # --------------------------------------------------------------------------- training

@@ -7,6 +7,8 @@ float64 loop for the text-to-image map.
 
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -110,6 +112,18 @@ def test_ratio_zero_pipeline_is_bit_identical_and_remove_restores():
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in pipe.unet.modules())
     assert torch.equal(pipe(**call, generator=gen(), output_type="pt").images, reference)
     assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in state.items())
+
+
+def test_copying_a_patched_unet_says_to_remove_the_patch_first() -> None:
+    """Its torch hooks live on the UNet's modules and lead to the patch: no silent copy."""
+    unet = make_unet()
+    ta.apply(unet)
+    for attempt in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"call turbo_adapters.remove\(model\) first"):
+            attempt(unet)
+    ta.remove(unet)
+    twin = copy.deepcopy(unet)  # and once removed, the UNet copies as always
+    assert ta.handle_of(twin) is None
 
 
 def test_spatial_order_is_restored():

@@ -8,13 +8,19 @@ per-sample runs for batching.
 from __future__ import annotations
 
 import copy
+import gc
+import inspect
+import pickle
+import threading
+import warnings
+import weakref
 
 import pytest
 import torch
 from torch import nn
 
 import turbo_adapters as ta
-from turbo_core import TokenReducer, TurboConfig
+from turbo_core import RClippedWarning, ReductionState, TokenReducer, TurboConfig
 
 timm_vt = pytest.importorskip("timm.models.vision_transformer")
 timm_deit = pytest.importorskip("timm.models.deit")
@@ -240,6 +246,58 @@ def test_remove_restores_model_exactly(variant: str) -> None:
     assert ta.handle_of(model) is None
 
 
+def _unpatched_everywhere(model: nn.Module) -> bool:
+    return all(ta.handle_of(m) is None and "forward" not in m.__dict__ for m in model.modules())
+
+
+def test_deepcopy_of_a_patched_model_is_an_unpatched_model_and_says_so() -> None:
+    model, x = make_vit(), images()
+    with torch.no_grad():
+        ref = model(x)
+        handle = ta.apply(model, r=3)
+        merged = model(x)
+    with pytest.warns(ta.UnpatchedCopyWarning, match="not patched.*apply Turbo to it"):
+        twin = copy.deepcopy(model)
+    assert _unpatched_everywhere(twin)
+    with torch.no_grad():
+        assert torch.equal(twin(x), ref)  # the copy runs unpatched, on its own weights
+        assert torch.equal(model(x), merged)  # the original is still patched
+        twin_handle = ta.apply(twin, r=3)  # and the copy patches independently
+        assert torch.equal(twin(x), merged)
+        assert twin_handle.last_state.token_counts == handle.last_state.token_counts
+        ta.remove(model)
+        assert torch.equal(model(x), ref) and torch.equal(twin(x), merged)
+
+
+@pytest.mark.parametrize("save", ["pickle", "torch.save"])
+def test_saving_a_patched_model_saves_the_unpatched_model(save: str, tmp_path) -> None:
+    model, x = make_vit(), images()
+    with torch.no_grad():
+        ref = model(x)
+    ta.apply(model, r=3)
+
+    def round_trip(module: nn.Module) -> nn.Module:
+        if save == "pickle":
+            return pickle.loads(pickle.dumps(module))
+        torch.save(module, tmp_path / "model.pt")
+        return torch.load(tmp_path / "model.pt", weights_only=False)
+
+    with pytest.warns(ta.UnpatchedCopyWarning, match="not patched"):
+        loaded = round_trip(model)
+    assert _unpatched_everywhere(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref)
+    assert ta.handle_of(model) is not None  # saving changed nothing on the model
+
+
+def test_a_patch_itself_refuses_copy_and_pickle_saying_to_remove_it() -> None:
+    handle = ta.apply(make_vit(), r=3)
+    for attempt in (copy.deepcopy, copy.copy, pickle.dumps):
+        for target in (handle, handle.site):
+            with pytest.raises(TypeError, match=r"turbo_adapters.remove\(model\) first"):
+                attempt(target)
+
+
 def test_patching_twice_raises() -> None:
     model = make_vit()
     ta.apply(model, r=2)
@@ -277,7 +335,133 @@ def test_changing_r_on_the_handle_takes_effect() -> None:
     assert ta.handle_of(model) is handle
 
 
+def test_r_as_numpy_or_tensor_integer_is_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    model = make_vit()
+    handle = ta.apply(model, r=np.int64(2))
+    with torch.no_grad():
+        model(images())
+        assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [2] * DEPTH)
+        handle.r = torch.tensor(3)
+        model(images())
+    assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [3] * DEPTH)
+
+
+def _clip_warnings(run) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")  # the patch's own once, not the filter's
+        run()
+    return [w for w in caught if issubclass(w.category, RClippedWarning)]
+
+
+def test_clip_warning_is_said_once_per_setting_at_the_callers_line() -> None:
+    model, x = make_vit(), images()
+    handle = ta.apply(model, r=7)  # 17 tokens, 10 after the first block: 4 at most
+    line = inspect.currentframe().f_lineno + 1
+    first = _clip_warnings(lambda: model(x))
+    assert len(first) == 1 and "block 1: r=7 clipped to 4" in str(first[0].message)
+    assert (first[0].filename, first[0].lineno) == (__file__, line)
+    assert _clip_warnings(lambda: model(x)) == []  # after a catch_warnings block too
+    assert _clip_warnings(lambda: model.forward_features(x)) == []
+    handle.r = 8  # a new setting is said again, once
+    line = inspect.currentframe().f_lineno + 1
+    (said,) = _clip_warnings(lambda: model.forward_features(x))
+    assert (said.filename, said.lineno) == (__file__, line)
+    assert _clip_warnings(lambda: model(x)) == []
+
+
+def test_r_list_longer_than_the_blocks_is_refused_at_apply_and_on_the_handle() -> None:
+    model = make_vit()
+    with pytest.raises(ValueError, match=f"r lists {DEPTH + 1} blocks but the model has {DEPTH}"):
+        ta.apply(model, r=[1] * (DEPTH + 1))
+    assert ta.handle_of(model) is None  # nothing half-patched
+    handle = ta.apply(model, r=[1] * DEPTH)
+    with pytest.raises(ValueError, match=f"r lists {DEPTH + 2} blocks but the model has {DEPTH}"):
+        handle.r = [1] * (DEPTH + 2)
+    assert handle.r == (1,) * DEPTH  # the refused setting changed nothing
+    with torch.no_grad():
+        model(images())
+    assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [1] * DEPTH)
+
+
+def _live(kind: type) -> int:
+    gc.collect()
+    return sum(issubclass(type(o), kind) for o in gc.get_objects())  # type(): no __class__ lookups
+
+
+def test_remove_releases_the_last_state_from_every_thread() -> None:
+    """After remove no thread's context holds the patch's states; the remover's last state
+    stays readable on the patch (``with patched(...) as p: ...; p.last_state``) until the
+    patch object goes."""
+    model, x = make_vit(), images()
+    handle = ta.apply(model, r=2, trace_source=True)
+    states, done, removed = {}, threading.Event(), threading.Event()
+
+    def run(name: str) -> None:
+        with torch.no_grad():
+            model(x)
+        states[name] = weakref.ref(handle.last_state)
+
+    def worker_run() -> None:
+        run("worker")
+        done.set()
+        removed.wait(timeout=60)  # alive (its context too) until the patch is removed
+
+    worker = threading.Thread(target=worker_run)
+    worker.start()
+    run("main")
+    assert done.wait(timeout=60)
+    try:
+        assert states["worker"]() is not None  # kept while patched, for inspection
+        handle.remove()
+        gc.collect()
+        assert states["worker"]() is None
+        assert handle.last_state is states["main"]()
+        assert handle.last_state.token_counts == expected_counts(PATCHES + 1, 1, [2] * DEPTH)
+    finally:
+        removed.set()
+        worker.join()
+    handle = None  # the patch object goes
+    gc.collect()
+    assert states["main"]() is None
+
+
+@pytest.mark.usefixtures("one_thread")  # 1,000 tiny forwards: threads only contend
+def test_apply_forward_remove_cycles_keep_memory_flat() -> None:
+    """1,000 cycles used to keep every patch's last state (sizes, sources) in the thread."""
+    model, x = make_vit(), images(1)
+
+    def cycles(count: int) -> None:
+        for _ in range(count):
+            handle = ta.apply(model, r=2, trace_source=True)
+            with torch.no_grad():
+                model(x)
+            handle.remove()
+
+    cycles(20)  # warm-up: lazy imports, caches
+    tensors, states = _live(torch.Tensor), _live(ReductionState)
+    cycles(1000)
+    assert _live(torch.Tensor) <= tensors
+    assert _live(ReductionState) <= states
+
+
 # --------------------------------------------------------------- batch and dtype
+@pytest.mark.parametrize("variant", ["cls", "avg", "distilled"])
+def test_empty_batch_returns_what_the_unpatched_model_returns(variant: str) -> None:
+    model = make_vit(variant)
+    empty = torch.zeros(0, 3, 32, 32)
+    with torch.no_grad():
+        ref, ref_features = model(empty), model.forward_features(empty)
+        handle = ta.apply(model, r=3, alpha=1.0, trace_source=True)
+        out, features = model(empty), model.forward_features(empty)
+    assert out.shape == ref.shape == (0, 10)
+    prefix = handle.config.protected_tokens  # CLS, distillation token: none for avg
+    counts = expected_counts(PATCHES + prefix, prefix, [3] * DEPTH)
+    assert handle.last_state.token_counts == counts
+    assert features.shape == (0, counts[-1], ref_features.shape[-1])
+    assert features.dtype == ref_features.dtype
+
+
 def test_batched_equals_per_sample() -> None:
     model = make_vit()
     x = images(5)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from turbo_core import PRESETS, TokenReducer, TurboConfig, expand_r
+from turbo_core import PRESETS, RClippedWarning, TokenReducer, TurboConfig, expand_r
 
 
 @pytest.mark.parametrize(
@@ -34,6 +36,10 @@ from turbo_core import PRESETS, TokenReducer, TurboConfig, expand_r
         ({"protected": 1.0}, r"protected must be None .* or an int >= 0, got 1.0"),
         ({"beta": math.inf}, "beta must be a finite number"),
         ({"prop_attn": 1}, "prop_attn must be a bool"),
+        (
+            {"alpha": 1e200, "semantic_scale": 1e200},  # each finite, the product is not
+            r"alpha \* semantic_scale must be <= 1e\+300",
+        ),
     ],
 )
 def test_bad_config_names_the_parameter(kwargs, message):
@@ -134,6 +140,36 @@ def test_states_are_independent_between_forwards():
     assert second.block_index == 0 and second.size is None and second.source is None
     out = reducer.step(x, x, second)
     assert out.shape[1] == 10 and first.block_index == second.block_index == 1
+
+
+def _clip_warnings(run) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a reducer's own once, not the filter's
+        run()
+    return [w for w in caught if issubclass(w.category, RClippedWarning)]
+
+
+def test_clip_warning_is_said_once_per_reducer_at_the_callers_line():
+    reducer = TokenReducer(TurboConfig(r=10, alpha=0.0, protected=1))
+    x = torch.randn(1, 9, 4)
+    line = inspect.currentframe().f_lineno + 1
+    first = _clip_warnings(lambda: reducer.step(x, x, reducer.start(1)))
+    assert len(first) == 1 and "r=10 clipped to 4" in str(first[0].message)
+    assert (first[0].filename, first[0].lineno) == (__file__, line)
+    # after a catch_warnings block (which resets the registry), and on every entry point
+    assert _clip_warnings(lambda: reducer.step(x, x, reducer.start(1))) == []
+    assert _clip_warnings(lambda: reducer.r_now(reducer.start(1), 9)) == []
+    again = TokenReducer(reducer.config)  # another reducer (a new setting) says it again
+    line = inspect.currentframe().f_lineno + 1
+    (said,) = _clip_warnings(lambda: again.resolve(again.start(1), 9))
+    assert (said.filename, said.lineno) == (__file__, line)
+
+
+def test_s4_weight_beyond_float64_is_refused_naming_beta():
+    config = TurboConfig(r=2, fusion="s4", beta=1e10, gamma=40.0, alpha=1.0, protected=1)
+    metric = torch.randn(1, 9, 4)
+    with pytest.raises(ValueError, match=r"S4's weight beta \*\* \|gamma - block\|.*lower beta"):
+        TokenReducer(config).plan(metric, torch.rand(1, 9).softmax(-1), 2)
 
 
 def test_clipping_r_is_reported():

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import math
 
+import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from inputs import cases, fusions, make_case, modes
 
-from turbo_core import TokenReducer, TurboConfig
+from turbo_core import BipartiteMatcher, TokenReducer, TokenScores, TurboConfig, guide_attention
 from turbo_core.testing import oracle_merge, oracle_plan
 
 
@@ -72,6 +74,63 @@ def test_protected_tokens_stay_first_and_unchanged(case, mode, fusion):
     assert torch.equal(out[:, :p], case.x[:, :p])
     if p:
         assert torch.equal(state.sizes_for(out)[:, :p], torch.ones(case.batch, p, 1))
+
+
+@given(
+    cases(),
+    modes,
+    fusions,
+    st.integers(-3, 145),  # alpha = 10 ** this
+    st.integers(-3, 145),  # semantic_scale = 10 ** this: products up to 1e290
+    st.floats(0.0, 2.0),  # beta ** |gamma - 0| <= 32: S4's weight stays below 1e300
+    st.floats(-5, 5),
+)
+def test_protected_tokens_never_merge_under_extreme_weights(
+    case, mode, fusion, alpha_exp, scale_exp, beta, gamma
+):
+    """Weights whose product overflows float32 (1e40 and beyond) still rank, and whatever
+    the scores, the protected tokens stay first, unmerged."""
+    config = TurboConfig(
+        r=case.r,
+        alpha=10.0**alpha_exp,
+        semantic_scale=10.0**scale_exp,
+        mode=mode,
+        fusion=fusion,
+        beta=beta,
+        gamma=gamma,
+        protected=case.protected,
+    )
+    plan = TokenReducer(config).plan(case.metric, case.semantic, case.r)
+    p, batch = case.protected, case.batch
+    assert (plan.merged_idx >= p).all()
+    assert torch.equal(plan.kept_idx[:, :p], torch.arange(p).expand(batch, p))
+    every = torch.cat([plan.kept_idx, plan.merged_idx], dim=1).sort(dim=1).values
+    assert torch.equal(every, torch.arange(case.tokens).expand(batch, -1))  # a partition
+
+
+def test_overflowing_semantic_weight_ranks_like_semantics_only():
+    """alpha * semantic_scale = 1e40 is inf in float32: the fusion runs in float64, where
+    the semantic term decides, so the plan is the semantics-only plan (the issue's case:
+    every float32 score was -inf and the protected CLS merged)."""
+    case = make_case(seed=3, batch=2, tokens=17, width=8, r=6, protected=1)
+    expected = reducer_for(case, mode="semantics").plan(case.metric, case.semantic, case.r)
+    for fusion in ("difference", "layer_dynamic"):
+        huge = reducer_for(case, alpha=1e20, semantic_scale=1e20, fusion=fusion)
+        plan = huge.plan(case.metric, case.semantic, case.r)
+        assert torch.equal(plan.merged_idx, expected.merged_idx)
+        assert (plan.merged_idx >= case.protected).all()
+
+
+@pytest.mark.parametrize("fill", [-math.inf, math.inf, math.nan])
+def test_matcher_never_merges_protected_tokens_whatever_the_scores(fill):
+    protected, tokens, r = 3, 12, 4
+    degree = torch.full((2, (tokens + 1) // 2), fill)
+    partner = torch.zeros(2, (tokens + 1) // 2, dtype=torch.long) + protected // 2
+    plan = BipartiteMatcher().match(TokenScores(degree, partner, tokens, protected), r)
+    assert plan.r == r
+    assert (plan.merged_idx >= protected).all()
+    assert torch.equal(plan.kept_idx[:, :protected], torch.arange(protected).expand(2, -1))
+    assert sorted(plan.kept_idx[0].tolist() + plan.merged_idx[0].tolist()) == list(range(tokens))
 
 
 @given(cases(), modes)
@@ -318,3 +377,23 @@ def test_padding_ranks_after_real_tokens():
     assert all(mask[0, i] for i in plan.merged_idx[0].tolist())
     seeds = plan.kept_idx[0, plan.merged_into[0]]
     assert all(mask[0, i] for i in seeds.tolist())
+
+
+@pytest.mark.parametrize("trace_source", [False, True])
+def test_an_empty_batch_goes_through_every_step(trace_source):
+    """Batch size 0 gives empty outputs of the merged shapes, as an unpatched model does."""
+    reducer = TokenReducer(TurboConfig(r=3, alpha=1.0, protected=1, trace_source=trace_source))
+    state = reducer.start(num_blocks=2)
+    x, query = torch.randn(0, 12, 8), torch.randn(0, 2, 4)
+    for tokens in (12, 9):
+        keys = torch.randn(0, 2, tokens, 4)
+        semantic = guide_attention(query, keys, size=state.size)
+        assert semantic.shape == (0, tokens)
+        plan = reducer.plan(x, semantic, 3)
+        assert reducer.restore(reducer.merge(x, plan), plan).shape == (0, tokens, 8)
+        x = reducer.step(x, x, state, semantic)
+        bias = reducer.attention_bias(state, torch.float32)
+        assert bias is not None and bias.shape == (0, 1, 1, tokens - 3)
+    assert x.shape == (0, 6, 8)
+    assert state.token_counts == [9, 6]
+    assert state.sizes_for(x).shape == (0, 6, 1)

@@ -361,6 +361,30 @@ def test_config_accepts_every_form():
     assert TurboConfig(r=[2, 1]).schedule(3) == (2, 1, 0)  # static forms still expand
 
 
+def test_zero_dim_integer_tensors_are_accepted_as_r():
+    assert TurboConfig(r=torch.tensor(3)).r == 3
+    assert type(TurboConfig(r=torch.tensor(3)).r) is int  # normalised: the config stays hashable
+    assert TurboConfig(r=[torch.tensor(2), 1]).schedule(3) == (2, 1, 0)
+    assert TurboConfig(min_tokens=torch.tensor(7, dtype=torch.int32)).min_tokens == 7
+
+
+def test_numpy_integers_are_accepted_as_r():
+    np = pytest.importorskip("numpy")  # not in the core environment; in the adapters one
+    assert TurboConfig(r=np.int64(4)).r == 4
+    assert TurboConfig(r=(np.int32(4), -1.0)).schedule(2) == (8, 0)
+    assert TurboConfig(r=[np.uint8(1), 2]).r == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [torch.tensor(True), torch.tensor(2.0), torch.tensor([3]), torch.tensor([[3]])],
+    ids=["bool", "float", "1-d", "2-d"],
+)
+def test_tensors_that_are_not_integer_scalars_are_refused_as_r(value):
+    with pytest.raises(TypeError, match="r must be an int >= 0"):
+        TurboConfig(r=value)
+
+
 def test_protected_none_means_the_models_prefix_and_one_for_a_bare_reducer():
     assert TurboConfig().protected is None and TurboConfig().protected_tokens == 1
     assert TurboConfig(protected=5).protected_tokens == 5

@@ -21,7 +21,7 @@ from .blocks import (
     size_weighted_mean,
     token_sizes,
 )
-from .patch import TurboHandle, TurboPatch, handle_of
+from .patch import TurboHandle, TurboPatch, UnpatchedCopyWarning, handle_of
 from .registry import (
     ENTRY_POINT_GROUP,
     Adapter,
@@ -45,6 +45,7 @@ __all__ = [
     "TurboBypassWarning",
     "TurboHandle",
     "TurboPatch",
+    "UnpatchedCopyWarning",
     "adapter_for_model",
     "apply",
     "attend",

@@ -14,6 +14,7 @@ heads are read from the tensors (pruned heads, narrowed heads).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
@@ -287,12 +288,13 @@ def use_turbo_attention(
 ) -> None:
     """Route ``attentions`` (transformers 5 modules) through Turbo's registered function.
 
-    Selects ``"turbo"`` on each module's own config (a sub-model's config, so a CLIP
-    text tower sharing the classes is untouched); ``patch.remove()`` restores the
-    previous implementation and unbinds the modules.
+    Each module reads its implementation from its config at every call, and configs are
+    shared (a sub-model's config by its whole tower, one config by several models), so
+    the modules get the patch's own copy of their config with ``"turbo"`` selected: the
+    shared config, and every other module and model reading it, is untouched.
+    ``patch.remove()`` puts the original config back and unbinds the modules.
     """
     _register()
-    configs: dict[int, Any] = {}
     for module in attentions:
         config = getattr(module, "config", None)
         if config is None or not hasattr(config, "_attn_implementation_internal"):
@@ -300,17 +302,11 @@ def use_turbo_attention(
                 f"{type(module).__name__} does not dispatch through transformers' attention "
                 "registry (transformers >= 5 is required)"
             )
-        configs[id(config)] = config
-    previous = {key: c._attn_implementation_internal for key, c in configs.items()}
+    own: dict[int, Any] = {}  # one copy per shared config: the modules still agree
     for module in attentions:
-        module.__dict__[_BINDING] = (site, previous[id(module.config)])
-    for config in configs.values():
-        config._attn_implementation_internal = TURBO_ATTENTION
-
-    def undo() -> None:
-        for key, config in configs.items():
-            config._attn_implementation_internal = previous[key]
-        for module in attentions:
-            module.__dict__.pop(_BINDING, None)
-
-    patch.add_cleanup(undo)
+        config = module.config
+        if id(config) not in own:
+            own[id(config)] = copy.copy(config)
+            own[id(config)]._attn_implementation_internal = TURBO_ATTENTION
+        patch.set_attribute(module, _BINDING, (site, config._attn_implementation_internal))
+        patch.set_attribute(module, "config", own[id(config)])

@@ -10,7 +10,10 @@ exactly what was there.
 
 from __future__ import annotations
 
+import functools
+import sys
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -19,12 +22,16 @@ from torch import nn
 
 from turbo_core import ReductionState, TurboConfig
 
-from .site import ROLE_NAMES, ReductionSite
+from .site import ROLE_NAMES, ReductionSite, refuse_copy
 
-__all__ = ["TurboHandle", "TurboPatch", "handle_of"]
+__all__ = ["TurboHandle", "TurboPatch", "UnpatchedCopyWarning", "handle_of"]
 
 _PATCH_ATTR = "_turbo_patch"
 _MISSING = object()
+
+
+class UnpatchedCopyWarning(UserWarning):
+    """A patched model was deep-copied, pickled or saved: the copy is the unpatched model."""
 
 
 def handle_of(model: nn.Module) -> TurboPatch | None:
@@ -54,13 +61,19 @@ class TurboPatch:
         self.sites: dict[str, ReductionSite] = {}
         self._undo: list[Callable[[], None]] = []
         self._wrapped: list[nn.Module] = []
+        # per module (by id): (name, what Turbo put there, what was there before)
+        self._changes: dict[int, list[tuple[str, Any, Any]]] = {}
         self.claim(model)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise refuse_copy("a Turbo patch")
 
     # -------------------------------------------------------------------- sites
     def add_site(self, site: ReductionSite) -> ReductionSite:
         if site.name in self.sites:
             raise ValueError(f"a site named {site.name!r} exists already")
         self.sites[site.name] = site
+        site.model_ref = weakref.ref(self.model)
         return site
 
     @property
@@ -87,7 +100,7 @@ class TurboPatch:
         targets = self._targets(site)
         fields = {k: v for k, v in changes.items() if k not in ROLE_NAMES}
         for target in targets:  # validate everything before changing anything
-            target.config.replace(**fields)
+            target.check(target.config.replace(**fields))
         for target in targets:
             target.configure(**changes)
         return self
@@ -128,6 +141,8 @@ class TurboPatch:
             raise RuntimeError(f"{type(module).__name__} is already patched by Turbo")
         module.__dict__[_PATCH_ATTR] = self
         self._wrapped.append(module)
+        # deepcopy, pickle and torch.save read this: they copy the unpatched module
+        self._set(module, "__getstate__", functools.partial(self._unpatched_state, module))
 
     def override(
         self, module: nn.Module, name: str, impl: Callable[..., Any]
@@ -150,12 +165,15 @@ class TurboPatch:
             return impl(original, *args, **kwargs)
 
         wrapper.__wrapped__ = original  # type: ignore[attr-defined]
-        if hooked:
-            module.__dict__["_old_forward"] = wrapper
-        else:
-            module.__dict__[name] = wrapper
         if module not in self._wrapped:
             self.claim(module)
+        if hooked:
+            self._set(module, "_old_forward", wrapper)
+        else:
+            self._set(module, name, wrapper)
+            # a hook added later captures the wrapper as its _old_forward: a copy gets
+            # the original there (remove does the same, below)
+            self._changes[id(module)].append(("_old_forward", wrapper, original))
 
         def undo() -> None:
             if module.__dict__.get("_old_forward") is wrapper:
@@ -178,6 +196,64 @@ class TurboPatch:
         self._undo.append(undo)
         return wrapper
 
+    def set_attribute(self, module: nn.Module, name: str, value: Any) -> None:
+        """Set ``module.<name>`` on this instance only; :meth:`remove` puts back what was there.
+
+        For state that must not live on an object other models share (a transformers
+        config): the module gets its own value, nothing else sees it.
+        """
+        if module not in self._wrapped:
+            self.claim(module)
+        previous = self._set(module, name, value)
+
+        def undo() -> None:
+            if module.__dict__.get(name, _MISSING) is value:
+                _restore(module, name, previous)
+                return
+            warnings.warn(
+                f"{type(module).__name__}.{name} was replaced after Turbo set it; "
+                "Turbo left the new value in place",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+        self._undo.append(undo)
+
+    def _set(self, module: nn.Module, name: str, value: Any) -> Any:
+        """``module.__dict__[name] = value``, noted for unpatched copies; returns the previous."""
+        previous = module.__dict__.get(name, _MISSING)
+        module.__dict__[name] = value
+        self._changes.setdefault(id(module), []).append((name, value, previous))
+        if name == "__getstate__":  # the other names are undone by their own callers
+
+            def undo() -> None:
+                if module.__dict__.get(name) is value:
+                    _restore(module, name, previous)
+
+            self._undo.append(undo)
+        return previous
+
+    def _unpatched_state(self, module: nn.Module) -> dict[str, Any]:
+        """``module``'s pickle state as it was before patching (what copies and saves get)."""
+        getstate = getattr(type(module), "__getstate__", None)
+        state = getstate(module) if getstate is not None else None
+        state = dict(state if isinstance(state, dict) else module.__dict__)
+        for name, ours, previous in reversed(self._changes.get(id(module), [])):
+            if state.get(name, _MISSING) is ours:
+                if previous is _MISSING:
+                    del state[name]
+                else:
+                    state[name] = previous
+        state.pop(_PATCH_ATTR, None)
+        if module is self.model:
+            warnings.warn(
+                f"{type(module).__name__} is patched by Turbo, its copy (deepcopy, pickle, "
+                "torch.save) is not patched: apply Turbo to it again if it should merge",
+                UnpatchedCopyWarning,
+                stacklevel=_stacklevel_outside(_COPYING),
+            )
+        return state
+
     def add_cleanup(self, undo: Callable[[], None]) -> None:
         """Register an action that :meth:`remove` runs (in reverse order of adding)."""
         self._undo.append(undo)
@@ -186,13 +262,31 @@ class TurboPatch:
         """Undo everything; the model is then exactly as before patching."""
         while self._undo:
             self._undo.pop()()
+        for site in self.sites.values():
+            site.release()
         for module in self._wrapped:
             module.__dict__.pop(_PATCH_ATTR, None)
         self._wrapped.clear()
+        self._changes.clear()
 
     @property
     def patched_modules(self) -> list[nn.Module]:
         return list(self._wrapped)
+
+
+# Frames of these packages make a copy or a save; the warning points at the caller's line.
+_COPYING = frozenset({"copy", "copyreg", "pickle", "torch", "turbo_adapters"})
+
+
+def _stacklevel_outside(packages: frozenset[str]) -> int:
+    """Stack level, for the function calling this one, of the first frame outside ``packages``."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not isinstance(name, str) or name.split(".", 1)[0] not in packages:
+            break
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _restore(module: nn.Module, name: str, previous: object) -> None:

@@ -20,13 +20,24 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
+import sys
+import weakref
 from collections.abc import Iterator, Mapping
+from types import FrameType
 from typing import Any
 
 import torch
 from torch import nn
 
-from turbo_core import CountRule, ReductionState, TokenReducer, TurboConfig, guide_attention
+from turbo_core import (
+    CountRule,
+    Ratio,
+    ReductionState,
+    Target,
+    TokenReducer,
+    TurboConfig,
+    guide_attention,
+)
 
 __all__ = ["GUIDES", "ROLE_NAMES", "Observation", "ReductionSite", "SiteCall"]
 
@@ -57,6 +68,38 @@ class SiteCall:
     reducer: TokenReducer
     state: ReductionState
     observations: dict[nn.Module, Observation] = dataclasses.field(default_factory=dict)
+
+
+def refuse_copy(what: str) -> TypeError:
+    """The error for copying or pickling a patch or one of its parts."""
+    return TypeError(
+        f"{what} cannot be copied or pickled: call turbo_adapters.remove(model) first, then "
+        "copy or save the model (and apply Turbo again)"
+    )
+
+
+class _SiteKey:
+    """A site's key in :data:`_LAST_STATES`; replaced to drop the site's entries."""
+
+    __slots__ = ("__weakref__",)
+
+
+#: The state of the last finished call through every live site, in this thread/context.
+#: One variable for all sites, keyed weakly: a site that is released or collected leaves
+#: nothing behind in any context (a variable per site stayed in the thread's context).
+_LAST_STATES: contextvars.ContextVar[Mapping[_SiteKey, ReductionState]] = contextvars.ContextVar(
+    "turbo_last_states"
+)
+
+
+def _keep_last(key: _SiteKey, state: ReductionState) -> None:
+    # a new mapping each time: a context copied into a task or thread never sees
+    # another's calls (the copy shares the old mapping, not the new one)
+    last: weakref.WeakKeyDictionary[_SiteKey, ReductionState] = weakref.WeakKeyDictionary(
+        _LAST_STATES.get({})
+    )
+    last[key] = state
+    _LAST_STATES.set(last)
 
 
 class ReductionSite:
@@ -101,14 +144,33 @@ class ReductionSite:
         self._call: contextvars.ContextVar[SiteCall | None] = contextvars.ContextVar(
             f"turbo_site_{name}_{next(_ids)}", default=None
         )
-        self._last: contextvars.ContextVar[ReductionState | None] = contextvars.ContextVar(
-            f"turbo_last_{name}_{next(_ids)}", default=None
-        )
+        self._key = _SiteKey()  # this site's entry in every context's last states
+        self._released: ReductionState | None = None  # last_state after release()
+        #: the patched model (weakly), set by the patch: a clip warning points at its caller
+        self.model_ref: weakref.ReferenceType[Any] | None = None
         self.reducer = self._build(config)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise refuse_copy("a Turbo reduction site (part of a patch)")
 
     # ----------------------------------------------------------------- settings
     def _build(self, config: TurboConfig) -> TokenReducer:
-        return TokenReducer(config, **self._roles)
+        self.check(config)
+        reducer = TokenReducer(config, **self._roles)
+        # what calls run: with source tracking when the site needs it, built once per
+        # setting so the reducer's once-per-setting warnings stay once
+        self._runner = reducer
+        if self.needs_source and not config.trace_source:
+            self._runner = TokenReducer(config.replace(trace_source=True), **self._roles)
+        return reducer
+
+    def check(self, config: TurboConfig) -> None:
+        """Refuse ``config`` if it cannot run on this site's blocks (now, not at the first call).
+
+        A per-block r list longer than the blocks raises a ``ValueError`` naming both counts.
+        """
+        if not isinstance(config.r, (Ratio, Target)):  # the static forms expand now
+            config.schedule(self.num_blocks)
 
     @property
     def config(self) -> TurboConfig:
@@ -137,8 +199,21 @@ class ReductionSite:
 
     @property
     def last_state(self) -> ReductionState | None:
-        """The state of the last finished call in this thread/context."""
-        return self._last.get()
+        """The state of the last finished call in this thread/context.
+
+        After :meth:`release`, the releasing thread's last state, kept by the site alone.
+        """
+        return _LAST_STATES.get({}).get(self._key, self._released)
+
+    def release(self) -> None:
+        """Let every thread's context drop the states kept for :attr:`last_state`.
+
+        ``patch.remove()`` calls it: no context keeps a removed patch's states (sizes,
+        sources). The calling thread's last state stays readable on the site, so it
+        goes when the patch object goes.
+        """
+        self._released = self.last_state
+        self._key = _SiteKey()  # the old key dies: every context's entry for it goes
 
     @contextlib.contextmanager
     def scope(self, token_mask: torch.Tensor | None = None) -> Iterator[SiteCall]:
@@ -151,9 +226,7 @@ class ReductionSite:
         if active is not None:
             yield active
             return
-        reducer = self.reducer  # a snapshot: configure() during the call changes nothing
-        if self.needs_source and not reducer.config.trace_source:
-            reducer = TokenReducer(reducer.config.replace(trace_source=True), **self._roles)
+        reducer = self._runner  # a snapshot: configure() during the call changes nothing
         state = reducer.start(self.num_blocks, token_mask=token_mask, rule=self.rule)
         call = SiteCall(reducer, state)
         token = self._call.set(call)
@@ -161,7 +234,7 @@ class ReductionSite:
             yield call
         finally:
             self._call.reset(token)
-            self._last.set(state)
+            _keep_last(self._key, state)
 
     # ------------------------------------------------------ attention -> block
     def observe(
@@ -180,6 +253,7 @@ class ReductionSite:
         ranking uses semantics.
         """
         state, reducer = call.state, call.reducer
+        self._resolve(call, k.shape[2])
         if reducer.r_now(state, k.shape[2]) == 0:
             call.observations.pop(owner, None)
             return
@@ -198,7 +272,7 @@ class ReductionSite:
         observed = call.observations.pop(owner, None)
         state = call.state
         if observed is None:  # this block does not merge; still advance the schedule
-            call.reducer.r_now(state, x.shape[1])  # resolves the schedule on block 0
+            self._resolve(call, x.shape[1])  # resolves the schedule on block 0
             state.r_applied.append(0)
             state.token_counts.append(x.shape[1])
             state.block_index += 1
@@ -209,3 +283,35 @@ class ReductionSite:
                 f"but the block merges {tuple(x.shape[:2])}"
             )
         return call.reducer.step(x, observed.metric, state, observed.semantic)
+
+    def _resolve(self, call: SiteCall, num_tokens: int) -> None:
+        """Resolve the call's schedule at its first block; a clip is said once per setting,
+        at the line that called the model (not inside Turbo, torch or the model)."""
+        if call.state.resolved is not None:
+            return
+        resolved = call.reducer.resolve(call.state, num_tokens, warn=False)
+        if resolved.clipped and not call.reducer.clip_said:  # the frame walk only then
+            model = self.model_ref() if self.model_ref is not None else None
+            call.reducer.warn_clipped(resolved, stacklevel=_stacklevel_of_caller(model))
+
+
+# Frames of these packages run the call, never the user's line that made it.
+_CALL_MACHINERY = frozenset({"turbo_core", "turbo_adapters", "torch", "accelerate", "contextlib"})
+
+
+def _stacklevel_of_caller(model: Any) -> int:
+    """Stack level, for the function calling this one, of the frame that called ``model``:
+    the first frame outside the call machinery and outside methods of ``model``'s modules."""
+    inside = {id(m) for m in model.modules()} if isinstance(model, nn.Module) else set()
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and _runs_the_call(frame, inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _runs_the_call(frame: FrameType, inside: set[int]) -> bool:
+    name = frame.f_globals.get("__name__", "")
+    if isinstance(name, str) and name.split(".", 1)[0] in _CALL_MACHINERY:
+        return True
+    owner = frame.f_locals.get("self")
+    return isinstance(owner, nn.Module) and id(owner) in inside

@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
+
+import torch
+
+
+def as_integer(value: Any) -> int | None:
+    """``value`` as a Python int if it is an integer scalar, else None.
+
+    Integer scalars are ints, numpy integers (anything with ``__index__``) and 0-d integer
+    tensors; bools of any kind are not (``True`` is not a count).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or not _is_integer_dtype(value.dtype):
+            return None
+        return int(value.item())
+    try:
+        return operator.index(value)  # numpy's bool refuses __index__
+    except TypeError:
+        return None
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex)
 
 
 def check_int(value: Any, name: str, minimum: int = 0) -> int:
-    """``value`` as an int >= ``minimum`` (bools are refused: ``True`` is not a count)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int >= ``minimum`` (numpy integers and 0-d integer tensors too)."""
+    number = as_integer(value)
+    if number is None:
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
+    if number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {number}")
+    return number
 
 
 def check_float(

@@ -52,7 +52,8 @@ def guide_attention(
     query = guide_query.to(work) * scale
     logits = _guide_logits(key.to(work), query)  # (B, H, N)
     if size is not None:
-        logits += size.reshape(size.shape[0], 1, -1).to(work).log()
+        # explicit N, not -1: a reshape cannot infer it from an empty batch
+        logits += size.reshape(size.shape[0], 1, size.shape[1]).to(work).log()
     if key_padding_mask is not None:
         logits.masked_fill_(~key_padding_mask[:, None, :], -math.inf)
     return logits.softmax(dim=-1).mean(dim=1)

@@ -11,6 +11,7 @@ from ._checks import check_float, check_int
 from .schedule import RSpec, expand_r, normalise_r
 
 __all__ = [
+    "MAX_SEMANTIC_WEIGHT",
     "PRESETS",
     "SEMANTIC_NORMS",
     "Fusion",
@@ -57,6 +58,10 @@ _MODE_ALIASES = {
 
 #: Allowed ``TurboConfig.semantic_norm`` values: none (reference) or by sequence length.
 SEMANTIC_NORMS = ("none", "length")
+
+#: The largest ``alpha * semantic_scale``: beyond it the semantic term overflows even the
+#: float64 the scorer widens to (weights above 1e30 already rank like semantics only).
+MAX_SEMANTIC_WEIGHT = 1e300
 
 
 def _parse_enum(enum_type: type[Enum], value: Any, name: str, aliases: Mapping[str, Enum]) -> Any:
@@ -124,6 +129,12 @@ class TurboConfig:
         set_(self, "r", normalise_r(self.r))
         set_(self, "alpha", check_float(self.alpha, "alpha", 0.0))
         set_(self, "semantic_scale", check_float(self.semantic_scale, "semantic_scale", 0.0))
+        # each is finite, but their product may not be
+        if self.alpha * self.semantic_scale > MAX_SEMANTIC_WEIGHT:
+            raise ValueError(
+                f"alpha * semantic_scale must be <= {MAX_SEMANTIC_WEIGHT:g}, got "
+                f"alpha={self.alpha:g} * semantic_scale={self.semantic_scale:g}"
+            )
         set_(self, "fusion", _parse_enum(Fusion, self.fusion, "fusion", _FUSION_ALIASES))
         set_(self, "beta", check_float(self.beta, "beta", 0.0))
         set_(self, "gamma", check_float(self.gamma, "gamma"))

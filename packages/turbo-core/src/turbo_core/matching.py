@@ -45,10 +45,12 @@ class BipartiteMatcher:
 
         num_a, num_b = degree.shape[1], num_tokens // 2
         protected_a, protected_b = (protected + 1) // 2, protected // 2
-        order = degree.sort(dim=-1, descending=True, stable=True).indices  # (B, Na)
+        # Only unprotected A tokens are ranked: whatever the scores (-inf, nan, ties),
+        # a protected token can never be chosen to merge.
+        candidates = degree[:, protected_a:]
+        order = candidates.sort(dim=-1, descending=True, stable=True).indices + protected_a
         src = order[:, :r]
-        # Protected A rows hold -inf, so they sort last and are the smallest indices here.
-        stay = order[:, r:].sort(dim=-1).values[:, protected_a:]
+        stay = order[:, r:].sort(dim=-1).values
         dst = partner.gather(1, src)
 
         lead = torch.arange(protected, device=device).expand(batch, protected)

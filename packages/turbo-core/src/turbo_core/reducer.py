@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
+from types import FrameType
 from typing import Any
 
 import torch
@@ -13,7 +15,7 @@ from .matching import BipartiteMatcher, Matcher
 from .merging import Merger, SizeWeightedMerger, merge_sources
 from .plan import MergePlan
 from .restoring import CopyRestorer, Restorer
-from .schedule import CountRule, RClippedWarning, ResolvedSchedule, max_removable
+from .schedule import CountRule, RClippedWarning, ResolvedSchedule, clip_message, max_removable
 from .scoring import InformationScorer, Scorer
 from .state import ReductionState
 
@@ -28,6 +30,19 @@ def _check_sequence(name: str, t: torch.Tensor) -> None:
         raise ValueError(
             f"{name} must be 3-D (batch, tokens, channels), got shape {tuple(t.shape)}"
         )
+
+
+def _stacklevel_outside_core() -> int:
+    """Stack level, for the function calling this one, of the first frame outside turbo_core."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and _in_core(frame):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _in_core(frame: FrameType) -> bool:
+    name = frame.f_globals.get("__name__", "")
+    return isinstance(name, str) and name.split(".", 1)[0] == __name__.split(".", 1)[0]
 
 
 class TokenReducer:
@@ -62,6 +77,8 @@ class TokenReducer:
         self.matcher = matcher if matcher is not None else BipartiteMatcher()
         self.merger = merger if merger is not None else SizeWeightedMerger()
         self.restorer = restorer if restorer is not None else CopyRestorer()
+        # a reducer is one setting: its clipped schedule is said once, not every forward
+        self._clip_said = False
 
     def __repr__(self) -> str:
         return f"TokenReducer({self.config})"
@@ -99,18 +116,49 @@ class TokenReducer:
             state.padded = True
         return state
 
-    def resolve(self, state: ReductionState, num_tokens: int) -> ResolvedSchedule:
+    def resolve(
+        self, state: ReductionState, num_tokens: int, *, warn: bool = True
+    ) -> ResolvedSchedule:
         """Resolve ``state``'s schedule for ``num_tokens`` tokens entering the first block.
 
         Idempotent (the first resolution stays). Adapters may call it before the first
         block, where they know the count; :meth:`step` otherwise does it from ``x``.
+        A schedule that clips warns :class:`~turbo_core.RClippedWarning` once per reducer,
+        at the first caller outside turbo_core; ``warn=False`` leaves that to the caller
+        (:meth:`warn_clipped`, with its own stack level).
         """
-        return state.resolve(
+        fresh = state.resolved is None
+        resolved = state.resolve(
             self.config.r,
             int(num_tokens),  # a traced (symbolic) shape becomes the concrete count
             protected=self.config.protected_tokens,
             min_tokens=self.config.min_tokens,
         )
+        if fresh and warn and resolved.clipped:
+            self.warn_clipped(resolved, stacklevel=_stacklevel_outside_core())
+        return resolved
+
+    @property
+    def clip_said(self) -> bool:
+        """Whether this reducer has warned about a clipped schedule (it does so once)."""
+        return self._clip_said
+
+    def warn_clipped(self, resolved: ResolvedSchedule, *, stacklevel: int = 1) -> bool:
+        """Warn that ``resolved`` clips, unless it does not or this reducer said so already.
+
+        Args:
+            resolved: a schedule this reducer resolved.
+            stacklevel: as for :func:`warnings.warn`, counted from the caller of this method.
+
+        Returns:
+            Whether it warned.
+        """
+        if not resolved.clipped or self._clip_said:
+            return False
+        self._clip_said = True
+        message = clip_message(resolved, self.config.protected_tokens)
+        warnings.warn(message, RClippedWarning, stacklevel=stacklevel + 1)
+        return True
 
     def r_now(self, state: ReductionState, num_tokens: int) -> int:
         """Tokens the current block removes from ``num_tokens`` (0 past the schedule's end).

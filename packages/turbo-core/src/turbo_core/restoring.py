@@ -33,4 +33,5 @@ class CopyRestorer:
         batch, slots, channels = y.shape
         offsets = torch.arange(batch, device=y.device).unsqueeze(1) * slots
         index = (plan.assignment() + offsets).reshape(-1)
-        return y.reshape(batch * slots, channels).index_select(0, index).view(batch, -1, channels)
+        rows = y.reshape(batch * slots, channels).index_select(0, index)
+        return rows.view(batch, plan.num_tokens, channels)  # no -1: the batch may be empty

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
-from ._checks import check_float, check_int
+from ._checks import as_integer, check_float, check_int
 
 __all__ = [
     "CountRule",
@@ -147,7 +147,7 @@ def normalise_r(r: Any) -> RNormal:
         return (base, inflection)
     if isinstance(r, (list, tuple)):
         return tuple(check_int(v, f"r[{i}]") for i, v in enumerate(r))
-    if isinstance(r, bool) or not isinstance(r, int):
+    if as_integer(r) is None:  # ints, numpy integers and 0-d integer tensors pass
         raise TypeError(f"r must be {_R_FORMS}; got {r!r}")
     return check_int(r, "r")
 
@@ -242,6 +242,7 @@ def resolve_schedule(
     protected: int,
     min_tokens: int = 0,
     rule: CountRule | None = None,
+    warn: bool = True,
 ) -> ResolvedSchedule:
     """Resolve any form of ``r`` into what each block removes, for ``num_tokens`` input tokens.
 
@@ -259,6 +260,8 @@ def resolve_schedule(
         protected: leading tokens that never merge.
         min_tokens: blocks entered with fewer tokens than this remove nothing.
         rule: optional requirement on the final count (see :class:`CountRule`).
+        warn: False resolves silently (a :class:`~turbo_core.TokenReducer` says a clip
+            once per setting itself).
     """
     spec = normalise_r(r)
     check_int(num_tokens, "num_tokens", 0)
@@ -268,18 +271,21 @@ def resolve_schedule(
     if rule is not None and not isinstance(rule, CountRule):
         raise TypeError(f"rule must be a CountRule or None, got {rule!r}")
     resolved = _resolve(spec, num_tokens, num_blocks, protected, min_tokens, rule)
-    if resolved.clipped:
-        block, requested, applied = resolved.clipped[0]
-        more = len(resolved.clipped) - 1
-        warnings.warn(
-            f"block {block}: r={requested} clipped to {applied}, the most one bipartite step "
-            f"allows with {protected} protected"
-            + (f" (and {more} more block(s))" if more else "")
-            + "; see ResolvedSchedule.clipped",
-            RClippedWarning,
-            stacklevel=2,
-        )
+    if resolved.clipped and warn:
+        warnings.warn(clip_message(resolved, protected), RClippedWarning, stacklevel=2)
     return resolved
+
+
+def clip_message(resolved: ResolvedSchedule, protected: int) -> str:
+    """The :class:`RClippedWarning` text for a schedule that clips: its first clipped block."""
+    block, requested, applied = resolved.clipped[0]
+    more = len(resolved.clipped) - 1
+    return (
+        f"block {block}: r={requested} clipped to {applied}, the most one bipartite step "
+        f"allows with {protected} protected"
+        + (f" (and {more} more block(s))" if more else "")
+        + "; see ResolvedSchedule.clipped"
+    )
 
 
 # Resolution is pure and runs once per forward pass, usually with the same arguments;

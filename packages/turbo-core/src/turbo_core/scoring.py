@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from .config import Fusion, Mode, TurboConfig
+from .config import MAX_SEMANTIC_WEIGHT, Fusion, Mode, TurboConfig
 
 __all__ = ["InformationScorer", "Scorer", "TokenScores", "fuse_information"]
 
 # Floor for the semantic value in S2 (division), so a zero attention weight ranks as
 # "very mergeable" instead of producing inf/nan.
 _DIVISION_EPS = 1e-6
+
+# Above this factor, factor * A can overflow float32 (max 3.4e38, A up to N with the
+# length norm): the fusion then runs in float64.
+_FLOAT32_SAFE_FACTOR = 1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,16 +74,34 @@ def fuse_information(
         )
     if config.mode is Mode.SEMANTICS:
         return -semantic
-    weight = config.semantic_weight
-    if config.fusion is Fusion.DIFFERENCE:
-        return redundancy - weight * semantic
+    weight = _semantic_factor(config, block_index)
+    if weight > _FLOAT32_SAFE_FACTOR and redundancy.dtype != torch.float64:
+        redundancy, semantic = redundancy.double(), semantic.double()
     if config.fusion is Fusion.DIVISION:
         # A positive constant does not change the ranking: this ranks exactly like R / A.
         return redundancy / (weight * semantic.clamp_min(_DIVISION_EPS))
     if config.fusion is Fusion.PRODUCT:
         return redundancy * (1.0 - weight * semantic)
-    decay = float(config.beta ** abs(config.gamma - block_index))
-    return redundancy - decay * weight * semantic
+    return redundancy - weight * semantic  # S1, and S4 with its decay in the weight
+
+
+def _semantic_factor(config: TurboConfig, block_index: int) -> float:
+    """The factor in front of A: ``alpha * semantic_scale``, times S4's decay in S4."""
+    weight = config.semantic_weight
+    if config.fusion is not Fusion.LAYER_DYNAMIC:
+        return weight
+    distance = abs(config.gamma - block_index)
+    try:
+        factor = float(config.beta**distance) * weight
+    except OverflowError:
+        factor = math.inf
+    if factor > MAX_SEMANTIC_WEIGHT:
+        raise ValueError(
+            f"S4's weight beta ** |gamma - block| * alpha * semantic_scale = "
+            f"{config.beta:g} ** {distance:g} * {weight:g} exceeds {MAX_SEMANTIC_WEIGHT:g} at "
+            f"block {block_index}: lower beta (a decay base, usually <= 1) or alpha"
+        )
+    return factor
 
 
 class InformationScorer:
@@ -129,7 +152,7 @@ class InformationScorer:
         if token_mask is not None:
             # Tiers, highest first: real tokens with a partner, padding, real tokens
             # without a partner, protected tokens (-inf, below).
-            lowest = torch.finfo(work_dtype).min
+            lowest = torch.finfo(degree.dtype).min  # float64 after a widened fusion
             degree = torch.where(redundancy == -torch.inf, lowest, degree)
             degree = torch.where(real_a, degree, lowest / 4)
         if protected_a:

@@ -65,7 +65,8 @@ class ReductionState:
         """Resolve the schedule for ``num_tokens`` tokens entering the first block.
 
         Idempotent: once resolved, later calls return the same schedule whatever
-        their arguments (the sequence has shrunk by then, that is expected).
+        their arguments (the sequence has shrunk by then, that is expected). Silent:
+        a clip is in ``resolved.clipped``; :meth:`TokenReducer.resolve` warns about it.
         """
         if self.resolved is None:
             self.resolved = resolve_schedule(
@@ -75,6 +76,7 @@ class ReductionState:
                 protected=protected,
                 min_tokens=min_tokens,
                 rule=self.rule,
+                warn=False,
             )
             self.schedule = self.resolved.r
         return self.resolved
