@@ -6,6 +6,7 @@ import importlib
 import sys
 import textwrap
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -128,6 +129,8 @@ class ToyAdapter:
     name = "toy-net"
     model_names = ("toynet_*",)
     model_types = ("toynet",)
+    options: frozenset[str] = frozenset()
+    presets = MappingProxyType({})
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, ToyNet)
@@ -160,6 +163,86 @@ def test_decorator_registered_adapter_is_found(isolated_registry) -> None:
     with pytest.raises(ValueError, match="already registered"):
         ta.register_adapter(ToyAdapter)
     ta.register_adapter(ToyAdapter, replace=True)
+
+
+class LegacyToyAdapter:
+    """A third-party adapter written before adapters declared options and presets."""
+
+    name = "toy-legacy"
+    model_names = ("toylegacy_*",)
+    model_types = ()
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, ToyNet)
+
+    def patch(self, model, config, explicit=frozenset()):
+        return ToyAdapter().patch(model, config, explicit)
+
+
+def test_adapter_declaring_no_options_or_presets_is_taken_as_declaring_none(
+    isolated_registry,
+) -> None:
+    with pytest.warns(DeprecationWarning, match="declares no 'options'"):
+        ta.register_adapter(LegacyToyAdapter)
+    adapter = ta.get_adapter("toy-legacy")
+    assert adapter.options == frozenset() and adapter.presets == {}
+    model = ToyNet()
+    patch = ta.apply(model, r=0, adapter="toy-legacy")
+    model(torch.randn(2, 3, 4))
+    assert patch.adapter_name == "toy-net" and patch.last_state.token_counts == [3]
+    ta.remove(model)
+
+
+class ToyAdapterWithOptions(ToyAdapter):
+    """An adapter with a setting of its own and a preset of it (as Stable Diffusion's)."""
+
+    name = "toy-options"
+    model_names = ("toyoptions_*",)
+    model_types = ()
+    options = frozenset({"stride"})
+    presets = MappingProxyType({"toy-fast": {"stride": 2, "r": 1}})
+
+    def patch(self, model, config, explicit=frozenset(), **options):
+        patch = super().patch(model, config, explicit)
+        patch.toy_options = options
+        return patch
+
+
+def test_apply_hands_the_declared_options_and_presets_to_the_adapter(isolated_registry) -> None:
+    ta.register_adapter(ToyAdapterWithOptions)
+    model = ToyNet()
+    patch = ta.apply(model, "toy-fast", adapter="toy-options")
+    try:
+        assert patch.toy_options == {"stride": 2}  # the preset's own setting, not the config's
+        assert patch.sites["toy"].config.r == 1  # the preset's config field
+    finally:
+        ta.remove(model)
+    patch = ta.apply(model, "toy-fast", adapter="toy-options", stride=3)  # keyword beats preset
+    assert patch.toy_options == {"stride": 3}
+    ta.remove(model)
+    with pytest.raises(TypeError, match="unknown TurboConfig field"):
+        ta.apply(model, adapter="toy-options", strides=3)  # not declared: refused, not dropped
+
+
+def test_a_family_adapter_takes_no_options_it_does_not_declare() -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2)
+    adapter = ta.get_adapter("timm-vit")
+    assert adapter.options == frozenset() and dict(adapter.presets) == {}
+    with pytest.raises(TypeError, match="adapter 'timm-vit' takes no options; got \\['stride'\\]"):
+        adapter.patch(model, ta.resolve_config(None), stride=2)
+    assert ta.handle_of(model) is None
+
+
+def test_turbo_handle_is_the_deprecated_name_of_turbo_patch() -> None:
+    with pytest.warns(DeprecationWarning, match="TurboHandle is TurboPatch's old name"):
+        assert ta.TurboHandle is ta.TurboPatch
+    from turbo_adapters import patch as patch_module
+
+    with pytest.warns(DeprecationWarning, match="old name"):
+        assert patch_module.TurboHandle is ta.TurboPatch
+    with pytest.raises(AttributeError, match="no attribute 'TurboHandel'"):
+        _ = ta.TurboHandel
 
 
 def test_incomplete_adapter_is_rejected(isolated_registry) -> None:

@@ -21,7 +21,7 @@ from .blocks import (
     size_weighted_mean,
     token_sizes,
 )
-from .patch import TurboHandle, TurboPatch, UnpatchedCopyWarning, handle_of
+from .patch import TurboPatch, UnpatchedCopyWarning, handle_of
 from .registry import (
     ENTRY_POINT_GROUP,
     Adapter,
@@ -43,7 +43,6 @@ __all__ = [
     "ReductionSite",
     "SiteCall",
     "TurboBypassWarning",
-    "TurboHandle",
     "TurboPatch",
     "UnpatchedCopyWarning",
     "adapter_for_model",
@@ -64,3 +63,17 @@ __all__ = [
     "token_sizes",
     "use_turbo_attention",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``turbo_adapters.TurboHandle``: :class:`TurboPatch`'s old name (deprecated)."""
+    if name == "TurboHandle":
+        import warnings
+
+        warnings.warn(
+            "TurboHandle is TurboPatch's old name; use turbo_adapters.TurboPatch",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return TurboPatch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import abc
 import importlib
 import sys
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
 
 from torch import nn
 
@@ -62,13 +65,23 @@ class FamilyAdapter(abc.ABC):
     model_types: tuple[str, ...] = ()
     model_classes: tuple[str, ...] = ()
     patch_class: type[TurboPatch] = TurboPatch
+    #: keyword settings of the family's own (none: everything is a config field)
+    options: frozenset[str] = frozenset()
+    #: named sets of such settings
+    presets: Mapping[str, Mapping[str, Any]] = MappingProxyType({})
 
     def matches(self, model: nn.Module) -> bool:
         return is_instance(model, *self.model_classes)
 
     def patch(
-        self, model: nn.Module, config: TurboConfig, explicit: frozenset[str] = frozenset()
+        self,
+        model: nn.Module,
+        config: TurboConfig,
+        explicit: frozenset[str] = frozenset(),
+        **options: Any,
     ) -> TurboPatch:
+        if options:  # a family with options of its own overrides this method
+            raise TypeError(f"adapter {self.name!r} takes no options; got {sorted(options)}")
         patch = self.patch_class(model, self.name)
         try:
             self.install(patch, model, config)

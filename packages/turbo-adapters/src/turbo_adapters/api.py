@@ -68,12 +68,12 @@ def apply(
     if not chosen.matches(model):
         raise TypeError(f"adapter {chosen.name!r} cannot patch a {type(model).__name__}")
     # an adapter's own preset is a set of keyword settings, below the user's keywords
-    own_presets = getattr(chosen, "presets", {})
+    own_presets = chosen.presets
     if isinstance(preset_or_config, str) and preset_or_config.strip().lower() in own_presets:
         overrides = {**own_presets[preset_or_config.strip().lower()], **overrides}
         preset_or_config = None
     # settings of the adapter's own (Stable Diffusion's ratios, windows) go to the adapter
-    extra = getattr(chosen, "options", frozenset())
+    extra = chosen.options
     options = {k: overrides.pop(k) for k in list(overrides) if k in extra}
     config = resolve_config(preset_or_config, **overrides)
     patch = chosen.patch(model, config, explicit=frozenset(overrides), **options)

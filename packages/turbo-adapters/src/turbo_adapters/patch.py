@@ -24,7 +24,7 @@ from turbo_core import ReductionState, TurboConfig
 
 from .site import ROLE_NAMES, ReductionSite, refuse_copy
 
-__all__ = ["TurboHandle", "TurboPatch", "UnpatchedCopyWarning", "handle_of"]
+__all__ = ["TurboPatch", "UnpatchedCopyWarning", "handle_of"]
 
 _PATCH_ATTR = "_turbo_patch"
 _MISSING = object()
@@ -296,8 +296,16 @@ def _restore(module: nn.Module, name: str, previous: object) -> None:
         module.__dict__[name] = previous
 
 
-#: The name earlier releases used; a patch is the handle users hold.
-TurboHandle = TurboPatch
+def __getattr__(name: str) -> Any:
+    """``TurboHandle``: the name releases before 0.3 used for :class:`TurboPatch`."""
+    if name == "TurboHandle":
+        warnings.warn(
+            "TurboHandle is TurboPatch's old name; use turbo_adapters.TurboPatch",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return TurboPatch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def no_grad_checkpointing(module: nn.Module) -> None:

@@ -17,7 +17,8 @@ import fnmatch
 import importlib
 import importlib.metadata
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
@@ -63,21 +64,35 @@ class Adapter(Protocol):
         name: unique adapter name (``"timm-vit"``).
         model_names: glob patterns of names users write (``"vit_*"``, ``"google/vit-*"``).
         model_types: ``config.model_type`` values (transformers) it handles.
+        options: keyword settings of the adapter's own that :func:`~turbo_adapters.apply`
+            hands to :meth:`patch` instead of the config (Stable Diffusion's
+            ``ratio_attn1`` ...); empty for most adapters.
+        presets: named sets of such keyword settings (``"sd-fast"``), which
+            :func:`~turbo_adapters.apply` accepts where a preset name goes.
     """
 
     name: str
     model_names: tuple[str, ...]
     model_types: tuple[str, ...]
+    options: frozenset[str]
+    presets: Mapping[str, Mapping[str, Any]]
 
     def matches(self, model: nn.Module) -> bool:
         """Whether this adapter can patch ``model`` (checked by class, not by path)."""
         ...
 
-    def patch(self, model: nn.Module, config: Any, explicit: frozenset[str] = frozenset()) -> Any:
-        """Patch ``model`` in place and return its :class:`~turbo_adapters.TurboHandle`.
+    def patch(
+        self,
+        model: nn.Module,
+        config: Any,
+        explicit: frozenset[str] = frozenset(),
+        **options: Any,
+    ) -> Any:
+        """Patch ``model`` in place and return its :class:`~turbo_adapters.TurboPatch`.
 
         ``explicit`` names the config fields the user set by keyword; the adapter
-        fills the others that depend on the model (``protected``) from the model.
+        fills the others that depend on the model (``protected``) from the model;
+        ``options`` are the adapter's own settings (names in :attr:`options`).
         """
         ...
 
@@ -102,6 +117,15 @@ def register_adapter(adapter: Any = None, *, replace: bool = False) -> Any:
         ]
         if missing:
             raise TypeError(f"adapter {obj!r} lacks {missing}; see turbo_adapters.Adapter")
+        for attribute, empty in (("options", frozenset()), ("presets", {})):
+            if not hasattr(instance, attribute):  # adapters written before 0.3 declared neither
+                warnings.warn(
+                    f"adapter {instance.name!r} declares no {attribute!r}; taken as empty "
+                    "(declare it: see turbo_adapters.Adapter)",
+                    DeprecationWarning,
+                    stacklevel=3,
+                )
+                setattr(instance, attribute, empty)
         if instance.name in _ADAPTERS and not replace:
             raise ValueError(
                 f"an adapter named {instance.name!r} is already registered; "

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import turbo_adapters
-from turbo_adapters import TurboHandle
+from turbo_adapters import TurboPatch
 
 __all__ = ["LoadedModel"]
 
@@ -37,9 +37,9 @@ class LoadedModel:
     module: nn.Module
     modality: str
     prepare: Callable[[Sequence[Any]], Any]
-    forward_features: Callable[[nn.Module, Any, TurboHandle | None], torch.Tensor]
+    forward_features: Callable[[nn.Module, Any, TurboPatch | None], torch.Tensor]
     forward_logits: Callable[[nn.Module, Any], torch.Tensor] | None = None
-    handle: TurboHandle | None = None
+    handle: TurboPatch | None = None
     #: the suite's model options (model-side steps read theirs from here)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: the dense module and the model-side variants made from it (``"int8"`` ...)

@@ -9,9 +9,11 @@ from .cross_modal import set_cross_method
 from .loaded_model import LoadedModel
 from .model_side import SIDE_LABELS
 from .names import (
+    ALPHA_METHODS,
     CROSS_METHODS,
     CROSS_MODAL,
     CROSS_SITE,
+    METHOD_TABLE,
     MODEL_SIDE,
     MODEL_TURBO_OPTIONS,
     SIZE_BIAS,
@@ -28,21 +30,8 @@ if TYPE_CHECKING:  # the suite parser imports this module's names, not the other
 __all__ = ["Cell", "apply_method", "cells_for", "method_overrides"]
 
 
-LABELS = {
-    "baseline": "baseline",
-    "redundancy": "redundancy-only (ToMe)",
-    "semantics": "semantics-only",
-    "turbo": "Turbo",
-    "redundancy-cross": "cross-modal redundancy-only",
-    "semantics-cross": "cross-modal semantics-only",
-    "turbo-cross": "cross-modal Turbo",
-    "redundancy-sizebias": "redundancy-only (ToMe) + size bias downstream",
-    "semantics-sizebias": "semantics-only + size bias downstream",
-    "turbo-sizebias": "Turbo + size bias downstream",
-    "tomesd": "tomesd",  # the peer library, on diffusion pipelines
-}
-#: methods with an alpha (swept over the suite's ``alpha``)
-ALPHA_METHODS = ("turbo", "turbo-cross", "turbo-sizebias")
+#: the report's name of every method (from the one table, :data:`~turbo_eval.names.METHOD_TABLE`)
+LABELS = {name: info.label for name, info in METHOD_TABLE.items()}
 
 
 def method_overrides(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from turbo_adapters import TurboHandle
+from turbo_adapters import TurboPatch
 
 from .loaded_model import LoadedModel
 
@@ -65,7 +65,7 @@ def _image_prepare(
     return prepare
 
 
-def _hf_cls_features(module: nn.Module, pixels: torch.Tensor, handle: TurboHandle | None):
+def _hf_cls_features(module: nn.Module, pixels: torch.Tensor, handle: TurboPatch | None):
     out = module(pixel_values=pixels)
     pooled = getattr(out, "pooler_output", None)
     return pooled if pooled is not None else out.last_hidden_state[:, 0]
@@ -106,7 +106,7 @@ def _load_minilm(max_length: int) -> LoadedModel:
 
 
 def _text_mean_features(
-    module: nn.Module, inputs: dict[str, torch.Tensor], handle: TurboHandle | None
+    module: nn.Module, inputs: dict[str, torch.Tensor], handle: TurboPatch | None
 ) -> torch.Tensor:
     """Sentence embedding: mean over real tokens, weighted by token size when merged."""
     from .assets.text import mean_pool
@@ -147,7 +147,7 @@ def _load_timm(name: str, resolution: int | None, options: dict[str, Any]) -> Lo
         float(cfg.get("crop_pct", 1.0)),
     )
 
-    def features(m: nn.Module, pixels: torch.Tensor, handle: TurboHandle | None) -> torch.Tensor:
+    def features(m: nn.Module, pixels: torch.Tensor, handle: TurboPatch | None) -> torch.Tensor:
         return m.forward_head(m.forward_features(pixels), pre_logits=True)
 
     return LoadedModel(name, module, "image", prepare, features, lambda m, x: m(x))
@@ -188,7 +188,7 @@ def _load_transformers(name: str, resolution: int | None, options: dict[str, Any
     vision_config = getattr(config, "vision_config", config)
     size = resolution or int(getattr(vision_config, "image_size", 224))
 
-    def features(m: nn.Module, pixels: torch.Tensor, handle: TurboHandle | None) -> torch.Tensor:
+    def features(m: nn.Module, pixels: torch.Tensor, handle: TurboPatch | None) -> torch.Tensor:
         backbone = getattr(m, "vit", None) or getattr(m, "dinov2", None) or m  # m: any side
         return _hf_cls_features(backbone, pixels, handle)
 

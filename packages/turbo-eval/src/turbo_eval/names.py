@@ -8,16 +8,19 @@ against it, the method modules read it, the models layer reads the override keys
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Any
 
 __all__ = [
+    "ALPHA_METHODS",
     "CROSS_METHODS",
     "CROSS_MODAL",
     "CROSS_SITE",
     "FUSIONS",
     "METHODS",
     "METHODS_HINT",
+    "METHOD_TABLE",
     "MODEL_SIDE",
     "MODEL_TURBO_OPTIONS",
     "PATCHING_METHODS",
@@ -26,6 +29,7 @@ __all__ = [
     "SIDES",
     "SIZE_BIAS",
     "SIZE_BIAS_METHODS",
+    "MethodInfo",
     "all_methods",
     "intra_method",
     "is_method",
@@ -35,18 +39,83 @@ __all__ = [
     "split_method",
 ]
 
-METHODS = ("baseline", "redundancy", "semantics", "turbo")
-#: cross-modal variants (text-guided reduction at the FLOPs of the intra-modal method at
-#: the same r; :mod:`turbo_eval.cross_modal`): never in the default list
-CROSS_METHODS = ("redundancy-cross", "semantics-cross", "turbo-cross")
-#: the intra-modal methods with ``log(size)`` in the text side's cross-attentions over
-#: the merged image tokens (:mod:`turbo_eval.size_bias`): never in the default list
-SIZE_BIAS_METHODS = ("redundancy-sizebias", "semantics-sizebias", "turbo-sizebias")
+
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+    """One method of the table: how reports name and draw it.
+
+    Attributes:
+        name: the suite's name.
+        kind: ``"plain"`` (the intra-modal methods), ``"cross"`` (text-guided reduction at
+            the FLOPs of the intra-modal method, :mod:`turbo_eval.cross_modal`),
+            ``"sizebias"`` (``log(size)`` in the text side's cross-attentions over the
+            merged image tokens, :mod:`turbo_eval.size_bias`) or ``"peer"`` (another
+            library, run on diffusion pipelines only).
+        label: the report's name.
+        alpha: whether the suite's ``alpha`` sweeps it.
+        style: the plot's (color, marker).
+    """
+
+    name: str
+    kind: str
+    label: str
+    alpha: bool
+    style: tuple[str, str]
+
+
+#: Every method, in the order tables and plots list them: the one place a method is named.
+METHOD_TABLE: dict[str, MethodInfo] = {
+    info.name: info
+    for info in (
+        MethodInfo("baseline", "plain", "baseline", False, ("k", "*")),
+        MethodInfo("redundancy", "plain", "redundancy-only (ToMe)", False, ("tab:blue", "o")),
+        MethodInfo("semantics", "plain", "semantics-only", False, ("tab:green", "s")),
+        MethodInfo("turbo", "plain", "Turbo", True, ("tab:red", "D")),
+        MethodInfo(
+            "redundancy-cross", "cross", "cross-modal redundancy-only", False, ("tab:cyan", "v")
+        ),
+        MethodInfo(
+            "semantics-cross", "cross", "cross-modal semantics-only", False, ("tab:olive", "^")
+        ),
+        MethodInfo("turbo-cross", "cross", "cross-modal Turbo", True, ("tab:pink", "P")),
+        MethodInfo(
+            "redundancy-sizebias",
+            "sizebias",
+            "redundancy-only (ToMe) + size bias downstream",
+            False,
+            ("tab:purple", "o"),
+        ),
+        MethodInfo(
+            "semantics-sizebias",
+            "sizebias",
+            "semantics-only + size bias downstream",
+            False,
+            ("tab:brown", "s"),
+        ),
+        MethodInfo(
+            "turbo-sizebias", "sizebias", "Turbo + size bias downstream", True, ("tab:orange", "D")
+        ),
+        MethodInfo("tomesd", "peer", "tomesd", False, ("gray", "x")),
+    )
+}
+
+
+def _of_kind(kind: str) -> tuple[str, ...]:
+    return tuple(name for name, info in METHOD_TABLE.items() if info.kind == kind)
+
+
+METHODS = _of_kind("plain")
+#: cross-modal variants: never in the default list
+CROSS_METHODS = _of_kind("cross")
+#: the intra-modal methods with the size bias downstream: never in the default list
+SIZE_BIAS_METHODS = _of_kind("sizebias")
+#: methods with an alpha (swept over the suite's ``alpha``)
+ALPHA_METHODS = tuple(name for name, info in METHOD_TABLE.items() if info.alpha)
 #: methods that patch the model with Turbo (and may stack on a model-side step)
 PATCHING_METHODS = METHODS[1:] + CROSS_METHODS + SIZE_BIAS_METHODS
 #: peer libraries run as a method (tomesd on diffusion pipelines): never in the default
 #: list, never stacked on a model-side step
-PEER_METHODS = ("tomesd",)
+PEER_METHODS = _of_kind("peer")
 #: model-side steps a method may stack on (``"turbo+int8"``) or that run alone (``"int8"``)
 SIDES = ("int8", "prune", "upop", "gptq")
 FUSIONS = ("difference", "division", "product", "layer_dynamic")

@@ -9,15 +9,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .names import METHOD_TABLE
 from .results import ResultStore
 
 __all__ = ["Row", "collect_rows", "markdown_table", "pareto_plot", "write_report"]
 
-METHOD_ORDER = {
-    "baseline": 0, "redundancy": 1, "semantics": 2, "turbo": 3,
-    "redundancy-cross": 4, "semantics-cross": 5, "turbo-cross": 6,
-    "redundancy-sizebias": 7, "semantics-sizebias": 8, "turbo-sizebias": 9,
-}  # fmt: skip
+METHOD_ORDER = {name: order for order, name in enumerate(METHOD_TABLE)}
 _LAST = len(METHOD_ORDER)  # methods not listed sort after these
 
 
@@ -289,18 +286,7 @@ def _partner_header(group: Sequence[Row]) -> str | None:
     return None
 
 
-STYLES = {
-    "baseline": ("k", "*"),
-    "redundancy": ("tab:blue", "o"),
-    "semantics": ("tab:green", "s"),
-    "turbo": ("tab:red", "D"),
-    "redundancy-cross": ("tab:cyan", "v"),
-    "semantics-cross": ("tab:olive", "^"),
-    "turbo-cross": ("tab:pink", "P"),
-    "redundancy-sizebias": ("tab:purple", "o"),
-    "semantics-sizebias": ("tab:brown", "s"),
-    "turbo-sizebias": ("tab:orange", "D"),
-}
+STYLES = {name: info.style for name, info in METHOD_TABLE.items()}
 
 
 def pareto_plot(rows: Sequence[Row], path: str | Path) -> Path:
