@@ -67,13 +67,6 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     """``turbo_adapters.TurboHandle``: :class:`TurboPatch`'s old name (deprecated)."""
-    if name == "TurboHandle":
-        import warnings
+    from .patch import old_name
 
-        warnings.warn(
-            "TurboHandle is TurboPatch's old name; use turbo_adapters.TurboPatch",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return TurboPatch
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return old_name(name, __name__)

@@ -296,16 +296,21 @@ def _restore(module: nn.Module, name: str, previous: object) -> None:
         module.__dict__[name] = previous
 
 
+def old_name(name: str, module: str, stacklevel: int = 3) -> type[TurboPatch]:
+    """``TurboHandle``, the name releases before 0.3 used for :class:`TurboPatch` (warns);
+    any other name is an AttributeError of ``module``."""
+    if name != "TurboHandle":
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(
+        "TurboHandle is TurboPatch's old name; use turbo_adapters.TurboPatch",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return TurboPatch
+
+
 def __getattr__(name: str) -> Any:
-    """``TurboHandle``: the name releases before 0.3 used for :class:`TurboPatch`."""
-    if name == "TurboHandle":
-        warnings.warn(
-            "TurboHandle is TurboPatch's old name; use turbo_adapters.TurboPatch",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return TurboPatch
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return old_name(name, __name__)
 
 
 def no_grad_checkpointing(module: nn.Module) -> None:
