@@ -34,7 +34,9 @@ __all__ = [
     "intra_method",
     "is_method",
     "is_plain_name",
+    "method_kind",
     "nearest",
+    "partner_method",
     "plain_method",
     "split_method",
 ]
@@ -159,12 +161,12 @@ def is_method(method: Any) -> bool:
     """``"turbo"``, ``"turbo+int8"`` or ``"int8"``: a known method, side, or both."""
     if not isinstance(method, str):
         return False
-    if method in METHODS or method in PATCHING_METHODS or method in PEER_METHODS:
-        return True
     if method in SIDES:
         return True
-    base, plus, side = method.partition("+")
-    return bool(plus) and base in PATCHING_METHODS and side in SIDES
+    base, side = split_method(method)
+    if side is None:
+        return base in METHOD_TABLE
+    return base in PATCHING_METHODS and side in SIDES
 
 
 # ------------------------------------------------------------- override keys
@@ -201,3 +203,24 @@ def plain_method(method: str) -> str:
     if method not in SIZE_BIAS_METHODS:
         raise ValueError(f"method must be one of {list(SIZE_BIAS_METHODS)}, got {method!r}")
     return method.removesuffix("-sizebias")
+
+
+def method_kind(method: str) -> str | None:
+    """The table kind of a method, stacked on a side or not (``"turbo-cross+int8"`` ->
+    ``"cross"``; ``"int8"`` alone -> ``"plain"``, the baseline's); None for an unknown name."""
+    info = METHOD_TABLE.get(split_method(method)[0])
+    return info.kind if info is not None else None
+
+
+def partner_method(method: str) -> str | None:
+    """The method a cross-modal or size-bias method is compared with, on the same side
+    (``"turbo-cross+int8"`` -> ``"turbo+int8"``); None for every other method."""
+    base, side = split_method(method)
+    kind = method_kind(method)
+    if kind == "cross":
+        plain = intra_method(base)
+    elif kind == "sizebias":
+        plain = plain_method(base)
+    else:
+        return None
+    return plain if side is None else f"{plain}+{side}"

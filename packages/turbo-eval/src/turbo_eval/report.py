@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .names import METHOD_TABLE
+from .names import METHOD_TABLE, method_kind, partner_method
 from .results import ResultStore
 
 __all__ = ["Row", "collect_rows", "markdown_table", "pareto_plot", "write_report"]
@@ -193,14 +193,8 @@ def _partner(
 ) -> dict[str, Any] | None:
     """The cell a cross-modal cell matches in FLOPs (its intra-modal method), or the one a
     size-bias cell differs from by the bias alone (None for other methods)."""
-    from .names import CROSS_METHODS, SIZE_BIAS_METHODS
-
-    base, plus, side = cell["method"].partition("+")
-    if base in CROSS_METHODS:
-        method = base.removesuffix("-cross") + plus + side
-    elif base in SIZE_BIAS_METHODS:
-        method = base.removesuffix("-sizebias") + plus + side
-    else:
+    method = partner_method(cell["method"])
+    if method is None:
         return None
     return cells.get((cell["model"], cell["task"], method, int(cell["r"]), cell.get("alpha")))
 
@@ -275,7 +269,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 def _partner_header(group: Sequence[Row]) -> str | None:
     """The partner column's title for a table's rows (None: no row has a partner)."""
-    kinds = {row.method.partition("+")[0].rpartition("-")[2] for row in group}
+    kinds = {method_kind(row.method) for row in group}
     cross, bias = "cross" in kinds, "sizebias" in kinds
     if cross and bias:
         return "Δ vs partner same r (pts)"

@@ -48,6 +48,7 @@ from .names import (
     is_method,
     is_plain_name,
     nearest,
+    split_method,
 )
 
 if sys.version_info >= (3, 11):
@@ -436,7 +437,7 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
                 )
             )
             for family, needs, module, function in _VL_METHOD_NEEDS:
-                asking = [m for m in own or methods or () if m.partition("+")[0] in family]
+                asking = [m for m in own or methods or () if split_method(m)[0] in family]
                 if not asking:
                     continue
                 problem_of = getattr(importlib.import_module(module, __package__), function)
@@ -447,7 +448,7 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
                         f"method {asking[0]!r} needs {needs}; model {model_name!r} has none: "
                         f"{problem}",
                     )  # fmt: skip
-        gptq = any(is_method(m) and m.rpartition("+")[2] == "gptq" for m in own or methods or ())
+        gptq = any(is_method(m) and split_method(m)[1] == "gptq" for m in own or methods or ())
         if gptq and not (isinstance(extra.get("gptq_model"), str) and extra["gptq_model"]):
             check.error(
                 "models", i, "gptq_model", "required by the gptq methods: a folder holding "
