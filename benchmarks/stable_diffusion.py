@@ -384,7 +384,7 @@ def merge_step(repeats: int) -> None:
     """
     import tomesd.merge
 
-    from turbo_adapters.families.sd_hooks import _both_halves
+    from turbo_adapters.families.stable_diffusion.hooks import _both_halves
     from turbo_core import CopyRestorer, SizeWeightedMerger, score_windows, window_destinations
 
     batch, height, width, channels = 2, 64, 64, 320

@@ -16,7 +16,7 @@ import turbo_adapters as ta
 
 diffusers = pytest.importorskip("diffusers")
 
-from turbo_adapters.families.sd_guide import text_to_image_attention, text_token_mask  # noqa: E402
+from turbo_adapters.families.stable_diffusion.guide import text_to_image_attention, text_token_mask  # noqa: E402
 from turbo_eval.diffusion import structured_latents, tiny_unet_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

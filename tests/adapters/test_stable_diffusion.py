@@ -20,8 +20,8 @@ from turbo_core import CopyRestorer, MergePlan
 diffusers = pytest.importorskip("diffusers")
 tomesd = pytest.importorskip("tomesd")
 
-from turbo_adapters.families.sd_guide import text_to_image_attention, text_token_mask  # noqa: E402
 from turbo_adapters.families.stable_diffusion import RatioClippedWarning, StableDiffusionPatch  # noqa: E402
+from turbo_adapters.families.stable_diffusion.guide import text_to_image_attention, text_token_mask  # noqa: E402
 from turbo_eval.diffusion import (  # noqa: E402
     structured_latents,
     tiny_controlnet,

@@ -73,7 +73,7 @@ class GenerationItem:
 
 
 def _settings_fields() -> frozenset[str]:
-    from turbo_adapters.families.sd_settings import SDSettings
+    from turbo_adapters.families.stable_diffusion.settings import SDSettings
 
     return SDSettings.field_names()
 

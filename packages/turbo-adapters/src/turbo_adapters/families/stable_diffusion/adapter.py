@@ -10,8 +10,8 @@ normed input merges (2-D window matching on the exact latent grid, ranked by
 after it the output is restored to full length and original order (each merged
 token receives its group's output), before the gate and the residual. With
 ``alpha=0`` and ``use_rand=False`` this computes what tomesd computes. See
-:mod:`turbo_adapters.families.sd_hooks` for the mechanism and
-:class:`~turbo_adapters.families.sd_settings.SDSettings` for the settings.
+:mod:`turbo_adapters.families.stable_diffusion.hooks` for the mechanism and
+:class:`~turbo_adapters.families.stable_diffusion.settings.SDSettings` for the settings.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from torch import nn
 
 from turbo_core import TurboConfig
 
-from ..adapter import is_instance
-from ..patch import TurboPatch
-from ..site import ReductionSite
-from .sd_hooks import CallStats, DenoiserHooks, RatioClippedWarning
-from .sd_settings import SDSettings
+from ...adapter import is_instance
+from ...patch import TurboPatch
+from ...site import ReductionSite
+from .hooks import CallStats, DenoiserHooks, RatioClippedWarning
+from .settings import SDSettings
 
 __all__ = [
     "DEFAULT_ALPHA",

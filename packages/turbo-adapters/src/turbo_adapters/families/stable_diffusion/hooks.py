@@ -32,12 +32,12 @@ from torch import nn
 
 from turbo_core import MergePlan, score_windows, size_log_bias, window_destinations
 
-from .sd_guide import text_to_image_attention, text_token_mask
-from .sd_settings import COMPONENTS, SDSettings
+from .guide import text_to_image_attention, text_token_mask
+from .settings import COMPONENTS, SDSettings
 
 if TYPE_CHECKING:
-    from ..site import ReductionSite, SiteCall
-    from .stable_diffusion import StableDiffusionPatch
+    from ...site import ReductionSite, SiteCall
+    from .adapter import StableDiffusionPatch
 
 __all__ = ["CallStats", "DenoiserHooks", "RatioClippedWarning"]
 
