@@ -64,7 +64,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import turbo_adapters as ta
-from turbo_adapters.families.llava_llm import LLMReduction
+from turbo_adapters.families.llava.llm import LLMReduction
 from turbo_eval.measure import count_flops
 
 IMAGE_TOKEN = 32000

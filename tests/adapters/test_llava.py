@@ -24,7 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 import turbo_adapters as ta
 from turbo_adapters.compat import IncompatibleLibraryError, versions_tested
 from turbo_adapters.families.llava import LlavaPatch
-from turbo_adapters.families.llava_llm import LLMReduction, cache_state, find_cache
+from turbo_adapters.families.llava.llm import LLMReduction, cache_state, find_cache
 
 NEW = 6
 

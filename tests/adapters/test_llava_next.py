@@ -18,7 +18,7 @@ from transformers import (
 )
 
 import turbo_adapters as ta
-from turbo_adapters.families.llava_llm import LLMReduction
+from turbo_adapters.families.llava.llm import LLMReduction
 
 IMG = 99
 NEW = 5

@@ -19,8 +19,8 @@ from support.fastv_oracle import greedy_on_kept, ranked_kept
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import turbo_adapters as ta
-from turbo_adapters.families.llava_llm import LLMReduction, cache_state, find_cache
-from turbo_adapters.families.vlm_modes import VisionLanguagePatch
+from turbo_adapters.families.llava.llm import LLMReduction, cache_state, find_cache
+from turbo_adapters.families.llava.modes import VisionLanguagePatch
 from turbo_adapters.models import (
     MiniGPTv2,
     MiniGPTv2Config,

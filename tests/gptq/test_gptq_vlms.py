@@ -172,7 +172,7 @@ def llava_generate(model: nn.Module, batch: int, **kw: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def test_llava_with_gptq_llama(quantized_folder: Path) -> None:
-    from turbo_adapters.families.llava_llm import LLMReduction
+    from turbo_adapters.families.llava.llm import LLMReduction
 
     model = llava(quantized_folder)
     assert_gptq(model)

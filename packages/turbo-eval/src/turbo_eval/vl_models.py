@@ -268,7 +268,7 @@ def _llava_settings(handle: Any, options: Mapping[str, Any]) -> None:
     mode = options.get("llava_mode")
     if mode is None:
         return
-    from turbo_adapters.families.llava_llm import LLMReduction
+    from turbo_adapters.families.llava.llm import LLMReduction
 
     wanted = LLMReduction(
         layer=int(options.get("llm_layer", 2)),

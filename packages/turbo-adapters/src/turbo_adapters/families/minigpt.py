@@ -13,7 +13,7 @@ or per call ``model.generate(..., turbo_mode="llm")`` (also ``chat``, ``embed_pr
   actually used, and what was adjusted, is on ``patch.last_state.resolved``
   (``adjusted``, ``unadjusted``, ``meets_rule``).
 - ``"llm"``: FastV-style reduction of the image tokens at decoder layer K of the
-  LLaMA, the implementation LLaVA uses (:mod:`.llava_llm`). Layer K's q/k projections
+  LLaMA, the implementation LLaVA uses (:mod:`.llava.llm`). Layer K's q/k projections
   are called as they are, so the ranking sees the LoRA weights. The image positions
   come from the prompt layout that ``embed_prompts`` builds inside ``generate`` (and
   ``chat``): LLM mode acts in those calls; a prefill of the language model called
@@ -38,7 +38,7 @@ from ..blocks import install_scope
 from ..compat import IncompatibleLibraryError
 from ..models.minigpt import prompt_layout
 from ..patch import TurboPatch
-from .llava_llm import (
+from .llava.llm import (
     bind_arguments,
     check_decoder,
     find_cache,
@@ -46,8 +46,8 @@ from .llava_llm import (
     install_decoder_layers,
     start_call,
 )
+from .llava.modes import VisionLanguagePatch, mode_scope
 from .timm_eva import TimmEvaAdapter
-from .vlm_modes import VisionLanguagePatch, mode_scope
 
 __all__ = ["CONCAT_RULE", "MiniGPTv2Adapter"]
 

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compat import accepts, installed_version, require, versions_tested
-from ..patch import TurboPatch
+from ...compat import accepts, installed_version, require, versions_tested
+from ...patch import TurboPatch
 
 __all__ = [
     "LLMCacheState",

@@ -16,9 +16,9 @@ from typing import Any
 
 from torch import nn
 
-from ..compat import IncompatibleLibraryError
-from ..patch import TurboPatch
-from .llava_llm import LLMReduction
+from ...compat import IncompatibleLibraryError
+from ...patch import TurboPatch
+from .llm import LLMReduction
 
 __all__ = ["MODES", "VisionLanguagePatch", "mode_scope", "parse_modes"]
 

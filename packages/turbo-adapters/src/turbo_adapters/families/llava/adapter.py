@@ -13,7 +13,7 @@ or per call (``model.generate(..., turbo_mode="llm")``; also ``forward``):
   ``forward`` returns logits for the shortened sequence (labels are shortened alike).
   LLaVA-NeXT refuses tower mode: its ``pack_image_features`` needs the full crop grids;
   its patches start in LLM mode.
-- ``"llm"``: FastV-style reduction at decoder layer K (:mod:`.llava_llm`), set with
+- ``"llm"``: FastV-style reduction at decoder layer K (:mod:`.llm`), set with
   ``patch.llm = LLMReduction(layer=2, keep=0.5, method="prune" | "merge")``.
 
 ``patch.r`` / ``patch.configure(...)`` set the tower's Turbo schedule as for any model.
@@ -30,15 +30,15 @@ from torch import nn
 
 from turbo_core import TurboConfig
 
-from ..adapter import model_defaults
-from ..attention import use_turbo_attention
-from ..blocks import install_blocks, install_scope
-from ..compat import IncompatibleLibraryError
-from ..patch import TurboPatch
-from ..site import ReductionSite
-from .clip import CLIP_LAYER
-from .hf_base import HFAdapter
-from .llava_llm import (
+from ...adapter import model_defaults
+from ...attention import use_turbo_attention
+from ...blocks import install_blocks, install_scope
+from ...compat import IncompatibleLibraryError
+from ...patch import TurboPatch
+from ...site import ReductionSite
+from ..clip import CLIP_LAYER
+from ..hf_base import HFAdapter
+from .llm import (
     LLMReduction,
     bind_arguments,
     check_decoder,
@@ -46,8 +46,8 @@ from .llava_llm import (
     install_decoder_layers,
     start_call,
 )
-from .llava_shrink import shrink_placeholders
-from .vlm_modes import VisionLanguagePatch, mode_scope, parse_modes
+from .modes import VisionLanguagePatch, mode_scope, parse_modes
+from .shrink import shrink_placeholders
 
 __all__ = ["LLMReduction", "LlavaAdapter", "LlavaPatch", "parse_modes"]
 
