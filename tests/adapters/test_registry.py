@@ -329,3 +329,22 @@ def test_entry_point_adapters_load(tmp_path: Path, isolated_registry) -> None:
     ta.remove(model)
     # loading happens once
     assert registry._loaded is True
+
+
+def test_family_state_lives_on_its_patch_and_goes_with_remove() -> None:
+    """What a family option keeps (BLIP's size-biased cross-attentions, BLIP-2's Q-Former
+    wrappers) is per patch, made once, and dropped by remove: never a module global."""
+    first, second = ta.TurboPatch(ToyNet(), "toy"), ta.TurboPatch(ToyNet(), "toy")
+    made = []
+
+    def make() -> set:
+        made.append(1)
+        return set()
+
+    kept = first.family_state("biased", make)
+    kept.add("attention")
+    assert first.family_state("biased", make) is kept and len(made) == 1  # made once
+    assert second.family_state("biased", make) == set() and len(made) == 2  # not shared
+    first.remove()
+    assert first.family_state("biased", make) == set() and len(made) == 3  # gone with remove
+    second.remove()

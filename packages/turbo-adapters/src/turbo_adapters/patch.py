@@ -63,6 +63,8 @@ class TurboPatch:
         self._wrapped: list[nn.Module] = []
         # per module (by id): (name, what Turbo put there, what was there before)
         self._changes: dict[int, list[tuple[str, Any, Any]]] = {}
+        # what a family's options keep for this patch (never in module globals)
+        self._family_state: dict[str, Any] = {}
         self.claim(model)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -254,6 +256,16 @@ class TurboPatch:
             )
         return state
 
+    def family_state(self, key: str, make: Callable[[], Any]) -> Any:
+        """What a family option keeps for this patch under ``key`` (``make()`` on first use).
+
+        The state lives on the patch, so it goes with the patch: :meth:`remove` drops it,
+        and two patched models never share it.
+        """
+        if key not in self._family_state:
+            self._family_state[key] = make()
+        return self._family_state[key]
+
     def add_cleanup(self, undo: Callable[[], None]) -> None:
         """Register an action that :meth:`remove` runs (in reverse order of adding)."""
         self._undo.append(undo)
@@ -268,6 +280,7 @@ class TurboPatch:
             module.__dict__.pop(_PATCH_ATTR, None)
         self._wrapped.clear()
         self._changes.clear()
+        self._family_state.clear()
 
     @property
     def patched_modules(self) -> list[nn.Module]:

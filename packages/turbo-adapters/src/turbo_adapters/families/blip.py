@@ -18,7 +18,6 @@ tokens without the ``log(size)`` bias.
 from __future__ import annotations
 
 import contextvars
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -218,7 +217,7 @@ def _install_cross_attention(patch: TurboPatch, attention: nn.Module, *, ranks: 
                 return rearrange(inner.key(call.image), "b n (h d) -> b h n d", d=width)
 
             bias = None
-            if inner in _BIASED:  # rank with the attention this layer will compute
+            if inner in patch.family_state(_BIASED, set):  # rank as this layer attends
                 bias = size_log_bias(call.size, hidden_states.dtype)
             guided.reduce_image(call, queries, keys, scale=width**-0.5, bias=bias)
         if call.reduced is call.image:  # nothing removed: the call as it was
@@ -313,13 +312,13 @@ def _image_sizes(image: torch.Tensor) -> torch.Tensor | None:
     return size if repeats == 1 else size.repeat_interleave(repeats, dim=0)
 
 
-#: Cross-attentions that add ``log(size)``; the guided ranking then adds it too.
-_BIASED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+#: The patch's state key of the cross-attentions that add ``log(size)`` (the guided ranking
+#: then adds it too).
+_BIASED = "blip.size_biased_cross_attentions"
 
 
 def _install_size_bias(patch: TurboPatch, attention: nn.Module) -> None:
-    _BIASED.add(attention)
-    patch.add_cleanup(lambda: _BIASED.discard(attention))
+    patch.family_state(_BIASED, set).add(attention)
 
     def forward(original: Callable[..., Any], hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
         image = kwargs.get("encoder_hidden_states")

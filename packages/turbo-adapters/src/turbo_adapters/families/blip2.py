@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import inspect
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -134,6 +133,7 @@ class _QFormerHooks:
     reduce: str = "merge"
     pool: str = "mean"
     bias: bool = False
+    installed: bool = False  # the wrappers are in place
 
 
 @dataclasses.dataclass
@@ -144,7 +144,8 @@ class _QFormerImage:
     size: torch.Tensor | None
 
 
-_HOOKS: weakref.WeakKeyDictionary[TurboPatch, _QFormerHooks] = weakref.WeakKeyDictionary()
+#: The patch's state key of its Q-Former wrappers (installed by the first option needing them).
+_HOOKS = "blip2.qformer_hooks"
 #: Sizes of the image handed to the Q-Former (before its fp32 cast drops them).
 _INCOMING: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
     "turbo_qformer_incoming_size", default=None
@@ -221,8 +222,9 @@ def _install(patch: TurboPatch, option: str) -> _QFormerHooks:
     """The Q-Former wrappers of ``patch`` (installed by the first option that needs them)."""
     if patch.adapter_name not in _ADAPTERS or "vision" not in patch.sites:
         raise TypeError(f"{option} needs a patch made by the hf-blip2 or hf-instructblip adapter")
-    if patch in _HOOKS:
-        return _HOOKS[patch]
+    hooks: _QFormerHooks = patch.family_state(_HOOKS, _QFormerHooks)
+    if hooks.installed:
+        return hooks
     qformer = getattr(patch.model, "qformer", None)
     layers = list(getattr(getattr(qformer, "encoder", None), "layer", []))
     cross = [layer.crossattention for layer in layers if getattr(layer, "has_cross_attention", 0)]
@@ -240,9 +242,7 @@ def _install(patch: TurboPatch, option: str) -> _QFormerHooks:
         ]
         if missing:
             raise TypeError(f"{type(attention).__name__}.attention has no {missing}")
-    hooks = _QFormerHooks()
-    _HOOKS[patch] = hooks
-    patch.add_cleanup(lambda: _HOOKS.pop(patch, None))
+    hooks.installed = True
     patch.override(qformer, "forward", _qformer_entry)
     patch.override(qformer.encoder, "forward", _encoder_entry(hooks))
     for attention in cross:
