@@ -256,10 +256,11 @@ def _eager_attention_unmasked(q, k, v):
 
 
 def _two_matmuls(batch, heads, length, source, embed, value_embed):
-    """Written out by hand: (L x E)(E x S) then (L x S)(S x Ev), 2 FLOPs a multiply-add."""
-    return (
-        2 * batch * heads * length * source * embed
-        + 2 * batch * heads * length * source * value_embed
+    """:func:`_formula` for (batch, heads) attention of L queries over S keys."""
+    return _formula(
+        (batch, heads, length, embed),
+        (batch, heads, source, embed),
+        (batch, heads, source, value_embed),
     )
 
 
@@ -289,19 +290,8 @@ def test_sdpa_backward_flops_equal_eager_backward(shape):
 
 def test_sdpa_backward_dispatches_to_the_cpu_kernel():
     # guards the test above: without the fused backward op, it would compare eager to eager
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Names(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
-    with Names() as mode:
+    with _OpNames() as mode:
         F.scaled_dot_product_attention(q, k, v).sum().backward()
     assert any("flash_attention_for_cpu_backward" in n for n in mode.names), mode.names
 
