@@ -64,7 +64,8 @@ class ReducedTokens(NamedTuple):
 
     tokens: Tensor
     sizes: Tensor
-    index: Tensor
+    # the field shadows tuple.index (the method), which nothing here needs
+    index: Tensor  # type: ignore[assignment]
 
 
 ConnectorMethod = Callable[[ConnectorInputs, int], ReducedTokens]
