@@ -1,4 +1,4 @@
-"""LLM mode for LLaVA-style models: FastV-style reduction of image tokens at decoder layer K.
+"""LLM mode for LLaVA-style models: FastV / PyramidDrop reduction of image tokens in the decoder.
 
 One implementation for every family whose language model is a transformers decoder
 with LLaMA-style layers (``self_attn`` with ``q_proj``/``k_proj``, ``input_layernorm``,
@@ -17,6 +17,10 @@ embedding. A fraction ``keep`` of each row's image tokens stays:
   highest cosine similarity to another image token of its row, A: its attention,
   normalised to mean 1) and averages every dropped token into its most similar kept
   token (size-weighted); later layers add ``log(size)`` to the merged keys' logits.
+
+Further stages (``stages``, PyramidDrop) repeat the ranking at later layers K2 < K3 ...
+on the tokens still present, each keeping a smaller share of the row's original image
+tokens; a stage's layers run on its own slots, and its KV cache holds only them.
 
 Layers K.. then run on the shorter sequence: kept tokens keep their original rotary
 positions, the attention mask is rebuilt from the kept columns (rows that keep fewer
@@ -47,6 +51,7 @@ __all__ = [
     "LLMCacheState",
     "LLMCall",
     "LLMReduction",
+    "StageState",
     "bind_arguments",
     "check_decoder",
     "find_cache",
@@ -73,6 +78,11 @@ class LLMReduction:
             averaged into kept ones).
         rank: attention of the ``"last"`` prompt token, or mean over all ``"text"`` tokens.
         alpha: weight of the attention against redundancy for ``"merge"``.
+        stages: further ``(layer, keep)`` reductions after the first (PyramidDrop), layers
+            strictly increasing after ``layer``; each ``keep`` is again a share of the
+            row's ORIGINAL image tokens (cumulative, as PyramidDrop's ratio list), at most
+            the previous stage's. Each stage ranks the image tokens still present by the
+            same ``rank`` attention at its layer and keeps ``ceil(keep * N_image)``.
     """
 
     layer: int = 2
@@ -80,12 +90,31 @@ class LLMReduction:
     method: str = "prune"
     rank: str = "last"
     alpha: float = 1.0
+    stages: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"layer must be an int >= 0, got {self.layer!r}")
         if not isinstance(self.keep, (int, float)) or not 0.0 < float(self.keep) <= 1.0:
             raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
+        stages = tuple(tuple(stage) for stage in self.stages)
+        previous_layer, previous_keep = self.layer, float(self.keep)
+        for stage in stages:
+            if len(stage) != 2:
+                raise ValueError(f"stages must hold (layer, keep) pairs, got {stage!r}")
+            layer, keep = stage
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer <= previous_layer:
+                raise ValueError(
+                    f"stages: each layer must be an int > the previous stage's layer "
+                    f"({previous_layer}), got {layer!r}"
+                )
+            if not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= previous_keep:
+                raise ValueError(
+                    f"stages: each keep must be a fraction in (0, {previous_keep:g}] (the "
+                    f"previous stage's keep; shares of the original image tokens), got {keep!r}"
+                )
+            previous_layer, previous_keep = layer, float(keep)
+        object.__setattr__(self, "stages", stages)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.rank not in RANKS:
@@ -93,24 +122,91 @@ class LLMReduction:
         if not isinstance(self.alpha, (int, float)) or self.alpha < 0:
             raise ValueError(f"alpha must be a number >= 0, got {self.alpha!r}")
 
+    @property
+    def schedule(self) -> tuple[tuple[int, float], ...]:
+        """Every ``(layer, keep)`` stage, the first one included."""
+        return ((self.layer, float(self.keep)), *self.stages)
+
+    @property
+    def last_layer(self) -> int:
+        """The deepest layer reduced (must be below the decoder's layer count)."""
+        return self.schedule[-1][0]
+
+    @classmethod
+    def pyramid_drop(
+        cls, layers: Sequence[int] = (8, 16, 24), ratio: float = 0.5, rank: str = "last"
+    ) -> LLMReduction:
+        """PyramidDrop: at each of ``layers`` keep ``ratio`` of the image tokens still there
+        (so ``ratio ** (s + 1)`` of the original after stage s), ranked by the last
+        instruction token's attention. The defaults are its LLaVA-1.5 setting
+        (layers 8, 16, 24; ratios 0.5, 0.25, 0.125)."""
+        if not layers:
+            raise ValueError("layers must name at least one decoder layer")
+        if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+            raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}")
+        keeps = [float(ratio) ** (s + 1) for s in range(len(layers))]
+        stages = tuple(zip(layers[1:], keeps[1:], strict=True))
+        return cls(layer=layers[0], keep=keeps[0], method="prune", rank=rank, stages=stages)
+
+
+@dataclasses.dataclass
+class StageState:
+    """The slots one stage's layers (its layer up to the next stage's) run on.
+
+    Attributes:
+        layer: the first layer of the stage.
+        kept: ``(B, N')`` original positions of the stage's slots (sorted per row).
+        key_valid: ``(B, N')`` False at filler slots and padding.
+        size: ``(B, N')`` original tokens each slot stands for.
+    """
+
+    layer: int
+    kept: torch.Tensor
+    key_valid: torch.Tensor
+    size: torch.Tensor
+
 
 @dataclasses.dataclass
 class LLMCacheState:
     """What layers >= K need after the prefill (lives on the KV cache object).
 
     Attributes:
-        layer: the K the prefill used.
         prefill_len: length of the prompt before reduction (the other layers' cache).
-        kept: ``(B, N')`` original positions of the kept slots (sorted per row).
-        key_valid: ``(B, N')`` False at filler slots and padding.
-        size: ``(B, N')`` original tokens each slot stands for.
+        stages: one :class:`StageState` per stage, in layer order.
+
+    ``layer``, ``kept``, ``key_valid`` and ``size`` are the first stage's.
     """
 
-    layer: int
     prefill_len: int
-    kept: torch.Tensor
-    key_valid: torch.Tensor
-    size: torch.Tensor
+    stages: list[StageState]
+
+    @property
+    def layer(self) -> int:
+        return self.stages[0].layer
+
+    @property
+    def kept(self) -> torch.Tensor:
+        return self.stages[0].kept
+
+    @property
+    def key_valid(self) -> torch.Tensor:
+        return self.stages[0].key_valid
+
+    @property
+    def size(self) -> torch.Tensor:
+        return self.stages[0].size
+
+    def stage_of(self, index: int) -> int:
+        """The stage decoder layer ``index`` belongs to, or -1 below the first."""
+        return _stage_of([stage.layer for stage in self.stages], index)
+
+
+def _stage_of(layers: Sequence[int], index: int) -> int:
+    found = -1
+    for stage, layer in enumerate(layers):
+        if layer <= index:
+            found = stage
+    return found
 
 
 @dataclasses.dataclass
@@ -122,7 +218,8 @@ class LLMCall:
     mask2d: torch.Tensor | None  # the 2-D padding mask given to the model, if any
     cache: Any
     state: LLMCacheState | None = None
-    layer_kwargs: dict[str, Any] | None = None  # replaced kwargs for layers >= K
+    layer_kwargs: dict[str, Any] | None = None  # replaced kwargs for the current stage
+    kwargs_stage: int = -1  # the stage layer_kwargs belong to
 
 
 CURRENT: contextvars.ContextVar[LLMCall | None] = contextvars.ContextVar(
@@ -186,11 +283,13 @@ def text_attention(
     valid: torch.Tensor,
     image_mask: torch.Tensor,
     rank: str,
+    size: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(B, N)`` attention paid to every token by the last or all text tokens of layer K.
 
     Recomputed from the layer's own norm, q/k projections and rotary embedding
-    (heads averaged; one query row for ``"last"``).
+    (heads averaged; one query row for ``"last"``); ``size`` (B, N), when tokens were
+    merged at an earlier stage, adds ``log(size)`` to their logits as the layers do.
     """
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
@@ -216,6 +315,8 @@ def text_attention(
     _, k = rotary(k, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * float(attn.scaling)
+    if size is not None:
+        logits = logits + size.float().clamp(min=1).log()[:, None, None, :]
     allowed = valid[:, None, None, :] & (positions[None, None, None, :] <= rows[:, None, :, None])
     logits = logits.masked_fill(~allowed, -math.inf)
     probs = logits.softmax(-1).nan_to_num(0.0).mean(1)  # (B, Nq, Nk)
@@ -228,11 +329,15 @@ def _select_row(
     attention: torch.Tensor,
     image_idx: torch.Tensor,
     settings: LLMReduction,
+    keep: int,
+    size: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One row: (kept image positions, merged hidden of the row, sizes of the row)."""
-    size = torch.ones(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
+    """One row: (kept image positions, merged hidden of the row, sizes of the row).
+
+    ``keep`` image tokens of ``image_idx`` stay; ``size`` is what each slot stands for
+    already (ones at the first stage), and a merge is weighted by it.
+    """
     n = image_idx.numel()
-    keep = max(1, math.ceil(settings.keep * n - 1e-9)) if n else 0
     if keep >= n:
         return image_idx, hidden, size
     a = attention[image_idx]
@@ -251,10 +356,16 @@ def _select_row(
     merged = hidden.clone()
     dst = image_idx[target]
     src = image_idx[dropped_local]
-    total = torch.zeros_like(hidden).index_add_(0, dst, hidden[src].to(hidden.dtype))
-    count = torch.zeros_like(size).index_add_(0, dst, torch.ones_like(size[src]))
+    weight = size.to(hidden.dtype)[:, None]
+    total = torch.zeros_like(hidden).index_add_(
+        0, dst, (hidden[src] * weight[src]).to(hidden.dtype)
+    )
+    count = torch.zeros_like(size).index_add_(0, dst, size[src])
     kept_pos = image_idx[kept_local]
-    merged[kept_pos] = (hidden[kept_pos] + total[kept_pos]) / (1 + count[kept_pos])[:, None]
+    merged[kept_pos] = (hidden[kept_pos] * weight[kept_pos] + total[kept_pos]) / (
+        size[kept_pos] + count[kept_pos]
+    )[:, None]
+    size = size.clone()
     size[kept_pos] = size[kept_pos] + count[kept_pos]
     return kept_pos.sort().values, merged, size
 
@@ -275,23 +386,59 @@ def _mask(
 
 
 def reduce_at_layer(
-    call: LLMCall, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
+    call: LLMCall,
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    kwargs: dict[str, Any],
+    stage: int = 0,
 ) -> torch.Tensor:
-    """Prefill at layer K: rank, keep (or merge), and prepare kwargs for layers >= K."""
+    """Prefill at a stage's layer: rank, keep (or merge), and prepare kwargs for its layers.
+
+    ``hidden`` is in the previous stage's slots (the full prompt at stage 0); ``kwargs``
+    are the decoder's own, over the full prompt (position embeddings and ids are gathered
+    from them at the kept slots' original positions).
+    """
     assert call.image_mask is not None
     batch, n, _ = hidden.shape
-    valid = (
+    device = hidden.device
+    full_len = call.image_mask.shape[1]
+    full_valid = (
         call.mask2d.bool()
         if call.mask2d is not None
-        else torch.ones(batch, n, dtype=torch.bool, device=hidden.device)
+        else torch.ones(batch, full_len, dtype=torch.bool, device=device)
     )
-    image_mask = call.image_mask & valid
-    pos_emb = kwargs["position_embeddings"]
-    attention = text_attention(layer, hidden, pos_emb, valid, image_mask, call.settings.rank)
+    original_images = (call.image_mask & full_valid).sum(-1)  # (B,) image tokens per row
+    if stage == 0:
+        slots_pos = torch.arange(n, device=device).expand(batch, n)
+        valid = full_valid
+        slot_size = torch.ones(batch, n, dtype=hidden.dtype, device=device)
+    else:
+        assert call.state is not None
+        previous = call.state.stages[stage - 1]
+        slots_pos, valid, slot_size = previous.kept, previous.key_valid, previous.size
+    image_mask = call.image_mask.gather(1, slots_pos) & valid
+    cos_full, sin_full = kwargs["position_embeddings"]
+
+    def at(table: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        table = table.expand(batch, -1, -1)
+        return table.gather(1, where[:, :, None].expand(-1, -1, table.shape[-1]))
+
+    pos_emb = (
+        (cos_full, sin_full) if stage == 0 else (at(cos_full, slots_pos), at(sin_full, slots_pos))
+    )
+    attention = text_attention(
+        layer, hidden, pos_emb, valid, image_mask, call.settings.rank,
+        None if stage == 0 else slot_size,
+    )  # fmt: skip
+    share = call.settings.schedule[stage][1]
     rows_pos, rows_hidden, rows_size, keep_counts = [], [], [], []
     for b in range(batch):
         image_idx = image_mask[b].nonzero().squeeze(-1)
-        kept_img, h, size = _select_row(hidden[b], attention[b], image_idx, call.settings)
+        total = int(original_images[b])
+        keep = max(1, math.ceil(share * total - 1e-9)) if total else 0
+        kept_img, h, size = _select_row(
+            hidden[b], attention[b], image_idx, call.settings, keep, slot_size[b]
+        )
         text_idx = (valid[b] & ~image_mask[b]).nonzero().squeeze(-1)
         chosen = torch.cat([text_idx, kept_img]).sort().values
         rows_pos.append(chosen)
@@ -299,11 +446,11 @@ def reduce_at_layer(
         rows_size.append(size)
         keep_counts.append(chosen.numel())
     width = max(keep_counts)
-    kept = torch.empty(batch, width, dtype=torch.long, device=hidden.device)
-    key_valid = torch.zeros(batch, width, dtype=torch.bool, device=hidden.device)
+    kept = torch.empty(batch, width, dtype=torch.long, device=device)
+    key_valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
     for b, chosen in enumerate(rows_pos):
-        # fillers: the unchosen positions nearest the start (masked, never attended)
-        spare = torch.ones(n, dtype=torch.bool, device=hidden.device)
+        # fillers: the unchosen slots nearest the start (masked, never attended)
+        spare = torch.ones(n, dtype=torch.bool, device=device)
         spare[chosen] = False
         filler = spare.nonzero().squeeze(-1)[: width - chosen.numel()]
         slots = torch.cat([filler, chosen]).sort().values
@@ -314,30 +461,35 @@ def reduce_at_layer(
     index = kept[:, :, None]
     new_hidden = merged.gather(1, index.expand(-1, -1, merged.shape[-1]))
     size = sizes.gather(1, kept)
-    cos, sin = pos_emb
-    cos = cos.expand(batch, -1, -1).gather(1, index.expand(-1, -1, cos.shape[-1]))
-    sin = sin.expand(batch, -1, -1).gather(1, index.expand(-1, -1, sin.shape[-1]))
-    call.state = LLMCacheState(call.settings.layer, n, kept, key_valid, size)
+    original = slots_pos.gather(1, kept)  # the slots' positions in the full prompt
+    state = StageState(call.settings.schedule[stage][0], original, key_valid, size)
+    if stage == 0:
+        call.state = LLMCacheState(full_len, [state])
+    else:
+        assert call.state is not None
+        call.state.stages.append(state)
     call.layer_kwargs = {
-        "position_embeddings": (cos, sin),
+        "position_embeddings": (at(cos_full, original), at(sin_full, original)),
         "attention_mask": _mask(key_valid, size, width, hidden.dtype),
     }
+    call.kwargs_stage = stage
     if kwargs.get("position_ids") is not None:
         position_ids = kwargs["position_ids"]
-        call.layer_kwargs["position_ids"] = position_ids.expand(batch, -1).gather(1, kept)
+        call.layer_kwargs["position_ids"] = position_ids.expand(batch, -1).gather(1, original)
     return new_hidden
 
 
-def decode_kwargs(call: LLMCall, q_len: int, dtype: torch.dtype) -> dict[str, Any]:
-    """Mask for layers >= K on a decode step (their cache holds the kept slots)."""
-    state = call.state
-    assert state is not None
-    cached = call.cache.get_seq_length(state.layer)  # slots already in layer K's cache
+def decode_kwargs(call: LLMCall, q_len: int, dtype: torch.dtype, stage: int = 0) -> dict[str, Any]:
+    """Mask for a stage's layers on a decode step (their cache holds the stage's slots)."""
+    assert call.state is not None
+    prefill_len = call.state.prefill_len
+    state = call.state.stages[stage]
+    cached = call.cache.get_seq_length(state.layer)  # slots already in the stage's cache
     new = cached + q_len - state.kept.shape[1]  # tokens after the prompt, incl. this step
     batch = state.kept.shape[0]
     device = state.kept.device
     if call.mask2d is not None:
-        tail = call.mask2d[:, state.prefill_len : state.prefill_len + new].bool()
+        tail = call.mask2d[:, prefill_len : prefill_len + new].bool()
     else:
         tail = torch.ones(batch, new, dtype=torch.bool, device=device)
     key_valid = torch.cat([state.key_valid, tail], dim=1)
@@ -434,16 +586,21 @@ def install_decoder_layers(patch: TurboPatch, layers: Sequence[nn.Module]) -> No
                 if state is not None and _i >= state.layer:
                     raise _orphan_cache_error(patch.adapter_name, _i)
                 return original(*args, **kw)
-            k = call.state.layer if call.image_mask is None and call.state else call.settings.layer
-            if _i < k:
+            if call.image_mask is None and call.state is not None:  # decode
+                layers = [stage.layer for stage in call.state.stages]
+            else:
+                layers = [layer for layer, _ in call.settings.schedule]
+            stage = _stage_of(layers, _i)
+            if stage < 0:
                 return original(*args, **kw)
             hidden = args[0] if args else kw.pop("hidden_states")
             args = args[1:]
             if call.image_mask is not None:  # prefill
-                if _i == k:
-                    hidden = reduce_at_layer(call, _l, hidden, kw)
-            elif call.layer_kwargs is None:  # decode: first layer >= K builds the mask
-                call.layer_kwargs = decode_kwargs(call, hidden.shape[1], hidden.dtype)
+                if _i == layers[stage]:
+                    hidden = reduce_at_layer(call, _l, hidden, kw, stage)
+            elif call.kwargs_stage != stage:  # decode: a stage's first layer builds its mask
+                call.layer_kwargs = decode_kwargs(call, hidden.shape[1], hidden.dtype, stage)
+                call.kwargs_stage = stage
             kw.update(call.layer_kwargs or {})
             return original(hidden, *args, **kw)
 

@@ -77,9 +77,9 @@ class VisionLanguagePatch(TurboPatch):
             raise ValueError(f"tower mode is not available: {self.tower_refusal}; use 'llm'")
         if "llm" in modes and self.llm_refusal is not None:
             raise IncompatibleLibraryError(*self.llm_refusal.args)
-        if "llm" in modes and self._llm.layer >= self.num_text_layers:
+        if "llm" in modes and self._llm.last_layer >= self.num_text_layers:
             raise ValueError(
-                f"llm layer must be in [0, {self.num_text_layers - 1}], got {self._llm.layer}"
+                f"llm layer must be in [0, {self.num_text_layers - 1}], got {self._llm.last_layer}"
             )
         return modes
 
@@ -92,9 +92,9 @@ class VisionLanguagePatch(TurboPatch):
     def llm(self, value: LLMReduction) -> None:
         if not isinstance(value, LLMReduction):
             raise TypeError(f"llm must be an LLMReduction, got {type(value).__name__}")
-        if value.layer >= self.num_text_layers:
+        if value.last_layer >= self.num_text_layers:
             raise ValueError(
-                f"llm layer must be in [0, {self.num_text_layers - 1}], got {value.layer}"
+                f"llm layer must be in [0, {self.num_text_layers - 1}], got {value.last_layer}"
             )
         self._llm = value
 
