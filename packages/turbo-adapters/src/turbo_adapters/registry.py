@@ -52,6 +52,7 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.lavis:LavisViTAdapter",
     "turbo_adapters.families.llava:LlavaAdapter",
     "turbo_adapters.families.minigpt:MiniGPTv2Adapter",
+    "turbo_adapters.families.qwen_vl:QwenVLAdapter",
     "turbo_adapters.families.stable_diffusion:StableDiffusionAdapter",
 )
 
