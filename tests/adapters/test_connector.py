@@ -11,20 +11,20 @@ import torch
 
 pytest.importorskip("transformers")
 
-from support import connector_methods as cm  # noqa: E402
-from support import tiny_llava as tl  # noqa: E402
-from support import tiny_qwen_vl as tq  # noqa: E402
-from support.connector_cases import QWEN_GRIDS, llava_feed, qwen_feed  # noqa: E402
+from support import connector_methods as cm
+from support import tiny_llava as tl
+from support import tiny_qwen_vl as tq
+from support.connector_cases import QWEN_GRIDS, llava_feed, qwen_feed
 
-import turbo_adapters as ta  # noqa: E402
-from turbo_adapters.connector import (  # noqa: E402
+import turbo_adapters as ta
+from turbo_adapters.connector import (
     ConnectorReduction,
     connector_counts,
     last_connector,
     shorten_runs,
 )
-from turbo_adapters.families.llava.llm import LLMReduction  # noqa: E402
-from turbo_core.connector import (  # noqa: E402
+from turbo_adapters.families.llava.llm import LLMReduction
+from turbo_core.connector import (
     CONNECTOR_METHODS,
     ConnectorInputs,
     register_connector_method,
