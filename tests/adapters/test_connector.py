@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 from support import connector_methods as cm
 from support import tiny_llava as tl
+from support import tiny_prefix_vlms as tp
 from support import tiny_qwen_vl as tq
 from support.connector_cases import QWEN_GRIDS, llava_feed, qwen_feed
 
@@ -326,3 +327,93 @@ def test_qwen_names_and_types_resolve(name, kind) -> None:
     assert ta.get_adapter(name).name == "qwen-vl"
     assert ta.get_adapter(kind).name == "qwen-vl"
     assert ta.adapter_for_model(tq.build(kind, layers=1)).name == "qwen-vl"
+
+
+# ------------------------------------------------------------------ PaliGemma, Gemma 3
+def _prefix_oracle(model, feed, n: int, k: int, image: int) -> dict:
+    """Hand-shortened prompt (each run of ``n`` placeholders keeps the strided ``k``),
+    token types alike, and the method applied to the unpatched model's image features."""
+    with torch.no_grad():
+        output = model.model.get_image_features(feed["pixel_values"], return_dict=True)
+    reduced = cm.keep_strided(ConnectorInputs(output.pooler_output), k)
+    output = copy.copy(output)
+    output.pooler_output = reduced.tokens.reshape(1, -1, reduced.tokens.shape[-1])
+    keep = set(cm.strided_index(n, k))
+    prompts, types = [], []
+    for row in range(feed["input_ids"].shape[0]):
+        valid = feed["attention_mask"][row].bool()
+        ids = feed["input_ids"][row][valid].tolist()
+        kinds = feed["token_type_ids"][row][valid].tolist()
+        short, short_types, run = [], [], 0
+        for t, kind in zip(ids, kinds, strict=True):
+            if t == image:
+                if run % n in keep:
+                    short.append(t)
+                    short_types.append(kind)
+                run += 1
+            else:
+                short.append(t)
+                short_types.append(kind)
+        prompts.append(short)
+        types.append(short_types)
+    ids, mask = tl.left_pad(prompts)
+    token_types = torch.zeros_like(ids)
+    for row, t in enumerate(types):
+        token_types[row, ids.shape[1] - len(t) :] = torch.tensor(t)
+    return {
+        "input_ids": ids, "attention_mask": mask, "token_type_ids": token_types,
+        "mm_encoder_outputs": {"image": output},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("build", "feed_of", "n"),
+    [(tp.build_paligemma, tp.paligemma_feed, 64), (tp.build_gemma3, tp.gemma3_feed, 16)],
+    ids=["paligemma", "gemma3"],
+)
+def test_prefix_families_equal_the_unpatched_model_on_the_hand_built_prompt(
+    build, feed_of, n
+) -> None:
+    model = build()
+    feed = feed_of([0, 1, 2])
+    oracle = _prefix_oracle(model, feed, n, 5, tp.IMG)
+    with torch.no_grad():
+        want_logits = model(**oracle).logits
+        want = model.generate(**oracle, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    patch = ta.apply(model)
+    assert patch.modes == frozenset({"connector"})
+    patch.connector = ConnectorReduction(budget=5, method=cm.STRIDED)
+    with torch.no_grad():
+        got_logits = model(**feed).logits
+        got = model.generate(**feed, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    valid = oracle["attention_mask"].bool()
+    torch.testing.assert_close(got_logits[valid], want_logits[valid], atol=1e-5, rtol=1e-5)
+    assert torch.equal(
+        got[:, feed["input_ids"].shape[1] :], want[:, oracle["input_ids"].shape[1] :]
+    )
+    with pytest.raises(ValueError, match="tower mode is not available"):
+        patch.modes = "tower"
+    with pytest.raises(Exception, match="bidirectionally"):
+        patch.modes = "llm"
+
+
+@pytest.mark.parametrize(
+    ("name", "adapter"),
+    [("google/paligemma-3b-mix-224", "paligemma"), ("google/gemma-3-4b-it", "gemma3"),
+     ("llava-hf/llava-onevision-qwen2-7b-ov-hf", "llava-onevision"), ("gemma3", "gemma3"),
+     ("paligemma", "paligemma"), ("llava_onevision", "llava-onevision")],
+)  # fmt: skip
+def test_prefix_family_names_resolve(name, adapter) -> None:
+    assert ta.get_adapter(name).name == adapter
+
+
+def test_onevision_llm_mode_keeping_all_equals_unpatched() -> None:
+    model = tp.build_onevision()
+    feed = tp.onevision_feed([0, 1])
+    with torch.no_grad():
+        ref = model(**feed).logits[:, -1]
+    patch = ta.apply(model)
+    patch.llm = LLMReduction(layer=1, keep=1.0)
+    with torch.no_grad():
+        got = model(**feed, turbo_mode="llm").logits[:, -1]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

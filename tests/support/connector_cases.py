@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from support import connector_methods, tiny_llava, tiny_qwen_vl
+from support import connector_methods, tiny_llava, tiny_prefix_vlms, tiny_qwen_vl
 from turbo_adapters.connector.testing import ConnectorCase
 
 # ------------------------------------------------------------------ LLaVA-1.5
@@ -134,3 +134,39 @@ QWEN = [
 ]
 
 CASES = [LLAVA, LLAVA_NEXT, *QWEN]
+
+# ------------------------------------------------- PaliGemma, Gemma 3, LLaVA-OneVision
+SIGLIP_OFFLOAD = (
+    "SigLIP's pooling head is an nn.MultiheadAttention, which reads its out_proj weight "
+    "without calling out_proj: accelerate's cpu_offload leaves it on the meta device and "
+    "the unpatched model fails"
+)
+PALIGEMMA = ConnectorCase(
+    "paligemma",
+    tiny_prefix_vlms.build_paligemma,
+    tiny_prefix_vlms.paligemma_feed,
+    lambda rows: [64] * len(rows),
+    connector_methods.STRIDED,
+    budget=10,
+    offload=SIGLIP_OFFLOAD,
+)
+GEMMA3 = ConnectorCase(
+    "gemma3",
+    tiny_prefix_vlms.build_gemma3,
+    tiny_prefix_vlms.gemma3_feed,
+    lambda rows: [16] * sum({0: 1, 1: 2, 2: 1}[r] for r in rows),
+    connector_methods.STRIDED,
+    budget=5,
+    offload=SIGLIP_OFFLOAD,
+)
+ONEVISION = ConnectorCase(
+    "llava-onevision",
+    tiny_prefix_vlms.build_onevision,
+    tiny_prefix_vlms.onevision_feed,
+    tiny_prefix_vlms.onevision_counts,
+    connector_methods.STRIDED,
+    budget=7,
+    offload=SIGLIP_OFFLOAD,
+)
+
+CASES += [PALIGEMMA, GEMMA3, ONEVISION]

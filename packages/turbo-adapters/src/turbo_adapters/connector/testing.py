@@ -45,6 +45,9 @@ class ConnectorCase:
         budget: a budget that reduces every image of ``feed(batch_rows)``.
         batch_rows: the rows of the batched checks (different images per row).
         new_tokens: greedy tokens generated per check.
+        offload: None to run the accelerate check with ``cpu_offload``, else why the
+            unpatched model cannot be offloaded (the check then uses accelerate's
+            device-alignment hooks on every module, as the tower kit does).
     """
 
     id: str
@@ -55,6 +58,7 @@ class ConnectorCase:
     budget: Budget = 3
     batch_rows: tuple[int, ...] = (0, 1, 2)
     new_tokens: int = 4
+    offload: str | None = None
 
 
 def _patch(case: ConnectorCase, model: nn.Module, budget: Budget) -> Any:
@@ -163,8 +167,17 @@ def _image_token(model: nn.Module) -> int:
     return int(getattr(config, "image_token_id", None) or config.image_token_index)
 
 
-def check_accelerate_hooks(case: ConnectorCase) -> None:
+def _dispatch(case: ConnectorCase, model: nn.Module) -> None:
     from accelerate import cpu_offload
+    from accelerate.hooks import attach_align_device_hook
+
+    if case.offload is None:
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    else:
+        attach_align_device_hook(model, execution_device=torch.device("cpu"))
+
+
+def check_accelerate_hooks(case: ConnectorCase) -> None:
     from accelerate.hooks import remove_hook_from_submodules
 
     feed = case.feed(list(case.batch_rows))
@@ -175,7 +188,7 @@ def check_accelerate_hooks(case: ConnectorCase) -> None:
     ta.remove(model)
     # hooks before apply
     model = case.build()
-    cpu_offload(model, execution_device=torch.device("cpu"))
+    _dispatch(case, model)
     patch = _patch(case, model, case.budget)
     torch.testing.assert_close(_logits(model, feed), want_logits)
     assert torch.equal(_generate(case, model, feed), want_tokens)
@@ -186,7 +199,7 @@ def check_accelerate_hooks(case: ConnectorCase) -> None:
     # hooks after apply
     model = case.build()
     patch = _patch(case, model, case.budget)
-    cpu_offload(model, execution_device=torch.device("cpu"))
+    _dispatch(case, model)
     torch.testing.assert_close(_logits(model, feed), want_logits)
     ta.remove(model)
     torch.testing.assert_close(_logits(model, feed), ref)
