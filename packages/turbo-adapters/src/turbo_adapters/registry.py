@@ -52,6 +52,10 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.lavis:LavisViTAdapter",
     "turbo_adapters.families.llava:LlavaAdapter",
     "turbo_adapters.families.minigpt:MiniGPTv2Adapter",
+    "turbo_adapters.families.qwen_vl:QwenVLAdapter",
+    "turbo_adapters.families.connector_vlm:PaliGemmaAdapter",
+    "turbo_adapters.families.connector_vlm:Gemma3Adapter",
+    "turbo_adapters.families.connector_vlm:LlavaOneVisionAdapter",
     "turbo_adapters.families.stable_diffusion:StableDiffusionAdapter",
 )
 

@@ -1,7 +1,8 @@
 """LLaVA-1.5 and LLaVA-NeXT (transformers 5): fewer image tokens into the language model.
 
-Two modes, selectable on the patch (``patch.modes = "tower" | "llm" | "both" | "none"``)
-or per call (``model.generate(..., turbo_mode="llm")``; also ``forward``):
+Three stages, selectable on the patch (``patch.modes = "tower" | "connector" | "llm" |
+"both" | "none"`` or a set) or per call (``model.generate(..., turbo_mode="llm")``; also
+``forward``):
 
 - ``"tower"``: Turbo merges inside the CLIP vision tower (CLS guidance, CLS
   protected and dropped afterwards by the model's ``"default"`` strategy). Only the
@@ -13,6 +14,9 @@ or per call (``model.generate(..., turbo_mode="llm")``; also ``forward``):
   ``forward`` returns logits for the shortened sequence (labels are shortened alike).
   LLaVA-NeXT refuses tower mode: its ``pack_image_features`` needs the full crop grids;
   its patches start in LLM mode.
+- ``"connector"``: each image's projected tokens reduced once to a budget before the
+  language model (``patch.connector = ConnectorReduction(budget=128, method=...)``,
+  :mod:`.connector`); LLaVA-1.5 and LLaVA-NeXT. Placeholders are cut as in tower mode.
 - ``"llm"``: FastV-style reduction at decoder layer K (:mod:`.llm`), set with
   ``patch.llm = LLMReduction(layer=2, keep=0.5, method="prune" | "merge")``.
 
@@ -38,6 +42,7 @@ from ...patch import TurboPatch
 from ...site import ReductionSite
 from ..clip import CLIP_LAYER
 from ..hf_base import HFAdapter
+from .connector import connector_shrink
 from .llm import (
     LLMReduction,
     bind_arguments,
@@ -108,6 +113,7 @@ class LlavaAdapter(HFAdapter):
         inner = model if isinstance(model, classes["inner"]) else model.model
         layers = list(inner.language_model.layers)
         patch.num_text_layers = len(layers)
+        patch.connector_available = True
         if isinstance(inner, classes["next"]):
             patch.tower_refusal = (
                 "LLaVA-NeXT's pack_image_features reshapes every crop to its patch grid and "
@@ -164,6 +170,17 @@ class LlavaAdapter(HFAdapter):
         image_token = int(inner.config.image_token_id)
 
         def shrink(named: dict[str, Any]) -> dict[str, Any]:
+            """Tower and connector modes: encode, cut the placeholder runs, hand on."""
+            pixels = named.get("pixel_values")  # None inside a call shrunk already
+            named = tower_shrink(named)
+            if "connector" not in patch.active_modes() or pixels is None:
+                return named
+            guided = "tower" not in patch.active_modes() and not isinstance(
+                inner, self.classes()["next"]
+            )
+            return connector_shrink(patch, patch.connector, inner, named, _pad_id(model), guided)
+
+        def tower_shrink(named: dict[str, Any]) -> dict[str, Any]:
             """Tower mode: encode, cut the placeholder runs, hand the features on."""
             pixels = named.get("pixel_values")
             if pixels is None or "tower" not in patch.active_modes():
@@ -230,7 +247,7 @@ class LlavaAdapter(HFAdapter):
                     raise ValueError(
                         "llm mode supports num_beams=1 only (its cache is not reordered)"
                     )
-                if "tower" not in modes or kwargs.get("pixel_values") is None:
+                if not modes & {"tower", "connector"} or kwargs.get("pixel_values") is None:
                     return original(*args, **kwargs)
                 named = dict(kwargs)
                 if args:

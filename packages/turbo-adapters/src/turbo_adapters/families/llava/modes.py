@@ -1,8 +1,8 @@
-"""Where a vision-language model reduces its image tokens: ``"tower"``, ``"llm"`` or both.
+"""Where a vision-language model reduces its image tokens: ``"tower"``, ``"connector"``, ``"llm"``.
 
 Shared by the LLaVA and MiniGPT-v2 families. A :class:`VisionLanguagePatch` holds the
-default modes (``patch.modes = "tower" | "llm" | "both" | "none"``) and the LLM-mode
-settings (``patch.llm``); a call selects its own with ``turbo_mode=...``, which
+default modes (``patch.modes = "tower" | "connector" | "llm" | "both" | "none"``), the
+LLM-mode settings (``patch.llm``) and the connector stage's (``patch.connector``); a call selects its own with ``turbo_mode=...``, which
 :func:`mode_scope` pops from the call's keyword arguments and makes active (per
 thread / context) for everything that call runs.
 """
@@ -17,12 +17,13 @@ from typing import Any
 from torch import nn
 
 from ...compat import IncompatibleLibraryError
+from ...connector import ConnectorReduction
 from ...patch import TurboPatch
 from .llm import LLMReduction
 
 __all__ = ["MODES", "VisionLanguagePatch", "mode_scope", "parse_modes"]
 
-MODES = ("tower", "llm")
+MODES = ("tower", "connector", "llm")
 _ALIASES = {"both": ("tower", "llm"), "none": (), "off": ()}
 _MODE: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar(
     "turbo_vlm_mode", default=None
@@ -30,14 +31,15 @@ _MODE: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar(
 
 
 def parse_modes(value: str | Iterable[str] | None) -> frozenset[str]:
-    """``"tower"``, ``"llm"``, ``"both"``, ``"none"`` or an iterable of modes -> a set."""
+    """``"tower"``, ``"connector"``, ``"llm"``, ``"both"``, ``"none"`` or an iterable -> a set."""
     if value is None:
         return frozenset()
     names = _ALIASES.get(value, (value,)) if isinstance(value, str) else tuple(value)
     unknown = [m for m in names if m not in MODES]
     if unknown:
         raise ValueError(
-            f"turbo mode must be 'tower', 'llm', 'both', 'none' or a set of {MODES}, got {value!r}"
+            f"turbo mode must be 'tower', 'connector', 'llm', 'both', 'none' or a set of {MODES}, "
+            f"got {value!r}"
         )
     return frozenset(names)
 
@@ -51,6 +53,8 @@ class VisionLanguagePatch(TurboPatch):
         llm_refusal: the installed library lacks what LLM mode relies on (asking for
             ``"llm"`` raises this error); None when LLM mode can run.
         num_text_layers: decoder layers of the language model (K must be below).
+        connector_available: whether the connector stage can act (the family wired it).
+        connector_refusal: why not, for the error message.
     """
 
     def __init__(self, model: nn.Module, adapter_name: str) -> None:
@@ -61,6 +65,9 @@ class VisionLanguagePatch(TurboPatch):
         self.num_text_layers = 0
         self._modes: frozenset[str] = frozenset()
         self._llm = LLMReduction()
+        self.connector_available = False
+        self.connector_refusal = "this family has no connector stage"
+        self._connector = ConnectorReduction()
 
     @property
     def modes(self) -> frozenset[str]:
@@ -75,6 +82,8 @@ class VisionLanguagePatch(TurboPatch):
         """``modes`` if this model can run them, else a ValueError saying why not."""
         if "tower" in modes and not self.tower_available:
             raise ValueError(f"tower mode is not available: {self.tower_refusal}; use 'llm'")
+        if "connector" in modes and not self.connector_available:
+            raise ValueError(f"connector mode is not available: {self.connector_refusal}")
         if "llm" in modes and self.llm_refusal is not None:
             raise IncompatibleLibraryError(*self.llm_refusal.args)
         if "llm" in modes and self._llm.last_layer >= self.num_text_layers:
@@ -97,6 +106,17 @@ class VisionLanguagePatch(TurboPatch):
                 f"llm layer must be in [0, {self.num_text_layers - 1}], got {value.last_layer}"
             )
         self._llm = value
+
+    @property
+    def connector(self) -> ConnectorReduction:
+        """Connector-stage settings (budget per image, method name)."""
+        return self._connector
+
+    @connector.setter
+    def connector(self, value: ConnectorReduction) -> None:
+        if not isinstance(value, ConnectorReduction):
+            raise TypeError(f"connector must be a ConnectorReduction, got {type(value).__name__}")
+        self._connector = value
 
     def active_modes(self) -> frozenset[str]:
         """The modes of the call being run (its ``turbo_mode``), else :attr:`modes`."""

@@ -1,0 +1,135 @@
+"""One call through the connector stage: reduce the images, shorten the prompt.
+
+What every family shares; a family computes its image features (and guide / keys where
+it has them), calls :func:`reduce_call`, then puts the kept tokens back where its
+language model reads them (``mm_encoder_outputs``, deepstack features, M-RoPE positions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ..patch import TurboPatch
+from .budget import ConnectorReduction
+from .record import ConnectorRecord, set_last_connector
+from .runs import Shortened, shorten_runs
+from .stage import ImageTokens, KeptTokens, reduce_images
+
+__all__ = ["PER_TOKEN", "ReducedCall", "module_weights", "reduce_call"]
+
+#: per-token arguments that are re-laid with ``input_ids``
+PER_TOKEN = ("labels", "mm_token_type_ids", "token_type_ids")
+
+
+@contextlib.contextmanager
+def module_weights(module: Any) -> Iterator[None]:
+    """``module``'s own parameters loaded while inside, if an accelerate hook offloads them.
+
+    The stage encodes images before the module's forward (to shorten the prompt first);
+    a parameter the module holds itself (LLaVA-NeXT's ``image_newline``) is loaded by
+    its hook only around that forward, so the hook is run around the encoding too.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        yield
+        return
+    hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        hook.post_forward(module, None)
+
+
+@dataclasses.dataclass
+class ReducedCall:
+    """The stage's result for one call: the kept tokens per image and the new layout."""
+
+    kept: list[KeptTokens]
+    shortened: Shortened
+    named: dict[str, Any]
+
+
+def _row_texts(
+    ids: torch.Tensor, is_image: torch.Tensor, valid: torch.Tensor, embed: Callable[..., Any]
+) -> list[torch.Tensor]:
+    """Per row, the embeddings of its real text tokens (the instruction)."""
+    text = valid & ~is_image
+    with torch.no_grad():
+        return [embed(ids[b][text[b]]) for b in range(ids.shape[0])]
+
+
+def reduce_call(
+    patch: TurboPatch,
+    settings: ConnectorReduction,
+    named: dict[str, Any],
+    features: Sequence[torch.Tensor],
+    image_token_id: int,
+    pad_token_id: int,
+    embed: Callable[..., Any] | None = None,
+    keys: Sequence[torch.Tensor] | None = None,
+    guides: Sequence[torch.Tensor] | None = None,
+) -> ReducedCall:
+    """Reduce each image of ``features`` (``(N_j, D)``, row-major order) to its budget and
+    shorten ``named``'s ``input_ids`` / ``attention_mask`` / per-token arguments to match.
+
+    ``embed`` (the language model's input embeddings) gives the instruction to methods that
+    read it; ``keys`` and ``guides`` are per image, or None where the family has none.
+
+    Raises:
+        ValueError: no ``input_ids`` (placeholders cannot be found in ``inputs_embeds``), a
+            bad budget, or placeholders that do not match the features.
+    """
+    ids = named.get("input_ids")
+    if ids is None:
+        raise ValueError(
+            "connector mode needs input_ids (to shorten the image placeholders); got "
+            "inputs_embeds. Pass turbo_mode='none' (or another mode) for this call"
+        )
+    mask = named.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(f"connector mode needs a 2-D attention_mask, got {tuple(mask.shape)}")
+    tokens = [int(f.shape[0]) for f in features]
+    counts = settings.counts(tokens)
+    is_image = ids == image_token_id
+    valid = mask.bool() if mask is not None else torch.ones_like(is_image)
+    # each image's row: the row of its first placeholder (the model's scatter order)
+    flat_rows = is_image.nonzero()[:, 0]
+    if int(flat_rows.numel()) != sum(tokens):
+        raise ValueError(
+            f"input_ids hold {int(flat_rows.numel())} image placeholders but the images have "
+            f"{sum(tokens)} tokens ({tokens} per image)"
+        )
+    starts = torch.tensor([0, *tokens[:-1]]).cumsum(0).tolist() if tokens else []
+    rows = [int(flat_rows[s]) for s in starts]
+    texts = _row_texts(ids, is_image, valid, embed) if embed is not None else None
+    images = [
+        ImageTokens(
+            features=f,
+            keys=None if keys is None else keys[j],
+            guide=None if guides is None else guides[j],
+            text=None if texts is None else texts[rows[j]].to(f.dtype),
+        )
+        for j, f in enumerate(features)
+    ]
+    kept = reduce_images(images, counts, settings.method)
+    short = shorten_runs(
+        ids, image_token_id, [k.index for k in kept], tokens, pad_token_id,
+        attention_mask=mask, per_token={name: named.get(name) for name in PER_TOKEN},
+    )  # fmt: skip
+    named = {**named, "input_ids": short.input_ids, "attention_mask": short.attention_mask}
+    named.update(short.per_token)
+    set_last_connector(
+        patch,
+        ConnectorRecord(
+            tuple(tokens),
+            tuple(int(k.index.numel()) for k in kept),
+            tuple(k.index for k in kept),
+            tuple(k.sizes for k in kept),
+        ),
+    )
+    return ReducedCall(kept, short, named)

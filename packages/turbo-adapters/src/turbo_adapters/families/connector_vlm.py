@@ -1,0 +1,221 @@
+"""Vision-language models whose image tokens are scattered into placeholder runs: the
+connector stage (and LLM mode where the decoder is causal), one install for all of them.
+
+A family declares its transformers classes, why tower merging is refused, and whether
+LLM mode fits; the stage encodes the images with the model's own ``get_image_features``
+(every image argument it accepts, as ``generate`` does), reduces each image's tokens,
+cuts its placeholder run to the kept tokens (re-laying ``token_type_ids``, which
+PaliGemma and Gemma 3 use for their bidirectional image blocks) and hands the kept
+tokens on as ``mm_encoder_outputs``. Positions are the model's own for the shorter
+prompt (1-D RoPE: the text after an image moves up by the tokens removed).
+
+Families: PaliGemma (SigLIP, linear projection), Gemma 3 (reduce after the 4096 -> 256
+average pool), LLaVA-OneVision (anyres tiles and newline tokens packed per image, like
+LLaVA-NeXT: the packed tokens are reduced).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from turbo_core import TurboConfig
+
+from ..compat import IncompatibleLibraryError
+from ..connector.calls import module_weights, reduce_call
+from ..patch import TurboPatch
+from .hf_base import HFAdapter
+from .llava.adapter import _pad_id, _with_prompt
+from .llava.llm import (
+    bind_arguments,
+    check_decoder,
+    forward_in_call,
+    install_decoder_layers,
+    start_call,
+)
+from .llava.modes import VisionLanguagePatch, mode_scope
+
+__all__ = ["ConnectorVLMAdapter", "Gemma3Adapter", "LlavaOneVisionAdapter", "PaliGemmaAdapter"]
+
+
+def _image_token(config: Any) -> int:
+    found = getattr(config, "image_token_id", None)
+    return int(found if found is not None else config.image_token_index)
+
+
+class ConnectorVLMAdapter(HFAdapter):
+    """The shared install. Subclasses set the names, :meth:`classes` (``"models"`` and
+    ``"inner"``), :attr:`tower_refusal` and :attr:`llm_refusal` (None: LLM mode fits)."""
+
+    patch_class = VisionLanguagePatch
+    tower_refusal = ""
+    llm_refusal: str | None = None
+
+    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
+        if not isinstance(patch, VisionLanguagePatch):
+            raise TypeError(f"the {self.name} adapter needs a VisionLanguagePatch")
+        inner = model if isinstance(model, self.classes()["inner"]) else model.model
+        layers = list(inner.language_model.layers)
+        patch.num_text_layers = len(layers)
+        patch.tower_refusal = self.tower_refusal
+        patch.connector_available = True
+        if self.llm_refusal is not None:
+            patch.llm_refusal = IncompatibleLibraryError(
+                f"{self.name} (llm mode): {self.llm_refusal}"
+            )
+        else:
+            try:
+                check_decoder(patch.adapter_name, inner.language_model, layers)
+                install_decoder_layers(patch, layers)
+            except IncompatibleLibraryError as refusal:
+                patch.llm_refusal = refusal
+        patch.modes = "connector"
+        self._install_entries(patch, model, inner)
+
+    def _install_entries(
+        self, patch: VisionLanguagePatch, model: nn.Module, inner: nn.Module
+    ) -> None:
+        image_token = _image_token(inner.config)
+        accepted = [
+            p for p in inspect.signature(inner.get_image_features).parameters if p != "kwargs"
+        ]
+
+        def shrink(named: dict[str, Any]) -> dict[str, Any]:
+            if "connector" not in patch.active_modes() or named.get("pixel_values") is None:
+                return named
+            kwargs = {k: named[k] for k in accepted if named.get(k) is not None}
+            with module_weights(inner):
+                output = inner.get_image_features(**kwargs, return_dict=True)
+            pooled = output.pooler_output
+            done = reduce_call(
+                patch, patch.connector, named, list(pooled), image_token, _pad_id(model),
+                embed=inner.get_input_embeddings(),
+            )  # fmt: skip
+            kept = [k.tokens for k in done.kept]
+            output = copy.copy(output)
+            # a tensor (images, N, D) becomes one (1, total, D): scattered in the same order
+            output.pooler_output = (
+                torch.cat(kept)[None] if isinstance(pooled, torch.Tensor) else kept
+            )
+            named = done.named
+            for key in kwargs:
+                named.pop(key, None)
+            named["mm_encoder_outputs"] = {
+                **(named.get("mm_encoder_outputs") or {}),
+                "image": output,
+            }
+            if named.get("position_ids") is not None:
+                mask = named.get("attention_mask")
+                named["position_ids"] = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+            return named
+
+        def inner_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            with mode_scope(patch, kwargs) as modes:
+                named = shrink(bind_arguments(original, args, kwargs))
+                ids = named.get("input_ids")
+                image_mask = ids == image_token if "llm" in modes and ids is not None else None
+                call = start_call(patch.llm, named, image_mask, inner.language_model.config)
+                return forward_in_call(call, original, named)
+
+        patch.override(inner, "forward", inner_forward)
+        if inner is model:
+            return
+
+        def outer_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            with mode_scope(patch, kwargs):
+                return original(**shrink(bind_arguments(original, args, kwargs)))
+
+        patch.override(model, "forward", outer_forward)
+
+        def generate(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            with mode_scope(patch, kwargs) as modes:
+                if "llm" in modes and max(kwargs.get("num_beams", 1) or 1, 1) > 1:
+                    raise ValueError(
+                        "llm mode supports num_beams=1 only (its cache is not reordered)"
+                    )
+                if "connector" not in modes or kwargs.get("pixel_values") is None:
+                    return original(*args, **kwargs)
+                named = dict(kwargs)
+                if args:
+                    named["input_ids"], args = args[0], args[1:]
+                if named.get("inputs") is not None:
+                    named["input_ids"] = named.pop("inputs")
+                prompt = named["input_ids"]
+                named = shrink(named)
+                named.pop("position_ids", None)
+                return _with_prompt(original(*args, **named), prompt, named["input_ids"].shape[1])
+
+        patch.override(model, "generate", generate)
+
+
+_PREFIX_LM = (
+    "its language model attends bidirectionally within each image block (token_type_ids), "
+    "which LLM mode's causal re-masking does not keep"
+)
+
+
+class PaliGemmaAdapter(ConnectorVLMAdapter):
+    """transformers ``PaliGemmaForConditionalGeneration`` / ``PaliGemmaModel``."""
+
+    name = "paligemma"
+    model_names = ("google/paligemma-*", "google/paligemma2-*", "paligemma*")
+    model_types = ("paligemma",)
+    tower_refusal = (
+        "tower merging on SigLIP towers (no CLS token) is not supported yet; use 'connector'"
+    )
+    llm_refusal = _PREFIX_LM
+
+    def classes(self) -> dict[str, Any]:
+        from transformers.models.paligemma import modeling_paligemma as pg
+
+        return {
+            "models": (pg.PaliGemmaForConditionalGeneration, pg.PaliGemmaModel),
+            "inner": (pg.PaliGemmaModel,),
+        }
+
+
+class Gemma3Adapter(ConnectorVLMAdapter):
+    """transformers ``Gemma3ForConditionalGeneration`` / ``Gemma3Model`` (the connector stage
+    reduces the 256 tokens the 4096 -> 256 average pool gives each image)."""
+
+    name = "gemma3"
+    model_names = ("google/gemma-3-*", "gemma-3-*", "gemma3*")
+    model_types = ("gemma3",)
+    tower_refusal = (
+        "Gemma 3 average-pools the SigLIP grid to 256 tokens, which merged tower tokens no "
+        "longer fill; use 'connector' (after the pool)"
+    )
+    llm_refusal = _PREFIX_LM
+
+    def classes(self) -> dict[str, Any]:
+        from transformers.models.gemma3 import modeling_gemma3 as g3
+
+        return {
+            "models": (g3.Gemma3ForConditionalGeneration, g3.Gemma3Model),
+            "inner": (g3.Gemma3Model,),
+        }
+
+
+class LlavaOneVisionAdapter(ConnectorVLMAdapter):
+    """transformers ``LlavaOnevisionForConditionalGeneration`` / ``LlavaOnevisionModel``."""
+
+    name = "llava-onevision"
+    model_names = ("llava-hf/llava-onevision-*", "lmms-lab/llava-onevision-*")
+    model_types = ("llava_onevision",)
+    tower_refusal = (
+        "LLaVA-OneVision's pack_image_features reshapes every tile to its patch grid and "
+        "adds newline tokens, which merged tower tokens no longer fill; use 'connector'"
+    )
+
+    def classes(self) -> dict[str, Any]:
+        from transformers.models.llava_onevision import modeling_llava_onevision as ov
+
+        return {
+            "models": (ov.LlavaOnevisionForConditionalGeneration, ov.LlavaOnevisionModel),
+            "inner": (ov.LlavaOnevisionModel,),
+        }

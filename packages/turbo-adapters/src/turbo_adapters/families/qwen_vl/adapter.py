@@ -1,0 +1,202 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5): fewer image tokens into the LLM.
+
+Stages (``patch.modes`` or ``turbo_mode=`` per call, as for LLaVA):
+
+- ``"connector"`` (the default): after the tower's PatchMerger, each image's tokens are
+  reduced to ``patch.connector``'s budget; its ``<|image_pad|>`` run is cut to the kept
+  tokens, the rows re-padded, and M-RoPE gets the kept tokens' own ``(t, h, w)``
+  positions (:mod:`.positions`), so the text after an image keeps its positions, in
+  ``forward`` and ``generate``. Qwen3-VL's deepstack features are cut with the same
+  indices (a merged token keeps its kept token's deepstack feature). Videos pass
+  through unreduced (a warning says so).
+- ``"llm"``: FastV-style at decoder layer K (:mod:`..llava.llm`); Qwen3-VL needs K at or
+  after its deepstack depth (deepstack adds features to the image positions of layers
+  0..d-1, which must all still be there).
+- ``"tower"`` is refused: Qwen's tower runs packed images split by ``cu_seqlens`` (and by
+  windows in Qwen2.5-VL) with per-token rotary positions, and its PatchMerger needs full
+  2x2 groups; merging inside it would need all of them rebuilt.
+
+Guide: Qwen's tower has no CLS token; methods get the features and the instruction's
+text embeddings (``ConnectorInputs.text``), no guide.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from turbo_core import TurboConfig
+
+from ...compat import IncompatibleLibraryError
+from ...connector.calls import module_weights, reduce_call
+from ...patch import TurboPatch
+from ..hf_base import HFAdapter
+from ..llava.adapter import _pad_id, _with_prompt
+from ..llava.llm import (
+    bind_arguments,
+    check_decoder,
+    forward_in_call,
+    install_decoder_layers,
+    start_call,
+)
+from ..llava.modes import VisionLanguagePatch, mode_scope
+from .positions import install_positions, kept_positions
+
+__all__ = ["QwenVLAdapter"]
+
+TOWER_REFUSAL = (
+    "Qwen's vision tower runs packed images split by cu_seqlens (and by windows in "
+    "Qwen2.5-VL) with per-token rotary positions, and its PatchMerger needs full 2x2 "
+    "groups: merging inside it is not supported; use 'connector' or 'llm'"
+)
+
+
+class QwenVLAdapter(HFAdapter):
+    """transformers ``Qwen2VL``, ``Qwen2_5_VL`` and ``Qwen3VL`` models (with and without
+    the LM head)."""
+
+    name = "qwen-vl"
+    model_names = (
+        "Qwen/Qwen2-VL-*", "Qwen/Qwen2.5-VL-*", "Qwen/Qwen3-VL-*",
+        "qwen2-vl*", "qwen2.5-vl*", "qwen3-vl*",
+    )  # fmt: skip
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    patch_class = VisionLanguagePatch
+
+    def classes(self) -> dict[str, Any]:
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as q25
+        from transformers.models.qwen2_vl import modeling_qwen2_vl as q2
+        from transformers.models.qwen3_vl import modeling_qwen3_vl as q3
+
+        inner = (q2.Qwen2VLModel, q25.Qwen2_5_VLModel, q3.Qwen3VLModel)
+        outer = (
+            q2.Qwen2VLForConditionalGeneration,
+            q25.Qwen2_5_VLForConditionalGeneration,
+            q3.Qwen3VLForConditionalGeneration,
+        )
+        return {"models": outer + inner, "inner": inner, "deepstack": (q3.Qwen3VLModel,)}
+
+    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
+        if not isinstance(patch, VisionLanguagePatch):
+            raise TypeError(
+                "the Qwen-VL adapter needs a VisionLanguagePatch (use turbo_adapters.apply)"
+            )
+        classes = self.classes()
+        inner = model if isinstance(model, classes["inner"]) else model.model
+        layers = list(inner.language_model.layers)
+        patch.num_text_layers = len(layers)
+        patch.tower_refusal = TOWER_REFUSAL
+        patch.connector_available = True
+        deepstack = 0
+        if isinstance(inner, classes["deepstack"]):
+            deepstack = len(inner.config.vision_config.deepstack_visual_indexes)
+        try:
+            check_decoder(patch.adapter_name, inner.language_model, layers)
+            install_decoder_layers(patch, layers)
+        except IncompatibleLibraryError as refusal:
+            patch.llm_refusal = refusal
+        patch.modes = "connector"
+        install_positions(patch, inner)
+        self._install_entries(patch, model, inner, deepstack)
+
+    def _install_entries(
+        self, patch: VisionLanguagePatch, model: nn.Module, inner: nn.Module, deepstack: int
+    ) -> None:
+        image_token = int(inner.config.image_token_id)
+
+        def shrink(named: dict[str, Any]) -> tuple[dict[str, Any], list[Any] | None]:
+            """Connector mode: encode, reduce, cut the runs; the kept indices per image."""
+            if "connector" not in patch.active_modes() or named.get("pixel_values") is None:
+                return named, None
+            if named.get("pixel_values_videos") is not None:
+                warnings.warn(
+                    "connector mode reduces images only; this call's video tokens pass "
+                    "through unreduced",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            with module_weights(inner):
+                output = inner.get_image_features(
+                    named["pixel_values"], named["image_grid_thw"], return_dict=True
+                )
+            done = reduce_call(
+                patch, patch.connector, named, list(output.pooler_output), image_token,
+                _pad_id(model), embed=inner.get_input_embeddings(),
+            )  # fmt: skip
+            index = [k.index for k in done.kept]
+            output = copy.copy(output)
+            output.pooler_output = tuple(k.tokens for k in done.kept)
+            if getattr(output, "deepstack_features", None) is not None:
+                output.deepstack_features = [
+                    tuple(f[i.to(f.device)] for f, i in zip(level, index, strict=True))
+                    for level in output.deepstack_features
+                ]
+            named = done.named
+            named.pop("pixel_values")
+            named["mm_encoder_outputs"] = {
+                **(named.get("mm_encoder_outputs") or {}),
+                "image": output,
+            }
+            named["position_ids"] = None  # recomputed for the shortened prompt
+            return named, index
+
+        def check_llm(modes: frozenset[str]) -> None:
+            if "llm" in modes and patch.llm.layer < deepstack:
+                raise ValueError(
+                    f"llm layer must be >= {deepstack} on Qwen3-VL (its deepstack adds image "
+                    f"features at decoder layers 0..{deepstack - 1}), got {patch.llm.layer}"
+                )
+
+        def inner_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            with mode_scope(patch, kwargs) as modes:
+                check_llm(modes)
+                named, index = shrink(bind_arguments(original, args, kwargs))
+                ids = named.get("input_ids")
+                image_mask = ids == image_token if "llm" in modes and ids is not None else None
+                call = start_call(patch.llm, named, image_mask, inner.language_model.config)
+                if index is None:
+                    return forward_in_call(call, original, named)
+                with kept_positions(index):
+                    return forward_in_call(call, original, named)
+
+        patch.override(inner, "forward", inner_forward)
+        if inner is model:
+            return
+
+        def outer_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            with mode_scope(patch, kwargs) as modes:
+                check_llm(modes)
+                named, index = shrink(bind_arguments(original, args, kwargs))
+                if index is None:
+                    return original(**named)
+                with kept_positions(index):
+                    return original(**named)
+
+        patch.override(model, "forward", outer_forward)
+
+        def generate(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            with mode_scope(patch, kwargs) as modes:
+                check_llm(modes)
+                if "llm" in modes and max(kwargs.get("num_beams", 1) or 1, 1) > 1:
+                    raise ValueError(
+                        "llm mode supports num_beams=1 only (its cache is not reordered)"
+                    )
+                if "connector" not in modes or kwargs.get("pixel_values") is None:
+                    return original(*args, **kwargs)
+                named = dict(kwargs)
+                if args:
+                    named["input_ids"], args = args[0], args[1:]
+                if named.get("inputs") is not None:
+                    named["input_ids"] = named.pop("inputs")
+                prompt = named["input_ids"]
+                named, index = shrink(named)
+                named.pop("position_ids", None)
+                with kept_positions(index or []):
+                    output = original(*args, **named)
+                return _with_prompt(output, prompt, named["input_ids"].shape[1])
+
+        patch.override(model, "generate", generate)

@@ -1,0 +1,80 @@
+"""M-RoPE positions of the kept image tokens (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+
+The model computes a prompt's 3-D positions in ``get_rope_index``, asking
+``get_vision_position_ids`` for each image's full ``(t, h, w)`` grid and advancing the
+text position by the grid's extent (not by the token count). While a connector call is
+active, the two wrappers below hand each image only its kept tokens' grid positions; the
+text after an image keeps its positions, and ``rope_deltas`` (which decode steps use)
+come out right for the shortened prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...patch import TurboPatch
+from ..llava.llm import bind_arguments
+
+__all__ = ["install_positions", "kept_positions"]
+
+#: per image (batch order), its kept tokens' indices, while a connector call runs
+_KEPT: contextvars.ContextVar[Sequence[torch.Tensor] | None] = contextvars.ContextVar(
+    "turbo_qwen_kept", default=None
+)
+#: during one get_rope_index: per vision group in its order, the indices (None: all)
+_QUEUE: contextvars.ContextVar[Iterator[torch.Tensor | None] | None] = contextvars.ContextVar(
+    "turbo_qwen_queue", default=None
+)
+
+
+@contextlib.contextmanager
+def kept_positions(kept: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Inside, position computations give image ``j`` the positions of ``kept[j]`` only."""
+    token = _KEPT.set(kept)
+    try:
+        yield
+    finally:
+        _KEPT.reset(token)
+
+
+def _groups(types: torch.Tensor, mask: torch.Tensor | None) -> list[int]:
+    """The modality of every vision group (1 image, 2 video), rows in order."""
+    order = []
+    for b in range(types.shape[0]):
+        row = types[b] if mask is None else types[b][mask[b].bool()]
+        order += [key for key, _ in itertools.groupby(row.tolist()) if key != 0]
+    return order
+
+
+def install_positions(patch: TurboPatch, inner: nn.Module) -> None:
+    """Wrap ``inner.get_rope_index`` and ``inner.get_vision_position_ids``."""
+
+    def rope_index(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        kept = _KEPT.get()
+        if kept is None:
+            return original(*args, **kwargs)
+        named = bind_arguments(original, args, kwargs)
+        order = _groups(named["mm_token_type_ids"], named.get("attention_mask"))
+        images = iter(kept)
+        queue = iter([next(images, None) if key == 1 else None for key in order])
+        token = _QUEUE.set(queue)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _QUEUE.reset(token)
+
+    def vision_positions(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        full = original(*args, **kwargs)  # (3, t * h * w)
+        queue = _QUEUE.get()
+        index = next(queue, None) if queue is not None else None
+        return full if index is None else full[:, index.to(full.device)]
+
+    patch.override(inner, "get_rope_index", rope_index)
+    patch.override(inner, "get_vision_position_ids", vision_positions)
