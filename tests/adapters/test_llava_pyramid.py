@@ -13,7 +13,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from support.pyramid_oracle import pyramid_greedy, pyramid_prefill
+from support.pyramid_oracle import pyramid_greedy, pyramid_prefill, sparse_prefill
 from support.tiny_llava import IMG, PER_IMAGE, build, left_pad, pixels, rows
 
 import turbo_adapters as ta
@@ -140,3 +140,79 @@ def test_single_stage_state_is_unchanged(model) -> None:
     state = cache_state(find_cache(out))
     assert len(state.stages) == 1 and state.layer == 2
     assert state.kept.shape[1] == ids.shape[1] - PER_IMAGE + 16
+
+
+# ---------------------------------------------------------------- SparseVLM
+SPARSE = LLMReduction.sparse_vlm(counts=(40, 20, 9), layers=(1, 2, 3), image_tokens=PER_IMAGE)
+# more recycled: 40 dropped at the first stage -> 21 recycled into 3 clusters (k-NN density, k=3)
+SPARSE_WIDE = LLMReduction.sparse_vlm(
+    counts=(24, 12, 6), layers=(1, 2, 3), image_tokens=PER_IMAGE, recycle=0.5
+)
+
+
+def test_sparse_vlm_settings() -> None:
+    default = LLMReduction.sparse_vlm()
+    assert default.rank == "raters" and default.recycle == 0.3
+    assert [layer for layer, _ in default.schedule] == [3, 7, 16]
+    assert [round(keep * 576) for _, keep in default.schedule] == [66, 30, 17]
+    with pytest.raises(ValueError, match="recycle needs method='prune'"):
+        LLMReduction(method="merge", recycle=0.3)
+    with pytest.raises(ValueError, match=r"recycle must be a fraction in \[0, 1\]"):
+        LLMReduction(recycle=1.5)
+    with pytest.raises(ValueError, match="counts and layers must be non-empty and of one length"):
+        LLMReduction.sparse_vlm(counts=(1, 2), layers=(1,))
+
+
+@pytest.mark.parametrize("settings", [SPARSE, SPARSE_WIDE], ids=["narrow", "wide"])
+def test_sparse_vlm_matches_the_float64_oracle(model, settings: LLMReduction) -> None:
+    ids = torch.tensor(rows([1]))
+    px = pixels(1, seed=4)
+    reference = copy.deepcopy(model).double()
+    reference.config.text_config._attn_implementation = "eager"
+    with torch.no_grad():
+        embeds = reference.get_input_embeddings()(ids)
+        feats = reference.model.get_image_features(
+            pixel_values=px.double(), return_dict=True
+        ).pooler_output[0]
+        embeds[ids == IMG] = feats
+        counts = [(layer, math.ceil(keep * PER_IMAGE - 1e-9)) for layer, keep in settings.schedule]
+        kept, sizes, last = sparse_prefill(
+            reference.model.language_model, embeds, ids[0] == IMG, counts, settings.recycle
+        )
+        logits = reference.lm_head(last)[0]
+    patch = ta.apply(model, r=0)
+    try:
+        patch.modes = "llm"
+        patch.llm = settings
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=px, use_cache=True)
+        state = cache_state(find_cache(out))
+    finally:
+        patch.remove()
+    for stage in state.stages:
+        assert torch.equal(stage.kept[0], kept[stage.layer]), stage.layer
+        torch.testing.assert_close(stage.size[0].double(), sizes[stage.layer])
+    recycled = state.stages[0].size[0]
+    assert (recycled > 1).sum() == (3 if settings is SPARSE_WIDE else 1)  # clusters formed
+    torch.testing.assert_close(out.logits[0, -1].double(), logits, atol=2e-4, rtol=1e-4)
+
+
+def test_sparse_vlm_batch_rows_equal_single_rows(model) -> None:
+    batch = [2, 1, 0]
+    prompts = rows(batch)
+    ids, mask = left_pad(prompts)
+    px = pixels(sum(batch))
+    patch = ta.apply(model, r=0)
+    try:
+        patch.modes = "llm"
+        patch.llm = SPARSE
+        out = generate(model, ids, mask, px)
+        start = 0
+        for b, p in enumerate(prompts):
+            one = torch.tensor([p])
+            sub = px[start : start + batch[b]] if batch[b] else None
+            start += batch[b]
+            alone = generate(model, one, torch.ones_like(one), sub)
+            assert torch.equal(out[b, -NEW:], alone[0, -NEW:]), b
+    finally:
+        patch.remove()

@@ -112,3 +112,97 @@ def pyramid_greedy(
         x = torch.cat([x, embed(torch.tensor([[token]]))], 1)
     assert first is not None
     return tokens, first
+
+
+# ------------------------------------------------------------------ SparseVLM
+def sparse_raters(embeds: torch.Tensor, image: torch.Tensor) -> list[int]:
+    """Text raters: tokens after the last image token whose softmax relevance (over the
+    text tokens, averaged over the image tokens) is above the mean."""
+    image_pos = [i for i in range(len(image)) if image[i]]
+    text_pos = list(range(image_pos[-1] + 1, len(image)))
+    v, t = embeds[0, image_pos], embeds[0, text_pos]
+    score = (v @ t.T).softmax(-1).mean(0)
+    mean = float(score.mean())
+    return [p for p, s in zip(text_pos, score.tolist(), strict=True) if s > mean]
+
+
+def density_peaks_loops(x: torch.Tensor, clusters: int) -> tuple[list[int], list[int]]:
+    """DPC-kNN in loops: (centres, cluster of every row); density ties go to the earlier
+    row (SparseVLM breaks them with random noise)."""
+    m, width = x.shape
+    dist = [[float((x[i] - x[j]).norm()) / math.sqrt(width) for j in range(m)] for i in range(m)]
+    k = min(clusters, m)
+    density = [math.exp(-sum(d * d for d in sorted(row)[:k]) / k) for row in dist]
+    top = max(max(row) for row in dist)
+    parent = [
+        min([dist[i][j] for j in range(m) if density[j] > density[i]], default=top)
+        for i in range(m)
+    ]
+    score = [parent[i] * density[i] for i in range(m)]
+    centres = sorted(range(m), key=lambda i: -score[i])[:clusters]
+    cluster = [min(range(clusters), key=lambda c: dist[i][centres[c]]) for i in range(m)]
+    for c, centre in enumerate(centres):
+        cluster[centre] = c
+    return centres, cluster
+
+
+def sparse_prefill(
+    decoder: nn.Module,
+    embeds: torch.Tensor,
+    image: torch.Tensor,
+    schedule: list[tuple[int, int]],
+    recycle: float,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+    """SparseVLM on one unpadded row: per stage layer, the kept positions and their sizes,
+    and the final-normed last hidden state. Merged slots add log(size) to their keys'
+    logits in every later layer (and in the ranking attention)."""
+    raters = sparse_raters(embeds, image)
+    positions = torch.arange(embeds.shape[1])
+    size = torch.ones(embeds.shape[1], dtype=embeds.dtype)
+    x = embeds
+    stages = dict(schedule)
+    kept_sets: dict[int, torch.Tensor] = {}
+    size_sets: dict[int, torch.Tensor] = {}
+    for index, layer in enumerate(decoder.layers):
+        n = x.shape[1]
+        bias = torch.full((n, n), -math.inf, dtype=x.dtype).triu(1) + size.log()[None, :]
+        if index in stages:
+            cos, sin = decoder.rotary_emb(x, positions[None])
+            attn = layer.self_attn
+            d = attn.head_dim
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(1, n, -1, d).transpose(1, 2)
+            k = attn.k_proj(h).view(1, n, -1, d).transpose(1, 2)
+            half_q = torch.cat([-q[..., d // 2 :], q[..., : d // 2]], -1)
+            half_k = torch.cat([-k[..., d // 2 :], k[..., : d // 2]], -1)
+            q = q * cos[:, None] + half_q * sin[:, None]
+            k = k * cos[:, None] + half_k * sin[:, None]
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+            probs = ((q @ k.transpose(-1, -2)) / math.sqrt(d) + bias).softmax(-1).mean(1)[0]
+            rows = [i for i in range(n) if int(positions[i]) in raters]
+            score = probs[rows].mean(0)
+            local_image = [i for i in range(n) if image[positions[i]]]
+            ranked = sorted(local_image, key=lambda i: -float(score[i]))
+            kept, dropped = ranked[: stages[index]], ranked[stages[index] :]
+            x = x.clone()
+            size = size.clone()
+            if dropped:
+                count = min(int(len(dropped) * recycle) + 1, len(dropped))
+                chosen = sorted(dropped, key=lambda i: -float(score[i]))[:count]
+                clusters = int(count / 10) + 1
+                centres, cluster = density_peaks_loops(x[0, chosen], clusters)
+                for c, centre in enumerate(centres):
+                    members = [chosen[i] for i in range(count) if cluster[i] == c]
+                    weights = size[members]
+                    x[0, chosen[centre]] = (x[0, members] * weights[:, None]).sum(0) / weights.sum()
+                    size[chosen[centre]] = weights.sum()
+                    kept.append(chosen[centre])
+            keep = torch.tensor([not image[positions[i]] or i in kept for i in range(n)])
+            x, positions, size = x[:, keep], positions[keep], size[keep]
+            kept_sets[index], size_sets[index] = positions.clone(), size.clone()
+            n = x.shape[1]
+            bias = torch.full((n, n), -math.inf, dtype=x.dtype).triu(1) + size.log()[None, :]
+        cos, sin = decoder.rotary_emb(x, positions[None])
+        out = layer(x, attention_mask=bias[None, None], position_embeddings=(cos, sin))
+        x = out[0] if isinstance(out, tuple) else out
+    return kept_sets, size_sets, decoder.norm(x)[:, -1]

@@ -63,7 +63,7 @@ __all__ = [
 
 _STATE_ATTR = "_turbo_llm_state"
 METHODS = ("prune", "merge")
-RANKS = ("last", "text")
+RANKS = ("last", "text", "raters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +76,15 @@ class LLMReduction:
             >= K still run on the re-laid sequence, which drops left padding).
         method: ``"prune"`` (FastV) or ``"merge"`` (Turbo's fusion, dropped tokens
             averaged into kept ones).
-        rank: attention of the ``"last"`` prompt token, or mean over all ``"text"`` tokens.
+        rank: attention of the ``"last"`` prompt token, mean over all ``"text"`` tokens, or
+            mean over SparseVLM's ``"raters"``: the instruction tokens (after the row's
+            last image token) whose softmax relevance to the image tokens, at the decoder's
+            input, is above their mean.
         alpha: weight of the attention against redundancy for ``"merge"``.
+        recycle: with ``"prune"``, the share of each stage's dropped image tokens recycled
+            (SparseVLM: 0.3): the ``int(share * dropped) + 1`` most attended dropped tokens
+            are clustered by density peaks (``int(count / 10) + 1`` clusters, k-NN density
+            with k = the cluster count) and each cluster is averaged into its centre's slot.
         stages: further ``(layer, keep)`` reductions after the first (PyramidDrop), layers
             strictly increasing after ``layer``; each ``keep`` is again a share of the
             row's ORIGINAL image tokens (cumulative, as PyramidDrop's ratio list), at most
@@ -91,6 +98,7 @@ class LLMReduction:
     rank: str = "last"
     alpha: float = 1.0
     stages: tuple[tuple[int, float], ...] = ()
+    recycle: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
@@ -115,6 +123,10 @@ class LLMReduction:
                 )
             previous_layer, previous_keep = layer, float(keep)
         object.__setattr__(self, "stages", stages)
+        if not isinstance(self.recycle, (int, float)) or not 0.0 <= float(self.recycle) <= 1.0:
+            raise ValueError(f"recycle must be a fraction in [0, 1], got {self.recycle!r}")
+        if self.recycle and self.method != "prune":
+            raise ValueError("recycle needs method='prune' ('merge' already keeps every token)")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.rank not in RANKS:
@@ -131,6 +143,33 @@ class LLMReduction:
     def last_layer(self) -> int:
         """The deepest layer reduced (must be below the decoder's layer count)."""
         return self.schedule[-1][0]
+
+    @classmethod
+    def sparse_vlm(
+        cls,
+        counts: Sequence[int] = (66, 30, 17),
+        layers: Sequence[int] = (3, 7, 16),
+        image_tokens: int = 576,
+        recycle: float = 0.3,
+    ) -> LLMReduction:
+        """SparseVLM (v1): text raters rank the image tokens at ``layers``, keeping
+        ``counts`` of ``image_tokens`` (its LLaVA-1.5 lists: 64 -> 66, 30, 17; 128 -> 303,
+        110, 36; 192 -> 300, 200, 110), and recycle 30 % of the dropped ones into
+        clusters. Its pruning follows layers 2, 6, 15; here it precedes 3, 7, 16 (the same
+        layers see all tokens), ranked with the attention of the layer it precedes."""
+        if len(counts) != len(layers) or not layers:
+            raise ValueError(
+                f"counts and layers must be non-empty and of one length, got {len(counts)} "
+                f"counts and {len(layers)} layers"
+            )
+        if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens < 1:
+            raise ValueError(f"image_tokens must be an int >= 1, got {image_tokens!r}")
+        keeps = [min(1.0, count / image_tokens) for count in counts]
+        stages = tuple(zip(layers[1:], keeps[1:], strict=True))
+        return cls(
+            layer=layers[0], keep=keeps[0], method="prune", rank="raters",
+            stages=stages, recycle=recycle,
+        )  # fmt: skip
 
     @classmethod
     def pyramid_drop(
@@ -219,6 +258,7 @@ class LLMCall:
     cache: Any
     state: LLMCacheState | None = None
     layer_kwargs: dict[str, Any] | None = None  # replaced kwargs for the current stage
+    raters: torch.Tensor | None = None  # (B, N) SparseVLM's text raters, at the prefill
     kwargs_stage: int = -1  # the stage layer_kwargs belong to
 
 
@@ -284,6 +324,7 @@ def text_attention(
     image_mask: torch.Tensor,
     rank: str,
     size: torch.Tensor | None = None,
+    raters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(B, N)`` attention paid to every token by the last or all text tokens of layer K.
 
@@ -303,7 +344,8 @@ def text_attention(
         weights = torch.ones(batch, 1, device=x.device)
     else:
         rows = positions.expand(batch, n)
-        weights = (valid & ~image_mask).float()
+        chosen = raters if rank == "raters" and raters is not None else ~image_mask
+        weights = (valid & chosen).float()
     pick = rows[:, :, None]
     x_q = x.gather(1, pick.expand(-1, -1, x.shape[-1]))
     q = attn.q_proj(x_q).view(batch, rows.shape[1], -1, head_dim).transpose(1, 2)
@@ -321,6 +363,79 @@ def text_attention(
     logits = logits.masked_fill(~allowed, -math.inf)
     probs = logits.softmax(-1).nan_to_num(0.0).mean(1)  # (B, Nq, Nk)
     return (probs * weights[:, :, None]).sum(1) / weights.sum(1).clamp(min=1)[:, None]
+
+
+def select_raters(
+    hidden: torch.Tensor, valid: torch.Tensor, image_mask: torch.Tensor
+) -> torch.Tensor:
+    """``(B, N)`` SparseVLM's text raters from the decoder's input ``hidden``.
+
+    Per row, the instruction tokens (valid tokens after the last image token) get
+    ``softmax_t(v . t)`` averaged over the image tokens v; those above the mean rate.
+    """
+    raters = torch.zeros_like(valid)
+    for b in range(hidden.shape[0]):
+        image_idx = (image_mask[b] & valid[b]).nonzero().squeeze(-1)
+        if not image_idx.numel():
+            continue
+        after = valid[b].clone()
+        after[: int(image_idx[-1]) + 1] = False
+        text_idx = after.nonzero().squeeze(-1)
+        if not text_idx.numel():
+            continue
+        relevance = hidden[b, image_idx].float() @ hidden[b, text_idx].float().T
+        score = relevance.softmax(-1).mean(0)
+        raters[b, text_idx[score > score.mean()]] = True
+    return raters
+
+
+def _density_peaks(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN clustering of ``x`` (m, C), rows most attended first: (centres, clusters).
+
+    Density ``exp(-mean of the k-NN squared distances)`` (k = ``clusters``, distances over
+    sqrt(C)); a centre maximises density times the distance to a denser token; every token
+    joins its nearest centre, a centre itself.
+    """
+    m, width = x.shape
+    dist = torch.cdist(x.float(), x.float()) / width**0.5
+    dist.fill_diagonal_(0.0)  # exactly: with k = 1 every density is then exactly 1
+    nearest = dist.topk(min(clusters, m), dim=-1, largest=False).values
+    density = (-nearest.square().mean(-1)).exp()
+    denser = density[None, :] > density[:, None]  # [i, j]: j denser than i
+    parent = torch.where(denser, dist, dist.max()).min(-1).values
+    # SparseVLM breaks density ties with random noise; here the earlier (more attended)
+    # token wins, so the choice is deterministic
+    centres = torch.argsort(parent * density, descending=True, stable=True)[:clusters]
+    cluster = dist[:, centres].argmin(-1)
+    cluster[centres] = torch.arange(clusters, device=x.device)
+    return centres, cluster
+
+
+def _recycle(
+    hidden: torch.Tensor,
+    size: torch.Tensor,
+    attention: torch.Tensor,
+    dropped: torch.Tensor,
+    share: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cluster the most attended dropped tokens; each cluster averages into its centre.
+
+    Returns (centre positions, hidden, size) with the centres' rows replaced."""
+    count = min(int(dropped.numel() * share) + 1, dropped.numel())
+    chosen = dropped[attention[dropped].topk(count).indices]
+    clusters = int(count / 10) + 1
+    centres, cluster = _density_peaks(hidden[chosen], clusters)
+    weight = size[chosen].to(hidden.dtype)
+    total = hidden.new_zeros(clusters, hidden.shape[1]).index_add_(
+        0, cluster, hidden[chosen] * weight[:, None]
+    )
+    mass = size.new_zeros(clusters).index_add_(0, cluster, size[chosen])
+    centre_pos = chosen[centres]
+    hidden = hidden.clone()
+    size = size.clone()
+    hidden[centre_pos] = total / mass.to(hidden.dtype)[:, None]
+    size[centre_pos] = mass
+    return centre_pos, hidden, size
 
 
 # ---------------------------------------------------------------- selection
@@ -344,7 +459,13 @@ def _select_row(
     a = a / a.mean().clamp(min=1e-12)
     if settings.method == "prune":
         order = torch.argsort(a, descending=True, stable=True)  # most attended first
-        return image_idx[order[:keep]].sort().values, hidden, size
+        kept_pos = image_idx[order[:keep]]
+        if settings.recycle:
+            centres, hidden, size = _recycle(
+                hidden, size, attention, image_idx[order[keep:]], settings.recycle
+            )
+            kept_pos = torch.cat([kept_pos, centres])
+        return kept_pos.sort().values, hidden, size
     feats = F.normalize(hidden[image_idx].float(), dim=-1)
     sim = feats @ feats.T
     sim.fill_diagonal_(-math.inf)
@@ -426,9 +547,10 @@ def reduce_at_layer(
     pos_emb = (
         (cos_full, sin_full) if stage == 0 else (at(cos_full, slots_pos), at(sin_full, slots_pos))
     )
+    raters = None if call.raters is None else call.raters.gather(1, slots_pos)
     attention = text_attention(
         layer, hidden, pos_emb, valid, image_mask, call.settings.rank,
-        None if stage == 0 else slot_size,
+        None if stage == 0 else slot_size, raters,
     )  # fmt: skip
     share = call.settings.schedule[stage][1]
     rows_pos, rows_hidden, rows_size, keep_counts = [], [], [], []
@@ -590,6 +712,12 @@ def install_decoder_layers(patch: TurboPatch, layers: Sequence[nn.Module]) -> No
                 layers = [stage.layer for stage in call.state.stages]
             else:
                 layers = [layer for layer, _ in call.settings.schedule]
+            if _i == 0 and call.image_mask is not None and call.settings.rank == "raters":
+                hidden_in = args[0] if args else kw["hidden_states"]
+                valid = call.mask2d.bool() if call.mask2d is not None else None
+                if valid is None:
+                    valid = torch.ones_like(call.image_mask)
+                call.raters = select_raters(hidden_in, valid, call.image_mask)
             stage = _stage_of(layers, _i)
             if stage < 0:
                 return original(*args, **kw)
