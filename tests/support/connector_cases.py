@@ -169,4 +169,30 @@ ONEVISION = ConnectorCase(
     offload=SIGLIP_OFFLOAD,
 )
 
-CASES += [PALIGEMMA, GEMMA3, ONEVISION]
+IDEFICS3 = ConnectorCase(
+    "idefics3",
+    tiny_prefix_vlms.build_idefics3,
+    tiny_prefix_vlms.idefics3_feed,
+    tiny_prefix_vlms.idefics3_counts,
+    connector_methods.STRIDED,
+    budget=5,
+    offload="the unpatched Idefics3 fails under cpu_offload (Tensor.item() on a meta tensor)",
+)
+SMOLVLM = ConnectorCase(
+    "smolvlm",
+    lambda: tiny_prefix_vlms.build_idefics3(smol=True),
+    tiny_prefix_vlms.idefics3_feed,
+    tiny_prefix_vlms.idefics3_counts,
+    connector_methods.STRIDED,
+    budget=5,
+)
+INTERNVL = ConnectorCase(
+    "internvl",
+    tiny_prefix_vlms.build_internvl,
+    tiny_prefix_vlms.internvl_feed,
+    tiny_prefix_vlms.internvl_counts,
+    connector_methods.STRIDED,
+    budget=5,
+)
+
+CASES += [PALIGEMMA, GEMMA3, ONEVISION, IDEFICS3, SMOLVLM, INTERNVL]

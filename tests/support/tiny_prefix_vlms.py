@@ -146,3 +146,79 @@ def onevision_feed(rows: list[int]) -> dict[str, Any]:
 def onevision_counts(rows: list[int]) -> list[int]:
     onevision_feed([0])
     return [_ONEVISION_COUNTS[r] for r in rows]
+
+
+# ------------------------------------------------- Idefics3 / SmolVLM, InternVL
+def _llama_text() -> dict:
+    return {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": VOCAB, "pad_token_id": PAD}  # fmt: skip
+
+
+def build_idefics3(seed: int = 0, smol: bool = False) -> torch.nn.Module:
+    """Idefics3 (or SmolVLM): 32 px tiles of 8x8 patches, pixel-shuffled 2x2: 16 tokens."""
+    torch.manual_seed(seed)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "image_size": 32, "patch_size": 4}  # fmt: skip
+    names = ("SmolVLMConfig", "SmolVLMForConditionalGeneration") if smol else (
+        "Idefics3Config", "Idefics3ForConditionalGeneration")  # fmt: skip
+    config = getattr(transformers, names[0])(
+        vision_config=vision, text_config=_llama_text(), image_token_id=IMG, scale_factor=2,
+    )  # fmt: skip
+    model = getattr(transformers, names[1])(config).eval()
+    _informative(model, model.model.text_model, model.model.connector, model.lm_head)
+    return model
+
+
+def idefics3_feed(rows: list[int]) -> dict[str, Any]:
+    """``<fake> <image> * 16 <fake>`` per tile; rows with 1 or 2 tiles."""
+    tiles = {0: 1, 1: 2, 2: 1}
+    count = max(tiles[r] for r in rows)
+    prompts, pixels = [], torch.zeros(len(rows), count, 3, 32, 32)
+    for b, row in enumerate(rows):
+        ids = [1, 5 + row]
+        for i in range(tiles[row]):
+            ids += [BOI, *[IMG] * 16, BOI, 7 + i]
+            pixels[b, i] = _pixels(10 * row + i, (3, 32, 32))
+        prompts.append([*ids, 8, 9 + row] + [11] * row)
+    ids, mask = tiny_llava.left_pad(prompts)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def idefics3_counts(rows: list[int]) -> list[int]:
+    """Idefics3's features come per row (all its tiles): one entry per row."""
+    return [16 * {0: 1, 1: 2, 2: 1}[r] for r in rows]
+
+
+def build_internvl(seed: int = 0) -> torch.nn.Module:
+    """InternVL: a 32 px tile of 8x8 patches, pixel-shuffled by 0.5: 16 tokens."""
+    torch.manual_seed(seed)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "image_size": [32, 32], "patch_size": [4, 4]}  # fmt: skip
+    text = {**_llama_text(), "model_type": "qwen2"}
+    config = transformers.InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=IMG, image_seq_length=16,
+        downsample_ratio=0.5, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.InternVLForConditionalGeneration(config).eval()
+    _informative(
+        model, model.model.language_model, model.model.multi_modal_projector, model.lm_head
+    )
+    return model
+
+
+def internvl_feed(rows: list[int]) -> dict[str, Any]:
+    tiles = {0: 1, 1: 2, 2: 1}
+    prompts, pixels = [], []
+    for row in rows:
+        ids = [1, 5 + row]
+        for i in range(tiles[row]):
+            ids += [BOI, *[IMG] * 16, EOI, 7 + i]
+            pixels.append(_pixels(10 * row + i, (1, 3, 32, 32)))
+        prompts.append([*ids, 8, 9 + row] + [11] * row)
+    ids, mask = tiny_llava.left_pad(prompts)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels)}
+
+
+def internvl_counts(rows: list[int]) -> list[int]:
+    return [16] * sum({0: 1, 1: 2, 2: 1}[r] for r in rows)

@@ -56,6 +56,8 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.connector_vlm:PaliGemmaAdapter",
     "turbo_adapters.families.connector_vlm:Gemma3Adapter",
     "turbo_adapters.families.connector_vlm:LlavaOneVisionAdapter",
+    "turbo_adapters.families.connector_vlm:Idefics3Adapter",
+    "turbo_adapters.families.connector_vlm:InternVLAdapter",
     "turbo_adapters.families.stable_diffusion:StableDiffusionAdapter",
 )
 

@@ -11,7 +11,9 @@ prompt (1-D RoPE: the text after an image moves up by the tokens removed).
 
 Families: PaliGemma (SigLIP, linear projection), Gemma 3 (reduce after the 4096 -> 256
 average pool), LLaVA-OneVision (anyres tiles and newline tokens packed per image, like
-LLaVA-NeXT: the packed tokens are reduced).
+LLaVA-NeXT: the packed tokens are reduced), Idefics3 / SmolVLM and InternVL (after the
+pixel shuffle; Idefics3's features come per row, all its tiles together, so a budget
+applies per row there; InternVL's per tile).
 """
 
 from __future__ import annotations
@@ -40,7 +42,20 @@ from .llava.llm import (
 )
 from .llava.modes import VisionLanguagePatch, mode_scope
 
-__all__ = ["ConnectorVLMAdapter", "Gemma3Adapter", "LlavaOneVisionAdapter", "PaliGemmaAdapter"]
+__all__ = [
+    "ConnectorVLMAdapter",
+    "Gemma3Adapter",
+    "Idefics3Adapter",
+    "InternVLAdapter",
+    "LlavaOneVisionAdapter",
+    "PaliGemmaAdapter",
+]
+
+
+def _decoder(inner: nn.Module) -> nn.Module:
+    """The language model (``language_model``; Idefics3 / SmolVLM call it ``text_model``)."""
+    found = getattr(inner, "language_model", None)
+    return found if found is not None else inner.text_model
 
 
 def _image_token(config: Any) -> int:
@@ -60,7 +75,8 @@ class ConnectorVLMAdapter(HFAdapter):
         if not isinstance(patch, VisionLanguagePatch):
             raise TypeError(f"the {self.name} adapter needs a VisionLanguagePatch")
         inner = model if isinstance(model, self.classes()["inner"]) else model.model
-        layers = list(inner.language_model.layers)
+        decoder = _decoder(inner)
+        layers = list(decoder.layers)
         patch.num_text_layers = len(layers)
         patch.tower_refusal = self.tower_refusal
         patch.connector_available = True
@@ -70,7 +86,7 @@ class ConnectorVLMAdapter(HFAdapter):
             )
         else:
             try:
-                check_decoder(patch.adapter_name, inner.language_model, layers)
+                check_decoder(patch.adapter_name, decoder, layers)
                 install_decoder_layers(patch, layers)
             except IncompatibleLibraryError as refusal:
                 patch.llm_refusal = refusal
@@ -119,7 +135,7 @@ class ConnectorVLMAdapter(HFAdapter):
                 named = shrink(bind_arguments(original, args, kwargs))
                 ids = named.get("input_ids")
                 image_mask = ids == image_token if "llm" in modes and ids is not None else None
-                call = start_call(patch.llm, named, image_mask, inner.language_model.config)
+                call = start_call(patch.llm, named, image_mask, _decoder(inner).config)
                 return forward_in_call(call, original, named)
 
         patch.override(inner, "forward", inner_forward)
@@ -218,4 +234,45 @@ class LlavaOneVisionAdapter(ConnectorVLMAdapter):
         return {
             "models": (ov.LlavaOnevisionForConditionalGeneration, ov.LlavaOnevisionModel),
             "inner": (ov.LlavaOnevisionModel,),
+        }
+
+
+_SHUFFLE = "pixel-shuffles each tile's full patch grid, which merged tower tokens no longer fill"
+
+
+class Idefics3Adapter(ConnectorVLMAdapter):
+    """transformers ``Idefics3`` and ``SmolVLM`` (conditional generation and base models)."""
+
+    name = "idefics3"
+    model_names = ("HuggingFaceM4/Idefics3-*", "HuggingFaceTB/SmolVLM*", "smolvlm*", "idefics3*")
+    model_types = ("idefics3", "smolvlm")
+    tower_refusal = f"Idefics3 / SmolVLM {_SHUFFLE}; use 'connector' (after the shuffle)"
+
+    def classes(self) -> dict[str, Any]:
+        from transformers.models.idefics3 import modeling_idefics3 as i3
+        from transformers.models.smolvlm import modeling_smolvlm as sv
+
+        return {
+            "models": (
+                i3.Idefics3ForConditionalGeneration, i3.Idefics3Model,
+                sv.SmolVLMForConditionalGeneration, sv.SmolVLMModel,
+            ),
+            "inner": (i3.Idefics3Model, sv.SmolVLMModel),
+        }  # fmt: skip
+
+
+class InternVLAdapter(ConnectorVLMAdapter):
+    """transformers ``InternVLForConditionalGeneration`` / ``InternVLModel``."""
+
+    name = "internvl"
+    model_names = ("OpenGVLab/InternVL*", "internvl*")
+    model_types = ("internvl",)
+    tower_refusal = f"InternVL {_SHUFFLE}; use 'connector' (after the shuffle)"
+
+    def classes(self) -> dict[str, Any]:
+        from transformers.models.internvl import modeling_internvl as iv
+
+        return {
+            "models": (iv.InternVLForConditionalGeneration, iv.InternVLModel),
+            "inner": (iv.InternVLModel,),
         }
