@@ -10,6 +10,8 @@ fused causal SDPA) is timed on the reduced prompt (K image tokens + ``--text`` t
 multiplied by ``--layers`` (32): a PROJECTED full-depth reduced prefill, and each method's
 cost as a share of it. Figures measured on a shared machine are noisy; label them so.
 
+On a loaded machine, ``--threads 1`` gives steadier figures (two threads contend).
+
 Usage: python benchmarks/connector_methods.py [--tokens 576 2880 --budgets 64 128 192]
 """
 
@@ -68,7 +70,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=sorted(CONNECTOR_METHODS))
     parser.add_argument("--no-prefill", action="store_true", help="skip the decoder-layer timing")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch 1")
     print("measured under load from parallel work (a shared 2-core machine)\n")

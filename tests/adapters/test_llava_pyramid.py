@@ -13,7 +13,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from support.pyramid_oracle import pyramid_greedy, pyramid_prefill, sparse_prefill
+from support.pyramid_oracle import pyramid_greedy, pyramid_prefill, sparse_prefill, sparse_replay
 from support.tiny_llava import IMG, PER_IMAGE, build, left_pad, pixels, rows
 
 import turbo_adapters as ta
@@ -176,10 +176,20 @@ def test_sparse_vlm_matches_the_float64_oracle(model, settings: LLMReduction) ->
         ).pooler_output[0]
         embeds[ids == IMG] = feats
         counts = [(layer, math.ceil(keep * PER_IMAGE - 1e-9)) for layer, keep in settings.schedule]
-        kept, sizes, last = sparse_prefill(
-            reference.model.language_model, embeds, ids[0] == IMG, counts, settings.recycle
+        decoder = reference.model.language_model
+        kept, sizes, last, plan = sparse_prefill(
+            decoder, embeds, ids[0] == IMG, counts, settings.recycle
         )
         logits = reference.lm_head(last)[0]
+        # greedy decoding with the prefill's decisions replayed, recomputed in full each step
+        tokens, x = [], embeds
+        for _ in range(NEW):
+            step = reference.lm_head(sparse_replay(decoder, x, plan, ids.shape[1]))[0]
+            tokens.append(int(step.argmax()))
+            x = torch.cat([x, reference.get_input_embeddings()(torch.tensor([tokens[-1:]]))], 1)
+        assert torch.allclose(
+            reference.lm_head(sparse_replay(decoder, embeds, plan, ids.shape[1]))[0], logits
+        )
     patch = ta.apply(model, r=0)
     try:
         patch.modes = "llm"
@@ -187,8 +197,10 @@ def test_sparse_vlm_matches_the_float64_oracle(model, settings: LLMReduction) ->
         with torch.no_grad():
             out = model(input_ids=ids, pixel_values=px, use_cache=True)
         state = cache_state(find_cache(out))
+        generated = generate(model, ids, torch.ones_like(ids), px)[0, -NEW:].tolist()
     finally:
         patch.remove()
+    assert generated == tokens
     for stage in state.stages:
         assert torch.equal(stage.kept[0], kept[stage.layer]), stage.layer
         torch.testing.assert_close(stage.size[0].double(), sizes[stage.layer])

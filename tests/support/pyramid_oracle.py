@@ -12,6 +12,9 @@ import math
 import torch
 from torch import nn
 
+# per stage layer: (kept original positions, {centre position: member positions})
+Plan = dict[int, tuple[list[int], dict[int, list[int]]]]
+
 
 def last_token_attention(
     layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -152,10 +155,11 @@ def sparse_prefill(
     image: torch.Tensor,
     schedule: list[tuple[int, int]],
     recycle: float,
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor, Plan]:
     """SparseVLM on one unpadded row: per stage layer, the kept positions and their sizes,
-    and the final-normed last hidden state. Merged slots add log(size) to their keys'
-    logits in every later layer (and in the ranking attention)."""
+    the final-normed last hidden state, and the plan (for :func:`sparse_replay`). Merged
+    slots add log(size) to their keys' logits in every later layer (and in the ranking
+    attention)."""
     raters = sparse_raters(embeds, image)
     positions = torch.arange(embeds.shape[1])
     size = torch.ones(embeds.shape[1], dtype=embeds.dtype)
@@ -163,6 +167,7 @@ def sparse_prefill(
     stages = dict(schedule)
     kept_sets: dict[int, torch.Tensor] = {}
     size_sets: dict[int, torch.Tensor] = {}
+    plan: Plan = {}
     for index, layer in enumerate(decoder.layers):
         n = x.shape[1]
         bias = torch.full((n, n), -math.inf, dtype=x.dtype).triu(1) + size.log()[None, :]
@@ -186,6 +191,7 @@ def sparse_prefill(
             kept, dropped = ranked[: stages[index]], ranked[stages[index] :]
             x = x.clone()
             size = size.clone()
+            merges: dict[int, list[int]] = {}
             if dropped:
                 count = min(int(len(dropped) * recycle) + 1, len(dropped))
                 chosen = sorted(dropped, key=lambda i: -float(score[i]))[:count]
@@ -197,12 +203,43 @@ def sparse_prefill(
                     x[0, chosen[centre]] = (x[0, members] * weights[:, None]).sum(0) / weights.sum()
                     size[chosen[centre]] = weights.sum()
                     kept.append(chosen[centre])
+                    merges[int(positions[chosen[centre]])] = [int(positions[i]) for i in members]
             keep = torch.tensor([not image[positions[i]] or i in kept for i in range(n)])
             x, positions, size = x[:, keep], positions[keep], size[keep]
             kept_sets[index], size_sets[index] = positions.clone(), size.clone()
+            plan[index] = (positions.tolist(), merges)
             n = x.shape[1]
             bias = torch.full((n, n), -math.inf, dtype=x.dtype).triu(1) + size.log()[None, :]
         cos, sin = decoder.rotary_emb(x, positions[None])
         out = layer(x, attention_mask=bias[None, None], position_embeddings=(cos, sin))
         x = out[0] if isinstance(out, tuple) else out
-    return kept_sets, size_sets, decoder.norm(x)[:, -1]
+    return kept_sets, size_sets, decoder.norm(x)[:, -1], plan
+
+
+def sparse_replay(
+    decoder: nn.Module, embeds: torch.Tensor, plan: Plan, prompt: int
+) -> torch.Tensor:
+    """The last hidden state of ``embeds`` (prompt + generated tokens) with the prefill's
+    SparseVLM decisions replayed: at each stage the same prompt tokens stay and the same
+    members merge into each centre (size-weighted); generated tokens always stay."""
+    positions = torch.arange(embeds.shape[1])
+    size = torch.ones(embeds.shape[1], dtype=embeds.dtype)
+    x = embeds
+    for index, layer in enumerate(decoder.layers):
+        if index in plan:
+            kept, merges = plan[index]
+            row = {int(p): i for i, p in enumerate(positions)}
+            x, size = x.clone(), size.clone()
+            for centre, members in merges.items():
+                rows_ = [row[m] for m in members]
+                weights = size[rows_]
+                x[0, row[centre]] = (x[0, rows_] * weights[:, None]).sum(0) / weights.sum()
+                size[row[centre]] = weights.sum()
+            keep = torch.tensor([int(p) in kept or int(p) >= prompt for p in positions])
+            x, positions, size = x[:, keep], positions[keep], size[keep]
+        n = x.shape[1]
+        bias = torch.full((n, n), -math.inf, dtype=x.dtype).triu(1) + size.log()[None, :]
+        cos, sin = decoder.rotary_emb(x, positions[None])
+        out = layer(x, attention_mask=bias[None, None], position_embeddings=(cos, sin))
+        x = out[0] if isinstance(out, tuple) else out
+    return decoder.norm(x)[:, -1]
