@@ -15,6 +15,8 @@ from connector_oracles import (
     turbo_row,
     visionzip_row,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 from turbo_core import (
     CONNECTOR_METHODS,
@@ -289,3 +291,22 @@ def test_cdpruner_text_mask_ignores_padding_and_theta_acts():
     unmasked = CDPruner()(ConnectorInputs(inputs.features, text=padded_text), 10)
     assert not torch.equal(unmasked.index, plain.index)
     assert not torch.equal(CDPruner(theta=0.9)(inputs, 10).index, plain.index)
+
+
+@given(
+    batch=st.integers(1, 3),
+    count=st.integers(1, 40),
+    width=st.integers(1, 9),
+    budget=st.integers(1, 45),
+    seed=st.integers(0, 2**16),
+)
+def test_every_method_keeps_the_contract_on_any_shape(batch, count, width, budget, seed):
+    inputs = make_inputs(batch, count, width, seed)
+    for name in METHODS:
+        out = get_connector_method(name)(inputs, budget)
+        check_reduced(inputs, budget, out)
+        assert torch.isfinite(out.tokens).all(), name
+        # the merging methods account for every token (VisionZip: when it has contextual ones)
+        merges = name == "turbo" or (name == "visionzip" and VisionZip().split(budget)[1] > 0)
+        if merges or budget >= count:
+            torch.testing.assert_close(out.sizes.sum(-1), torch.full((batch,), float(count)))
