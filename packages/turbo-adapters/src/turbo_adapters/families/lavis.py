@@ -127,7 +127,9 @@ LAVIS_VIT = TowerFamily(
     models=(),
     recognise=lambda model: lavis_kind(model) is not None,
     layer_path="blocks",
-    block=lambda first: EVA_BLOCK if hasattr(first.attn, "relative_position_bias_table") else LAVIS_BLOCK,
+    block=lambda first: (
+        EVA_BLOCK if hasattr(first.attn, "relative_position_bias_table") else LAVIS_BLOCK
+    ),
     check=_check,
     attend=lambda patch, site, attn: _install_attention(patch, site, attn, _attention_layout(attn)),
     scopes=("forward_features", "forward"),

@@ -13,8 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from turbo_core import TurboConfig
-
 from ..attention import QKVLayout
 from ..blocks import BlockSpec, size_weighted_mean, token_sizes
 from ..patch import TurboPatch

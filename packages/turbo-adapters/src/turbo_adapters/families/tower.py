@@ -183,7 +183,9 @@ class TowerAdapter(FamilyAdapter):
             layers = list(found)
         if not layers:
             raise TypeError(f"{family.name} found no transformer layers to patch")
-        odd = {type(layer).__name__ for layer in layers if classes and not isinstance(layer, classes)}
+        odd = {
+            type(layer).__name__ for layer in layers if classes and not isinstance(layer, classes)
+        }
         attention = resolve(family.attention)
         if attention and not odd:
             attn = self.block_spec(layers[0]).attn
