@@ -39,6 +39,7 @@ from ..attention import use_turbo_attention
 from ..blocks import BlockSpec, install_blocks, install_scope
 from ..patch import TurboPatch
 from ..site import ReductionSite
+from .hf_base import find_one as find_tower
 
 __all__ = ["Installer", "TowerAdapter", "TowerFamily", "find_tower"]
 
@@ -122,16 +123,6 @@ class TowerFamily:
             raise ValueError("a TowerFamily needs a name and model classes (or recognise)")
         if not self.layers and self.layer_path is None:
             raise ValueError(f"{self.name}: give the layer classes, a layer_path, or both")
-
-
-def find_tower(model: nn.Module, classes: tuple[type, ...], what: str) -> nn.Module:
-    """The single submodule (or ``model`` itself) that is an instance of ``classes``."""
-    found = [m for m in model.modules() if isinstance(m, classes)]
-    if len(found) != 1:
-        raise TypeError(
-            f"expected exactly one {what} in {type(model).__name__}, found {len(found)}"
-        )
-    return found[0]
 
 
 def _short(refs: tuple[str, ...]) -> str:
