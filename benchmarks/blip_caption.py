@@ -17,7 +17,7 @@ position, and teacher-forced argmax on the unpatched caption). The machine is sh
 treat single runs as noisy and compare methods within a run only.
 
 Usage: python benchmarks/blip_caption.py [blip|blip2] [--preset reference-blip-caption]
-       [--batch 8] [--repeats 3] [--r 30] [--extra-r 40 44]
+       [--batch 8] [--repeats 3] [--r 30] [--extra-r 40 44] [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import json
 from typing import Any
 
 import torch
+from benchmark_target import add_target_arguments, target
 
 import turbo_adapters as ta
 from turbo_eval.measure import count_flops, interleaved_throughput
@@ -76,12 +77,13 @@ def bench_blip(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(0)
     base = transformers.BlipForConditionalGeneration(transformers.BlipConfig(**BLIP_BASE)).eval()
+    base = args.where.to(base)
     r0 = copy.deepcopy(base)
     turbo = copy.deepcopy(base)
     ta.apply(r0, args.preset, r=0)
     overrides = {} if args.r is None else {"r": args.r}
     patch = ta.apply(turbo, args.preset, **overrides)
-    pixels = photos(args.batch, 384)
+    pixels = args.where.to(photos(args.batch, 384))
     models = {"unpatched": base, "turbo r=0": r0, f"turbo {args.preset}": turbo}
     for r in args.extra_r:  # stronger settings, timed in the same rounds
         models[f"turbo {args.preset} r={r}"] = ta.apply(copy.deepcopy(base), args.preset, r=r).model
@@ -120,6 +122,7 @@ def bench_blip(args: argparse.Namespace) -> dict[str, Any]:
                 repeats=args.repeats,
                 warmup=1,
                 baseline="unpatched",
+                synchronize=args.where.synchronize,
             )
             report[what] = {
                 name: {
@@ -138,19 +141,19 @@ def bench_blip2(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(0)
     config = transformers.Blip2VisionConfig(**BLIP2_VIT_G)
-    base = transformers.Blip2VisionModel(config).eval()
+    base = args.where.to(transformers.Blip2VisionModel(config).eval())
     r0, turbo = (sharing(base, lambda c: transformers.Blip2VisionModel(c)) for _ in range(2))
     ta.apply(r0, args.preset, r=0)
     overrides = {} if args.r is None else {"r": args.r}
     patch = ta.apply(turbo, args.preset, **overrides)
-    pixels = photos(args.batch, 224)
+    pixels = args.where.to(photos(args.batch, 224))
     models = {"unpatched": base, "turbo r=0": r0, f"turbo {args.preset}": turbo}
     report: dict[str, Any] = {"batch": args.batch, "preset": str(patch.config)}
     with torch.inference_mode():
         cls = {name: m(pixel_values=pixels).pooler_output for name, m in models.items()}
         report["token_counts"] = patch.last_state.token_counts
         report["cls_cosine_to_unpatched"] = {
-            name: float(torch.nn.functional.cosine_similarity(c, cls["unpatched"]).mean())
+            name: float(torch.nn.functional.cosine_similarity(c, cls["unpatched"]).float().mean())
             for name, c in cls.items()
         }
         flops = {
@@ -162,6 +165,7 @@ def bench_blip2(args: argparse.Namespace) -> dict[str, Any]:
             repeats=args.repeats,
             warmup=1,
             baseline="unpatched",
+            synchronize=args.where.synchronize,
         )
         report["vision"] = {
             name: {
@@ -188,11 +192,14 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    add_target_arguments(parser)
     args = parser.parse_args()
+    args.where = target(args)
     if args.batch is None:
         args.batch = 8 if args.model == "blip" else 4
     report = bench_blip(args) if args.model == "blip" else bench_blip2(args)
     report["threads"] = torch.get_num_threads()
+    report["target"] = str(args.where)
     print(json.dumps(report, indent=2))
 
 

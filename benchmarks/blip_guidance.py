@@ -28,7 +28,7 @@ FLOPs are counted on one pair (they depend on token counts only), scores on all 
 scores that barely depend on the image) by variance-preserving weights.
 
 Usage: python benchmarks/blip_guidance.py [blip|blip2] [--images 4 --texts 4]
-       [--init library|scaled] [--tiny]
+       [--init library|scaled] [--tiny] [--device cuda --dtype bfloat16]
        blip:  [--r 16 --vision-r 12]      blip2: [--r 5 --hold 1 --depth 39]
 """
 
@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from benchmark_target import add_target_arguments, target
 from blip_caption import BLIP_BASE, photos  # a sibling script
 
 import turbo_adapters as ta
@@ -98,8 +99,10 @@ def bench_blip(args: argparse.Namespace) -> dict[str, Any]:
     model = transformers.BlipForImageTextRetrieval(config).eval()
     if args.init == "scaled":
         scaled_init(model)
-    pixels = photos(args.images, 384)
+    model = args.where.to(model)
+    pixels = args.where.to(photos(args.images, 384))
     texts = torch.randint(1000, 30000, (args.texts, 12), generator=torch.Generator().manual_seed(1))
+    texts = args.where.to(texts)
     pixel_pairs = pixels.repeat_interleave(args.texts, dim=0)
     text_pairs = texts.repeat(args.images, 1)
 
@@ -140,8 +143,9 @@ def bench_blip(args: argparse.Namespace) -> dict[str, Any]:
 def finish(
     settings: dict[str, dict[str, Any]], reference: torch.Tensor, base_flops: int
 ) -> dict[str, Any]:
+    reference = reference.float()  # fidelity in float32, whatever the target's dtype
     for found in settings.values():
-        scores = found.pop("scores")
+        scores = found.pop("scores").float()
         found["flops_ratio"] = round(base_flops / found.pop("flops"), 3)
         found.update(fidelity(scores, reference))
     return settings
@@ -194,11 +198,13 @@ def bench_blip2(args: argparse.Namespace) -> dict[str, Any]:
     model = transformers.Blip2ForImageTextRetrieval(config).eval()
     if args.init == "scaled":
         scaled_init(model)
+    model = args.where.to(model)
     depth = config.vision_config.num_hidden_layers
     if not 0 < args.hold <= depth:
         raise SystemExit(f"--hold must be in 1..{depth} (the tower's blocks), got {args.hold}")
-    pixels = photos(args.images, config.vision_config.image_size)
+    pixels = args.where.to(photos(args.images, config.vision_config.image_size))
     texts = torch.randint(1000, 30000, (args.texts, 12), generator=torch.Generator().manual_seed(1))
+    texts = args.where.to(texts)
     pixel_pairs = pixels.repeat_interleave(args.texts, dim=0)
     text_pairs = texts.repeat(args.images, 1)
 
@@ -259,8 +265,11 @@ def main() -> None:
         "--init", choices=["library", "scaled"], default="library",
         help="random weights: the library's init, or variance-preserving (see scaled_init)",
     )  # fmt: skip
+    add_target_arguments(parser)
     args = parser.parse_args()
+    args.where = target(args)
     report = bench_blip(args) if args.model == "blip" else bench_blip2(args)
+    report["target"] = str(args.where)
     print(json.dumps(report, indent=2))
 
 

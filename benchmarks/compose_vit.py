@@ -19,6 +19,7 @@ peak activation memory of one batch, weight bytes. Then the check of the paper's
 claim that gains multiply: speed-up(turbo + X) against speed-up(turbo) x speed-up(X).
 
 Usage: python benchmarks/compose_vit.py [--batch 32 --r 13 --repeats 3 --json out.json]
+                                        [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from benchmark_target import add_target_arguments, target
 from torch import nn
 
 import turbo_adapters as ta
@@ -97,7 +99,9 @@ def main() -> None:
         help="comma-separated subset of: " + ", ".join(METHODS),
     )
     parser.add_argument("--json", default=None, help="write the figures here")
+    add_target_arguments(parser)
     args = parser.parse_args()
+    where = target(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or "baseline" not in methods:
@@ -106,8 +110,9 @@ def main() -> None:
     import timm
 
     torch.manual_seed(0)
-    dense = timm.create_model(args.model, pretrained=False).eval()
+    dense = where.to(timm.create_model(args.model, pretrained=False).eval())
     images = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    images = where.to(images)
     models = variants(dense, images, args)
     # each Turbo method gets its own copy of the model it stacks on, patched once
     fns: dict[str, Callable[[], Any]] = {}
@@ -133,16 +138,22 @@ def main() -> None:
             rows[method] = {
                 # per image: every image is merged on its own, so a smaller batch counts the same
                 "gflops_per_image": count_flops(flop_fns[method]) / args.flops_batch / 1e9,
-                "peak_activation_mb": peak_memory(fn) / 2**20,
+                "peak_activation_mb": peak_memory(fn, where.device) / 2**20,
                 "weight_mb": weight_bytes(model) / 2**20,
             }
         print(f"timing {len(fns)} methods interleaved, {args.repeats} rounds", flush=True)
         timing = interleaved_throughput(
-            fns, items_per_call=args.batch, repeats=args.repeats, warmup=1, baseline="baseline"
+            fns,
+            items_per_call=args.batch,
+            repeats=args.repeats,
+            warmup=1,
+            baseline="baseline",
+            synchronize=where.synchronize,
         )
     base_flops = rows["baseline"]["gflops_per_image"]
     print(
-        f"{args.model}, batch {args.batch}, r={args.r}, {args.repeats} rounds, {torch.get_num_threads()} threads"
+        f"{args.model}, batch {args.batch}, r={args.r}, {args.repeats} rounds, {where}, "
+        f"{torch.get_num_threads()} threads"
     )
     print(
         f"{'method':<13}{'GFLOPs/img':>11}{'FLOPs x':>9}{'img/s':>8}{'speed-up':>10}{'peak act MB':>13}{'weights MB':>12}"

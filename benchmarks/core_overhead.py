@@ -9,6 +9,7 @@ Times, interleaved in one process (median of repeats, warm-up excluded):
 and prints each against the plain block. Targets: reducer below 5 %, path r=0 about 0.
 
 Usage: python benchmarks/core_overhead.py [--batch 32 --tokens 197 --width 768 --r 16]
+                                         [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from benchmark_target import add_target_arguments, target
 from torch import nn
 
 from turbo_core import TokenReducer, TurboConfig, guide_attention
@@ -97,13 +99,16 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
+    add_target_arguments(parser)
     args = parser.parse_args()
+    where = target(args)
+    sync = where.synchronize or (lambda: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    block = ViTBlock(args.width, args.heads).eval()
-    x = torch.randn(args.batch, args.tokens, args.width)
+    block = where.to(ViTBlock(args.width, args.heads).eval())
+    x = where.to(torch.randn(args.batch, args.tokens, args.width))
     reducer = TokenReducer(TurboConfig(r=args.r, alpha=5.0, semantic_scale=30.0))
     with torch.inference_mode():
         q, k, _ = block.attn.qkv_heads(block.norm1(x))
@@ -129,15 +134,17 @@ def main() -> None:
             order = list(runs.items())
             order = order[i % len(order) :] + order[: i % len(order)]  # rotate: no fixed slot
             for name, fn in order:
+                sync()
                 start = time.perf_counter()
                 fn()
+                sync()
                 timings[name].append(time.perf_counter() - start)
     block_s = statistics.median(timings["block"])
     reducer_s = statistics.median(timings["reducer"])
     path0_s = statistics.median(timings["path r=0"])
     path_s = statistics.median(timings[f"path r={args.r}"])
     print(
-        f"B={args.batch} N={args.tokens} d={args.width} r={args.r} "
+        f"B={args.batch} N={args.tokens} d={args.width} r={args.r} {where} "
         f"threads={torch.get_num_threads()} torch={torch.__version__}"
     )
     print(f"block forward   : {block_s * 1e3:8.2f} ms (median of {args.repeats}, this machine)")

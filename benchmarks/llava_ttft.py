@@ -46,7 +46,9 @@ forward with ``logits_to_keep=1`` for LLaVA, and ``generate`` with one new token
 MiniGPT-v2 (whose LLM mode acts inside ``generate``).
 
 Usage: python benchmarks/llava_ttft.py [--model llava|minigpt --batch 1 4 --r 20
-    --layer 1 --keep 0.25]
+    --layer 1 --keep 0.25] [--device cuda --dtype bfloat16]
+
+On CUDA the peak memory is ``torch.cuda.max_memory_allocated`` over the prefill.
 """
 
 from __future__ import annotations
@@ -61,11 +63,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchmark_target import Target, add_target_arguments, target
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import turbo_adapters as ta
 from turbo_adapters.families.llava.llm import LLMReduction
-from turbo_eval.measure import count_flops
+from turbo_eval.measure import count_flops, peak_memory
 
 IMAGE_TOKEN = 32000
 PAD = 0
@@ -216,23 +219,25 @@ def log(message: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def subject(args: argparse.Namespace) -> tuple[Any, Callable[..., Any], Callable[..., Any], str]:
+def subject(
+    args: argparse.Namespace, where: Target
+) -> tuple[Any, Callable[..., Any], Callable[..., Any], str]:
     """The patched model, ``feed(batch)``, ``greedy(feed, mode, new)`` and a description."""
     llm = LLMReduction(layer=args.layer, keep=args.keep, method=args.method)
     if args.model == "llava":
-        model = build(args.llm_layers, args.shape)
+        model = where.to(build(args.llm_layers, args.shape))
         patch = ta.apply(model, r=args.r)
         patch.llm = llm
         text = f"LLaVA-1.5 {args.shape} {SHAPES[args.shape]} (image, tower width/layers/heads, LLM width/MLP/heads)"
-        return model, lambda b: inputs(b, args.shape), greedy, text
-    model = build_minigpt(args.llm_layers, args.shape)
+        return model, lambda b: where.to(inputs(b, args.shape)), greedy, text
+    model = where.to(build_minigpt(args.llm_layers, args.shape))
     patch = ta.apply(model, "reference-minigpt-v2", r=args.r)
     patch.llm = llm
     text = (
         f"MiniGPT-v2 {args.shape} {MINIGPT_SHAPES[args.shape]} (image, tower width/blocks/"
         "heads/MLP ratio, LLM width/MLP/heads, LoRA r); tower preset reference-minigpt-v2"
     )
-    return model, lambda b: minigpt_inputs(b, args.shape), minigpt_greedy, text
+    return model, lambda b: where.to(minigpt_inputs(b, args.shape)), minigpt_greedy, text
 
 
 def prefill_fn(args: argparse.Namespace, model: Any, feed: Any, mode: str) -> Callable[[], Any]:
@@ -262,18 +267,21 @@ def main() -> None:
     parser.add_argument(
         "--no-answers", action="store_true", help="TTFT only (no --new-tokens answers)"
     )
+    add_target_arguments(parser)
     args = parser.parse_args()
+    where = target(args)
+    sync = where.synchronize or (lambda: None)
     if args.r is None:
         args.r = 20 if args.model == "llava" else 12
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, make_feed, generate, text = subject(args)
+    model, make_feed, generate, text = subject(args, where)
     results: dict[str, Any] = {"args": vars(args), "batches": {}}
     print(f"{text} x {args.llm_layers} LLM layers")
     print(
         f"tower r={args.r}; llm K={args.layer} keep={args.keep} {args.method}; "
-        f"{torch.get_num_threads()} threads"
+        f"{where}, {torch.get_num_threads()} threads"
     )
     with torch.inference_mode():
         flops = {}  # per row: FLOPs scale with the batch
@@ -285,21 +293,29 @@ def main() -> None:
             feed = make_feed(batch)
             memory = {}
             for mode in args.modes if not args.no_memory else ():
-                memory[mode] = prefill_peak_bytes(prefill_fn(args, model, feed, mode))
+                prefill = prefill_fn(args, model, feed, mode)
+                if where.device.type == "cuda":
+                    memory[mode] = peak_memory(prefill, where.device)
+                else:
+                    memory[mode] = prefill_peak_bytes(prefill)
                 log(f"batch {batch} {mode}: prefill peak {memory[mode] / 2**20:.0f} MiB")
             ttft: dict[str, list[float]] = {m: [] for m in args.modes}
             first_out: dict[str, Any] = {}
             for round_ in range(args.repeats):  # interleaved, one mode later each round
                 shift = round_ % len(args.modes)
                 for mode in args.modes[shift:] + args.modes[:shift]:
+                    sync()
                     start = time.perf_counter()
                     first_out[mode] = generate(model, feed, mode, 1)
+                    sync()
                     ttft[mode].append(time.perf_counter() - start)
                     log(f"batch {batch} round {round_} {mode}: TTFT {ttft[mode][-1]:.2f} s")
             outputs, total = {}, {}
             for mode in args.modes if not args.no_answers else ():
+                sync()
                 start = time.perf_counter()  # one full answer per mode: tokens/s, agreement
                 outputs[mode] = generate(model, feed, mode, args.new_tokens)
+                sync()
                 total[mode] = time.perf_counter() - start
                 log(f"batch {batch} {mode}: {args.new_tokens} tokens in {total[mode]:.2f} s")
             ref_first = first_out["none"].logits[0].float().log_softmax(-1)

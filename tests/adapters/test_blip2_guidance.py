@@ -24,7 +24,7 @@ from test_blip2 import IMAGE_TOKEN, OPT, QUERIES, TOKENS, config, images  # noqa
 
 import turbo_adapters as ta  # noqa: E402
 from turbo_adapters.families import blip, blip2  # noqa: E402
-from turbo_adapters.families import blip_guided as guided  # noqa: E402
+from turbo_adapters.families.blip import guided  # noqa: E402
 
 QFORMER_VOCAB = 60
 

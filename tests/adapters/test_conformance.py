@@ -20,6 +20,8 @@ pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from support.docs_example import docs_family  # noqa: E402
+
 from turbo_adapters import BlockSpec, token_sizes  # noqa: E402
 from turbo_adapters.families import bert, clip, hf_vit, timm_eva, timm_vit  # noqa: E402
 from turbo_adapters.families import torchvision_vit as tv  # noqa: E402
@@ -219,6 +221,11 @@ def prune_hf(
     return prune
 
 
+def build_docs_family() -> nn.Module:
+    docs_family()  # registers hf-vit-msn, the family docs/custom-models.md declares
+    return build_hf("ViTMSNForImageClassification", "ViTMSNConfig", num_labels=10)()
+
+
 def clip_pooled(model: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
     return model(*args).pooler_output
 
@@ -360,6 +367,19 @@ CASES = [
         hf_qk("attention.self", q="query", k="key"),
         r=2,
         prune=prune_hf("BertSelfAttention", "pooler", ("query", "key", "value")),
+    ),
+    # the tower family docs/custom-models.md declares in ~30 lines: one case here
+    Case(
+        "hf-vit-msn-docs",
+        build_docs_family,
+        images,
+        lambda m, a: m(*a).logits,
+        TOKENS,
+        1,
+        of_class("ViTMSNLayer"),
+        docs_family().VIT_MSN.block,
+        hf_qk("attention"),
+        prune=prune_hf("ViTMSNAttention", "classifier"),
     ),
 ]
 

@@ -15,23 +15,49 @@ from turbo_core import TurboConfig
 
 from .patch import TurboPatch
 
-__all__ = ["FamilyAdapter", "is_instance", "model_defaults"]
+__all__ = ["FamilyAdapter", "is_instance", "is_model_of", "model_defaults", "resolve"]
+
+
+def resolve(refs: tuple[str, ...]) -> tuple[type, ...]:
+    """The classes named by ``"module:Class"`` references (imports their modules).
+
+    Raises ImportError naming the reference when its module or class is missing.
+    """
+    found = []
+    for ref in refs:
+        module, sep, name = ref.partition(":")
+        if not sep or not name:
+            raise ValueError(f"class reference must be 'module:Class', got {ref!r}")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except AttributeError as error:
+            raise ImportError(f"{module} has no class {name!r} (from {ref!r})") from error
+    return tuple(found)
+
+
+def is_model_of(model: nn.Module, refs: tuple[str, ...]) -> bool:
+    """``isinstance(model, <any class in refs>)`` without importing a library needlessly.
+
+    The one way a built-in adapter recognises a model. A model can only be an instance
+    of a library's class if that library is already imported, so references into
+    libraries that are not loaded answer False at once; a class that this version of the
+    library lacks is skipped (it cannot be the model's class either).
+    """
+    classes = []
+    for ref in refs:
+        module = ref.partition(":")[0]
+        if module.split(".")[0] not in sys.modules:
+            continue
+        try:
+            classes.extend(resolve((ref,)))
+        except ImportError:
+            continue
+    return bool(classes) and isinstance(model, tuple(classes))
 
 
 def is_instance(model: nn.Module, module: str, *class_names: str) -> bool:
-    """``isinstance(model, module.ClassName)`` without importing a library needlessly.
-
-    A model can only be an instance of a library's class if that library is already
-    imported, so adapters of libraries that are not loaded answer False at once.
-    """
-    if module.split(".")[0] not in sys.modules:
-        return False
-    try:
-        found = importlib.import_module(module)
-    except ImportError:
-        return False
-    classes = tuple(getattr(found, name) for name in class_names if hasattr(found, name))
-    return bool(classes) and isinstance(model, classes)
+    """``isinstance(model, module.ClassName)``: :func:`is_model_of` with the names split."""
+    return is_model_of(model, tuple(f"{module}:{name}" for name in class_names))
 
 
 def model_defaults(config: TurboConfig, prefix_tokens: int) -> TurboConfig:
@@ -55,14 +81,19 @@ class FamilyAdapter(abc.ABC):
     """A model family: ``matches`` by class, ``install`` sites and wrappers on a patch.
 
     Subclasses set ``name``, ``model_names`` (glob patterns), ``model_types``
-    (``config.model_type`` values), ``model_classes`` (``(module, *class names)``)
-    and implement :meth:`install`. ``patch_class`` is the patch :meth:`patch` creates
-    (a subclass adds family controls, e.g. the vision-language modes).
+    (``config.model_type`` values), ``models`` (``"module:Class"`` references of the
+    model classes it patches, imported lazily) and implement :meth:`install`.
+    ``patch_class`` is the patch :meth:`patch` creates (a subclass adds family
+    controls, e.g. the vision-language modes). Tower families are declared instead
+    (:class:`~turbo_adapters.families.tower.TowerFamily`).
     """
 
     name: str = ""
     model_names: tuple[str, ...] = ()
     model_types: tuple[str, ...] = ()
+    #: ``"module:Class"`` references of the models this family patches
+    models: tuple[str, ...] = ()
+    #: deprecated spelling of :attr:`models`: ``(module, *class names)``
     model_classes: tuple[str, ...] = ()
     patch_class: type[TurboPatch] = TurboPatch
     #: keyword settings of the family's own (none: everything is a config field)
@@ -70,8 +101,16 @@ class FamilyAdapter(abc.ABC):
     #: named sets of such settings
     presets: Mapping[str, Mapping[str, Any]] = MappingProxyType({})
 
+    def model_refs(self) -> tuple[str, ...]:
+        """:attr:`models`, plus the deprecated ``model_classes`` spelled as references."""
+        if not self.model_classes:
+            return self.models
+        module, *names = self.model_classes
+        return self.models + tuple(f"{module}:{name}" for name in names)
+
     def matches(self, model: nn.Module) -> bool:
-        return is_instance(model, *self.model_classes)
+        """Whether ``model`` is an instance of one of :meth:`model_refs` (never imports)."""
+        return is_model_of(model, self.model_refs())
 
     def patch(
         self,

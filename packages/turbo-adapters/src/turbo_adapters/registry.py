@@ -37,7 +37,7 @@ ENTRY_POINT_GROUP = "turbo_adapters.adapters"
 #: The adapters shipped here, as ``module:Class``, imported on first look-up. Order
 #: matters only for `adapter_for_model` (the first whose class check passes). The
 #: family modules import nothing from this one, so there is no import cycle, and each
-#: imports its model library lazily (inside ``matches`` and ``install``).
+#: names its model classes as ``"module:Class"`` references, imported lazily.
 BUILTIN_ADAPTERS = (
     "turbo_adapters.families.timm_vit:TimmViTAdapter",
     "turbo_adapters.families.torchvision_vit:TorchvisionViTAdapter",
@@ -47,9 +47,9 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.siglip:SiglipVisionAdapter",
     "turbo_adapters.families.bert:BertAdapter",
     "turbo_adapters.families.timm_eva:TimmEvaAdapter",
-    "turbo_adapters.families.blip:BlipAdapter",
-    "turbo_adapters.families.blip2:Blip2Adapter",
-    "turbo_adapters.families.blip2:InstructBlipAdapter",
+    "turbo_adapters.families.blip.v1:BlipAdapter",
+    "turbo_adapters.families.blip.v2:Blip2Adapter",
+    "turbo_adapters.families.blip.v2:InstructBlipAdapter",
     "turbo_adapters.families.lavis:LavisViTAdapter",
     "turbo_adapters.families.llava:LlavaAdapter",
     "turbo_adapters.families.minigpt:MiniGPTv2Adapter",
@@ -201,7 +201,13 @@ def get_adapter(name: str) -> Adapter:
 
 
 def adapter_for_model(model: nn.Module) -> Adapter:
-    """The adapter that recognises ``model`` by its classes."""
+    """The adapter that recognises ``model`` by its classes.
+
+    Every adapter answers through ``matches``. For the built-in family adapters
+    (:class:`~turbo_adapters.adapter.FamilyAdapter`) that is one mechanism:
+    ``is_model_of(model, adapter.models)`` over their ``"module:Class"`` references,
+    which never imports a library the user has not imported.
+    """
     _load_builtin_and_entry_points()
     for adapter in _ADAPTERS.values():
         if adapter.matches(model):

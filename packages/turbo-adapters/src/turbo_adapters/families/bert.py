@@ -15,15 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from turbo_core import TurboConfig
+from ..blocks import BlockSpec
+from .tower import TowerAdapter, TowerFamily
 
-from ..adapter import model_defaults
-from ..blocks import BlockSpec, install_scope
-from ..patch import TurboPatch
-from ..site import ReductionSite
-from .hf_base import HFAdapter, install_hf_layers
-
-__all__ = ["BERT_LAYER", "BertAdapter"]
+__all__ = ["BERT", "BERT_LAYER", "BertAdapter"]
 
 #: ``BertLayer``: attention (with its residual and norm), then the feed-forward chunk.
 BERT_LAYER = BlockSpec(
@@ -40,39 +35,37 @@ def _padding(
     return None if attention_mask is None else attention_mask.to(torch.bool)
 
 
-class BertAdapter(HFAdapter):
-    """``BertModel`` encoders; only the self-attention path (no cross-attention, no cache)."""
+def _encoder_only(model: nn.Module, tower: nn.Module, layers: list[nn.Module]) -> None:
+    if model.config.is_decoder or model.config.add_cross_attention:
+        raise TypeError(
+            "hf-bert patches encoders only (config.is_decoder and "
+            "add_cross_attention must be False)"
+        )
 
-    name = "hf-bert"
-    model_names = (
+
+#: ``BertModel`` encoders; only the self-attention path (no cross-attention, no cache).
+BERT = TowerFamily(
+    name="hf-bert",
+    model_names=(
         "bert-*",
         "google-bert/*",
         "sentence-transformers/all-minilm-*",
         "sentence-transformers/paraphrase-minilm-*",
         "all-minilm-*",
         "minilm-l6",
-    )
-    model_types = ("bert",)
+    ),
+    model_types=("bert",),
+    models=("transformers.models.bert.modeling_bert:BertModel",),
+    layers=("transformers.models.bert.modeling_bert:BertLayer",),
+    layer_path="encoder.layer",
+    block=BERT_LAYER,
+    modality="text",
+    check=_encoder_only,
+    token_mask=_padding,
+)
 
-    def classes(self) -> dict[str, Any]:
-        from transformers.models.bert import modeling_bert as bert
 
-        return {"models": (bert.BertModel,), "layers": (bert.BertLayer,)}
+class BertAdapter(TowerAdapter):
+    """``BertModel`` encoders; only the self-attention path (no cross-attention, no cache)."""
 
-    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
-        if model.config.is_decoder or model.config.add_cross_attention:
-            raise TypeError(
-                "hf-bert patches encoders only (config.is_decoder and "
-                "add_cross_attention must be False)"
-            )
-        layers = list(model.encoder.layer)
-        odd = {
-            type(layer).__name__
-            for layer in layers
-            if not isinstance(layer, self.classes()["layers"])
-        }
-        if odd:
-            raise TypeError(f"hf-bert supports BertLayer, found {sorted(odd)}")
-        site = patch.add_site(ReductionSite("text", model_defaults(config, 1), len(layers)))
-        install_hf_layers(patch, site, layers, BERT_LAYER)
-        install_scope(patch, site, model, token_mask=_padding)
+    family = BERT

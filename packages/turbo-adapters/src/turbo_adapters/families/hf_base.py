@@ -44,16 +44,25 @@ def install_hf_layers(
 
 
 class HFAdapter(FamilyAdapter):
-    """Matching for transformers models: by class, without importing transformers needlessly."""
+    """A hand-written transformers family with a ``classes()`` table.
+
+    New tower families are declared (:class:`~turbo_adapters.families.tower.TowerFamily`);
+    this base stays for families that are not towers (LLaVA) and for adapters written
+    against it. Matching is :meth:`FamilyAdapter.matches` on :attr:`models`; a subclass
+    that declares no ``models`` is matched on ``classes()["models"]``, turned into the
+    same ``"module:Class"`` references.
+    """
 
     @abc.abstractmethod
     def classes(self) -> dict[str, Any]:
         """``{"models": (...), ...}``: the transformers classes (imported lazily)."""
 
-    def matches(self, model: nn.Module) -> bool:
-        if "transformers" not in sys.modules:
-            return False
+    def model_refs(self) -> tuple[str, ...]:
+        refs = super().model_refs()
+        if refs or "transformers" not in sys.modules:
+            return refs
         try:
-            return isinstance(model, self.classes()["models"])
+            models = self.classes()["models"]
         except ImportError:
-            return False
+            return ()
+        return tuple(f"{c.__module__}:{c.__qualname__}" for c in models)

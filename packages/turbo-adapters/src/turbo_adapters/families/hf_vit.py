@@ -8,19 +8,16 @@ restored to full length, so the library's own mean is the size-weighted mean.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
-from turbo_core import TurboConfig
+from ..blocks import BlockSpec
+from .tower import TowerAdapter, TowerFamily
 
-from ..adapter import model_defaults
-from ..blocks import BlockSpec, install_scope
-from ..patch import TurboPatch
-from ..site import ReductionSite
-from .hf_base import HFAdapter, find_one, install_hf_layers
+__all__ = ["DINOV2", "DINOV2_LAYER", "HF_VIT", "HF_VIT_LAYER", "HFDinov2Adapter", "HFViTAdapter"]
 
-__all__ = ["DINOV2_LAYER", "HF_VIT_LAYER", "HFDinov2Adapter", "HFViTAdapter"]
+_VIT = "transformers.models.vit.modeling_vit:"
+_DEIT = "transformers.models.deit.modeling_deit:"
+_DINOV2 = "transformers.models.dinov2.modeling_dinov2:"
 
 #: ``ViTLayer`` / ``DeiTLayer``.
 HF_VIT_LAYER = BlockSpec(
@@ -44,70 +41,51 @@ DINOV2_LAYER = BlockSpec(
 )
 
 
-class HFViTAdapter(HFAdapter):
+def _cls_and_distillation(backbone: nn.Module) -> int:
+    """CLS, plus DeiT's distillation token: both stay in front, never merged."""
+    return 1 + int(getattr(backbone.embeddings, "distillation_token", None) is not None)
+
+
+HF_VIT = TowerFamily(
+    name="hf-vit",
+    model_names=("google/vit-*", "facebook/deit-*"),
+    model_types=("vit", "deit"),
+    models=(
+        _VIT + "ViTModel",
+        _VIT + "ViTForImageClassification",
+        _DEIT + "DeiTModel",
+        _DEIT + "DeiTForImageClassification",
+        _DEIT + "DeiTForImageClassificationWithTeacher",
+    ),
+    tower=(_VIT + "ViTModel", _DEIT + "DeiTModel"),
+    layers=(_VIT + "ViTLayer", _DEIT + "DeiTLayer"),
+    block=HF_VIT_LAYER,
+    prefix=_cls_and_distillation,
+    scope_model=True,
+)
+
+#: ``Dinov2Backbone`` (feature maps on the patch grid) is not supported: merged tokens
+#: have no grid. The classifier averages the patch tokens: they come back at full length.
+DINOV2 = TowerFamily(
+    name="hf-dinov2",
+    model_names=("facebook/dinov2-*",),
+    model_types=("dinov2",),
+    models=(_DINOV2 + "Dinov2Model", _DINOV2 + "Dinov2ForImageClassification"),
+    tower=(_DINOV2 + "Dinov2Model",),
+    layers=(_DINOV2 + "Dinov2Layer",),
+    block=DINOV2_LAYER,
+    restore=(_DINOV2 + "Dinov2ForImageClassification",),
+    scope_model=True,
+)
+
+
+class HFViTAdapter(TowerAdapter):
     """transformers ``ViTModel`` / ``ViTForImageClassification`` and the DeiT equivalents."""
 
-    name = "hf-vit"
-    model_names = ("google/vit-*", "facebook/deit-*")
-    model_types = ("vit", "deit")
-
-    def classes(self) -> dict[str, Any]:
-        from transformers.models.deit import modeling_deit as deit
-        from transformers.models.vit import modeling_vit as vit
-
-        return {
-            "models": (
-                vit.ViTModel,
-                vit.ViTForImageClassification,
-                deit.DeiTModel,
-                deit.DeiTForImageClassification,
-                deit.DeiTForImageClassificationWithTeacher,
-            ),
-            "backbones": (vit.ViTModel, deit.DeiTModel),
-            "layers": (vit.ViTLayer, deit.DeiTLayer),
-        }
-
-    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
-        classes = self.classes()
-        backbone = find_one(model, classes["backbones"], "ViT/DeiT backbone")
-        layers = [m for m in backbone.modules() if isinstance(m, classes["layers"])]
-        # CLS, plus DeiT's distillation token: both stay in front, never merged
-        prefix = 1 + int(getattr(backbone.embeddings, "distillation_token", None) is not None)
-        site = patch.add_site(ReductionSite("vision", model_defaults(config, prefix), len(layers)))
-        install_hf_layers(patch, site, layers, HF_VIT_LAYER)
-        install_scope(patch, site, backbone)
-        if backbone is not model:
-            install_scope(patch, site, model)
+    family = HF_VIT
 
 
-class HFDinov2Adapter(HFAdapter):
-    """transformers ``Dinov2Model`` and ``Dinov2ForImageClassification``.
+class HFDinov2Adapter(TowerAdapter):
+    """transformers ``Dinov2Model`` and ``Dinov2ForImageClassification``."""
 
-    ``Dinov2Backbone`` (feature maps on the patch grid) is not supported: merged
-    tokens have no grid.
-    """
-
-    name = "hf-dinov2"
-    model_names = ("facebook/dinov2-*",)
-    model_types = ("dinov2",)
-
-    def classes(self) -> dict[str, Any]:
-        from transformers.models.dinov2 import modeling_dinov2 as dinov2
-
-        return {
-            "models": (dinov2.Dinov2Model, dinov2.Dinov2ForImageClassification),
-            "backbones": (dinov2.Dinov2Model,),
-            "layers": (dinov2.Dinov2Layer,),
-        }
-
-    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
-        classes = self.classes()
-        backbone = find_one(model, classes["backbones"], "Dinov2Model")
-        layers = [m for m in backbone.modules() if isinstance(m, classes["layers"])]
-        pooled = backbone is not model  # the classifier averages the patch tokens
-        site = ReductionSite("vision", model_defaults(config, 1), len(layers), needs_source=pooled)
-        patch.add_site(site)
-        install_hf_layers(patch, site, layers, DINOV2_LAYER)
-        install_scope(patch, site, backbone, restore=pooled)
-        if pooled:
-            install_scope(patch, site, model)
+    family = DINOV2

@@ -23,19 +23,18 @@ from typing import Any
 
 from torch import nn
 
-from turbo_core import TurboConfig
-
-from ..adapter import FamilyAdapter, model_defaults
 from ..attention import QKVLayout, layout_attention
-from ..blocks import BlockSpec, install_blocks, install_scope
+from ..blocks import BlockSpec
 from ..patch import TurboPatch
 from ..site import ReductionSite
+from .tower import TowerAdapter, TowerFamily
 
 __all__ = [
     "EVA_ATTENTION",
     "EVA_BLOCK",
     "LAVIS_ATTENTION",
     "LAVIS_BLOCK",
+    "LAVIS_VIT",
     "LavisViTAdapter",
     "lavis_kind",
 ]
@@ -101,37 +100,43 @@ def _install_attention(
     patch.override(attention, "forward", forward)
 
 
-class LavisViTAdapter(FamilyAdapter):
+def _attention_layout(attention: nn.Module) -> QKVLayout:
+    return EVA_ATTENTION if hasattr(attention, "relative_position_bias_table") else LAVIS_ATTENTION
+
+
+def _check(model: nn.Module, tower: nn.Module, blocks: list[nn.Module]) -> None:
+    kind = lavis_kind(model)
+    if kind is None:
+        raise TypeError(f"{type(model).__name__} is not a LAVIS ViT or EVA ViT encoder")
+    odd = {type(b.attn).__name__ for b in blocks if type(b.attn).__name__ != "Attention"}
+    if odd:
+        raise TypeError(f"lavis-vit supports unwrapped Attention modules, found {sorted(odd)}")
+    if kind == "eva" and (
+        getattr(model, "rel_pos_bias", None) is not None
+        or any(b.attn.relative_position_bias_table is not None for b in blocks)
+    ):
+        raise TypeError("lavis-vit does not support EVA's relative position bias")
+    for block in blocks:
+        _attention_layout(block.attn).check(block.attn)
+
+
+LAVIS_VIT = TowerFamily(
+    name="lavis-vit",
+    model_names=("lavis-vit", "lavis-eva-vit", "eva_vit_g", "lavis/*"),
+    # LAVIS's modules are loaded from files as often as imported: matched by structure
+    models=(),
+    recognise=lambda model: lavis_kind(model) is not None,
+    layer_path="blocks",
+    block=lambda first: (
+        EVA_BLOCK if hasattr(first.attn, "relative_position_bias_table") else LAVIS_BLOCK
+    ),
+    check=_check,
+    attend=lambda patch, site, attn: _install_attention(patch, site, attn, _attention_layout(attn)),
+    scopes=("forward_features", "forward"),
+)
+
+
+class LavisViTAdapter(TowerAdapter):
     """LAVIS ``VisionTransformer`` encoders (BLIP ViT-B/L, EVA ViT-g of BLIP-2 / MiniGPT)."""
 
-    name = "lavis-vit"
-    model_names = ("lavis-vit", "lavis-eva-vit", "eva_vit_g", "lavis/*")
-
-    def matches(self, model: nn.Module) -> bool:
-        return lavis_kind(model) is not None
-
-    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
-        kind = lavis_kind(model)
-        if kind is None:
-            raise TypeError(f"{type(model).__name__} is not a LAVIS ViT or EVA ViT encoder")
-        blocks = list(model.blocks)
-        odd = {type(b.attn).__name__ for b in blocks if type(b.attn).__name__ != "Attention"}
-        if odd:
-            raise TypeError(f"lavis-vit supports unwrapped Attention modules, found {sorted(odd)}")
-        if kind == "eva" and (
-            getattr(model, "rel_pos_bias", None) is not None
-            or any(b.attn.relative_position_bias_table is not None for b in blocks)
-        ):
-            raise TypeError("lavis-vit does not support EVA's relative position bias")
-        layout = EVA_ATTENTION if kind == "eva" else LAVIS_ATTENTION
-        spec = EVA_BLOCK if kind == "eva" else LAVIS_BLOCK
-        for block in blocks:
-            spec.check(block)
-            layout.check(block.attn)
-        site = patch.add_site(ReductionSite("vision", model_defaults(config, 1), len(blocks)))
-        for block in blocks:
-            _install_attention(patch, site, block.attn, layout)
-        install_blocks(patch, site, blocks, spec)
-        if hasattr(model, "forward_features"):
-            install_scope(patch, site, model, "forward_features")
-        install_scope(patch, site, model, "forward")
+    family = LAVIS_VIT

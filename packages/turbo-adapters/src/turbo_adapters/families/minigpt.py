@@ -81,11 +81,16 @@ def _cached(named: dict[str, Any]) -> int:
 
 
 class MiniGPTv2Adapter(FamilyAdapter):
-    """``turbo_adapters.models.MiniGPTv2``: the EVA tower (multiple-of-4 rule) and LLM mode."""
+    """``turbo_adapters.models.MiniGPTv2``: the EVA tower (multiple-of-4 rule) and LLM mode.
+
+    Hand-written, not a :class:`~.tower.TowerFamily`: besides its tower (timm-eva's
+    declaration, installed with :meth:`~.tower.TowerAdapter.install_tower` and opened only
+    in tower mode) it wraps the language model and the prompt entry points.
+    """
 
     name = "minigpt-v2"
     model_names = ("minigpt-v2*", "minigptv2*", "vision-cair/minigpt*")
-    model_classes = ("turbo_adapters.models.minigpt", "MiniGPTv2")
+    models = ("turbo_adapters.models.minigpt:MiniGPTv2",)
     patch_class = VisionLanguagePatch
 
     def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:

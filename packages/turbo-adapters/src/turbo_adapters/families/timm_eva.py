@@ -22,15 +22,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from turbo_core import TurboConfig
-
-from ..adapter import FamilyAdapter, model_defaults
-from ..blocks import BlockSpec, install_blocks, install_scope
+from ..blocks import BlockSpec
 from ..patch import TurboPatch
 from ..site import ReductionSite, SiteCall
-from .timm_vit import TIMM_ATTENTION, install_timm_pool, refuse_grad_checkpointing
+from .timm_vit import (
+    TIMM_ATTENTION,
+    cls_or_mean,
+    install_timm_pool,
+    prefix_tokens,
+    refuse_grad_checkpointing,
+)
+from .tower import TowerAdapter, TowerFamily
 
-__all__ = ["EVA_FUSED", "EVA_SPLIT", "TimmEvaAdapter", "eva_block", "rope_representatives"]
+__all__ = [
+    "EVA_FUSED",
+    "EVA_SPLIT",
+    "TIMM_EVA",
+    "TimmEvaAdapter",
+    "eva_block",
+    "rope_representatives",
+]
 
 _GRID = "eva_grid"
 _REPS = "eva_representatives"
@@ -128,68 +139,56 @@ def eva_block(attention: nn.Module) -> BlockSpec:
     )
 
 
-class TimmEvaAdapter(FamilyAdapter):
-    """timm ``Eva``: EVA, EVA-02 (RoPE, SwiGLU), and Eva-class ViTs with ``EvaBlock``."""
+def install_grid_recorder(patch: TurboPatch, site: ReductionSite, model: nn.Module) -> None:
+    """Record the patch grid of each call (RoPE representatives need its width)."""
 
-    name = "timm-eva"
-    # timm-vit claims eva_large_*, which timm builds as VisionTransformer
-    model_names = ("eva_*", "eva02_*", "timm/eva*")
-    model_classes = ("timm.models.eva", "Eva")
-
-    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
-        site = self.install_tower(patch, model, config)
-        # the scopes wrap the grid recorder, so it runs inside the call they open
-        install_scope(patch, site, model, "forward_features")
-        install_scope(patch, site, model, "forward")
-        install_timm_pool(patch, model)
-
-    def install_tower(
-        self, patch: TurboPatch, model: nn.Module, config: TurboConfig
-    ) -> ReductionSite:
-        """The site, block runners and grid recorder, without entry scopes.
-
-        For models that embed an ``Eva`` and open the site's call themselves (around
-        ``forward_features``, after this), e.g. only in some modes.
-        """
-        from timm.models.eva import EvaAttention, EvaBlock
-
-        blocks = list(model.blocks)
-        odd = {type(b).__name__ for b in blocks if type(b) is not EvaBlock}
-        odd |= {type(b.attn).__name__ for b in blocks if not isinstance(b.attn, EvaAttention)}
-        if odd:
-            raise TypeError(
-                f"timm-eva supports EvaBlock with EvaAttention; this model has {sorted(odd)}"
-            )
-        config = model_defaults(config, int(model.num_prefix_tokens))
-        site = ReductionSite(
-            "vision",
-            config,
-            len(blocks),
-            guide="cls" if model.cls_token is not None else "mean",
-            needs_source=model.rope is not None,  # rotary rows of merged tokens
-        )
-        patch.add_site(site)
-        install_blocks(patch, site, blocks, eva_block(blocks[0].attn))
-        refuse_grad_checkpointing(patch, model)
-
-        def record_grid(
-            original: Callable[..., Any], x: torch.Tensor, *args: Any, **kw: Any
-        ) -> Any:
-            call = site.current()
-            if call is not None:
-                if model.training and model.patch_drop is not None and model.rope is not None:
-                    raise RuntimeError(
-                        "timm-eva cannot merge under patch dropout with RoPE while training; "
-                        "set patch_drop_rate=0 or call model.eval()"
-                    )
-                embed = model.patch_embed
-                grid = (
-                    embed.dynamic_feat_size(tuple(x.shape[-2:]))
-                    if model.dynamic_img_size
-                    else embed.grid_size
+    def record_grid(original: Callable[..., Any], x: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        call = site.current()
+        if call is not None:
+            if model.training and model.patch_drop is not None and model.rope is not None:
+                raise RuntimeError(
+                    "timm-eva cannot merge under patch dropout with RoPE while training; "
+                    "set patch_drop_rate=0 or call model.eval()"
                 )
-                call.state.extras[_GRID] = tuple(grid)
-            return original(x, *args, **kw)
+            embed = model.patch_embed
+            grid = (
+                embed.dynamic_feat_size(tuple(x.shape[-2:]))
+                if model.dynamic_img_size
+                else embed.grid_size
+            )
+            call.state.extras[_GRID] = tuple(grid)
+        return original(x, *args, **kw)
 
-        patch.override(model, "forward_features", record_grid)
-        return site
+    patch.override(model, "forward_features", record_grid)
+
+
+TIMM_EVA = TowerFamily(
+    name="timm-eva",
+    # timm-vit claims eva_large_*, which timm builds as VisionTransformer
+    model_names=("eva_*", "eva02_*", "timm/eva*"),
+    models=("timm.models.eva:Eva",),
+    layers=("timm.models.eva:EvaBlock",),
+    layer_path="blocks",
+    attention=("timm.models.eva:EvaAttention",),
+    block=lambda first: eva_block(first.attn),
+    prefix=prefix_tokens,
+    guide=cls_or_mean,
+    needs_source=lambda model: model.rope is not None,  # rotary rows of merged tokens
+    # the scopes wrap the grid recorder, so it runs inside the call they open
+    prepare=(
+        lambda patch, site, model: refuse_grad_checkpointing(patch, model),
+        install_grid_recorder,
+    ),
+    scopes=("forward_features", "forward"),
+    finish=(lambda patch, site, model: install_timm_pool(patch, model),),
+)
+
+
+class TimmEvaAdapter(TowerAdapter):
+    """timm ``Eva``: EVA, EVA-02 (RoPE, SwiGLU), and Eva-class ViTs with ``EvaBlock``.
+
+    :meth:`install_tower` installs everything but the entry scopes, for models that
+    embed an ``Eva`` and open the site's call themselves (MiniGPT-v2, only in tower mode).
+    """
+
+    family = TIMM_EVA

@@ -13,15 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from turbo_core import TurboConfig
-
-from ..adapter import FamilyAdapter, model_defaults
 from ..attention import QKVLayout
-from ..blocks import BlockSpec, install_blocks, install_scope, size_weighted_mean, token_sizes
+from ..blocks import BlockSpec, size_weighted_mean, token_sizes
 from ..patch import TurboPatch
-from ..site import ReductionSite
+from .tower import TowerAdapter, TowerFamily
 
-__all__ = ["TIMM_ATTENTION", "TIMM_BLOCK", "TimmViTAdapter", "install_timm_pool"]
+__all__ = ["TIMM_ATTENTION", "TIMM_BLOCK", "TIMM_VIT", "TimmViTAdapter", "install_timm_pool"]
 
 #: ``timm.layers.Attention``: fused qkv, qk-norm, scale-norm, optional gate.
 TIMM_ATTENTION = QKVLayout(
@@ -78,13 +75,21 @@ def refuse_grad_checkpointing(patch: TurboPatch, model: nn.Module) -> None:
     patch.override(model, "forward_features", forward_features)
 
 
-class TimmViTAdapter(FamilyAdapter):
-    """timm ``VisionTransformer`` and its DeiT/AugReg/DINO/register variants."""
+def prefix_tokens(model: nn.Module) -> int:
+    """CLS, distillation and register tokens of a timm model."""
+    return int(model.num_prefix_tokens)
 
-    name = "timm-vit"
+
+def cls_or_mean(model: nn.Module) -> str:
+    """CLS guidance, or the mean for models without a class token."""
+    return "cls" if model.cls_token is not None else "mean"
+
+
+TIMM_VIT = TowerFamily(
+    name="timm-vit",
     # timm names start with a size word of two or more letters (vit_base_patch16_224);
     # torchvision's builders are vit_<letter>_<patch> (vit_b_16) and belong to torchvision-vit.
-    model_names = (
+    model_names=(
         "vit_[!_][!_]*",
         "deit_*",
         "deit3_*",
@@ -93,23 +98,21 @@ class TimmViTAdapter(FamilyAdapter):
         "timm/vit_*",
         "timm/deit*",
         "vit-*-timm",
-    )
-    model_classes = ("timm.models.vision_transformer", "VisionTransformer")
+    ),
+    models=("timm.models.vision_transformer:VisionTransformer",),
+    layers=("timm.models.vision_transformer:Block",),
+    layer_path="blocks",
+    attention=("timm.layers:Attention",),
+    block=TIMM_BLOCK,
+    prefix=prefix_tokens,
+    guide=cls_or_mean,
+    prepare=(lambda patch, site, model: refuse_grad_checkpointing(patch, model),),
+    scopes=("forward_features", "forward"),
+    finish=(lambda patch, site, model: install_timm_pool(patch, model),),
+)
 
-    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
-        from timm.layers import Attention
-        from timm.models.vision_transformer import Block
 
-        blocks = list(model.blocks)
-        odd = {type(b).__name__ for b in blocks if not isinstance(b, Block)}
-        odd |= {type(b.attn).__name__ for b in blocks if not isinstance(b.attn, Attention)}
-        if odd:
-            raise TypeError(f"timm-vit supports Block with Attention; this model has {sorted(odd)}")
-        config = model_defaults(config, int(model.num_prefix_tokens))
-        guide = "cls" if model.cls_token is not None else "mean"
-        site = patch.add_site(ReductionSite("vision", config, len(blocks), guide=guide))
-        install_blocks(patch, site, blocks, TIMM_BLOCK)
-        refuse_grad_checkpointing(patch, model)
-        install_scope(patch, site, model, "forward_features")
-        install_scope(patch, site, model, "forward")
-        install_timm_pool(patch, model)
+class TimmViTAdapter(TowerAdapter):
+    """timm ``VisionTransformer`` and its DeiT/AugReg/DINO/register variants."""
+
+    family = TIMM_VIT

@@ -12,15 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turbo_core import TurboConfig
-
-from ..adapter import FamilyAdapter, model_defaults
 from ..attention import QKVLayout
-from ..blocks import BlockSpec, install_blocks, install_scope
-from ..patch import TurboPatch
-from ..site import ReductionSite
+from ..blocks import BlockSpec
+from .tower import TowerAdapter, TowerFamily
 
-__all__ = ["MHA_LAYOUT", "TORCHVISION_BLOCK", "TorchvisionViTAdapter"]
+__all__ = ["MHA_LAYOUT", "TORCHVISION_BLOCK", "TORCHVISION_VIT", "TorchvisionViTAdapter"]
 
 
 def _mha_project(mha: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -40,33 +36,34 @@ TORCHVISION_BLOCK = BlockSpec(
 )
 
 
-class TorchvisionViTAdapter(FamilyAdapter):
-    """torchvision ``VisionTransformer`` (all sizes, ImageNet-1k and SWAG weights)."""
+def _plain_attention(model: nn.Module, tower: nn.Module, layers: list[nn.Module]) -> None:
+    if any(b.self_attention.bias_k is not None or b.self_attention.add_zero_attn for b in layers):
+        raise TypeError(
+            "torchvision-vit supports EncoderBlock layers; this model has "
+            "['MultiheadAttention with add_bias_kv/add_zero_attn']"
+        )
 
-    name = "torchvision-vit"
-    model_names = (
+
+_TV = "torchvision.models.vision_transformer:"
+
+TORCHVISION_VIT = TowerFamily(
+    name="torchvision-vit",
+    model_names=(
         "vit_[bhl]_[0-9][0-9]",  # builders: vit_b_16, vit_l_32, vit_h_14
         "vit_[bhl]_[0-9][0-9]_weights*",  # ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1
         "torchvision/vit_[bhl]_[0-9][0-9]*",
-    )
-    model_classes = ("torchvision.models.vision_transformer", "VisionTransformer")
+    ),
+    models=(_TV + "VisionTransformer",),
+    tower=(_TV + "Encoder",),
+    layers=(_TV + "EncoderBlock",),
+    layer_path="layers",
+    block=TORCHVISION_BLOCK,
+    check=_plain_attention,
+    scope_model=True,
+)
 
-    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
-        from torchvision.models.vision_transformer import EncoderBlock
 
-        blocks = list(model.encoder.layers)
-        problems = {type(b).__name__ for b in blocks if not isinstance(b, EncoderBlock)}
-        problems |= {
-            "MultiheadAttention with add_bias_kv/add_zero_attn"
-            for b in blocks
-            if isinstance(b, EncoderBlock)
-            and (b.self_attention.bias_k is not None or b.self_attention.add_zero_attn)
-        }
-        if problems:
-            raise TypeError(
-                f"torchvision-vit supports EncoderBlock layers; this model has {sorted(problems)}"
-            )
-        site = patch.add_site(ReductionSite("vision", model_defaults(config, 1), len(blocks)))
-        install_blocks(patch, site, blocks, TORCHVISION_BLOCK)
-        install_scope(patch, site, model.encoder)
-        install_scope(patch, site, model)
+class TorchvisionViTAdapter(TowerAdapter):
+    """torchvision ``VisionTransformer`` (all sizes, ImageNet-1k and SWAG weights)."""
+
+    family = TORCHVISION_VIT

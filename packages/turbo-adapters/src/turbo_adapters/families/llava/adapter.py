@@ -34,7 +34,7 @@ from torch import nn
 
 from turbo_core import TurboConfig
 
-from ...adapter import model_defaults
+from ...adapter import model_defaults, resolve
 from ...attention import use_turbo_attention
 from ...blocks import install_blocks, install_scope
 from ...compat import IncompatibleLibraryError
@@ -81,11 +81,22 @@ def _pad_id(model: nn.Module) -> int:
 
 
 class LlavaAdapter(HFAdapter):
-    """transformers ``LlavaForConditionalGeneration`` / ``LlavaModel`` and the NeXT pair."""
+    """transformers ``LlavaForConditionalGeneration`` / ``LlavaModel`` and the NeXT pair.
+
+    Hand-written, not a :class:`~..tower.TowerFamily`: the tower merges only up to
+    ``vision_feature_layer`` and only in tower mode, and the entry points cut the image
+    placeholders in ``input_ids`` or reduce inside the language model (LLM mode).
+    """
 
     name = "llava"
     model_names = ("llava-hf/llava-1.5-*", "llava-hf/llava-v1.6-*", "llava-hf/llava-*")
     model_types = ("llava", "llava_next")
+    models = (
+        "transformers.models.llava.modeling_llava:LlavaForConditionalGeneration",
+        "transformers.models.llava.modeling_llava:LlavaModel",
+        "transformers.models.llava_next.modeling_llava_next:LlavaNextForConditionalGeneration",
+        "transformers.models.llava_next.modeling_llava_next:LlavaNextModel",
+    )
     patch_class = VisionLanguagePatch
 
     def classes(self) -> dict[str, Any]:
@@ -94,12 +105,7 @@ class LlavaAdapter(HFAdapter):
         from transformers.models.llava_next import modeling_llava_next as nxt
 
         return {
-            "models": (
-                llava.LlavaForConditionalGeneration,
-                llava.LlavaModel,
-                nxt.LlavaNextForConditionalGeneration,
-                nxt.LlavaNextModel,
-            ),
+            "models": resolve(self.models),
             "inner": (llava.LlavaModel, nxt.LlavaNextModel),
             "next": (nxt.LlavaNextModel,),
             "clip_tower": (clip.CLIPVisionModel,),

@@ -25,23 +25,24 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from turbo_core import TurboConfig, size_log_bias
+from turbo_core import size_log_bias
 
-from ..adapter import model_defaults
-from ..attention import QKVLayout, layout_attention
-from ..blocks import BlockSpec, install_blocks, install_scope, token_sizes
-from ..patch import TurboPatch
-from ..site import ReductionSite
-from . import blip_guided as guided
-from .hf_base import HFAdapter, find_one
+from ...attention import QKVLayout, layout_attention
+from ...blocks import BlockSpec, token_sizes
+from ...patch import TurboPatch
+from ...site import ReductionSite
+from ..tower import TowerAdapter, TowerFamily
+from . import guided
 
 __all__ = [
+    "BLIP",
     "BLIP_ATTENTION",
     "BLIP_LAYER",
     "CROSS_SITE",
     "BlipAdapter",
     "install_blip_attention",
     "use_cross_modal_guidance",
+    "use_size_bias_downstream",
 ]
 
 #: ``BlipAttention``: one fused ``qkv`` Linear (with bias), ``projection`` out.
@@ -71,60 +72,47 @@ def install_blip_attention(
     patch.override(attention, "forward", forward)
 
 
-class BlipAdapter(HFAdapter):
-    """``BlipForConditionalGeneration``, ``BlipForImageTextRetrieval``,
-    ``BlipForQuestionAnswering``, ``BlipModel`` and ``BlipVisionModel``."""
+def _check_attention(model: nn.Module, tower: nn.Module, layers: list[nn.Module]) -> None:
+    for layer in layers:  # check everything before patching anything
+        BLIP_ATTENTION.check(layer.self_attn)
 
-    name = "hf-blip"
-    model_names = (
+
+_BLIP = "transformers.models.blip.modeling_blip:"
+
+BLIP = TowerFamily(
+    name="hf-blip",
+    model_names=(
         "Salesforce/blip-image-captioning-*",
         "Salesforce/blip-itm-*",
         "Salesforce/blip-vqa-*",
         "blip-image-captioning-*",
         "blip-itm-*",
         "blip-vqa-*",
-    )
-    model_types = ("blip", "blip_vision_model")
+    ),
+    model_types=("blip", "blip_vision_model"),
+    models=(
+        _BLIP + "BlipForConditionalGeneration",
+        _BLIP + "BlipForImageTextRetrieval",
+        _BLIP + "BlipForQuestionAnswering",
+        _BLIP + "BlipModel",
+        _BLIP + "BlipVisionModel",
+    ),
+    tower=(_BLIP + "BlipVisionModel",),
+    layers=(_BLIP + "BlipEncoderLayer",),
+    layer_path="encoder.layers",
+    attention=(_BLIP + "BlipAttention",),
+    block=BLIP_LAYER,
+    check=_check_attention,
+    # no attention registry in BlipAttention: Turbo projects q/k/v by BLIP_ATTENTION
+    attend=install_blip_attention,
+)
 
-    def classes(self) -> dict[str, Any]:
-        from transformers.models.blip import modeling_blip as blip
 
-        return {
-            "models": (
-                blip.BlipForConditionalGeneration,
-                blip.BlipForImageTextRetrieval,
-                blip.BlipForQuestionAnswering,
-                blip.BlipModel,
-                blip.BlipVisionModel,
-            ),
-            "tower": (blip.BlipVisionModel,),
-            "layers": (blip.BlipEncoderLayer,),
-            "attention": (blip.BlipAttention,),
-        }
+class BlipAdapter(TowerAdapter):
+    """``BlipForConditionalGeneration``, ``BlipForImageTextRetrieval``,
+    ``BlipForQuestionAnswering``, ``BlipModel`` and ``BlipVisionModel``."""
 
-    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
-        classes = self.classes()
-        tower = find_one(model, classes["tower"], "BLIP vision tower")
-        layers = list(tower.encoder.layers)
-        odd = {type(layer).__name__ for layer in layers if not isinstance(layer, classes["layers"])}
-        odd |= {
-            type(layer.self_attn).__name__
-            for layer in layers
-            if not isinstance(layer.self_attn, classes["attention"])
-        }
-        if not layers or odd:
-            raise TypeError(
-                f"hf-blip supports BlipEncoderLayer with BlipAttention; this model has {sorted(odd)}"
-            )
-        for layer in layers:  # check everything before patching anything
-            BLIP_LAYER.check(layer)
-            BLIP_ATTENTION.check(layer.self_attn)
-        site = ReductionSite("vision", model_defaults(config, 1), len(layers))
-        patch.add_site(site)
-        for layer in layers:
-            install_blip_attention(patch, site, layer.self_attn)
-        install_blocks(patch, site, layers, BLIP_LAYER)
-        install_scope(patch, site, tower)
+    family = BLIP
 
 
 # ------------------------------------------------------------ cross-modal guidance
@@ -250,7 +238,7 @@ def use_size_bias_downstream(patch: TurboPatch) -> None:
     if patch.adapter_name != BlipAdapter.name or "vision" not in patch.sites:
         raise TypeError("use_size_bias_downstream needs a patch made by the hf-blip adapter")
     model, vision = patch.model, patch.sites["vision"]
-    tower = find_one(model, BlipAdapter().classes()["tower"], "BLIP vision tower")
+    tower = BlipAdapter().find_tower(model)
     from transformers.models.blip.modeling_blip import BlipForQuestionAnswering
 
     # the VQA answer decoder cross-attends to the question, not to the image

@@ -24,9 +24,9 @@ import torch
 
 from turbo_core.merging import merge_sources
 
-from ..blocks import TurboBypassWarning
-from ..patch import TurboPatch
-from ..site import ReductionSite, SiteCall
+from ...blocks import TurboBypassWarning
+from ...patch import TurboPatch
+from ...site import ReductionSite, SiteCall
 
 __all__ = [
     "CROSS_SITE",
