@@ -64,8 +64,8 @@ def _image_token(config: Any) -> int:
 
 
 class ConnectorVLMAdapter(HFAdapter):
-    """The shared install. Subclasses set the names, :meth:`classes` (``"models"`` and
-    ``"inner"``), :attr:`tower_refusal` and :attr:`llm_refusal` (None: LLM mode fits)."""
+    """The shared install. Subclasses set the names, ``models``, :meth:`classes`
+    (``"inner"``), :attr:`tower_refusal` and :attr:`llm_refusal` (None: LLM mode fits)."""
 
     patch_class = VisionLanguagePatch
     tower_refusal = ""
@@ -181,6 +181,10 @@ class PaliGemmaAdapter(ConnectorVLMAdapter):
     name = "paligemma"
     model_names = ("google/paligemma-*", "google/paligemma2-*", "paligemma*")
     model_types = ("paligemma",)
+    models = (
+        "transformers.models.paligemma.modeling_paligemma:PaliGemmaForConditionalGeneration",
+        "transformers.models.paligemma.modeling_paligemma:PaliGemmaModel",
+    )
     tower_refusal = (
         "tower merging on SigLIP towers (no CLS token) is not supported yet; use 'connector'"
     )
@@ -190,7 +194,6 @@ class PaliGemmaAdapter(ConnectorVLMAdapter):
         from transformers.models.paligemma import modeling_paligemma as pg
 
         return {
-            "models": (pg.PaliGemmaForConditionalGeneration, pg.PaliGemmaModel),
             "inner": (pg.PaliGemmaModel,),
         }
 
@@ -202,6 +205,10 @@ class Gemma3Adapter(ConnectorVLMAdapter):
     name = "gemma3"
     model_names = ("google/gemma-3-*", "gemma-3-*", "gemma3*")
     model_types = ("gemma3",)
+    models = (
+        "transformers.models.gemma3.modeling_gemma3:Gemma3ForConditionalGeneration",
+        "transformers.models.gemma3.modeling_gemma3:Gemma3Model",
+    )
     tower_refusal = (
         "Gemma 3 average-pools the SigLIP grid to 256 tokens, which merged tower tokens no "
         "longer fill; use 'connector' (after the pool)"
@@ -212,7 +219,6 @@ class Gemma3Adapter(ConnectorVLMAdapter):
         from transformers.models.gemma3 import modeling_gemma3 as g3
 
         return {
-            "models": (g3.Gemma3ForConditionalGeneration, g3.Gemma3Model),
             "inner": (g3.Gemma3Model,),
         }
 
@@ -223,6 +229,10 @@ class LlavaOneVisionAdapter(ConnectorVLMAdapter):
     name = "llava-onevision"
     model_names = ("llava-hf/llava-onevision-*", "lmms-lab/llava-onevision-*")
     model_types = ("llava_onevision",)
+    models = (
+        "transformers.models.llava_onevision.modeling_llava_onevision:LlavaOnevisionForConditionalGeneration",
+        "transformers.models.llava_onevision.modeling_llava_onevision:LlavaOnevisionModel",
+    )
     tower_refusal = (
         "LLaVA-OneVision's pack_image_features reshapes every tile to its patch grid and "
         "adds newline tokens, which merged tower tokens no longer fill; use 'connector'"
@@ -232,7 +242,6 @@ class LlavaOneVisionAdapter(ConnectorVLMAdapter):
         from transformers.models.llava_onevision import modeling_llava_onevision as ov
 
         return {
-            "models": (ov.LlavaOnevisionForConditionalGeneration, ov.LlavaOnevisionModel),
             "inner": (ov.LlavaOnevisionModel,),
         }
 
@@ -246,6 +255,12 @@ class Idefics3Adapter(ConnectorVLMAdapter):
     name = "idefics3"
     model_names = ("HuggingFaceM4/Idefics3-*", "HuggingFaceTB/SmolVLM*", "smolvlm*", "idefics3*")
     model_types = ("idefics3", "smolvlm")
+    models = (
+        "transformers.models.idefics3.modeling_idefics3:Idefics3ForConditionalGeneration",
+        "transformers.models.idefics3.modeling_idefics3:Idefics3Model",
+        "transformers.models.smolvlm.modeling_smolvlm:SmolVLMForConditionalGeneration",
+        "transformers.models.smolvlm.modeling_smolvlm:SmolVLMModel",
+    )
     tower_refusal = f"Idefics3 / SmolVLM {_SHUFFLE}; use 'connector' (after the shuffle)"
 
     def classes(self) -> dict[str, Any]:
@@ -253,10 +268,6 @@ class Idefics3Adapter(ConnectorVLMAdapter):
         from transformers.models.smolvlm import modeling_smolvlm as sv
 
         return {
-            "models": (
-                i3.Idefics3ForConditionalGeneration, i3.Idefics3Model,
-                sv.SmolVLMForConditionalGeneration, sv.SmolVLMModel,
-            ),
             "inner": (i3.Idefics3Model, sv.SmolVLMModel),
         }  # fmt: skip
 
@@ -267,12 +278,15 @@ class InternVLAdapter(ConnectorVLMAdapter):
     name = "internvl"
     model_names = ("OpenGVLab/InternVL*", "internvl*")
     model_types = ("internvl",)
+    models = (
+        "transformers.models.internvl.modeling_internvl:InternVLForConditionalGeneration",
+        "transformers.models.internvl.modeling_internvl:InternVLModel",
+    )
     tower_refusal = f"InternVL {_SHUFFLE}; use 'connector' (after the shuffle)"
 
     def classes(self) -> dict[str, Any]:
         from transformers.models.internvl import modeling_internvl as iv
 
         return {
-            "models": (iv.InternVLForConditionalGeneration, iv.InternVLModel),
             "inner": (iv.InternVLModel,),
         }

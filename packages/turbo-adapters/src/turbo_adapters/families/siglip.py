@@ -34,12 +34,16 @@ class SiglipVisionAdapter(HFAdapter):
     name = "hf-siglip"
     model_names = ("google/siglip-*", "google/siglip-so400m-*")
     model_types = ("siglip", "siglip_vision_model")
+    models = (
+        "transformers.models.siglip.modeling_siglip:SiglipVisionModel",
+        "transformers.models.siglip.modeling_siglip:SiglipModel",
+        "transformers.models.siglip.modeling_siglip:SiglipForImageClassification",
+    )
 
     def classes(self) -> dict[str, Any]:
         from transformers.models.siglip import modeling_siglip as sg
 
         return {
-            "models": (sg.SiglipVisionModel, sg.SiglipModel, sg.SiglipForImageClassification),
             "tower": (sg.SiglipVisionModel,),
             "layers": (sg.SiglipEncoderLayer,),
             "encoder": (sg.SiglipEncoder,),

@@ -65,6 +65,14 @@ class QwenVLAdapter(HFAdapter):
         "qwen2-vl*", "qwen2.5-vl*", "qwen3-vl*",
     )  # fmt: skip
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    models = (
+        "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLForConditionalGeneration",
+        "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLModel",
+        "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
+        "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLModel",
+        "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLForConditionalGeneration",
+        "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLModel",
+    )
     patch_class = VisionLanguagePatch
 
     def classes(self) -> dict[str, Any]:
@@ -73,12 +81,7 @@ class QwenVLAdapter(HFAdapter):
         from transformers.models.qwen3_vl import modeling_qwen3_vl as q3
 
         inner = (q2.Qwen2VLModel, q25.Qwen2_5_VLModel, q3.Qwen3VLModel)
-        outer = (
-            q2.Qwen2VLForConditionalGeneration,
-            q25.Qwen2_5_VLForConditionalGeneration,
-            q3.Qwen3VLForConditionalGeneration,
-        )
-        return {"models": outer + inner, "inner": inner, "deepstack": (q3.Qwen3VLModel,)}
+        return {"inner": inner, "deepstack": (q3.Qwen3VLModel,)}
 
     def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
         if not isinstance(patch, VisionLanguagePatch):
