@@ -53,6 +53,9 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.llava:LlavaAdapter",
     "turbo_adapters.families.minigpt:MiniGPTv2Adapter",
     "turbo_adapters.families.stable_diffusion:StableDiffusionAdapter",
+    "turbo_adapters.families.dit:PixArtAdapter",
+    "turbo_adapters.families.dit:SD3Adapter",
+    "turbo_adapters.families.dit:FluxAdapter",
 )
 
 

@@ -8,7 +8,7 @@ import types
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-__all__ = ["COMPONENTS", "LEVELS", "SDSettings", "StepSelector"]
+__all__ = ["COMPONENTS", "LEVELS", "SDSettings", "StepSelector", "with_ratio"]
 
 #: The sub-modules of a ``BasicTransformerBlock`` that merge their input and restore
 #: their output, in the order the block runs them.
@@ -185,3 +185,29 @@ class SDSettings:
     @classmethod
     def field_names(cls) -> frozenset[str]:
         return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def with_ratio(
+    settings: SDSettings, ratio: Any, explicit: Mapping[str, Any] = types.MappingProxyType({})
+) -> dict[str, Any]:
+    """tomesd's ``ratio``: the changes that give every merging component this ratio.
+
+    tomesd applies its one ``ratio`` to each component it merges (``merge_attn``,
+    ``merge_crossattn``, ``merge_mlp``). Here the components that merge in ``settings``
+    (the model's defaults or a preset) take ``ratio``; with none merging, self-attention
+    does (tomesd's default). ``ratio=0`` turns every component off: the model computes
+    exactly what it computes unpatched. Components named in ``explicit``
+    (``ratio_ff=...`` given beside ``ratio``) keep their own value.
+    """
+    value = _ratio("ratio", ratio)
+    names = [f"ratio_{c}" for c in COMPONENTS]
+    if value == 0.0:
+        return {n: 0.0 for n in names if n not in explicit}
+    on = [n for n in names if _merges(getattr(settings, n))] or ["ratio_attn1"]
+    return {n: value for n in on if n not in explicit}
+
+
+def _merges(ratio: float | Mapping[int, float]) -> bool:
+    if isinstance(ratio, Mapping):
+        return any(v > 0 for v in ratio.values())
+    return ratio > 0
