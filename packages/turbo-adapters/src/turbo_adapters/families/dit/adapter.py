@@ -75,12 +75,17 @@ class DiTAdapter:
         if "alpha" not in explicit and config.alpha == TurboConfig().alpha:
             config = config.replace(alpha=0.0)
         settings = resolve_settings(dit_default_settings(transformer), options)
-        if settings.attn1_kv and not any(
-            type(m).__name__ == "BasicTransformerBlock" for m in transformer.modules()
-        ):
+        joint = not any(type(m).__name__ == "BasicTransformerBlock" for m in transformer.modules())
+        if joint and settings.attn1_kv:
             raise ValueError(
                 f"attn1_kv=True: {type(transformer).__name__}'s joint attention takes the "
                 "text as its keys beside the image, so only attn1_kv=False applies"
+            )
+        if joint and settings.method == "todo":
+            raise ValueError(
+                f"method='todo': ToDo downsamples the keys and values of a self-attention; "
+                f"{type(transformer).__name__}'s joint attention computes them inside its "
+                "processor (use method='turbo' or 'toma')"
             )
         role = type(transformer).__name__ if transformer is model else "transformer"
         return StableDiffusionPatch(model, config, settings, [(role, transformer)], self.name)

@@ -35,6 +35,7 @@ from turbo_core import MergePlan, score_windows, size_log_bias, window_destinati
 from ...blocks import TurboBypassWarning
 from .guide import text_to_image_attention, text_token_mask
 from .layout import Slot, block_slots, model_grid
+from .methods import SoftPlan, ToDoPlan, soft_plan
 from .settings import COMPONENTS, SDSettings
 
 if TYPE_CHECKING:
@@ -275,8 +276,13 @@ class DenoiserHooks:
         wanted = {c: r for c, r in wanted.items() if r > 0}
         if not wanted:
             return
-        dst = window_destinations(height, width, settings.sx, settings.sy, call.generator)
         batch = x.shape[0]
+        if settings.method != "turbo":
+            peer = self._peer_plans(x, wanted, (height, width), settings, batch)
+            call.plans[id(block)] = peer  # type: ignore[assignment]
+            call.stats.tokens.append((name, num_tokens, {c: p.r for c, p in peer.items()}))
+            return
+        dst = window_destinations(height, width, settings.sx, settings.sy, call.generator)
         # one plan from the conditional half, followed by both halves: half the matching
         shared = settings.plan_from == "cond" and batch % 2 == 0 and self.owner.cfg_halves(batch)
         semantic = None
@@ -301,6 +307,30 @@ class DenoiserHooks:
             chosen[component] = plans[r]
         call.plans[id(block)] = chosen
         call.stats.tokens.append((name, num_tokens, {c: p.r for c, p in chosen.items()}))
+
+    def _peer_plans(
+        self,
+        x: torch.Tensor,
+        wanted: dict[str, int],
+        grid: tuple[int, int],
+        settings: SDSettings,
+        batch: int,
+    ) -> dict[str, ToDoPlan | SoftPlan]:
+        """ToDo's key/value grid (self-attention only) or ToMA's soft plans."""
+        if settings.method == "todo":
+            if "attn1" not in wanted:
+                return {}
+            plan = ToDoPlan(*grid, settings.todo_factor, settings.todo_mode, batch, x.shape[1])
+            return {"attn1": plan}
+        shared = settings.plan_from == "cond" and batch % 2 == 0 and self.owner.cfg_halves(batch)
+        rows = x[batch // 2 :] if shared else x
+        plans: dict[int, SoftPlan] = {}
+        for r in set(wanted.values()):
+            plan = soft_plan(rows, x.shape[1] - r, settings.toma_tau)
+            if shared:
+                plan = SoftPlan(plan.weights.repeat(2, 1, 1), plan.dst_idx.repeat(2, 1))
+            plans[r] = plan
+        return {c: plans[r] for c, r in wanted.items()}
 
     def _semantic(
         self,
@@ -377,6 +407,8 @@ class DenoiserHooks:
         elif kwargs.get("ip_adapter_masks") is not None and _takes(module, "ip_adapter_masks"):
             # the processor maps its masks onto the query count as if it were a grid
             reason = "IP-Adapter masks per position"
+        elif isinstance(plan, ToDoPlan) and not slot.kv:
+            reason = "ToDo needs a self-attention that takes its keys and values apart"
         elif rotary is not None and not _one_plan(plan):
             # one (cos, sin) table serves every row: rows must keep the same tokens
             reason = "rows of the batch follow different plans under one rotary table"
@@ -384,14 +416,20 @@ class DenoiserHooks:
             call.stats.passed.append((name, component, reason))
             return None
         call.stats.merged[component] += 1
+        if isinstance(plan, ToDoPlan):  # every query stays: nothing to restore
+            return args, {**kwargs, "encoder_hidden_states": plan.keys(x)}
         cross = getattr(module, "is_cross_attention", False)
-        if component == "attn1" and call.settings.attn1_kv and slot.kv and not cross:
+        kv = call.settings.attn1_kv and slot.kv and not isinstance(plan, SoftPlan)
+        if component == "attn1" and kv and not cross:
             return self._merge_keys(call, x, plan, args, kwargs)
         merger = call.site_call.reducer.merger
-        if prefix:
-            merged = torch.cat([x[:, :prefix], merger.merge(x[:, prefix:], plan)[0]], dim=1)
-        else:
-            merged = merger.merge(x, plan)[0]
+
+        def merge(tokens: torch.Tensor) -> torch.Tensor:
+            if isinstance(plan, SoftPlan):
+                return plan.merge(tokens)
+            return merger.merge(tokens, plan)[0]
+
+        merged = torch.cat([x[:, :prefix], merge(x[:, prefix:])], 1) if prefix else merge(x)
         call.pending[id(module)] = (plan, prefix)
         if rotary is not None:
             kwargs = {**kwargs, "image_rotary_emb": _rotary_rows(rotary, plan, x, prefix, kwargs)}
@@ -425,19 +463,28 @@ class DenoiserHooks:
             return None
         plan, prefix = pending
         restorer = call.site_call.reducer.restorer
+
+        def restore(tokens: torch.Tensor) -> torch.Tensor:
+            if isinstance(plan, SoftPlan):
+                return plan.restore(tokens)
+            return restorer.restore(tokens, plan)
+
         # joint attention returns (image, text): only the image part was merged
         first = output[0] if isinstance(output, tuple) else output
-        if prefix:
-            first = torch.cat([first[:, :prefix], restorer.restore(first[:, prefix:], plan)], 1)
-        else:
-            first = restorer.restore(first, plan)
+        first = (
+            torch.cat([first[:, :prefix], restore(first[:, prefix:])], 1)
+            if prefix
+            else restore(first)
+        )
         return (first, *output[1:]) if isinstance(output, tuple) else first
 
 
-def _one_plan(plan: MergePlan) -> bool:
+def _one_plan(plan: MergePlan | SoftPlan) -> bool:
     """Whether every row of the batch keeps and merges the same tokens."""
     if plan.batch_size == 1:
         return True
+    if isinstance(plan, SoftPlan):
+        return bool((plan.dst_idx == plan.dst_idx[:1]).all())
     return bool(
         (plan.kept_idx == plan.kept_idx[:1]).all()
         and (plan.merged_idx == plan.merged_idx[:1]).all()
@@ -446,14 +493,15 @@ def _one_plan(plan: MergePlan) -> bool:
 
 
 def _rotary_rows(
-    rotary: Any, plan: MergePlan, x: torch.Tensor, prefix: int, kwargs: dict[str, Any]
+    rotary: Any, plan: MergePlan | SoftPlan, x: torch.Tensor, prefix: int, kwargs: dict[str, Any]
 ) -> Any:
     """The rotary rows of the merged sequence: the text's rows, then each slot's seed
     token's row (a merged token takes its destination's position; rotated keys are
     never averaged, the rotation applies after the merge)."""
     text = kwargs.get("encoder_hidden_states")
     text_len = prefix or (text.shape[1] if isinstance(text, torch.Tensor) else 0)
-    keep = plan.kept_idx[0].to(x.device) + text_len
+    seeds = plan.dst_idx[0] if isinstance(plan, SoftPlan) else plan.kept_idx[0]
+    keep = seeds.to(x.device) + text_len
     rows = torch.cat([torch.arange(text_len, device=x.device), keep])
 
     def pick(table: torch.Tensor) -> torch.Tensor:
