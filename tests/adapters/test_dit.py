@@ -321,3 +321,56 @@ def test_r_and_kv_merge_are_refused_with_the_keywords_named():
         ta.apply(tiny_sd3(), r=4)
     with pytest.raises(ValueError, match="attn1_kv=True"):
         ta.apply(tiny_flux(), attn1_kv=True)
+
+
+# ------------------------------------------------------------------------ pipeline
+def test_pixart_pipeline_cfg_pairs_share_one_plan_and_ratio_zero_is_identical():
+    """Through PixArtSigmaPipeline (prompt embeddings given: no tokenizer offline)."""
+    from tests.support.tiny_dit import TEXT_DIM
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    pipe = diffusers.PixArtSigmaPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        transformer=tiny_pixart(),
+        scheduler=diffusers.DPMSolverMultistepScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(5)
+    embeds = torch.randn(2, 6, TEXT_DIM, generator=g)
+    negative = torch.randn(2, 6, TEXT_DIM, generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    call = dict(
+        negative_prompt=None,
+        prompt_embeds=embeds,
+        prompt_attention_mask=mask,
+        negative_prompt_embeds=negative,
+        negative_prompt_attention_mask=mask,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="pt",
+        use_resolution_binning=False,
+    )
+    reference = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    recording = Recording()
+    with ta.patched(pipe, ratio=0.5, attn1_kv=False, restorer=recording) as patch:
+        out = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert patch.pipeline_cfg and patch.cond_rows == 2
+    assert patch.last_stats["transformer"].merged == {"attn1": 2, "attn2": 0, "ff": 2}
+    plan = recording.plans[0]
+    assert plan.batch_size == 4 and torch.equal(plan.kept_idx[:2], plan.kept_idx[2:])
+    assert not torch.equal(out, reference)
+    with ta.patched(pipe, ratio=0):
+        assert torch.equal(
+            pipe(**call, generator=torch.Generator().manual_seed(0)).images, reference
+        )
