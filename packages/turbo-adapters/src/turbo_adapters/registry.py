@@ -60,6 +60,9 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.connector_vlm:Idefics3Adapter",
     "turbo_adapters.families.connector_vlm:InternVLAdapter",
     "turbo_adapters.families.stable_diffusion:StableDiffusionAdapter",
+    "turbo_adapters.families.dit:PixArtAdapter",
+    "turbo_adapters.families.dit:SD3Adapter",
+    "turbo_adapters.families.dit:FluxAdapter",
 )
 
 

@@ -66,8 +66,8 @@ def method_overrides(
         return {"r": r, "mode": "redundancy", "alpha": 0.0}
     if method == "semantics":
         return {"r": r, "mode": "semantics"}
-    if method == "tomesd":  # the model runs the peer at r (pipelines: r percent merged)
-        return {"r": r, "peer": "tomesd"}
+    if method in ("tomesd", "todo", "toma"):  # the model runs the peer at r (pipelines: r %)
+        return {"r": r, "peer": method}
     if method == "turbo":
         return {
             "r": r,

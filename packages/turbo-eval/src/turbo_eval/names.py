@@ -98,6 +98,9 @@ METHOD_TABLE: dict[str, MethodInfo] = {
             "turbo-sizebias", "sizebias", "Turbo + size bias downstream", True, ("tab:orange", "D")
         ),
         MethodInfo("tomesd", "peer", "tomesd", False, ("gray", "x")),
+        # peers written in turbo_adapters' diffusion families (method="todo" / "toma")
+        MethodInfo("todo", "peer", "ToDo", False, ("olive", "v")),
+        MethodInfo("toma", "peer", "ToMA", False, ("teal", "^")),
     )
 }
 

@@ -168,6 +168,8 @@ class PipelineModel(LoadedModel):
             self._apply_tomesd(ratios)
             return
         settings = {**self.settings, **ratios, **config}
+        if peer in ("todo", "toma"):  # peers written as methods of the diffusion families
+            settings["method"] = peer
         self.handle = turbo_adapters.apply(self.module, **settings)
 
     def _apply_tomesd(self, ratios: Mapping[str, float]) -> None:

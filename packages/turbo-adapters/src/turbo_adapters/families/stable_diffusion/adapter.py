@@ -28,7 +28,7 @@ from ...adapter import is_instance
 from ...patch import TurboPatch
 from ...site import ReductionSite
 from .hooks import CallStats, DenoiserHooks, RatioClippedWarning
-from .settings import SDSettings
+from .settings import SDSettings, with_ratio
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -132,15 +132,22 @@ class StableDiffusionPatch(TurboPatch):
         cond_rows: rows of the last pipeline call's conditional prompt embeddings.
     """
 
-    def __init__(self, target: Any, config: TurboConfig, settings: SDSettings) -> None:
-        super().__init__(target, "stable-diffusion")
+    def __init__(
+        self,
+        target: Any,
+        config: TurboConfig,
+        settings: SDSettings,
+        denoisers: list[tuple[str, nn.Module]] | None = None,
+        family: str = "stable-diffusion",
+    ) -> None:
+        super().__init__(target, family)
         self.settings = settings
         self.text_mask: torch.Tensor | None = None
         self.pipeline_cfg: bool | None = None
         self.cond_rows: int | None = None
         self._hooks: list[DenoiserHooks] = []
         try:
-            for role, module in _denoisers(target):
+            for role, module in denoisers if denoisers is not None else _denoisers(target):
                 if module is not target:
                     self.claim(module)
                 hooks = DenoiserHooks(module, self)
@@ -162,6 +169,8 @@ class StableDiffusionPatch(TurboPatch):
     def configure(self, *, site: str | None = None, **changes: Any) -> StableDiffusionPatch:
         """Change SD settings (``ratio_attn1=``, ``max_downsample=`` ...) and TurboConfig
         fields or roles (``alpha=``, ``mode=``, ``merger=`` ...); the next call uses them."""
+        if "ratio" in changes:  # tomesd's keyword: every merging component at this ratio
+            changes.update(with_ratio(self.settings, changes.pop("ratio"), changes))
         if "r" in changes:
             raise ValueError(
                 "Stable Diffusion merges by ratio, not r: set ratio_attn1, ratio_attn2, "
@@ -283,7 +292,7 @@ class StableDiffusionAdapter:
         "stablediffusionxlpipeline",
         "stablediffusioncontrolnetpipeline",
     )
-    options = SDSettings.field_names()
+    options = SDSettings.field_names() | {"ratio"}
     presets = PRESETS
 
     def matches(self, model: Any) -> bool:
@@ -299,15 +308,29 @@ class StableDiffusionAdapter:
         """Patch ``model``; ``options`` are :class:`SDSettings` fields.
 
         Unset settings take :func:`default_settings` of the UNet; an unset ``alpha``
-        is :data:`DEFAULT_ALPHA`. ``r`` does not apply (merging is by ratio).
+        is :data:`DEFAULT_ALPHA`. ``r`` does not apply (merging is by ratio); ``ratio``
+        is tomesd's keyword (see :func:`~.settings.with_ratio`).
         """
-        if "r" in explicit or config.r != TurboConfig().r:
-            raise ValueError(
-                "Stable Diffusion merges by ratio, not r: pass ratio_attn1, ratio_attn2, ratio_ff"
-            )
+        check_no_r(config, explicit)
         if "alpha" not in explicit and config.alpha == TurboConfig().alpha:
             config = config.replace(alpha=DEFAULT_ALPHA)
         unet = model if _is_denoiser(model) else model.unet
-        settings = default_settings(unet)
-        settings = settings.replace(**options) if options else settings  # validate first
+        settings = resolve_settings(default_settings(unet), options)  # validate first
         return StableDiffusionPatch(model, config, settings)
+
+
+def check_no_r(config: TurboConfig, explicit: frozenset[str]) -> None:
+    """Diffusion families merge by ratio: a ToMe ``r`` is refused, naming the keywords."""
+    if "r" in explicit or config.r != TurboConfig().r:
+        raise ValueError(
+            "a diffusion model merges by ratio, not r: pass ratio (tomesd's keyword, in [0, 1)) "
+            "or ratio_attn1, ratio_attn2, ratio_ff"
+        )
+
+
+def resolve_settings(base: SDSettings, options: dict[str, Any]) -> SDSettings:
+    """``base`` with the user's keywords; ``ratio`` sets every merging component."""
+    options = dict(options)
+    if "ratio" in options:
+        options.update(with_ratio(base, options.pop("ratio"), options))
+    return base.replace(**options) if options else base

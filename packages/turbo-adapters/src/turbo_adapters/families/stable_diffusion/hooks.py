@@ -32,7 +32,10 @@ from torch import nn
 
 from turbo_core import MergePlan, score_windows, size_log_bias, window_destinations
 
+from ...blocks import TurboBypassWarning
 from .guide import text_to_image_attention, text_token_mask
+from .layout import Slot, block_slots, model_grid
+from .methods import SoftPlan, ToDoPlan, soft_plan
 from .settings import COMPONENTS, SDSettings
 
 if TYPE_CHECKING:
@@ -80,7 +83,9 @@ class _Call:
     text_mask: torch.Tensor | None
     grid: tuple[int, int] | None = None
     plans: dict[int, dict[str, MergePlan]] = dataclasses.field(default_factory=dict)
-    pending: dict[int, MergePlan | None] = dataclasses.field(default_factory=dict)
+    pending: dict[int, tuple[MergePlan, int] | None] = dataclasses.field(default_factory=dict)
+    #: text tokens before the image tokens in a block's joint sequence (FLUX single blocks)
+    text_len: dict[int, int] = dataclasses.field(default_factory=dict)
     depth: int = 0
 
 
@@ -112,20 +117,22 @@ class DenoiserHooks:
         self._handles: list[Any] = []
         self._step = 0
         self._last_t: float | None = None
-        self.blocks: list[tuple[str, nn.Module]] = [
-            (name, m)
-            for name, m in root.named_modules()
-            if type(m).__name__.endswith("TransformerBlock")
-            and all(hasattr(m, c) for c in COMPONENTS)
-        ]
+        self.slots: dict[int, tuple[Slot, ...]] = {}
+        self.blocks: list[tuple[str, nn.Module]] = []
+        for name, m in root.named_modules():
+            slots = block_slots(m)
+            if slots:
+                self.blocks.append((name, m))
+                self.slots[id(m)] = slots
         self.transformers = [m for m in root.modules() if _is_transformer_2d(m)]
 
     # ----------------------------------------------------------------- install
     def install(self) -> None:
         if not self.blocks:
             raise TypeError(
-                f"{type(self.root).__name__} has no transformer blocks with attn1/attn2/ff "
-                "to merge in"
+                f"{type(self.root).__name__} has no transformer blocks Turbo merges in "
+                "(diffusers BasicTransformerBlock, JointTransformerBlock, FluxTransformerBlock, "
+                "FluxSingleTransformerBlock)"
             )
         add = self._handles.append
         add(self.root.register_forward_pre_hook(self._enter, with_kwargs=True))
@@ -136,11 +143,9 @@ class DenoiserHooks:
             plan_hook = functools.partial(self._plan, name=name, index=index)
             add(block.register_forward_pre_hook(plan_hook, with_kwargs=True))
             add(block.register_forward_hook(self._block_done, always_call=True))
-            for component in COMPONENTS:
-                module = getattr(block, component)
-                if module is None:
-                    continue
-                key = dict(block=id(block), name=name, component=component)
+            for slot in self.slots[id(block)]:
+                module = getattr(block, slot.module)
+                key = dict(block=id(block), name=name, slot=slot)
                 add(
                     module.register_forward_pre_hook(
                         functools.partial(self._merge, **key), with_kwargs=True
@@ -176,7 +181,9 @@ class DenoiserHooks:
         assert self.site is not None, "install the hooks through a StableDiffusionPatch"
         settings = self.owner.settings
         sample = _first(args, kwargs, "sample")
-        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if sample is None:
+            sample = kwargs.get("hidden_states")
+        t = args[1] if len(args) > 1 and self.transformers else kwargs.get("timestep")
         t_value = _timestep_value(t, needed=settings.steps is not None)
         if t_value is not None and self._last_t is not None and t_value > self._last_t:
             self.new_generation()  # timesteps fall within a generation; a rise starts one
@@ -191,11 +198,17 @@ class DenoiserHooks:
         if text_mask is None:
             text_mask = self.owner.text_mask
         latent = tuple(sample.shape[-2:]) if isinstance(sample, torch.Tensor) else (0, 0)
+        # a diffusion transformer patchifies its input once: its grid is the model's,
+        # found from the model's own config and inputs (not from a Transformer2DModel)
+        grid = None if self.transformers else model_grid(module, sample, kwargs)
+        if grid is not None:
+            latent = grid
         scope = self.site.scope()
         site_call = scope.__enter__()
         stats = CallStats(step, merging)
         site_call.state.extras["stats"] = stats
         call = _Call(site_call, scope, settings, stats, latent, generator, text_mask)  # type: ignore[arg-type]
+        call.grid = grid
         call.depth = 1
         self._call.set(call)
 
@@ -207,6 +220,18 @@ class DenoiserHooks:
         if call.depth == 0:
             self._call.set(None)
             call.scope.__exit__(None, None, None)
+            stats = call.stats
+            if stats.merging and not any(stats.merged.values()):
+                reasons = sorted({reason for _, _, reason in stats.passed})
+                if call.grid is None:
+                    reasons.append("no token grid was found for this call")
+                warnings.warn(
+                    f"Turbo: nothing was merged in this {type(module).__name__} call although "
+                    f"the settings merge ({', '.join(reasons) or 'no block matched the settings'}"
+                    "; see patch.last_stats)",
+                    TurboBypassWarning,
+                    stacklevel=2,
+                )
 
     def _grid(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         call = self._call.get()
@@ -229,6 +254,9 @@ class DenoiserHooks:
             return
         settings, config = call.settings, call.site_call.reducer.config
         x = _first(args, kwargs, "hidden_states")
+        text = kwargs.get("encoder_hidden_states")
+        if isinstance(text, torch.Tensor) and text.dim() == 3:
+            call.text_len[id(block)] = text.shape[1]
         height, width = call.grid
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != height * width:
             call.stats.passed.append((name, "block", "input is not the grid's token sequence"))
@@ -241,20 +269,24 @@ class DenoiserHooks:
             call.stats.passed.append((name, "block", "grid smaller than one window"))
             return
         num_tokens = x.shape[1]
+        present = {slot.component for slot in self.slots[id(block)]}
         wanted = {
-            c: int(num_tokens * ratio)
-            for c, ratio in ratios.items()
-            if ratio > 0 and getattr(block, c, None) is not None
+            c: int(num_tokens * ratio) for c, ratio in ratios.items() if ratio > 0 and c in present
         }
         wanted = {c: r for c, r in wanted.items() if r > 0}
         if not wanted:
             return
-        dst = window_destinations(height, width, settings.sx, settings.sy, call.generator)
         batch = x.shape[0]
+        if settings.method != "turbo":
+            peer = self._peer_plans(x, wanted, (height, width), settings, batch)
+            call.plans[id(block)] = peer  # type: ignore[assignment]
+            call.stats.tokens.append((name, num_tokens, {c: p.r for c, p in peer.items()}))
+            return
+        dst = window_destinations(height, width, settings.sx, settings.sy, call.generator)
         # one plan from the conditional half, followed by both halves: half the matching
         shared = settings.plan_from == "cond" and batch % 2 == 0 and self.owner.cfg_halves(batch)
         semantic = None
-        if config.uses_semantics and block.attn2 is not None:
+        if config.uses_semantics and _cross_attention(block) is not None:
             semantic = self._semantic(block, x, kwargs, call, shared)
         scores = score_windows(x[batch // 2 :] if shared else x, dst, semantic, config, index)
         plans: dict[int, MergePlan] = {}
@@ -275,6 +307,30 @@ class DenoiserHooks:
             chosen[component] = plans[r]
         call.plans[id(block)] = chosen
         call.stats.tokens.append((name, num_tokens, {c: p.r for c, p in chosen.items()}))
+
+    def _peer_plans(
+        self,
+        x: torch.Tensor,
+        wanted: dict[str, int],
+        grid: tuple[int, int],
+        settings: SDSettings,
+        batch: int,
+    ) -> dict[str, ToDoPlan | SoftPlan]:
+        """ToDo's key/value grid (self-attention only) or ToMA's soft plans."""
+        if settings.method == "todo":
+            if "attn1" not in wanted:
+                return {}
+            plan = ToDoPlan(*grid, settings.todo_factor, settings.todo_mode, batch, x.shape[1])
+            return {"attn1": plan}
+        shared = settings.plan_from == "cond" and batch % 2 == 0 and self.owner.cfg_halves(batch)
+        rows = x[batch // 2 :] if shared else x
+        plans: dict[int, SoftPlan] = {}
+        for r in set(wanted.values()):
+            plan = soft_plan(rows, x.shape[1] - r, settings.toma_tau)
+            if shared:
+                plan = SoftPlan(plan.weights.repeat(2, 1, 1), plan.dst_idx.repeat(2, 1))
+            plans[r] = plan
+        return {c: plans[r] for c, r in wanted.items()}
 
     def _semantic(
         self,
@@ -301,6 +357,8 @@ class DenoiserHooks:
         norm = block.norm2 if isinstance(getattr(block, "norm2", None), nn.LayerNorm) else None
         if norm is None and isinstance(getattr(block, "norm1", None), nn.LayerNorm):
             norm = block.norm1
+        if getattr(block, "norm_type", None) == "ada_norm_single":
+            norm = None  # PixArt: the cross-attention reads the un-normed tokens
         if norm is not None:
             image = norm(image)
         keep = text_token_mask(image.shape[0], text.shape[1], x.device, call.text_mask)
@@ -313,6 +371,7 @@ class DenoiserHooks:
         call = self._call.get()
         if call is not None:
             call.plans.pop(id(block), None)
+            call.text_len.pop(id(block), None)
 
     def _merge(
         self,
@@ -322,38 +381,62 @@ class DenoiserHooks:
         *,
         block: int,
         name: str,
-        component: str,
+        slot: Slot,
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         call = self._call.get()
         if call is None:
             return None
+        component = slot.component
         plan = call.plans.get(block, {}).get(component)
         call.pending[id(module)] = None
         if plan is None:
             return None
         x = _first(args, kwargs, "hidden_states")
+        if x is None:
+            x = kwargs.get("input")  # nn.Linear called by keyword
+        prefix = call.text_len.get(block, 0) if slot.prefix else 0
+        rotary = kwargs.get("image_rotary_emb") if slot.rotary else None
         reason = None
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             reason = "input is not (B, N, C)"
-        elif x.shape[:2] != (plan.batch_size, plan.num_tokens):
-            reason = f"input {tuple(x.shape[:2])} is not the planned {(plan.batch_size, plan.num_tokens)}"
+        elif x.shape[:2] != (plan.batch_size, prefix + plan.num_tokens):
+            planned = (plan.batch_size, prefix + plan.num_tokens)
+            reason = f"input {tuple(x.shape[:2])} is not the planned {planned}"
         elif component == "attn1" and kwargs.get("attention_mask") is not None:
             reason = "self-attention mask over the full sequence"
         elif kwargs.get("ip_adapter_masks") is not None and _takes(module, "ip_adapter_masks"):
             # the processor maps its masks onto the query count as if it were a grid
             reason = "IP-Adapter masks per position"
+        elif isinstance(plan, ToDoPlan) and not slot.kv:
+            reason = "ToDo needs a self-attention that takes its keys and values apart"
+        elif rotary is not None and not _one_plan(plan):
+            # one (cos, sin) table serves every row: rows must keep the same tokens
+            reason = "rows of the batch follow different plans under one rotary table"
         if reason is not None:
             call.stats.passed.append((name, component, reason))
             return None
         call.stats.merged[component] += 1
+        if isinstance(plan, ToDoPlan):  # every query stays: nothing to restore
+            return args, {**kwargs, "encoder_hidden_states": plan.keys(x)}
         cross = getattr(module, "is_cross_attention", False)
-        if component == "attn1" and call.settings.attn1_kv and not cross:
+        kv = call.settings.attn1_kv and slot.kv and not isinstance(plan, SoftPlan)
+        if component == "attn1" and kv and not cross:
             return self._merge_keys(call, x, plan, args, kwargs)
-        merged = call.site_call.reducer.merger.merge(x, plan)[0]
-        call.pending[id(module)] = plan
+        merger = call.site_call.reducer.merger
+
+        def merge(tokens: torch.Tensor) -> torch.Tensor:
+            if isinstance(plan, SoftPlan):
+                return plan.merge(tokens)
+            return merger.merge(tokens, plan)[0]
+
+        merged = torch.cat([x[:, :prefix], merge(x[:, prefix:])], 1) if prefix else merge(x)
+        call.pending[id(module)] = (plan, prefix)
+        if rotary is not None:
+            kwargs = {**kwargs, "image_rotary_emb": _rotary_rows(rotary, plan, x, prefix, kwargs)}
         if args:
             return (merged, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": merged}
+        key = "hidden_states" if "hidden_states" in kwargs else "input"
+        return args, {**kwargs, key: merged}
 
     def _merge_keys(
         self,
@@ -375,10 +458,58 @@ class DenoiserHooks:
         call = self._call.get()
         if call is None:
             return None
-        plan = call.pending.pop(key, None)
-        if plan is None:
+        pending = call.pending.pop(key, None)
+        if pending is None:
             return None
-        return call.site_call.reducer.restorer.restore(output, plan)
+        plan, prefix = pending
+        restorer = call.site_call.reducer.restorer
+
+        def restore(tokens: torch.Tensor) -> torch.Tensor:
+            if isinstance(plan, SoftPlan):
+                return plan.restore(tokens)
+            return restorer.restore(tokens, plan)
+
+        # joint attention returns (image, text): only the image part was merged
+        first = output[0] if isinstance(output, tuple) else output
+        first = (
+            torch.cat([first[:, :prefix], restore(first[:, prefix:])], 1)
+            if prefix
+            else restore(first)
+        )
+        return (first, *output[1:]) if isinstance(output, tuple) else first
+
+
+def _one_plan(plan: MergePlan | SoftPlan) -> bool:
+    """Whether every row of the batch keeps and merges the same tokens."""
+    if plan.batch_size == 1:
+        return True
+    if isinstance(plan, SoftPlan):
+        return bool((plan.dst_idx == plan.dst_idx[:1]).all())
+    return bool(
+        (plan.kept_idx == plan.kept_idx[:1]).all()
+        and (plan.merged_idx == plan.merged_idx[:1]).all()
+        and (plan.merged_into == plan.merged_into[:1]).all()
+    )
+
+
+def _rotary_rows(
+    rotary: Any, plan: MergePlan | SoftPlan, x: torch.Tensor, prefix: int, kwargs: dict[str, Any]
+) -> Any:
+    """The rotary rows of the merged sequence: the text's rows, then each slot's seed
+    token's row (a merged token takes its destination's position; rotated keys are
+    never averaged, the rotation applies after the merge)."""
+    text = kwargs.get("encoder_hidden_states")
+    text_len = prefix or (text.shape[1] if isinstance(text, torch.Tensor) else 0)
+    seeds = plan.dst_idx[0] if isinstance(plan, SoftPlan) else plan.kept_idx[0]
+    keep = seeds.to(x.device) + text_len
+    rows = torch.cat([torch.arange(text_len, device=x.device), keep])
+
+    def pick(table: torch.Tensor) -> torch.Tensor:
+        return table.index_select(0, rows.to(table.device))
+
+    if isinstance(rotary, (tuple, list)):
+        return type(rotary)(pick(t) for t in rotary)
+    return pick(rotary)
 
 
 def _both_halves(plan: MergePlan) -> MergePlan:
@@ -395,6 +526,12 @@ def _takes(attention: nn.Module, name: str) -> bool:
     if processor is None:
         return False
     return name in inspect.signature(processor.__call__).parameters
+
+
+def _cross_attention(block: nn.Module) -> nn.Module | None:
+    """The block's text cross-attention (``attn2`` of a BasicTransformerBlock), or None."""
+    attn2 = getattr(block, "attn2", None)
+    return attn2 if getattr(attn2, "is_cross_attention", False) else None
 
 
 def _is_transformer_2d(module: nn.Module) -> bool:

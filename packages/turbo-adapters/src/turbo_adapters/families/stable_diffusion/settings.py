@@ -8,7 +8,7 @@ import types
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-__all__ = ["COMPONENTS", "LEVELS", "SDSettings", "StepSelector"]
+__all__ = ["COMPONENTS", "LEVELS", "SDSettings", "StepSelector", "with_ratio"]
 
 #: The sub-modules of a ``BasicTransformerBlock`` that merge their input and restore
 #: their output, in the order the block runs them.
@@ -89,6 +89,15 @@ class SDSettings:
             its own token (nothing to restore), the merged keys carry ``log(size)``
             (proportional attention, with ``prop_attn``). Off: merge the queries too
             and copy each group's output back (tomesd's way).
+        method: ``"turbo"`` (window matching, merge-and-restore), or a peer written from
+            its paper (:mod:`.methods`): ``"todo"`` (ToDo: self-attention over keys and
+            values of a grid downsampled by ``todo_factor``, where ``ratio_attn1 > 0``;
+            the other ratios are unused) or ``"toma"`` (ToMA: facility-location
+            destinations, attention-weighted merge and un-merge, at the same ratios;
+            it merges the queries too, whatever ``attn1_kv``).
+        todo_factor: ToDo's downsampling of the grid in each direction (int >= 2).
+        todo_mode: ToDo's downsampling, ``"nearest-exact"`` (the paper's) or ``"avg"``.
+        toma_tau: ToMA's softmax temperature over cosine similarities (> 0).
     """
 
     ratio_attn1: float = 0.5
@@ -105,6 +114,10 @@ class SDSettings:
     semantic_from: str = "cond"
     plan_from: str = "cond"
     attn1_kv: bool = False
+    method: str = "turbo"
+    todo_factor: int = 2
+    todo_mode: str = "nearest-exact"
+    toma_tau: float = 0.1
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -128,6 +141,16 @@ class SDSettings:
         for name in ("semantic_from", "plan_from"):
             if getattr(self, name) not in ("cond", "each"):
                 raise ValueError(f"{name} must be 'cond' or 'each', got {getattr(self, name)!r}")
+        if self.method not in ("turbo", "todo", "toma"):
+            raise ValueError(f"method must be 'turbo', 'todo' or 'toma', got {self.method!r}")
+        _positive("todo_factor", self.todo_factor)
+        if self.todo_factor < 2:
+            raise ValueError(f"todo_factor must be an int >= 2, got {self.todo_factor!r}")
+        if self.todo_mode not in ("nearest-exact", "avg"):
+            raise ValueError(f"todo_mode must be 'nearest-exact' or 'avg', got {self.todo_mode!r}")
+        tau = self.toma_tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0 < tau < math.inf):
+            raise ValueError(f"toma_tau must be a number > 0, got {tau!r}")
         steps = self.steps
         if steps is not None and not callable(steps):
             if isinstance(steps, (str, bytes)) or not isinstance(steps, Collection):
@@ -185,3 +208,29 @@ class SDSettings:
     @classmethod
     def field_names(cls) -> frozenset[str]:
         return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def with_ratio(
+    settings: SDSettings, ratio: Any, explicit: Mapping[str, Any] = types.MappingProxyType({})
+) -> dict[str, Any]:
+    """tomesd's ``ratio``: the changes that give every merging component this ratio.
+
+    tomesd applies its one ``ratio`` to each component it merges (``merge_attn``,
+    ``merge_crossattn``, ``merge_mlp``). Here the components that merge in ``settings``
+    (the model's defaults or a preset) take ``ratio``; with none merging, self-attention
+    does (tomesd's default). ``ratio=0`` turns every component off: the model computes
+    exactly what it computes unpatched. Components named in ``explicit``
+    (``ratio_ff=...`` given beside ``ratio``) keep their own value.
+    """
+    value = _ratio("ratio", ratio)
+    names = [f"ratio_{c}" for c in COMPONENTS]
+    if value == 0.0:
+        return {n: 0.0 for n in names if n not in explicit}
+    on = [n for n in names if _merges(getattr(settings, n))] or ["ratio_attn1"]
+    return {n: value for n in on if n not in explicit}
+
+
+def _merges(ratio: float | Mapping[int, float]) -> bool:
+    if isinstance(ratio, Mapping):
+        return any(v > 0 for v in ratio.values())
+    return ratio > 0

@@ -1,0 +1,11 @@
+"""Diffusion transformers (PixArt-alpha/Sigma, SD3 / SD3.5, FLUX.1): merge-and-restore of the
+image tokens, through pipelines and bare transformers.
+
+The mechanism is the Stable Diffusion family's (:mod:`..stable_diffusion.hooks`) with
+the block layouts of :mod:`..stable_diffusion.layout`: text tokens never merge, the
+joint attentions restore their image output, FLUX's rotary rows follow the merge.
+"""
+
+from .adapter import DiTAdapter, FluxAdapter, PixArtAdapter, SD3Adapter, dit_default_settings
+
+__all__ = ["DiTAdapter", "FluxAdapter", "PixArtAdapter", "SD3Adapter", "dit_default_settings"]
