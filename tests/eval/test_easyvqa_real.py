@@ -148,3 +148,15 @@ def test_the_model_registry_loads_it(tmp_path):
     assert list(tmp_path.glob("*/fusion.safetensors"))
     image = np.zeros((64, 64, 3), np.uint8)
     assert loaded.features([image]).shape == (1, 384)  # the tower's CLS features
+
+
+def test_one_command_rebuilds_and_prints_time_and_accuracy(tmp_path, capsys):
+    from turbo_eval.easyvqa_real import main
+
+    args = ["--cache-dir", str(tmp_path), "--train-images", "3", "--epochs", "1"]
+    assert main([*args, "--test-images", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "built/loaded in" in out and "unpatched test accuracy:" in out
+    assert list(tmp_path.glob("*/fusion.safetensors"))
+    with pytest.raises(ValueError, match="resolution"):
+        main([*args, "--resolution", "200"])
