@@ -11,6 +11,7 @@ import torch
 
 from .methods import apply_method
 from .models import load_model
+from .noise import format_ratio, speed_ratio
 
 __all__ = ["bench_model", "format_bench"]
 
@@ -78,6 +79,7 @@ def bench_model(
         )
     model.set_method(None)
     base_flops = rows["unpatched"]["flops_per_item"]
+    load = timing["load"]
     for key, row in rows.items():
         t = timing["methods"][key]
         row.update(
@@ -86,9 +88,13 @@ def bench_model(
             speedup=t["speedup"],
             flops_ratio=base_flops / row["flops_per_item"] if row["flops_per_item"] else None,
             seconds=t["seconds"],
+            # paired interval over rounds and the noise flag (turbo_eval.noise)
+            speed=speed_ratio(
+                timing["methods"]["unpatched"]["seconds"], t["seconds"], **_loads(load)
+            ).as_dict(),
         )
     # Turbo against redundancy-only at the same r: median of the per-round ratios
-    versus = {}
+    versus, versus_speed = {}, {}
     for r in r_values:
         turbo, tome = f"turbo r={r}", f"redundancy r={r}"
         if turbo in rows and tome in rows:
@@ -96,6 +102,9 @@ def bench_model(
                 a / b for a, b in zip(rows[tome]["seconds"], rows[turbo]["seconds"], strict=True)
             ]
             versus[f"r={r}"] = statistics.median(ratios)
+            versus_speed[f"r={r}"] = speed_ratio(
+                rows[tome]["seconds"], rows[turbo]["seconds"], **_loads(load)
+            ).as_dict()
     return {
         "model": name,
         "batch": batch,
@@ -106,7 +115,13 @@ def bench_model(
         "torch_threads": torch.get_num_threads(),
         "configs": rows,
         "turbo_over_redundancy": versus,
+        "turbo_over_redundancy_speed": versus_speed,
+        "load": load,
     }
+
+
+def _loads(load: dict[str, Any]) -> dict[str, Any]:
+    return {"load_before": load.get("before"), "load_after": load.get("after")}
 
 
 def format_bench(figures: dict[str, Any]) -> str:
@@ -116,7 +131,7 @@ def format_bench(figures: dict[str, Any]) -> str:
         f"modes {', '.join(figures['modes'])}, median of {figures['repeats']} interleaved repeats",
         "",
         "| config | tokens out | GFLOPs/item | FLOPs ratio | items/s (this CPU) "
-        "| latency (s/batch) | throughput | peak MiB |",
+        "| latency (s/batch) | throughput [95% interval over rounds] | peak MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, row in figures["configs"].items():
@@ -124,10 +139,19 @@ def format_bench(figures: dict[str, Any]) -> str:
         lines.append(
             f"| {key} | {tokens if tokens is not None else '-'} | {row['flops_per_item'] / 1e9:.2f} "
             f"| {row['flops_ratio']:.2f}x | {row['items_per_s']:.1f} | {row['latency_s']:.3f} "
-            f"| {row['speedup']:.2f}x | {row['peak_memory_bytes'] / 2**20:.0f} |"
+            f"| {format_ratio(row['speed']) if 'speed' in row else format(row['speedup'], '.2f') + 'x'} "
+            f"| {row['peak_memory_bytes'] / 2**20:.0f} |"
         )
+    speeds = figures.get("turbo_over_redundancy_speed", {})
     for r, ratio in figures.get("turbo_over_redundancy", {}).items():
         lines.append(
             f"\nTurbo / redundancy-only throughput at {r}: {ratio:.3f} (median of per-round ratios)"
+            + (f"; {format_ratio(speeds[r])}" if r in speeds else "")
+        )
+    load = figures.get("load") or {}
+    if load.get("before") is not None:
+        lines.append(
+            f"\nload average (1 min) {load['before']:.2f} before, {load['after']:.2f} after; "
+            "! marks a ratio whose rounds disagree or whose machine load changed or was busy"
         )
     return "\n".join(lines)

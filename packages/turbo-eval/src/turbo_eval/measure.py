@@ -117,7 +117,8 @@ def interleaved_throughput(
     """Time every callable once per round, round after round.
 
     Returns ``{"methods": {name: {"median_s", "items_per_s", "speedup", "seconds"}},
-    "baseline", "rounds"}``; ``speedup`` is the median over rounds of
+    "baseline", "rounds", "load": {"before", "after"}}`` (1-minute load averages, for
+    :mod:`turbo_eval.noise`); ``speedup`` is the median over rounds of
     ``t_baseline / t_method``. Each round starts one method later than the last, so
     no method always runs right after the same neighbour. Pass
     ``synchronize=torch.cuda.synchronize`` for asynchronous devices; grad mode
@@ -130,6 +131,9 @@ def interleaved_throughput(
     baseline = baseline if baseline is not None else next(iter(fns))
     if baseline not in fns:
         raise ValueError(f"baseline {baseline!r} is not one of {sorted(fns)}")
+    from .noise import load_average
+
+    load_before = load_average()  # the noise flag reads it (turbo_eval.noise)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -154,7 +158,8 @@ def interleaved_throughput(
             "speedup": statistics.median(ratios),
             "seconds": times,
         }
-    return {"methods": methods, "baseline": baseline, "rounds": repeats}
+    load = {"before": load_before, "after": load_average()}
+    return {"methods": methods, "baseline": baseline, "rounds": repeats, "load": load}
 
 
 class _LiveTensorBytes(TorchDispatchMode):

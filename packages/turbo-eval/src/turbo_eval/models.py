@@ -283,6 +283,7 @@ class ModelSource:
 MODEL_SOURCES: list[ModelSource] = [
     ModelSource("diffusion pipeline", f"{__name__}:_claims_pipeline", f"{__name__}:_load_pipeline"),
     ModelSource("vision-language", f"{__name__}:_claims_vl", f"{__name__}:_load_vl"),
+    ModelSource("easyvqa-real", "turbo_eval.easyvqa_real:claims", "turbo_eval.easyvqa_real:load"),
     ModelSource("embedded", f"{__name__}:_claims_embedded", f"{__name__}:_load_embedded"),
     ModelSource(
         "transformers", f"{__name__}:_claims_transformers", f"{__name__}:_load_transformers_named"

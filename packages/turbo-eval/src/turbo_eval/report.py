@@ -54,6 +54,10 @@ class Row:
     vs_intra: float | None = None
     vs_intra_low: float | None = None
     vs_intra_high: float | None = None
+    #: throughput and speed-vs-ToMe ratios with their interval over rounds and noise flags
+    #: (:class:`turbo_eval.noise.SpeedRatio` as a dict)
+    speed: dict[str, Any] | None = None
+    speed_vs_tome_figure: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +124,24 @@ def _speed_ratio(speed: dict[str, Any], key: str, other: str | None) -> float | 
     return None
 
 
+def _speed_figure(speed: dict[str, Any], key: str, other: str | None) -> dict[str, Any] | None:
+    """t_other / t_key over the rounds of the group timing both, with its interval and noise
+    flags (:func:`turbo_eval.noise.speed_ratio`); None when no group has both."""
+    from .noise import speed_ratio
+
+    for group in speed.get("timing", {}).get("groups", {}).values():
+        methods = group.get("methods", {})
+        if other is not None and key != other and key in methods and other in methods:
+            load = group.get("load") or {}
+            return speed_ratio(
+                methods[other]["seconds"],
+                methods[key]["seconds"],
+                load_before=load.get("before"),
+                load_after=load.get("after"),
+            ).as_dict()
+    return None
+
+
 def collect_rows(results: Iterable[str | Path]) -> list[Row]:
     """Rows from one or more results folders (cells joined with their speed files)."""
     rows: list[Row] = []
@@ -182,6 +204,12 @@ def collect_rows(results: Iterable[str | Path]) -> list[Row]:
                     vs_intra=vs_intra[0],
                     vs_intra_low=vs_intra[1],
                     vs_intra_high=vs_intra[2],
+                    speed=None
+                    if is_base
+                    else _speed_figure(speed, _key(cell), speed.get("timing", {}).get("baseline")),
+                    speed_vs_tome_figure=None
+                    if is_base or is_tome or tome is None
+                    else _speed_figure(speed, _key(cell), _key(tome)),
                 )
             )
     rows.sort(key=lambda r: (r.run, r.model, r.task, r.r, METHOD_ORDER.get(r.method, _LAST)))
@@ -219,6 +247,13 @@ def _fmt_interval(mean: float | None, low: float | None, high: float | None) -> 
     return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]{mark}"
 
 
+def _speed_cell(figure: dict[str, Any] | None, median: float | None) -> str:
+    """A ratio with its interval over rounds and ``!`` + reasons when it is noise."""
+    from .noise import format_ratio
+
+    return format_ratio(figure) if figure is not None else _fmt(median, ".2f", "x")
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     """One table per (model, task), methods side by side at each r, like the paper's tables."""
     out: list[str] = []
@@ -248,9 +283,10 @@ def markdown_table(rows: Sequence[Row]) -> str:
                 f"| {row.value:.4f} "
                 f"| {'-' if row.method == 'baseline' else _fmt_interval(row.delta, row.delta_low, row.delta_high)} "
                 f"| {_fmt_interval(row.vs_tome, row.vs_tome_low, row.vs_tome_high)} "
-                f"| {_fmt(row.flops_ratio, '.2f', 'x')} | {_fmt(row.speedup, '.2f', 'x')} "
-                f"| {_fmt(row.speed_vs_tome, '.2f', 'x')} | {_fmt(row.items_per_s, '.1f')} |"
-                + (extra if partner else "")
+                f"| {_fmt(row.flops_ratio, '.2f', 'x')} "
+                f"| {_speed_cell(row.speed, row.speedup)} "
+                f"| {_speed_cell(row.speed_vs_tome_figure, row.speed_vs_tome)} "
+                f"| {_fmt(row.items_per_s, '.1f')} |" + (extra if partner else "")
             )
         out.append("")
     out.append(
@@ -258,8 +294,11 @@ def markdown_table(rows: Sequence[Row]) -> str:
         "bootstrap 95 % interval (scipy, percentile, 4000 resamples of the items); * marks "
         "an interval that excludes 0. Methods at one r cost the same FLOPs (cross-modal "
         "ones by construction, to the counted FLOPs of their intra-modal method). Throughput: "
-        "median of per-round ratios against the unpatched model (and against ToMe), timed "
-        "interleaved per r in one process; items/s are this machine's. Partner column: a "
+        "geometric mean of per-round ratios against the unpatched model (and against ToMe), "
+        "timed interleaved per r in one process, with its paired bootstrap 95 % interval "
+        "over rounds; ! marks a ratio that is noise (rounds disagree by more than 15 %, or "
+        "the 1-minute load average moved by more than 1.0 or exceeded the CPU count, "
+        "turbo_eval.noise); items/s are this machine's. Partner column: a "
         "cross-modal row against its intra-modal method at equal FLOPs, a size-bias row "
         "(log(size) in the cross-attentions over merged image tokens) against the same "
         "method without it, both at the same r and alpha."

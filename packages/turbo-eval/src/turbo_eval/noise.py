@@ -1,0 +1,179 @@
+"""Speed ratios with their uncertainty, and a flag when the measurement is noise.
+
+A throughput ratio is timed in rounds: each round runs the reference and the method once,
+back to back (:func:`turbo_eval.measure.interleaved_throughput`), so the per-round ratios
+``t_reference / t_method`` are paired. :func:`speed_ratio` gives their geometric mean with a
+paired bootstrap interval (in log space, as the Stable Diffusion benchmark does) and flags the
+figure when
+
+- the rounds disagree: the per-round ratios spread by more than ``spread_threshold`` of their
+  median ((max - min) / median), or
+- the machine's load changed during the run: the 1-minute load average (``os.getloadavg``)
+  moved by more than ``load_threshold`` between the start and the end, or
+- the machine was busy: the load average exceeded the CPU count at the start or the end.
+
+A flagged figure is printed with ``!`` and the reasons, so a table measured on a busy machine
+says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "DEFAULT_LOAD_THRESHOLD",
+    "DEFAULT_SPREAD_THRESHOLD",
+    "SpeedRatio",
+    "format_ratio",
+    "load_average",
+    "speed_ratio",
+]
+
+#: rounds disagree when (max - min) / median of the per-round ratios exceeds this
+DEFAULT_SPREAD_THRESHOLD = 0.15
+#: the load changed when the 1-minute load average moved by more than this
+DEFAULT_LOAD_THRESHOLD = 1.0
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the platform has none (Windows)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedRatio:
+    """``t_reference / t_method`` over paired rounds.
+
+    Attributes:
+        ratio: geometric mean over rounds (> 1: the method is faster).
+        low, high: its paired bootstrap 95 % interval over rounds (equal to ``ratio`` for
+            one round).
+        rounds: how many rounds.
+        spread: (max - min) / median of the per-round ratios.
+        load_before, load_after: 1-minute load average at the start and the end (None when
+            not read).
+        flags: why the figure is noise (empty when it is not): ``"rounds disagree"``,
+            ``"load changed"``, ``"busy"``.
+    """
+
+    ratio: float
+    low: float
+    high: float
+    rounds: int
+    spread: float
+    load_before: float | None = None
+    load_after: float | None = None
+    flags: tuple[str, ...] = ()
+
+    @property
+    def noisy(self) -> bool:
+        return bool(self.flags)
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the interval excludes 1 (the method is resolved faster or slower)."""
+        return self.low > 1 or self.high < 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "flags": list(self.flags), "noisy": self.noisy}
+
+
+def _check_seconds(name: str, seconds: Sequence[float]) -> list[float]:
+    values = [float(t) for t in seconds]
+    if not values:
+        raise ValueError(f"{name} must hold at least one round's time")
+    if not all(math.isfinite(t) and t > 0 for t in values):
+        raise ValueError(f"{name} must be finite times > 0 s, got {values}")
+    return values
+
+
+def speed_ratio(
+    reference_seconds: Sequence[float],
+    method_seconds: Sequence[float],
+    load_before: float | None = None,
+    load_after: float | None = None,
+    spread_threshold: float = DEFAULT_SPREAD_THRESHOLD,
+    load_threshold: float = DEFAULT_LOAD_THRESHOLD,
+    cpu_count: int | None = None,
+) -> SpeedRatio:
+    """How much faster the method ran than the reference, round by round.
+
+    Args:
+        reference_seconds, method_seconds: time of each round, paired by position.
+        load_before, load_after: 1-minute load averages around the whole timing.
+        spread_threshold: flag when (max - min) / median of the per-round ratios exceeds it
+            (> 0).
+        load_threshold: flag when the load average moved by more than this (> 0).
+        cpu_count: flag when a load average exceeds it; default ``os.cpu_count()``.
+
+    Raises:
+        ValueError: unpaired or non-positive times, or a threshold <= 0 (named).
+    """
+    reference = _check_seconds("reference_seconds", reference_seconds)
+    method = _check_seconds("method_seconds", method_seconds)
+    if len(reference) != len(method):
+        raise ValueError(
+            f"reference_seconds and method_seconds must pair up round by round, got "
+            f"{len(reference)} and {len(method)} rounds"
+        )
+    for name, value in (("spread_threshold", spread_threshold), ("load_threshold", load_threshold)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    ratios = [a / b for a, b in zip(reference, method, strict=True)]
+    median = statistics.median(ratios)
+    spread = (max(ratios) - min(ratios)) / median
+    if len(ratios) < 2:
+        ratio = low = high = ratios[0]
+    else:
+        from .stats import paired_difference
+
+        logs = paired_difference([math.log(t) for t in reference], [math.log(t) for t in method])
+        ratio, low, high = math.exp(logs.mean), math.exp(logs.low), math.exp(logs.high)
+    flags = []
+    if spread > spread_threshold:
+        flags.append("rounds disagree")
+    if (
+        load_before is not None
+        and load_after is not None
+        and abs(load_after - load_before) > load_threshold
+    ):
+        flags.append("load changed")
+    cpus = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    loads = [x for x in (load_before, load_after) if x is not None]
+    if loads and max(loads) > cpus:
+        flags.append("busy")
+    return SpeedRatio(ratio, low, high, len(ratios), spread, load_before, load_after, tuple(flags))
+
+
+def format_ratio(figure: SpeedRatio | dict[str, Any] | None, detail: bool = True) -> str:
+    """``1.23x [1.10, 1.35]``, plus ``! rounds disagree 31%, load 2.1->6.3`` when noisy."""
+    if figure is None:
+        return "-"
+    if isinstance(figure, dict):
+        fields = {f.name for f in dataclasses.fields(SpeedRatio)}
+        figure = SpeedRatio(**{k: v for k, v in figure.items() if k in fields})
+        figure = dataclasses.replace(figure, flags=tuple(figure.flags))
+    text = f"{figure.ratio:.2f}x"
+    if figure.rounds > 1:
+        text += f" [{figure.low:.2f}, {figure.high:.2f}]"
+    if not figure.noisy:
+        return text
+    if not detail:
+        return text + " !"
+    reasons = []
+    for flag in figure.flags:
+        if flag == "rounds disagree":
+            reasons.append(f"rounds disagree {100 * figure.spread:.0f}%")
+        elif flag in ("load changed", "busy") and figure.load_before is not None:
+            load = f"load {figure.load_before:.1f}->{figure.load_after:.1f}"
+            if load not in reasons:
+                reasons.append(load)
+    return f"{text} ! {', '.join(reasons)}"

@@ -1,0 +1,170 @@
+"""Speed ratios with intervals over rounds and the noise flag (turbo_eval.noise) and where
+they show: interleaved_throughput's load readings, `bench`'s table and the report's table."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from transformers import Dinov2Config, Dinov2Model
+
+from turbo_eval.measure import interleaved_throughput
+from turbo_eval.noise import format_ratio, load_average, speed_ratio
+from turbo_eval.report import Row, _speed_figure, markdown_table
+
+
+def test_agreeing_rounds_give_the_ratio_and_no_flag():
+    figure = speed_ratio([2.0, 2.2, 1.8, 2.0], [1.0, 1.1, 0.9, 1.0], 0.5, 0.6, cpu_count=4)
+    assert figure.ratio == pytest.approx(2.0)
+    assert figure.low == pytest.approx(2.0) and figure.high == pytest.approx(2.0)
+    assert figure.spread == pytest.approx(0.0)
+    assert figure.flags == () and not figure.noisy
+    assert figure.resolved
+    assert format_ratio(figure) == "2.00x [2.00, 2.00]"
+
+
+def test_interval_is_the_geometric_mean_of_paired_rounds():
+    reference = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    method = [0.9, 0.8, 0.85, 0.95, 0.8, 0.9]
+    figure = speed_ratio(reference, method, spread_threshold=10.0)
+    expected = math.exp(sum(math.log(a / b) for a, b in zip(reference, method, strict=True)) / 6)
+    assert figure.ratio == pytest.approx(expected)
+    assert min(a / b for a, b in zip(reference, method, strict=True)) <= figure.low <= figure.ratio
+    assert figure.ratio <= figure.high <= max(a / b for a, b in zip(reference, method, strict=True))
+    assert figure.rounds == 6 and not figure.noisy
+
+
+def test_disagreeing_rounds_fire_the_flag():
+    # round 3 ran the method while something else took the CPU
+    figure = speed_ratio([1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 1.5, 0.5])
+    assert "rounds disagree" in figure.flags and figure.noisy
+    assert figure.spread == pytest.approx((2.0 - 2 / 3) / 2.0)
+    text = format_ratio(figure)
+    assert "!" in text and "rounds disagree 67%" in text
+    assert format_ratio(figure, detail=False).endswith(" !")
+    # the same rounds under a looser threshold are not flagged
+    assert not speed_ratio([1.0] * 4, [0.5, 0.5, 1.5, 0.5], spread_threshold=1.0).noisy
+
+
+def test_load_change_and_busy_machine_fire_the_flag():
+    rounds = ([1.0, 1.0, 1.0], [0.5, 0.5, 0.5])
+    changed = speed_ratio(*rounds, load_before=0.2, load_after=3.5, cpu_count=8)
+    assert changed.flags == ("load changed",)
+    assert "load 0.2->3.5" in format_ratio(changed)
+    busy = speed_ratio(*rounds, load_before=6.0, load_after=6.2, cpu_count=2)
+    assert busy.flags == ("busy",)
+    quiet = speed_ratio(*rounds, load_before=0.5, load_after=0.9, cpu_count=2)
+    assert quiet.flags == ()
+    assert format_ratio(busy.as_dict()) == format_ratio(busy)  # a stored figure prints alike
+
+
+def test_one_round_has_a_point_interval():
+    figure = speed_ratio([3.0], [1.5])
+    assert (figure.ratio, figure.low, figure.high, figure.rounds) == (2.0, 2.0, 2.0, 1)
+    assert format_ratio(figure) == "2.00x"
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        (([1.0, 1.0], [1.0]), {}, "pair up"),
+        (([], []), {}, "reference_seconds"),
+        (([1.0, 0.0], [1.0, 1.0]), {}, "reference_seconds"),
+        (([1.0, 1.0], [1.0, float("nan")]), {}, "method_seconds"),
+        (([1.0], [1.0]), {"spread_threshold": 0}, "spread_threshold"),
+        (([1.0], [1.0]), {"load_threshold": -1.0}, "load_threshold"),
+    ],
+)
+def test_bad_input_is_named(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        speed_ratio(*args, **kwargs)
+
+
+def test_interleaved_throughput_reads_the_load_before_and_after():
+    result = interleaved_throughput(
+        {"a": lambda: time.sleep(0.001), "b": lambda: time.sleep(0.001)},
+        items_per_call=1,
+        repeats=2,
+    )
+    load = result["load"]
+    assert set(load) == {"before", "after"}
+    if load_average() is not None:
+        assert load["before"] >= 0 and load["after"] >= 0
+
+
+def _group(base_s, method_s, before, after):
+    return {
+        "methods": {"base": {"seconds": base_s}, "m": {"seconds": method_s}},
+        "load": {"before": before, "after": after},
+    }
+
+
+def test_report_rows_carry_the_interval_and_the_flag():
+    speed = {
+        "timing": {"baseline": "base", "groups": {"8": _group([1.0] * 4, [0.5] * 4, 0.1, 0.1)}}
+    }
+    figure = _speed_figure(speed, "m", "base")
+    assert figure is not None and figure["ratio"] == pytest.approx(2.0) and not figure["noisy"]
+    noisy = {"timing": {"groups": {"8": _group([1.0] * 4, [0.5, 0.5, 2.0, 0.5], 0.1, 0.1)}}}
+    flagged = _speed_figure(noisy, "m", "base")
+    assert flagged is not None and flagged["noisy"]
+    assert _speed_figure(speed, "m", "absent") is None
+    row = Row(
+        "model",
+        "task",
+        "turbo",
+        "Turbo r=8",
+        8,
+        "acc",
+        0.9,
+        -0.01,
+        1.0,
+        1.5,
+        10.0,
+        2.0,
+        "run",
+        speed=flagged,
+    )
+    table = markdown_table([row])
+    assert "! rounds disagree" in table
+    assert "[" in table.split("| Turbo |")[1]
+
+
+def test_bench_table_shows_intervals_and_load():
+    from turbo_eval.bench import bench_model, format_bench
+    from turbo_eval.loaded_model import LoadedModel
+    from turbo_eval.models import IMAGENET_MEAN, IMAGENET_STD, _hf_cls_features, _image_prepare
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=56,
+    )
+    loaded = LoadedModel(
+        "tiny-dinov2",
+        Dinov2Model(config).eval(),
+        "image",
+        _image_prepare(56, IMAGENET_MEAN, IMAGENET_STD),
+        _hf_cls_features,
+    )
+    figures = bench_model(
+        "tiny-dinov2",
+        r_values=(2,),
+        batch=2,
+        repeats=3,
+        resolution=56,
+        modes=("turbo", "redundancy"),
+        loaded=loaded,
+    )
+    speed = figures["configs"]["turbo r=2"]["speed"]
+    assert speed["rounds"] == 3 and speed["low"] <= speed["ratio"] <= speed["high"]
+    assert set(figures["turbo_over_redundancy_speed"]) == {"r=2"}
+    text = format_bench(figures)
+    assert "interval over rounds" in text and "load average" in text
+    assert format_ratio(speed) in text
