@@ -154,3 +154,42 @@ def _shallow():  # a tiny LLaVA whose language model has 2 decoder layers
     config = tiny_llava.build().config
     config.text_config.num_hidden_layers = 2
     return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("model_args", [{}, {"method": "turbo", "budget": 16}])
+def test_loglikelihood_of_the_greedy_answer(setup: dict[str, Path], model_args: dict) -> None:
+    """The answer ``generate_until`` gives is greedy under ``loglikelihood`` and its log-prob is
+    the sum of ``generate``'s own step scores (the continuation aligned at the sequence's end,
+    also when the connector shortened the image). Turbo's connector selection reads the
+    image alone; a text-guided method would select with the continuation in view."""
+    import torch
+    from lmms_eval.api.instance import Instance
+
+    from turbo_eval.lmms.model import TurboVLM
+
+    lm = TurboVLM(pretrained=str(setup["checkpoint"]), **model_args)
+    docs = [json.loads(line) for line in (setup["task"] / "data.jsonl").read_text().splitlines()]
+    lm.task_dict = {easy_vqa.TASK: {"test": docs}}
+    visual, text = easy_vqa.doc_to_visual, easy_vqa.doc_to_text
+
+    def request(kind: str, index: int, second: object) -> Instance:
+        args = (text(docs[index]), second, visual, index, easy_vqa.TASK, "test")
+        meta = {"task": easy_vqa.TASK, "doc_id": index, "repeats": 1}
+        return Instance(kind, args, 0, metadata=meta)
+
+    asked = [request("generate_until", i, {"max_new_tokens": 3}) for i in range(3)]
+    answers = lm.generate_until(asked)
+    scored = [request("loglikelihood", i, " " + a) for i, a in enumerate(answers)]
+    results = lm.loglikelihood(scored)
+    for doc, answer, (logprob, greedy) in zip(docs, answers, results, strict=False):
+        assert greedy, answer
+        inputs = lm._inputs(lm._prompt(text(doc), 1), visual(doc))
+        with torch.inference_mode():
+            out = lm.model.generate(
+                **inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                return_dict_in_generate=True,
+            )  # fmt: skip
+        steps = [torch.log_softmax(s[0].float(), -1) for s in out.scores]
+        new = out.sequences[0, inputs["input_ids"].shape[1] :]
+        expected = sum(float(step[token]) for step, token in zip(steps, new, strict=True))
+        assert logprob == pytest.approx(expected, abs=1e-4)

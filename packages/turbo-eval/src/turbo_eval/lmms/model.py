@@ -216,7 +216,10 @@ class TurboVLM(lmms):  # type: ignore[misc]
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """Log-probability of each continuation after its context (and whether greedy
         decoding would give it). Reductions only remove image tokens, which come before
-        the text, so the continuation's logits are the last ones of the call."""
+        the text, so the continuation's logits are the last ones of the call. Context and
+        continuation run as one call: methods guided by the text (``cdpruner``, and
+        ``fastv``, ``pyramiddrop``, ``sparsevlm`` by the last tokens' attention) see the
+        continuation too, so they may keep other tokens than when generating."""
         self._rows = []
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="Turbo scoring"):
