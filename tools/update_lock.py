@@ -32,6 +32,7 @@ LOCKS = {
     "eval": "eval",
     "adapters": "adapters",
     "gptq": "gptq",
+    "lmms": "lmms",
 }
 OWN = ("turbo-core", "turbo-adapters", "turbo-eval", "turbo_core", "turbo_adapters", "turbo_eval")
 
