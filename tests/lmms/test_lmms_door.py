@@ -23,7 +23,6 @@ from support import tiny_llava
 from transformers import CLIPImageProcessor, LlavaProcessor
 
 from turbo_eval.lmms import easy_vqa
-from turbo_eval.lmms.methods import METHODS, apply_method
 from turbo_eval.vl_tokenizer import word_tokenizer
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -125,35 +124,6 @@ def test_cli_llm_stage(setup: dict[str, Path]) -> None:
     _metric(results)
     assert len(rows) == COUNT
     assert all(r["prefill_tokens"] == r["prompt_tokens"] - PER_IMAGE // 2 for r in rows)
-
-
-def test_method_names_and_refusals() -> None:
-    model = tiny_llava.build()
-    assert set(METHODS) == {
-        "none", "turbo", "visionzip", "divprune", "cdpruner", "fastv", "pyramiddrop", "sparsevlm"
-    }  # fmt: skip
-    with pytest.raises(ValueError, match="method must be one of"):
-        apply_method(model, "tome")
-    with pytest.raises(ValueError, match="stage for method 'fastv' must be one of"):
-        apply_method(model, "fastv", stage="connector")
-    with pytest.raises(ValueError, match="budget must be"):
-        apply_method(model, "divprune", budget=1.5)
-    with pytest.raises(ValueError, match="needs at least 4 decoder layers"):
-        apply_method(_shallow(), "pyramiddrop")
-    for method, stages in METHODS.items():
-        for stage in stages:
-            patch = apply_method(model, method, stage=stage, budget=0.5)
-            assert patch is not None
-            patch.remove()
-    assert apply_method(model, "none") is None
-
-
-def _shallow():  # a tiny LLaVA whose language model has 2 decoder layers
-    from transformers import LlavaForConditionalGeneration
-
-    config = tiny_llava.build().config
-    config.text_config.num_hidden_layers = 2
-    return LlavaForConditionalGeneration(config).eval()
 
 
 @pytest.mark.parametrize("model_args", [{}, {"method": "turbo", "budget": 16}])

@@ -36,6 +36,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "VLM_METHODS",
     "Adapter",
     "BlockSpec",
     "Observation",
@@ -47,6 +48,7 @@ __all__ = [
     "UnpatchedCopyWarning",
     "adapter_for_model",
     "apply",
+    "apply_vlm_method",
     "attend",
     "get_adapter",
     "handle_of",
@@ -65,8 +67,16 @@ __all__ = [
 ]
 
 
+#: names loaded on first use: the VLM methods import transformers' cache classes
+_LAZY = {"VLM_METHODS": "vlm_methods", "apply_vlm_method": "vlm_methods"}
+
+
 def __getattr__(name: str) -> object:
-    """``turbo_adapters.TurboHandle``: :class:`TurboPatch`'s old name (deprecated)."""
+    """The VLM method table on first use; ``TurboHandle``, :class:`TurboPatch`'s old name."""
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     from .patch import old_name
 
     return old_name(name, __name__)

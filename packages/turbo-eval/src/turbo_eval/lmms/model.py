@@ -31,7 +31,7 @@ from loguru import logger
 from torch import nn
 from tqdm import tqdm
 
-from .methods import apply_method, default_stage
+from turbo_adapters.vlm_methods import apply_vlm_method, default_stage
 
 __all__ = ["TurboVLM"]
 
@@ -114,7 +114,7 @@ class TurboVLM(lmms):  # type: ignore[misc]
         self.method = str(method)
         self.stage = default_stage(self.method) if stage in (None, "") else str(stage)
         self.budget = budget
-        self.patch = apply_method(self.model, self.method, stage=stage or None, budget=budget)
+        self.patch = apply_vlm_method(self.model, self.method, stage=stage or None, budget=budget)
         self.max_new_tokens = int(max_new_tokens)
         self.token_log = Path(token_log) if token_log else None
         self.probe = _PrefillProbe(self.model)

@@ -18,7 +18,7 @@ fixed image token count (``config.image_seq_length``, LLaVA-1.5) and refused whe
 count varies per image. For the staged methods the budget is the first stage's keep;
 PyramidDrop keeps ``budget ** (s + 1)`` after stage s (its halving ratio when budget is
 0.5) and SparseVLM scales its 64-token LLaVA-1.5 schedule (66, 30, 17) to the budget.
-This module imports no lmms-eval: :mod:`turbo_eval.lmms.model` is the lmms-eval side.
+Python, turbo-eval and the lmms-eval door (:mod:`turbo_eval.lmms`) all call these names here.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from typing import Any
 
 from torch import nn
 
-import turbo_adapters
-from turbo_adapters.connector import ConnectorReduction
-from turbo_adapters.families.llava.llm import LLMReduction
-from turbo_adapters.patch import TurboPatch
+from .api import apply
+from .connector import ConnectorReduction
+from .families.llava.llm import LLMReduction
+from .patch import TurboPatch
 
-__all__ = ["METHODS", "apply_method", "default_stage"]
+__all__ = ["VLM_METHODS", "apply_vlm_method", "default_stage"]
 
 #: method name -> the stages the lmms door offers it at (the first is the default)
-METHODS: dict[str, tuple[str, ...]] = {
+VLM_METHODS: dict[str, tuple[str, ...]] = {
     "none": (),
     "turbo": ("connector", "llm"),
     "visionzip": ("connector",),
@@ -56,9 +56,9 @@ def default_stage(method: str) -> str | None:
 
 
 def _stages(method: str) -> tuple[str, ...]:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    return METHODS[method]
+    if method not in VLM_METHODS:
+        raise ValueError(f"method must be one of {sorted(VLM_METHODS)}, got {method!r}")
+    return VLM_METHODS[method]
 
 
 def _check_budget(budget: Any) -> int | float:
@@ -117,7 +117,7 @@ def _llm_reduction(patch: TurboPatch, model: nn.Module, method: str, keep: float
     )  # fmt: skip
 
 
-def apply_method(
+def apply_vlm_method(
     model: nn.Module,
     method: str,
     *,
@@ -128,8 +128,8 @@ def apply_method(
 
     Args:
         model: a transformers vision-language model a Turbo adapter supports.
-        method: a name of :data:`METHODS`; ``"none"`` leaves the model alone.
-        stage: where the method runs (one of ``METHODS[method]``); None for its default.
+        method: a name of :data:`VLM_METHODS`; ``"none"`` leaves the model alone.
+        stage: where the method runs (one of ``VLM_METHODS[method]``); None for its default.
         budget: tokens each image keeps, an int >= 1 or a fraction in (0, 1].
 
     Returns:
@@ -148,7 +148,7 @@ def apply_method(
     if stage not in stages:
         raise ValueError(f"stage for method {method!r} must be one of {stages}, got {stage!r}")
     budget = _check_budget(budget)
-    patch = turbo_adapters.apply(model)
+    patch = apply(model)
     try:
         if stage == "connector":
             patch.connector = ConnectorReduction(budget=budget, method=method)  # type: ignore[attr-defined]
