@@ -17,7 +17,7 @@ skimage_data = pytest.importorskip("skimage.data")
 Image = pytest.importorskip("PIL.Image")
 
 import turbo_adapters  # noqa: E402
-from turbo_eval.analyze import (  # noqa: E402
+from turbo_eval.commands.analyze import (  # noqa: E402
     BlockProbe,
     analyze_model,
     capture_blocks,
@@ -27,7 +27,7 @@ from turbo_eval.analyze import (  # noqa: E402
 )
 from turbo_eval.cli import main  # noqa: E402
 from turbo_eval.models import LoadedModel  # noqa: E402
-from turbo_eval.visualize import (  # noqa: E402
+from turbo_eval.commands.visualize import (  # noqa: E402
     CELL_INCHES,
     DPI,
     default_depths,

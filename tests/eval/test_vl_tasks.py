@@ -605,7 +605,7 @@ def test_a_tiny_vl_suite_runs_end_to_end_with_intervals(tmp_path: Path, capsys) 
 
 
 def test_bench_times_the_generate_call_of_a_vl_model() -> None:
-    from turbo_eval.bench import bench_model
+    from turbo_eval.commands.bench import bench_model
 
     model = tiny(CAPTION)
     model.speed_tokens = 3

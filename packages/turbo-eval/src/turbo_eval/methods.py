@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .cross_modal import set_cross_method
 from .loaded_model import LoadedModel
 from .model_side import SIDE_LABELS
 from .names import (
     ALPHA_METHODS,
-    CROSS_METHODS,
     CROSS_MODAL,
     CROSS_SITE,
     METHOD_TABLE,
     MODEL_SIDE,
     MODEL_TURBO_OPTIONS,
     SIZE_BIAS,
-    SIZE_BIAS_METHODS,
     intra_method,
     plain_method,
     split_method,
@@ -27,22 +25,47 @@ from .size_bias import apply_size_bias
 if TYPE_CHECKING:  # the suite parser imports this module's names, not the other way
     from .suite import Suite
 
-__all__ = ["Cell", "apply_method", "cells_for", "method_overrides"]
+__all__ = ["Cell", "MethodSettings", "apply_method", "cells_for", "method_overrides"]
 
 
 #: the report's name of every method (from the one table, :data:`~turbo_eval.names.METHOD_TABLE`)
 LABELS = {name: info.label for name, info in METHOD_TABLE.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class MethodSettings:
+    """The settings a method's overrides read besides ``r`` (a :class:`~turbo_eval.suite.Suite`
+    has the same fields; ``bench`` and ``tune`` build one from their flags).
+
+    Attributes:
+        alpha: the alphas; the first is used when a call gives none.
+        semantic_scale, fusion: Turbo's.
+        semantic_norm: Turbo's; None leaves Turbo's default.
+    """
+
+    alpha: tuple[float, ...] = (5.0,)
+    semantic_scale: float = 30.0
+    fusion: str = "difference"
+    semantic_norm: str | None = None
+
+
+class _Settings(Protocol):
+    alpha: tuple[float, ...]
+    semantic_scale: float
+    fusion: str
+
+
 def method_overrides(
-    method: str, r: int, suite: Suite, alpha: float | None = None
+    method: str, r: int, settings: _Settings, alpha: float | None = None
 ) -> dict[str, Any] | None:
     """Config overrides for ``method`` at ``r``; None means the unpatched dense model.
 
+    Read from the one table, :data:`~turbo_eval.names.METHOD_TABLE`: the method's fixed
+    ``config`` plus the ``settings`` (a suite, or :class:`MethodSettings`) it names.
     A method stacked on a model-side step (``"turbo+int8"``, or ``"int8"`` alone) also
-    names that step under :data:`~turbo_eval.model_side.MODEL_SIDE`. A cross-modal method
+    names that step under :data:`~turbo_eval.names.MODEL_SIDE`. A cross-modal method
     (``"turbo-cross"``) is its intra-modal method's overrides plus its own name under
-    :data:`~turbo_eval.cross_modal.CROSS_MODAL`; the model splits ``r`` between its
+    :data:`~turbo_eval.names.CROSS_MODAL`; the model splits ``r`` between its
     vision and text-guided sites at equal FLOPs (:mod:`turbo_eval.cross_modal`). A
     size-bias method (``"turbo-sizebias"``) is its plain method's overrides plus
     ``size_bias = True`` (:mod:`turbo_eval.size_bias`).
@@ -51,32 +74,29 @@ def method_overrides(
     if side is not None:
         if side not in SIDE_LABELS:
             raise ValueError(f"model-side step must be one of {sorted(SIDE_LABELS)}, got {side!r}")
-        overrides = method_overrides(base, r, suite, alpha) or {}
+        overrides = method_overrides(base, r, settings, alpha) or {}
         return {**overrides, MODEL_SIDE: side}
-    if method == "baseline":
-        return None
-    if method in CROSS_METHODS:
+    info = METHOD_TABLE.get(method)
+    if info is None:
+        raise ValueError(f"method must be one of {sorted(LABELS)}, got {method!r}")
+    if info.kind == "cross":
         return {
-            **(method_overrides(intra_method(method), r, suite, alpha) or {}),
+            **(method_overrides(intra_method(method), r, settings, alpha) or {}),
             CROSS_MODAL: method,
         }
-    if method in SIZE_BIAS_METHODS:
-        return {**(method_overrides(plain_method(method), r, suite, alpha) or {}), SIZE_BIAS: True}
-    if method == "redundancy":
-        return {"r": r, "mode": "redundancy", "alpha": 0.0}
-    if method == "semantics":
-        return {"r": r, "mode": "semantics"}
-    if method == "tomesd":  # the model runs the peer at r (pipelines: r percent merged)
-        return {"r": r, "peer": "tomesd"}
-    if method == "turbo":
-        return {
-            "r": r,
-            "mode": "turbo",
-            "alpha": suite.alpha[0] if alpha is None else alpha,
-            "semantic_scale": suite.semantic_scale,
-            "fusion": suite.fusion,
-        }
-    raise ValueError(f"method must be one of {sorted(LABELS)}, got {method!r}")
+    if info.kind == "sizebias":
+        plain = method_overrides(plain_method(method), r, settings, alpha) or {}
+        return {**plain, SIZE_BIAS: True}
+    if info.config is None:
+        return None
+    values = {
+        "alpha": settings.alpha[0] if alpha is None else alpha,
+        "semantic_scale": settings.semantic_scale,
+        "fusion": settings.fusion,
+        "semantic_norm": getattr(settings, "semantic_norm", None),
+    }
+    own = {key: values[key] for key in info.settings if values[key] is not None}
+    return {"r": r, **info.config, **own}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -9,8 +10,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .names import METHOD_TABLE, method_kind, partner_method
-from .results import ResultStore
+from ..names import METHOD_TABLE, method_kind, partner_method
+from ..results import ResultStore
 
 __all__ = ["Row", "collect_rows", "markdown_table", "pareto_plot", "write_report"]
 
@@ -86,7 +87,7 @@ def _paired(
         ValueError: both cells have per-item scores, but not as many (they were not
             computed on the same items; pairing them would be meaningless).
     """
-    from .stats import paired_difference
+    from ..stats import paired_difference
 
     if b is None:
         return None, None, None
@@ -200,7 +201,7 @@ def _partner(
 
 
 def _key(cell: dict[str, Any]) -> str:
-    from .methods import Cell
+    from ..methods import Cell
 
     return Cell(cell["model"], cell["task"], cell["method"], int(cell["r"]), cell.get("alpha")).key
 
@@ -380,3 +381,16 @@ def write_report(results: Sequence[str | Path], out: str | Path) -> dict[str, Pa
     paths["json"].write_text(json.dumps([r.as_dict() for r in rows], indent=2), encoding="utf-8")
     pareto_plot(rows, paths["plot"])
     return paths
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``turbo-eval report``: the table, then the paths written."""
+    out = args.out or args.results[0]
+    try:
+        paths = write_report(args.results, out)
+    except (FileNotFoundError, ValueError) as error:  # not a results folder, or empty
+        parser.error(f"argument results: {error}")
+    print(markdown_table(collect_rows(args.results)))
+    for kind, path in paths.items():
+        print(f"{kind:>8}: {path}")
+    return 0
