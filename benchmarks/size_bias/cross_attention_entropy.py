@@ -19,8 +19,8 @@ import math
 
 import torch
 
+from turbo_eval.vl import VLSample, load_vl_model
 from turbo_eval.vl_data import packaged_captioned_photos
-from turbo_eval.vl_models import VLSample, load_vl_model
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ skimage_data = pytest.importorskip("skimage.data")
 Image = pytest.importorskip("PIL.Image")
 
 import turbo_adapters  # noqa: E402
+from turbo_eval.cli import main  # noqa: E402
 from turbo_eval.commands.analyze import (  # noqa: E402
     BlockProbe,
     analyze_model,
@@ -25,8 +26,6 @@ from turbo_eval.commands.analyze import (  # noqa: E402
     informativity_rows,
     load_images,
 )
-from turbo_eval.cli import main  # noqa: E402
-from turbo_eval.models import LoadedModel  # noqa: E402
 from turbo_eval.commands.visualize import (  # noqa: E402
     CELL_INCHES,
     DPI,
@@ -38,6 +37,7 @@ from turbo_eval.commands.visualize import (  # noqa: E402
     merge_maps,
     visualize_merges,
 )
+from turbo_eval.models import LoadedModel  # noqa: E402
 
 RES = 64
 PATCH = 8

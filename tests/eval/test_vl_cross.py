@@ -27,7 +27,7 @@ from turbo_eval.models import load_model  # noqa: E402
 from turbo_eval.names import CROSS_SITE  # noqa: E402
 from turbo_eval.suite import SuiteError, parse_suite  # noqa: E402
 from turbo_eval.tasks import TASK_KINDS  # noqa: E402
-from turbo_eval.vl_models import VLModel, VLSample  # noqa: E402
+from turbo_eval.vl import VLModel, VLSample  # noqa: E402
 
 VQA = "Salesforce/blip-vqa-base"
 ITM = "Salesforce/blip-itm-base-coco"

@@ -26,7 +26,7 @@ from turbo_eval.methods import apply_method, method_overrides  # noqa: E402
 from turbo_eval.models import load_model  # noqa: E402
 from turbo_eval.suite import SuiteError, parse_suite  # noqa: E402
 from turbo_eval.tasks import TASK_KINDS  # noqa: E402
-from turbo_eval.vl_models import VLModel, VLSample  # noqa: E402
+from turbo_eval.vl import VLModel, VLSample  # noqa: E402
 
 CAPTION = "Salesforce/blip-image-captioning-base"
 VQA = "Salesforce/blip-vqa-base"

@@ -160,7 +160,7 @@ def apply_method(model: LoadedModel, overrides: dict[str, Any] | None) -> None:
     adapter's ``log(size)`` in the cross-attentions over the image,
     :mod:`turbo_eval.size_bias`); a method runs with exactly its own sites and options.
     """
-    from .vl_models import VLModel
+    from .vl import VLModel
 
     if not isinstance(model, VLModel):
         model.set_method(overrides)

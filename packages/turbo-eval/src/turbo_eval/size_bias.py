@@ -61,7 +61,7 @@ def size_bias_function(adapter: str) -> Callable[[Any], None] | None:
 
 def size_bias_problem(name: str) -> str | None:
     """Why the suite's model ``name`` cannot run a size-bias method (None: it can)."""
-    from .vl_catalog import vl_architecture
+    from .vl.catalog import vl_architecture
 
     architecture = vl_architecture(name)
     if architecture is None:

@@ -275,7 +275,7 @@ def _model_options(name: str) -> frozenset[str]:
     from .model_side import SIDE_OPTIONS
     from .models import LOADER_OPTIONS
     from .pipelines import is_pipeline_model, pipeline_options
-    from .vl_models import VL_OPTIONS, is_vl_model
+    from .vl import VL_OPTIONS, is_vl_model
 
     common = frozenset(("trust_remote_code", *MODEL_TURBO_OPTIONS, *SIDE_OPTIONS))
     if is_pipeline_model(name):
