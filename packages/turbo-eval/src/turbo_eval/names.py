@@ -49,9 +49,9 @@ class MethodInfo:
     Attributes:
         name: the suite's name.
         kind: ``"plain"`` (the intra-modal methods), ``"cross"`` (text-guided reduction at
-            the FLOPs of the intra-modal method, :mod:`turbo_eval.cross_modal`),
+            the FLOPs of the intra-modal method, :mod:`turbo_eval.methods.cross_modal`),
             ``"sizebias"`` (``log(size)`` in the text side's cross-attentions over the
-            merged image tokens, :mod:`turbo_eval.size_bias`) or ``"peer"`` (another
+            merged image tokens, :mod:`turbo_eval.methods.size_bias`) or ``"peer"`` (another
             library, run on diffusion pipelines only).
         label: the report's name.
         alpha: whether the suite's ``alpha`` sweeps it.

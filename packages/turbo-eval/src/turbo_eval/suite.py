@@ -34,7 +34,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .cross_modal import CROSS_OPTIONS, cross_modal_problem
+from .methods.cross_modal import CROSS_OPTIONS, cross_modal_problem
+from .methods.size_bias import size_bias_problem
 from .model_side import SIDE_OPTIONS
 from .models import LOADER_OPTIONS
 from .names import (
@@ -53,7 +54,6 @@ from .names import (
     split_method,
 )
 from .pipelines import is_pipeline_model, pipeline_options
-from .size_bias import size_bias_problem
 from .tasks import TASK_KINDS
 from .vl import VL_OPTIONS, is_vl_model
 

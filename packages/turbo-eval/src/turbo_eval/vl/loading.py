@@ -24,7 +24,7 @@ local cache when the id is there, else random; "random"; "pretrained"), ``init``
 named config, e.g. ``config = {text_config = {num_hidden_layers = 2}}``), for
 LLaVA ``llava_mode`` ("tower", "llm" or "both"), ``llm_layer``, ``llm_keep``,
 ``llm_method``, and for the cross-modal methods ``cross_reduce`` ("merge" or "prune")
-and ``cross_vision_share`` (:mod:`turbo_eval.cross_modal`).
+and ``cross_vision_share`` (:mod:`turbo_eval.methods.cross_modal`).
 
 InstructBLIP reads the instruction twice, with two tokenizers: the language model's and
 the Q-Former's (BERT vocabulary); random-weight models get both made in code, a local

@@ -52,9 +52,9 @@ class VLModel(LoadedModel):
     speed_tokens: int = 20
     #: the split of the cross-modal method in use (None for any other method)
     cross_split: dict[str, Any] | None = None
-    #: cross-modal splits searched so far (:mod:`turbo_eval.cross_modal`)
+    #: cross-modal splits searched so far (:mod:`turbo_eval.methods.cross_modal`)
     cross_splits: dict[str, Any] = dataclasses.field(default_factory=dict)
-    #: the patch that has the size bias downstream (:mod:`turbo_eval.size_bias`), if any
+    #: the patch that has the size bias downstream (:mod:`turbo_eval.methods.size_bias`), if any
     _biased: Any = dataclasses.field(default=None, repr=False)
     _flops_probe: list[VLSample] = dataclasses.field(default_factory=list)
 

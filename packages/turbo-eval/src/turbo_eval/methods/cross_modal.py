@@ -43,8 +43,10 @@ from typing import Any
 
 import torch
 
-from .loaded_model import LoadedModel
-from .names import CROSS_MODAL, CROSS_SITE, MODEL_SIDE, intra_method
+from ..loaded_model import LoadedModel
+from ..measure import count_flops
+from ..names import CROSS_MODAL, CROSS_SITE, MODEL_SIDE, intra_method
+from ..vl.catalog import vl_architecture
 
 __all__ = [
     "CROSS_MODAL",
@@ -92,8 +94,6 @@ def guidance_function(adapter: str) -> Callable[..., Any] | None:
 
 def cross_modal_problem(name: str) -> str | None:
     """Why the suite's model ``name`` cannot run a cross-modal method (None: it can)."""
-    from .vl.catalog import vl_architecture
-
     architecture = vl_architecture(name)
     if architecture is None:
         return "it is not a vision-language model with a text side over the image"
@@ -203,8 +203,6 @@ class _Search:
         self.seen: dict[tuple[int, int], tuple[int, int]] = {}  # -> (flops, text r applied)
 
     def count(self) -> int:
-        from .measure import count_flops
-
         model = self.model
         with torch.inference_mode():
             return count_flops(model.forward_features, model.module, self.probe, model.handle)

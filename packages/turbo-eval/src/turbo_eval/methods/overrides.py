@@ -1,17 +1,15 @@
-"""The methods compared in every task, as Turbo config overrides."""
+"""The methods compared in every task, as Turbo config overrides (read from the one method
+table, :data:`~turbo_eval.names.METHOD_TABLE`), and the result cells they fill."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .cross_modal import set_cross_method
-from .loaded_model import LoadedModel
-from .model_side import SIDE_LABELS
-from .names import (
+from ..model_side import SIDE_LABELS
+from ..names import (
     ALPHA_METHODS,
     CROSS_MODAL,
-    CROSS_SITE,
     METHOD_TABLE,
     MODEL_SIDE,
     MODEL_TURBO_OPTIONS,
@@ -20,12 +18,11 @@ from .names import (
     plain_method,
     split_method,
 )
-from .size_bias import apply_size_bias
 
 if TYPE_CHECKING:  # the suite parser imports this module's names, not the other way
-    from .suite import Suite
+    from ..suite import Suite
 
-__all__ = ["Cell", "MethodSettings", "apply_method", "cells_for", "method_overrides"]
+__all__ = ["LABELS", "Cell", "MethodSettings", "cells_for", "method_overrides"]
 
 
 #: the report's name of every method (from the one table, :data:`~turbo_eval.names.METHOD_TABLE`)
@@ -66,9 +63,9 @@ def method_overrides(
     names that step under :data:`~turbo_eval.names.MODEL_SIDE`. A cross-modal method
     (``"turbo-cross"``) is its intra-modal method's overrides plus its own name under
     :data:`~turbo_eval.names.CROSS_MODAL`; the model splits ``r`` between its
-    vision and text-guided sites at equal FLOPs (:mod:`turbo_eval.cross_modal`). A
+    vision and text-guided sites at equal FLOPs (:mod:`turbo_eval.methods.cross_modal`). A
     size-bias method (``"turbo-sizebias"``) is its plain method's overrides plus
-    ``size_bias = True`` (:mod:`turbo_eval.size_bias`).
+    ``size_bias = True`` (:mod:`turbo_eval.methods.size_bias`).
     """
     base, side = split_method(method)
     if side is not None:
@@ -148,41 +145,3 @@ def cells_for(suite: Suite, model: str, task: str) -> list[Cell]:
             elif method not in unpatched:
                 cells.append(Cell(model, task, method, r))
     return cells
-
-
-def apply_method(model: LoadedModel, overrides: dict[str, Any] | None) -> None:
-    """Patch ``model`` for one method's overrides (:func:`method_overrides`); None unpatches.
-
-    A plain method (Turbo, ToMe, semantics-only, on a model-side step or not) is the
-    model's own :meth:`~turbo_eval.loaded_model.LoadedModel.set_method`. A vision-language
-    model also takes the cross-modal methods (the text-guided site added at the FLOPs of
-    the intra-modal method, :mod:`turbo_eval.cross_modal`) and the size-bias ones (the
-    adapter's ``log(size)`` in the cross-attentions over the image,
-    :mod:`turbo_eval.size_bias`); a method runs with exactly its own sites and options.
-    """
-    from .vl import VLModel
-
-    if not isinstance(model, VLModel):
-        model.set_method(overrides)
-        return
-    overrides = None if overrides is None else dict(overrides)
-    cross = overrides.pop(CROSS_MODAL, None) if overrides else None
-    bias = bool(overrides.pop(SIZE_BIAS, False)) if overrides else False
-    if bias and cross is not None:
-        raise ValueError(f"model {model.name!r}: a method is cross-modal or size-biased, not both")
-    handle = model.handle
-    if handle is not None and (
-        (CROSS_SITE in handle.sites) != (cross is not None)
-        or (handle is model._biased) != bias  # the bias comes off with the patch only
-    ):
-        handle.remove()
-        model.handle = None
-    model.cross_split = None
-    if cross is not None and overrides:
-        model.cross_split = set_cross_method(model, overrides, cross).as_dict()
-    else:  # the base class's: VLModel.set_method would drop a size-biased patch
-        LoadedModel.set_method(model, overrides)
-    model.settle_family_options()
-    if bias and model.handle is not None and model.handle is not model._biased:
-        apply_size_bias(model.handle, model.name, type(model.module).__name__)
-        model._biased = model.handle
