@@ -116,7 +116,9 @@ def profile_methods(
             if memory:
                 row["peak_memory_bytes"] = peak_memory(call)
             state = model.handle.last_state if model.handle is not None else None
-            row["tokens_after_last_block"] = state.token_counts[-1] if state else None
+            counts = state.token_counts if state is not None else None
+            # a pipeline's patch keeps no per-block counts: nothing to report then
+            row["tokens_after_last_block"] = counts[-1] if counts else None
             rows[key] = row
     return rows
 
