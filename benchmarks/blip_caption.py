@@ -32,7 +32,7 @@ from benchmark_target import add_target_arguments, target
 
 import turbo_adapters as ta
 from turbo_eval.measure import count_flops, interleaved_throughput
-from turbo_eval.vl_models import NAMED_MODELS
+from turbo_eval.vl import NAMED_MODELS
 
 #: ``Salesforce/blip-image-captioning-base`` (vision: ViT-B/16, 384 px; text: BERT-base)
 #: and ``Salesforce/blip2-opt-2.7b``'s vision tower (EVA ViT-g/14 without its last block):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from turbo_eval.vl import VLSample, load_vl_model
 from turbo_eval.vl_data import packaged_captioned_photos
-from turbo_eval.vl_models import VLSample, load_vl_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared options
 from benchmark_target import add_target_arguments, target

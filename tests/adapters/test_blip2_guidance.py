@@ -19,14 +19,15 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from test_blip import peaked  # noqa: E402
-from test_blip2 import IMAGE_TOKEN, OPT, QUERIES, TOKENS, config, images  # noqa: E402
+from support.tiny_blip import build as build_blip  # noqa: E402
+from support.tiny_blip import text as blip_text  # noqa: E402
+from support.tiny_blip2 import TOKENS, images  # noqa: E402
+from support.tiny_blip2 import build as build_blip2  # noqa: E402
+from support.tiny_blip2_guided import build, itm, prompt, words  # noqa: E402
 
 import turbo_adapters as ta  # noqa: E402
 from turbo_adapters.families import blip, blip2  # noqa: E402
 from turbo_adapters.families.blip import guided  # noqa: E402
-
-QFORMER_VOCAB = 60
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,27 +36,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def build(cls: str) -> nn.Module:
-    torch.manual_seed(0)
-    made = config("InstructBlipConfig" if cls.startswith("InstructBlip") else "Blip2Config", OPT)
-    made.qformer_config.num_hidden_layers = 3
-    made.qformer_config.cross_attention_frequency = 2  # cross-attention in layers 0 and 2
-    made.qformer_config.use_qformer_text_input = cls == "Blip2ForImageTextRetrieval"
-    model = peaked(getattr(transformers, cls)(made))
-    assert [layer.has_cross_attention for layer in model.qformer.encoder.layer] == [1, 0, 1]
-    return model
-
-
-def words(batch: int, seed: int, length: int = 6) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, QFORMER_VOCAB, (batch, length), generator=generator)
-
-
-def prompt(batch: int, seed: int = 0) -> torch.Tensor:
-    """Image placeholders, then text (the language model's prompt; ITM's text)."""
-    return torch.cat([torch.full((batch, QUERIES), IMAGE_TOKEN), words(batch, seed, 5)], dim=1)
 
 
 def cross_lengths(model: nn.Module) -> dict[int, list[int]]:
@@ -69,12 +49,6 @@ def cross_lengths(model: nn.Module) -> dict[int, list[int]]:
                 with_kwargs=True,
             )
     return seen
-
-
-def itm(model: nn.Module, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return model(
-        pixel_values=pixels, input_ids=ids, use_image_text_matching_head=True
-    ).logits_per_image
 
 
 def itc(model: nn.Module, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -413,14 +387,10 @@ def test_a_padded_image_is_refused() -> None:
 
 
 def build_blip_itm() -> nn.Module:
-    from test_blip import build as build_blip
-
     return build_blip("BlipForImageTextRetrieval")
 
 
 def build_vision() -> nn.Module:
-    from test_blip2 import build as build_blip2
-
     return build_blip2("Blip2VisionModel")
 
 
@@ -429,12 +399,14 @@ def test_blip_and_blip2_share_the_site_name() -> None:
 
 
 def _blip_itm() -> tuple[nn.Module, Any, nn.Module, Any]:
-    from test_blip import build as build_blip
-    from test_blip import text
-
     model = build_blip("BlipForImageTextRetrieval")
     first = model.text_encoder.encoder.layer[0].crossattention
-    return model, blip, first, lambda: model(input_ids=text(2), pixel_values=images(2)).itm_score
+    return (
+        model,
+        blip,
+        first,
+        lambda: model(input_ids=blip_text(2), pixel_values=images(2)).itm_score,
+    )
 
 
 def _blip2_itm() -> tuple[nn.Module, Any, nn.Module, Any]:

@@ -21,11 +21,11 @@ pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torch_pruning")
 
-from test_blip import DEPTH as BLIP_DEPTH  # noqa: E402
-from test_blip import build as build_blip  # noqa: E402
-from test_blip import build_vision as build_blip_vision  # noqa: E402
-from test_blip import text as blip_text  # noqa: E402
-from test_conformance import hf_qk, images, informative, timm_qk  # noqa: E402
+from support.tiny_blip import DEPTH as BLIP_DEPTH  # noqa: E402
+from support.tiny_blip import build as build_blip  # noqa: E402
+from support.tiny_blip import build_vision as build_blip_vision  # noqa: E402
+from support.tiny_blip import text as blip_text  # noqa: E402
+from support.tiny_vit import hf_qk, images, informative, timm_qk  # noqa: E402
 
 import turbo_adapters as ta  # noqa: E402
 from turbo_adapters import compose  # noqa: E402

@@ -21,6 +21,21 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from support.docs_example import docs_family  # noqa: E402
+from support.tiny_vit import (  # noqa: E402
+    DEPTH,
+    HEADS,
+    IMAGE,
+    PATCH,
+    TOKENS,
+    WIDTH,
+    heads,
+    hf_qk,
+    images,
+    informative,
+    of_class,
+    timm_qk,
+    vision_config,
+)
 
 from turbo_adapters import BlockSpec, token_sizes  # noqa: E402
 from turbo_adapters.families import bert, clip, hf_vit, timm_eva, timm_vit  # noqa: E402
@@ -28,44 +43,6 @@ from turbo_adapters.families import torchvision_vit as tv  # noqa: E402
 from turbo_adapters.testing import Case, KitOps, parametrize, run_check  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-IMAGE, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 48, 4, 4
-TOKENS = (IMAGE // PATCH) ** 2 + 1  # 16 patches + CLS
-
-
-@torch.no_grad()
-def informative(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Weights large enough that attention is peaked and tokens differ (library inits
-    give near-uniform attention, which would hide errors in q, k or the size bias)."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() >= 2 and "embed" not in name and "token" not in name:
-            gain = (
-                3.0
-                if any(s in name for s in ("qkv", "q_proj", "k_proj", "query", "key", "in_proj"))
-                else 1.0
-            )
-            p.copy_(torch.randn(p.shape, generator=generator) * gain / p[0].numel() ** 0.5)
-        elif "norm" in name.lower() and name.endswith("weight"):
-            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
-        elif p.dim() == 1 and not name.endswith(("gamma_1", "gamma_2", "lambda1")):
-            p.copy_(0.5 * torch.randn(p.shape, generator=generator))
-        else:  # embeddings, tokens, layer scale
-            p.copy_(p + 0.5 * torch.randn(p.shape, generator=generator))
-    return model.eval()
-
-
-def images(batch: int) -> tuple[torch.Tensor]:
-    return (torch.randn(batch, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(batch)),)
-
-
-def heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
-    batch, tokens, _ = t.shape
-    return t.view(batch, tokens, -1, head_dim).transpose(1, 2)
-
-
-def of_class(name: str) -> Any:
-    return lambda model: [m for m in model.modules() if type(m).__name__ == name]
 
 
 def call(model: nn.Module, args: tuple[Any, ...]) -> torch.Tensor:
@@ -82,13 +59,6 @@ def build_timm_vit() -> nn.Module:
         num_classes=10, qkv_bias=True,
     )  # fmt: skip
     return informative(model)
-
-
-def timm_qk(model: nn.Module, block: nn.Module, x: torch.Tensor):
-    attn = block.attn
-    batch, tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, -1, attn.head_dim).permute(2, 0, 3, 1, 4)
-    return attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), attn.scale
 
 
 def prune_timm(model: nn.Module, args: tuple[Any, ...]) -> None:
@@ -168,11 +138,6 @@ def prune_torchvision(model: nn.Module, args: tuple[Any, ...]) -> None:
 
 
 # ------------------------------------------------------------------ transformers
-def vision_config(cls: Any, **kw: Any) -> Any:
-    return cls(
-        hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
-        intermediate_size=2 * WIDTH, image_size=IMAGE, patch_size=PATCH, **kw,
-    )  # fmt: skip
 
 
 def build_hf(model_cls: str, config_cls: str, **kw: Any) -> Any:
@@ -182,19 +147,6 @@ def build_hf(model_cls: str, config_cls: str, **kw: Any) -> Any:
         return informative(getattr(transformers, model_cls)(config))
 
     return build
-
-
-def hf_qk(attention: str, q: str = "q_proj", k: str = "k_proj", scale: str = "scaling"):
-    def qk(model: nn.Module, block: nn.Module, x: torch.Tensor):
-        attn = block.get_submodule(attention)
-        dim = getattr(attn, "head_dim", getattr(attn, "attention_head_size", None))
-        return (
-            heads(getattr(attn, q)(x), dim),
-            heads(getattr(attn, k)(x), dim),
-            getattr(attn, scale),
-        )
-
-    return qk
 
 
 def prune_hf(

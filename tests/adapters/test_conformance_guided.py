@@ -29,10 +29,10 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from test_blip import PAD, images, text  # noqa: E402
-from test_blip import build as build_blip  # noqa: E402
-from test_blip2_guidance import build as build_blip2  # noqa: E402
-from test_blip2_guidance import itm, prompt, words  # noqa: E402
+from support.tiny_blip import PAD, images, text  # noqa: E402
+from support.tiny_blip import build as build_blip  # noqa: E402
+from support.tiny_blip2_guided import build as build_blip2  # noqa: E402
+from support.tiny_blip2_guided import itm, prompt, words  # noqa: E402
 
 import turbo_adapters as ta  # noqa: E402
 from turbo_adapters.families import blip, blip2  # noqa: E402

@@ -18,7 +18,7 @@ pytest.importorskip("timm")
 pytest.importorskip("accelerate")
 pytest.importorskip("peft")
 
-from test_conformance import (  # noqa: E402
+from support.tiny_vit import (  # noqa: E402
     DEPTH,
     HEADS,
     TOKENS,

@@ -17,7 +17,8 @@ skimage_data = pytest.importorskip("skimage.data")
 Image = pytest.importorskip("PIL.Image")
 
 import turbo_adapters  # noqa: E402
-from turbo_eval.analyze import (  # noqa: E402
+from turbo_eval.cli import main  # noqa: E402
+from turbo_eval.commands.analyze import (  # noqa: E402
     BlockProbe,
     analyze_model,
     capture_blocks,
@@ -25,9 +26,7 @@ from turbo_eval.analyze import (  # noqa: E402
     informativity_rows,
     load_images,
 )
-from turbo_eval.cli import main  # noqa: E402
-from turbo_eval.models import LoadedModel  # noqa: E402
-from turbo_eval.visualize import (  # noqa: E402
+from turbo_eval.commands.visualize import (  # noqa: E402
     CELL_INCHES,
     DPI,
     default_depths,
@@ -38,6 +37,7 @@ from turbo_eval.visualize import (  # noqa: E402
     merge_maps,
     visualize_merges,
 )
+from turbo_eval.models import LoadedModel  # noqa: E402
 
 RES = 64
 PATCH = 8

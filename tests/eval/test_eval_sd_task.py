@@ -105,7 +105,7 @@ def test_speed_flops_and_report(results):
     for key, value in flops.items():
         if "__baseline__" not in key:
             assert value < base  # merging attn1 and ff at 0.5 removes work
-    from turbo_eval.report import write_report
+    from turbo_eval.commands.report import write_report
 
     write_report([results], results / "report")
     rows = json.loads((results / "report" / "table.json").read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from turbo_eval.cli import build_parser, main
-from turbo_eval.tune import Tolerance, parse_tolerance, search
+from turbo_eval.commands.tune import Tolerance, parse_tolerance, search
 
 # ---------------------------------------------------------------- the search
 

@@ -6,7 +6,8 @@ import pytest
 
 pytest.importorskip("turbo_eval")
 
-from turbo_eval import methods, names, report
+from turbo_eval import methods, names
+from turbo_eval.commands import report
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
+from turbo_eval.commands.report import Row, _speed_figure, markdown_table
 from turbo_eval.measure import interleaved_throughput
 from turbo_eval.noise import format_ratio, load_average, speed_ratio
-from turbo_eval.report import Row, _speed_figure, markdown_table
 
 
 def test_agreeing_rounds_give_the_ratio_and_no_flag():
@@ -133,7 +133,7 @@ def test_report_rows_carry_the_interval_and_the_flag():
 
 
 def test_bench_table_shows_intervals_and_load():
-    from turbo_eval.bench import bench_model, format_bench
+    from turbo_eval.commands.bench import bench_model, format_bench
     from turbo_eval.loaded_model import LoadedModel
     from turbo_eval.models import IMAGENET_MEAN, IMAGENET_STD, _hf_cls_features, _image_prepare
 

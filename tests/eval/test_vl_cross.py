@@ -27,7 +27,7 @@ from turbo_eval.models import load_model  # noqa: E402
 from turbo_eval.names import CROSS_SITE  # noqa: E402
 from turbo_eval.suite import SuiteError, parse_suite  # noqa: E402
 from turbo_eval.tasks import TASK_KINDS  # noqa: E402
-from turbo_eval.vl_models import VLModel, VLSample  # noqa: E402
+from turbo_eval.vl import VLModel, VLSample  # noqa: E402
 
 VQA = "Salesforce/blip-vqa-base"
 ITM = "Salesforce/blip-itm-base-coco"
@@ -137,7 +137,7 @@ def test_cross_modal_cells_cost_the_flops_of_their_intra_modal_cell(
 
 @pytest.mark.parametrize("target", [10_000, 9_000, 7_777, 6_001, 4_000, 1_000])
 def test_the_text_count_search_finds_the_closest_count(target: int) -> None:
-    from turbo_eval.cross_modal import _closest
+    from turbo_eval.methods.cross_modal import _closest
 
     def flops(t: int) -> int:  # falling, unevenly (as a bipartite step's cost does)
         calls.append(t)

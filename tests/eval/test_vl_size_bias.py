@@ -24,7 +24,7 @@ from turbo_eval.methods import Cell, apply_method, cells_for, method_overrides  
 from turbo_eval.models import load_model  # noqa: E402
 from turbo_eval.suite import SuiteError, parse_suite  # noqa: E402
 from turbo_eval.tasks import TASK_KINDS  # noqa: E402
-from turbo_eval.vl_models import VLModel  # noqa: E402
+from turbo_eval.vl import VLModel  # noqa: E402
 
 CAPTION = "Salesforce/blip-image-captioning-base"
 VQA = "Salesforce/blip-vqa-base"
@@ -150,8 +150,8 @@ def test_the_method_is_the_adapters_option() -> None:
     ``turbo`` with ``blip.use_size_bias_downstream`` applied by hand."""
     import turbo_adapters
     from turbo_adapters.families import blip
+    from turbo_eval.vl import VLSample
     from turbo_eval.vl_data import packaged_captioned_photos
-    from turbo_eval.vl_models import VLSample
 
     model = tiny(CAPTION)
     samples = [VLSample(p.image, model.caption_prompt) for p in packaged_captioned_photos(2)]

@@ -26,7 +26,7 @@ from turbo_eval.methods import apply_method, method_overrides  # noqa: E402
 from turbo_eval.models import load_model  # noqa: E402
 from turbo_eval.suite import SuiteError, parse_suite  # noqa: E402
 from turbo_eval.tasks import TASK_KINDS  # noqa: E402
-from turbo_eval.vl_models import VLModel, VLSample  # noqa: E402
+from turbo_eval.vl import VLModel, VLSample  # noqa: E402
 
 CAPTION = "Salesforce/blip-image-captioning-base"
 VQA = "Salesforce/blip-vqa-base"
@@ -605,7 +605,7 @@ def test_a_tiny_vl_suite_runs_end_to_end_with_intervals(tmp_path: Path, capsys) 
 
 
 def test_bench_times_the_generate_call_of_a_vl_model() -> None:
-    from turbo_eval.bench import bench_model
+    from turbo_eval.commands.bench import bench_model
 
     model = tiny(CAPTION)
     model.speed_tokens = 3

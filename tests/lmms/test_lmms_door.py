@@ -23,7 +23,7 @@ from support import tiny_llava
 from transformers import CLIPImageProcessor, LlavaProcessor
 
 from turbo_eval.lmms import easy_vqa
-from turbo_eval.vl_tokenizer import word_tokenizer
+from turbo_eval.vl.word_tokenizer import word_tokenizer
 
 TESTS = Path(__file__).resolve().parents[1]
 COUNT = 12  # easy-VQA questions

@@ -1,13 +1,14 @@
-"""``turbo-eval``: run suites, benchmark, tune, analyse informativity, visualise merges, report."""
+"""``turbo-eval``: run suites, benchmark, tune, analyse informativity, visualise merges, report.
+
+This module parses the command line and hands the arguments to the command's ``main`` in
+:mod:`turbo_eval.commands`; it holds no evaluation of its own.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 __all__ = ["build_parser", "main"]
@@ -65,7 +66,7 @@ def _resolution(text: str) -> int:
 
 
 def _tolerance(text: str) -> Any:
-    from .tune import parse_tolerance
+    from .commands.tune import parse_tolerance
 
     try:
         return parse_tolerance(text)
@@ -286,184 +287,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .report import collect_rows, markdown_table, write_report
-    from .results import NotAResultsFolderError
-    from .runner import run_suite
-    from .suite import SuiteError, default_suite, find_suite, remote_code_problem
-
-    if args.suite and args.suite_option:
-        print("turbo-eval run: argument --suite: give the suite once", file=sys.stderr)
-        return 2
-    args.suite = args.suite or args.suite_option
-    if args.quick and args.suite:
-        print(
-            f"turbo-eval run: argument --quick: selects the embedded quick suite, so it cannot "
-            f"go with a suite file or name ({args.suite!r}): drop --quick, or run "
-            "`turbo-eval run quick`",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        suite = find_suite(args.suite) if args.suite else default_suite(quick=args.quick)
-    except (SuiteError, FileNotFoundError) as error:
-        print(f"turbo-eval run: argument suite: {error}", file=sys.stderr)
-        return 2
-    if args.validate_only:
-        print(f"{suite.source}: OK ({len(suite.models)} models, {len(suite.tasks)} tasks)")
-        if suite.remote_code_models():
-            allowed = "allowed by" if args.trust_remote_code else "runs only with"
-            print(
-                f"  trust_remote_code = true: {list(suite.remote_code_models())} (code from "
-                f"their folders; {allowed} --trust-remote-code)"
-            )
-        return 0
-    problem = remote_code_problem(suite, args.trust_remote_code)
-    if problem:
-        print(f"turbo-eval run: argument suite: {problem}", file=sys.stderr)
-        return 2
-    from . import distributed
-
-    out = Path(args.out or Path("turbo-results") / suite.name)
-    try:
-        store = run_suite(
-            suite,
-            out,
-            quick=args.quick,
-            progress=not args.no_progress,
-            overwrite=args.overwrite,
-            trust_remote_code=args.trust_remote_code,
-        )
-    except NotAResultsFolderError as error:
-        print(f"turbo-eval run: argument --overwrite: {error}", file=sys.stderr)
-        return 2
-    if not distributed.is_main():
-        return 0
-    paths = write_report([store.root], store.root)
-    print()
-    print(markdown_table(collect_rows([store.root])))
-    print()
-    for kind, path in paths.items():
-        print(f"{kind:>8}: {path}")
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import collect_rows, markdown_table, write_report
-
-    out = args.out or args.results[0]
-    try:
-        paths = write_report(args.results, out)
-    except (FileNotFoundError, ValueError) as error:  # not a results folder, or empty
-        build_parser().error(f"argument results: {error}")
-    print(markdown_table(collect_rows(args.results)))
-    for kind, path in paths.items():
-        print(f"{kind:>8}: {path}")
-    return 0
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_model, format_bench
-
-    figures = bench_model(
-        args.model,
-        r_values=args.r,
-        batch=args.batch,
-        repeats=args.repeats,
-        resolution=args.resolution,
-        alpha=args.alpha,
-        semantic_scale=args.semantic_scale,
-        modes=args.modes,
-    )
-    print(format_bench(figures))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(figures, indent=2), encoding="utf-8")
-    return 0
-
-
-def _cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyze import analyze_model
-
-    paths = analyze_model(args.model, args.images, out=args.out, resolution=args.resolution)
-    for kind, path in paths.items():
-        print(f"{kind:>8}: {path}")
-    return 0
-
-
-def _cmd_visualize(args: argparse.Namespace) -> int:
-    from .visualize import merges_path, visualize_merges
-
-    try:
-        merges_path(args.out, args.image)  # check before the model loads
-    except ValueError as error:
-        build_parser().error(f"argument --out: {error}")
-    if not Path(args.image).is_file():
-        build_parser().error(f"argument image: no image file at {args.image!r}")
-    path = visualize_merges(
-        args.model,
-        args.image,
-        out=args.out,
-        r=args.r,
-        alpha=args.alpha,
-        semantic_scale=args.semantic_scale,
-        resolution=args.resolution,
-    )
-    print(f"     png: {path}")
-    return 0
-
-
-def _cmd_tune(args: argparse.Namespace) -> int:
-    from .suite import SuiteError, find_suite
-    from .tune import format_tune, tune_model, write_tune
-
-    parser = build_parser()
-    try:
-        suite = find_suite(args.suite)
-    except (SuiteError, FileNotFoundError) as error:
-        parser.error(f"argument --suite: {error}")
-    if args.r is not None and min(args.r) < 1:
-        parser.error(f"argument --r: expected ints >= 1, got {args.r}")
-    try:
-        result = tune_model(
-            args.model,
-            suite,
-            args.tolerance,
-            task_name=args.task,
-            r_grid=args.r,
-            alphas=args.alpha,
-            semantic_norm=args.semantic_norm,
-            repeats=args.repeats,
-            trust_remote_code=args.trust_remote_code,
-        )
-    except ValueError as error:
-        parser.error(str(error))
-    out = Path(args.out or Path("turbo-tune") / args.model.replace("/", "--"))
-    paths = write_tune(result, out, f"{args.model}: tolerance {result.tolerance}")
-    print()
-    print(format_tune(result))
-    for kind, path in paths.items():
-        print(f"{kind:>8}: {path}")
-    return 0 if result.chosen is not None else 1
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command's ``main`` (:mod:`turbo_eval.commands`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    # imported once parsed: `turbo-eval --help` loads no model library
+    from .commands import analyze, bench, report, run, tune, visualize
+
     commands = {
-        "run": _cmd_run,
-        "report": _cmd_report,
-        "bench": _cmd_bench,
-        "analyze": _cmd_analyze,
-        "visualize": _cmd_visualize,
-        "tune": _cmd_tune,
+        "run": run.main,
+        "report": report.main,
+        "bench": bench.main,
+        "analyze": analyze.main,
+        "visualize": visualize.main,
+        "tune": tune.main,
     }
-    return commands[args.command](args)
+    return commands[args.command](args, parser)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,7 +23,7 @@ from torch import nn
 from turbo_adapters import TurboPatch
 
 from .loaded_model import LoadedModel
-from .vl_catalog import is_vl_model
+from .vl.catalog import is_vl_model
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -347,7 +347,7 @@ def _claims_vl(name: str, options: Mapping[str, Any]) -> bool:
 
 
 def _load_vl(name: str, resolution: int | None, options: dict[str, Any]) -> LoadedModel:
-    from .vl_models import load_vl_model
+    from .vl import load_vl_model
 
     return load_vl_model(name, resolution, options)
 

@@ -49,13 +49,18 @@ class MethodInfo:
     Attributes:
         name: the suite's name.
         kind: ``"plain"`` (the intra-modal methods), ``"cross"`` (text-guided reduction at
-            the FLOPs of the intra-modal method, :mod:`turbo_eval.cross_modal`),
+            the FLOPs of the intra-modal method, :mod:`turbo_eval.methods.cross_modal`),
             ``"sizebias"`` (``log(size)`` in the text side's cross-attentions over the
-            merged image tokens, :mod:`turbo_eval.size_bias`) or ``"peer"`` (another
+            merged image tokens, :mod:`turbo_eval.methods.size_bias`) or ``"peer"`` (another
             library, run on diffusion pipelines only).
         label: the report's name.
         alpha: whether the suite's ``alpha`` sweeps it.
         style: the plot's (color, marker).
+        config: the Turbo config overrides it sets whatever the run (``{"mode": "turbo"}``);
+            None for a method that leaves the model unpatched (the baseline) and for the
+            cross-modal and size-bias methods, which take their partner's.
+        settings: the run's settings it reads on top (``alpha``, ``semantic_scale``,
+            ``fusion``, ``semantic_norm``), in :func:`turbo_eval.methods.method_overrides`.
     """
 
     name: str
@@ -63,6 +68,8 @@ class MethodInfo:
     label: str
     alpha: bool
     style: tuple[str, str]
+    config: dict[str, Any] | None = None
+    settings: tuple[str, ...] = ()
 
 
 #: Every method, in the order tables and plots list them: the one place a method is named.
@@ -70,9 +77,26 @@ METHOD_TABLE: dict[str, MethodInfo] = {
     info.name: info
     for info in (
         MethodInfo("baseline", "plain", "baseline", False, ("k", "*")),
-        MethodInfo("redundancy", "plain", "redundancy-only (ToMe)", False, ("tab:blue", "o")),
-        MethodInfo("semantics", "plain", "semantics-only", False, ("tab:green", "s")),
-        MethodInfo("turbo", "plain", "Turbo", True, ("tab:red", "D")),
+        MethodInfo(
+            "redundancy",
+            "plain",
+            "redundancy-only (ToMe)",
+            False,
+            ("tab:blue", "o"),
+            {"mode": "redundancy", "alpha": 0.0},
+        ),
+        MethodInfo(
+            "semantics", "plain", "semantics-only", False, ("tab:green", "s"), {"mode": "semantics"}
+        ),
+        MethodInfo(
+            "turbo",
+            "plain",
+            "Turbo",
+            True,
+            ("tab:red", "D"),
+            {"mode": "turbo"},
+            ("alpha", "semantic_scale", "fusion", "semantic_norm"),
+        ),
         MethodInfo(
             "redundancy-cross", "cross", "cross-modal redundancy-only", False, ("tab:cyan", "v")
         ),
@@ -97,10 +121,11 @@ METHOD_TABLE: dict[str, MethodInfo] = {
         MethodInfo(
             "turbo-sizebias", "sizebias", "Turbo + size bias downstream", True, ("tab:orange", "D")
         ),
-        MethodInfo("tomesd", "peer", "tomesd", False, ("gray", "x")),
+        # the model runs the peer at r (pipelines: r percent merged)
+        MethodInfo("tomesd", "peer", "tomesd", False, ("gray", "x"), {"peer": "tomesd"}),
         # peers written in turbo_adapters' diffusion families (method="todo" / "toma")
-        MethodInfo("todo", "peer", "ToDo", False, ("olive", "v")),
-        MethodInfo("toma", "peer", "ToMA", False, ("teal", "^")),
+        MethodInfo("todo", "peer", "ToDo", False, ("olive", "v"), {"peer": "todo"}),
+        MethodInfo("toma", "peer", "ToMA", False, ("teal", "^"), {"peer": "toma"}),
     )
 }
 

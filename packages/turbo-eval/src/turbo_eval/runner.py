@@ -1,4 +1,10 @@
-"""Runs a suite: every (model, task, method, r) cell, then throughput and FLOPs, then the report."""
+"""The one evaluation loop every command runs on: load a suite's model, make its task,
+evaluate a method, count FLOPs and time methods interleaved; and :func:`run_suite`,
+every (model, task, method, r) cell of a suite, then throughput and FLOPs.
+
+``turbo-eval run`` runs :func:`run_suite`; ``tune`` evaluates and times its candidates
+with the same steps, ``bench`` profiles and times its sweep with them.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +18,24 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
+from .measure import count_flops, interleaved_throughput, peak_memory
 from .methods import Cell, apply_method, cells_for
 from .models import LoadedModel, load_model, weights_checksum
 from .results import CorruptResultError, ResultStore, environment
-from .suite import Suite, remote_code_problem
+from .suite import ModelSpec, Suite, TaskSpec, remote_code_problem
 from .tasks import TASK_KINDS, Task
 
-__all__ = ["measure_speed", "run_suite"]
+__all__ = [
+    "evaluate_method",
+    "load_suite_model",
+    "make_task",
+    "measure_speed",
+    "method_call",
+    "no_progress",
+    "profile_methods",
+    "run_suite",
+    "time_methods",
+]
 
 
 def _progress(enabled: bool) -> Callable[[Any, str], Any]:
@@ -30,13 +47,106 @@ def _progress(enabled: bool) -> Callable[[Any, str], Any]:
     return wrap
 
 
+def no_progress(iterable: Any, description: str) -> Any:
+    """The progress wrapper that shows nothing."""
+    return iterable
+
+
+Progress = Callable[[Any, str], Any]
+#: one method's Turbo config overrides (None: the unpatched model)
+Overrides = dict[str, Any] | None
+
+
+# ------------------------------------------------------------ the shared steps
+def load_suite_model(suite: Suite, spec: ModelSpec) -> LoadedModel:
+    """A suite's model as the suite asks for it, created under the suite's seed."""
+    return load_model(spec.name, spec.resolution, dict(spec.options), seed=suite.seed)
+
+
+def make_task(
+    suite: Suite, spec: ModelSpec, task_spec: TaskSpec, model: LoadedModel, quick: bool = False
+) -> Task:
+    """The task ``task_spec`` on ``model``, at the model's batch size (else the suite's)."""
+    batch_size = spec.batch_size or suite.batch_size
+    return TASK_KINDS[task_spec.kind](task_spec.options, model, suite.seed, batch_size, quick=quick)
+
+
+def evaluate_method(
+    model: LoadedModel,
+    task: Task,
+    overrides: Overrides,
+    seed: int,
+    progress: Progress = no_progress,
+) -> dict[str, Any]:
+    """``task``'s metrics with ``model`` patched for one method, under ``seed``."""
+    apply_method(model, overrides)
+    torch.manual_seed(seed)
+    return dict(task.evaluate(progress))
+
+
+def method_call(model: LoadedModel, inputs: Any, overrides: Overrides) -> Callable[[], object]:
+    """One forward of ``inputs`` under a method (patched first, so calls may interleave)."""
+
+    def run() -> object:
+        apply_method(model, overrides)
+        return model.forward_features(model.module, inputs, model.handle)
+
+    return run
+
+
+def profile_methods(
+    model: LoadedModel,
+    inputs: Any,
+    configs: dict[str, Overrides],
+    memory: bool = False,
+    progress: Progress = no_progress,
+) -> dict[str, dict[str, Any]]:
+    """FLOPs of one call of every method (and its peak memory, when ``memory``) and the
+    tokens the last block kept, per key of ``configs``.
+
+    Each method is settled before it is counted: a cross-modal split is searched then,
+    not inside the count.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    with torch.inference_mode():
+        for key, overrides in progress(list(configs.items()), "FLOPs"):
+            call = method_call(model, inputs, overrides)
+            apply_method(model, overrides)
+            row: dict[str, Any] = {"flops": count_flops(call)}
+            if memory:
+                row["peak_memory_bytes"] = peak_memory(call)
+            state = model.handle.last_state if model.handle is not None else None
+            counts = state.token_counts if state is not None else None
+            # a pipeline's patch keeps no per-block counts: nothing to report then
+            row["tokens_after_last_block"] = counts[-1] if counts else None
+            rows[key] = row
+    return rows
+
+
+def time_methods(
+    model: LoadedModel,
+    inputs: Any,
+    configs: dict[str, Overrides],
+    items_per_call: int,
+    repeats: int,
+    baseline: str | None,
+) -> dict[str, Any]:
+    """Throughput of the methods of ``configs`` timed interleaved in this process
+    (:func:`~turbo_eval.measure.interleaved_throughput`, one warm-up round)."""
+    calls = {key: method_call(model, inputs, overrides) for key, overrides in configs.items()}
+    with torch.inference_mode():
+        return interleaved_throughput(
+            calls, items_per_call=items_per_call, repeats=repeats, warmup=1, baseline=baseline
+        )
+
+
 def measure_speed(
     model: LoadedModel,
     cells: list[Cell],
     suite: Suite,
     items: list[Any],
     repeats: int,
-    progress: Callable[[Any, str], Any],
+    progress: Progress,
 ) -> dict[str, Any]:
     """FLOPs per item of every cell's method, and throughput timed per r.
 
@@ -44,45 +154,27 @@ def measure_speed(
     interleaved group per r (with the baseline in each), so the ratios that rank
     them come from the same rounds of the same stretch of time.
     """
-    from .measure import count_flops, interleaved_throughput
-
     inputs = model.prepare(items)
     configs = {cell.key: cell.overrides(suite) for cell in cells}
-
-    def runner(overrides: dict[str, Any] | None) -> Callable[[], object]:
-        def run() -> object:
-            apply_method(model, overrides)
-            return model.forward_features(model.module, inputs, model.handle)
-
-        return run
-
-    fns = {key: runner(overrides) for key, overrides in configs.items()}
+    profiled = profile_methods(model, inputs, configs, progress=progress)
+    flops = {key: row["flops"] / len(items) for key, row in profiled.items()}
     baseline_key = next((c.key for c in cells if c.method == "baseline"), None)
     groups: dict[int, list[str]] = {}
     for cell in cells:
         if cell.method != "baseline":
             groups.setdefault(cell.r, []).append(cell.key)
-    flops = {}
     timing: dict[str, Any] = {"methods": {}, "groups": {}, "rounds": repeats}
-    with torch.inference_mode():
-        for key, fn in progress(list(fns.items()), "FLOPs"):
-            apply_method(model, configs[key])  # settled first: a cross-modal split is searched here
-            flops[key] = count_flops(fn) / len(items)
-        for r, keys in progress(sorted(groups.items()), "throughput per r"):
-            members = ([baseline_key] if baseline_key else []) + keys
-            group = interleaved_throughput(
-                {key: fns[key] for key in members},
-                items_per_call=len(items),
-                repeats=repeats,
-                warmup=1,
-                baseline=members[0],
-            )
-            timing["groups"][str(r)] = group
-            for key in keys:
-                timing["methods"][key] = group["methods"][key]
-            if baseline_key and baseline_key not in timing["methods"]:
-                timing["methods"][baseline_key] = group["methods"][baseline_key]
-        timing["baseline"] = baseline_key
+    for r, keys in progress(sorted(groups.items()), "throughput per r"):
+        members = ([baseline_key] if baseline_key else []) + keys
+        group = time_methods(
+            model, inputs, {key: configs[key] for key in members}, len(items), repeats, members[0]
+        )
+        timing["groups"][str(r)] = group
+        for key in keys:
+            timing["methods"][key] = group["methods"][key]
+        if baseline_key and baseline_key not in timing["methods"]:
+            timing["methods"][baseline_key] = group["methods"][baseline_key]
+    timing["baseline"] = baseline_key
     model.set_method(None)
     return {
         "batch": len(items),
@@ -261,15 +353,10 @@ def run_suite(
             log(f"[{model_spec.name}] all cells done, skipping")
             continue
         log(f"[{model_spec.name}] loading")
-        model = load_model(
-            model_spec.name, model_spec.resolution, dict(model_spec.options), seed=suite.seed
-        )
+        model = load_suite_model(suite, model_spec)
         _check_weights(store, model, main)
-        batch_size = model_spec.batch_size or suite.batch_size
         for task_spec in tasks:
-            task: Task = TASK_KINDS[task_spec.kind](
-                task_spec.options, model, suite.seed, batch_size, quick=quick
-            )
+            task = make_task(suite, model_spec, task_spec, model, quick=quick)
             try:
                 facts = task.prepare(bar)
             except FileNotFoundError as missing:  # a dataset that is not installed here
@@ -277,10 +364,8 @@ def run_suite(
                 continue
             log(f"[{model_spec.name}/{task.name}] {facts}")
             for cell in bar(todo[task.name], f"{task.name} cells"):
-                apply_method(model, cell.overrides(suite))
-                torch.manual_seed(suite.seed)
                 started = time.perf_counter()
-                metrics = dict(task.evaluate(bar))
+                metrics = evaluate_method(model, task, cell.overrides(suite), suite.seed, bar)
                 items = metrics.pop("items", None)
                 state = model.handle.last_state if model.handle else None
                 if not main:

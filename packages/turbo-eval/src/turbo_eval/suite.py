@@ -27,7 +27,6 @@ checked field by field before any model loads. Layout::
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import re
 import sys
@@ -35,6 +34,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .methods.cross_modal import CROSS_OPTIONS, cross_modal_problem
+from .methods.size_bias import size_bias_problem
+from .model_side import SIDE_OPTIONS
+from .models import LOADER_OPTIONS
 from .names import (
     CROSS_METHODS,
     FUSIONS,
@@ -50,6 +53,9 @@ from .names import (
     nearest,
     split_method,
 )
+from .pipelines import is_pipeline_model, pipeline_options
+from .tasks import TASK_KINDS
+from .vl import VL_OPTIONS, is_vl_model
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,15 +79,10 @@ __all__ = [
 ]
 
 #: methods that need a part of a vision-language model: (methods, what they need, the
-#: module and function saying why a model lacks it; imported when used: they import this)
+#: function saying why a model lacks it, or None when it has it)
 _VL_METHOD_NEEDS = (
-    (CROSS_METHODS, "a text-guided reduction site", ".cross_modal", "cross_modal_problem"),
-    (
-        SIZE_BIAS_METHODS,
-        "cross-attentions over the image tokens",
-        ".size_bias",
-        "size_bias_problem",
-    ),
+    (CROSS_METHODS, "a text-guided reduction site", cross_modal_problem),
+    (SIZE_BIAS_METHODS, "cross-attentions over the image tokens", size_bias_problem),
 )
 
 
@@ -271,12 +272,6 @@ def _model_options(name: str) -> frozenset[str]:
     """The options a ``[[models]]`` entry may set for the model ``name``: its loader's
     (pipeline, vision-language, or timm / transformers / embedded), Turbo's per-model
     settings, the model-side steps' and ``trust_remote_code``."""
-    from .cross_modal import CROSS_OPTIONS
-    from .model_side import SIDE_OPTIONS
-    from .models import LOADER_OPTIONS
-    from .pipelines import is_pipeline_model, pipeline_options
-    from .vl_models import VL_OPTIONS, is_vl_model
-
     common = frozenset(("trust_remote_code", *MODEL_TURBO_OPTIONS, *SIDE_OPTIONS))
     if is_pipeline_model(name):
         return common | pipeline_options()
@@ -301,8 +296,6 @@ def _turbo_option_problems(options: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _known_task_kinds() -> tuple[str, ...]:
-    from .tasks import TASK_KINDS
-
     return tuple(sorted(TASK_KINDS))
 
 
@@ -436,11 +429,10 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
                     None if own is None else tuple(own),
                 )
             )
-            for family, needs, module, function in _VL_METHOD_NEEDS:
+            for family, needs, problem_of in _VL_METHOD_NEEDS:
                 asking = [m for m in own or methods or () if split_method(m)[0] in family]
                 if not asking:
                     continue
-                problem_of = getattr(importlib.import_module(module, __package__), function)
                 problem = problem_of(model_name)
                 if problem:
                     check.error(
@@ -486,8 +478,6 @@ def parse_suite(text: str, source: str = "<memory>", fmt: str | None = None) -> 
         if "name" in options and not is_plain_name(options["name"]):
             check.error("tasks", i, "name", f"must be {PLAIN_NAME_HINT}, got {options['name']!r}")
         if kind:
-            from .tasks import TASK_KINDS
-
             for problem_key, message in TASK_KINDS[kind].validate(options):
                 check.error("tasks", i, problem_key, message)
         if kind and model:

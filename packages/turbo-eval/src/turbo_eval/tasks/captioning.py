@@ -88,7 +88,7 @@ class CaptionTask(Task):
         return [c.image for c in found], [c.captions for c in found], "packaged photos"
 
     def prepare(self, progress: Progress) -> dict[str, Any]:
-        from ..vl_models import VLSample
+        from ..vl import VLSample
 
         model = require_vl_model(self.model, self.kind, "generate", "caption")
         images, captions, source = self._data()

@@ -45,9 +45,9 @@ def check_positive(options: Mapping[str, Any], *keys: str) -> list[tuple[str | N
 
 
 def require_vl_model(model: LoadedModel, task: str, kind: str, purpose: str | None) -> Any:
-    """The model as a :class:`~turbo_eval.vl_models.VLModel` that can do ``task``."""
-    from ..vl_catalog import VL_ARCHITECTURES
-    from ..vl_models import VLModel
+    """The model as a :class:`~turbo_eval.vl.model.VLModel` that can do ``task``."""
+    from ..vl import VLModel
+    from ..vl.catalog import VL_ARCHITECTURES
 
     needs = "an image-text matching model" if kind == "match" else "a captioning or VQA model"
     classes = sorted(name for name, (_, head) in VL_ARCHITECTURES.items() if head.kind == kind)

@@ -158,7 +158,7 @@ class VLRetrievalTask(Task):
         return {**metrics, "items": items}
 
     def speed_items(self) -> Sequence[Any]:
-        from ..vl_models import VLSample
+        from ..vl import VLSample
 
         return [
             VLSample(self.images[int(i)], text)

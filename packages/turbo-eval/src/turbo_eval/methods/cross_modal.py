@@ -14,7 +14,7 @@ the tokens go and what ranks them.
 
 How the split is found: measured, not modelled. FLOPs come from
 :func:`turbo_eval.measure.count_flops` on the model's timed call over a probe batch (the
-task's first two speed items, :meth:`~turbo_eval.vl_models.VLModel.set_flops_probe`):
+task's first two speed items, :meth:`~turbo_eval.vl.model.VLModel.set_flops_probe`):
 
 1. the target: the intra-modal method at r, the vision site alone;
 2. ``r_v``: the smallest vision r (from ``round(cross_vision_share * r)``, default 0, up
@@ -43,8 +43,10 @@ from typing import Any
 
 import torch
 
-from .loaded_model import LoadedModel
-from .names import CROSS_MODAL, CROSS_SITE, MODEL_SIDE, intra_method
+from ..loaded_model import LoadedModel
+from ..measure import count_flops
+from ..names import CROSS_MODAL, CROSS_SITE, MODEL_SIDE, intra_method
+from ..vl.catalog import vl_architecture
 
 __all__ = [
     "CROSS_MODAL",
@@ -92,8 +94,6 @@ def guidance_function(adapter: str) -> Callable[..., Any] | None:
 
 def cross_modal_problem(name: str) -> str | None:
     """Why the suite's model ``name`` cannot run a cross-modal method (None: it can)."""
-    from .vl_catalog import vl_architecture
-
     architecture = vl_architecture(name)
     if architecture is None:
         return "it is not a vision-language model with a text side over the image"
@@ -203,8 +203,6 @@ class _Search:
         self.seen: dict[tuple[int, int], tuple[int, int]] = {}  # -> (flops, text r applied)
 
     def count(self) -> int:
-        from .measure import count_flops
-
         model = self.model
         with torch.inference_mode():
             return count_flops(model.forward_features, model.module, self.probe, model.handle)
@@ -301,7 +299,7 @@ def _closest(
 
 # ------------------------------------------------------------------------ entry
 def set_cross_method(model: Any, overrides: dict[str, Any], method: str) -> CrossSplit:
-    """Patch ``model`` (a :class:`~turbo_eval.vl_models.VLModel`) for a cross-modal method.
+    """Patch ``model`` (a :class:`~turbo_eval.vl.model.VLModel`) for a cross-modal method.
 
     Args:
         overrides: the intra-modal method's overrides at r (``r``, ``mode``, ``alpha`` ...;

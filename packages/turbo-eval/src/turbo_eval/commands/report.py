@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -9,8 +10,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .names import METHOD_TABLE, method_kind, partner_method
-from .results import ResultStore
+from ..names import METHOD_TABLE, method_kind, partner_method
+from ..results import ResultStore
 
 __all__ = ["Row", "collect_rows", "markdown_table", "pareto_plot", "write_report"]
 
@@ -90,7 +91,7 @@ def _paired(
         ValueError: both cells have per-item scores, but not as many (they were not
             computed on the same items; pairing them would be meaningless).
     """
-    from .stats import paired_difference
+    from ..stats import paired_difference
 
     if b is None:
         return None, None, None
@@ -127,7 +128,7 @@ def _speed_ratio(speed: dict[str, Any], key: str, other: str | None) -> float | 
 def _speed_figure(speed: dict[str, Any], key: str, other: str | None) -> dict[str, Any] | None:
     """t_other / t_key over the rounds of the group timing both, with its interval and noise
     flags (:func:`turbo_eval.noise.speed_ratio`); None when no group has both."""
-    from .noise import speed_ratio
+    from ..noise import speed_ratio
 
     for group in speed.get("timing", {}).get("groups", {}).values():
         methods = group.get("methods", {})
@@ -228,7 +229,7 @@ def _partner(
 
 
 def _key(cell: dict[str, Any]) -> str:
-    from .methods import Cell
+    from ..methods import Cell
 
     return Cell(cell["model"], cell["task"], cell["method"], int(cell["r"]), cell.get("alpha")).key
 
@@ -249,7 +250,7 @@ def _fmt_interval(mean: float | None, low: float | None, high: float | None) -> 
 
 def _speed_cell(figure: dict[str, Any] | None, median: float | None) -> str:
     """A ratio with its interval over rounds and ``!`` + reasons when it is noise."""
-    from .noise import format_ratio
+    from ..noise import format_ratio
 
     return format_ratio(figure) if figure is not None else _fmt(median, ".2f", "x")
 
@@ -419,3 +420,16 @@ def write_report(results: Sequence[str | Path], out: str | Path) -> dict[str, Pa
     paths["json"].write_text(json.dumps([r.as_dict() for r in rows], indent=2), encoding="utf-8")
     pareto_plot(rows, paths["plot"])
     return paths
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``turbo-eval report``: the table, then the paths written."""
+    out = args.out or args.results[0]
+    try:
+        paths = write_report(args.results, out)
+    except (FileNotFoundError, ValueError) as error:  # not a results folder, or empty
+        parser.error(f"argument results: {error}")
+    print(markdown_table(collect_rows(args.results)))
+    for kind, path in paths.items():
+        print(f"{kind:>8}: {path}")
+    return 0

@@ -19,7 +19,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from .names import SIZE_BIAS, plain_method
+from ..names import SIZE_BIAS, plain_method
+from ..vl.catalog import vl_architecture
 
 __all__ = [
     "BIASED_ARCHITECTURES",
@@ -61,8 +62,6 @@ def size_bias_function(adapter: str) -> Callable[[Any], None] | None:
 
 def size_bias_problem(name: str) -> str | None:
     """Why the suite's model ``name`` cannot run a size-bias method (None: it can)."""
-    from .vl_catalog import vl_architecture
-
     architecture = vl_architecture(name)
     if architecture is None:
         return "it is not a vision-language model whose text side cross-attends to the image"

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .methods import apply_method
-from .models import load_model
-from .noise import format_ratio, speed_ratio
+from ..methods import MethodSettings, method_overrides
+from ..models import load_model
+from ..noise import format_ratio, speed_ratio
+from ..runner import profile_methods, time_methods
 
-__all__ = ["bench_model", "format_bench"]
+__all__ = ["bench_model", "format_bench", "main"]
 
 
 def _items(modality: str, batch: int, resolution: int, seed: int) -> list[Any]:
@@ -43,40 +47,23 @@ def bench_model(
     memory, plus the median pairwise throughput ratio and the FLOPs ratio against
     the unpatched model.
     """
-    from .measure import count_flops, interleaved_throughput, peak_memory
-
     model = loaded if loaded is not None else load_model(name, resolution)
     inputs = model.prepare(_items(model.modality, batch, resolution or 224, seed))
+    settings = MethodSettings(alpha=(alpha,), semantic_scale=semantic_scale)
     configs: dict[str, dict[str, Any] | None] = {"unpatched": None}
     for r in r_values:
-        for mode in modes:
-            configs[f"{mode} r={r}"] = {
-                "r": r,
-                "mode": mode,
-                "alpha": alpha if mode == "turbo" else 0.0,
-                "semantic_scale": semantic_scale,
-            }
-
-    def runner(overrides: dict[str, Any] | None):
-        def run() -> object:
-            apply_method(model, overrides)
-            return model.forward_features(model.module, inputs, model.handle)
-
-        return run
-
-    fns = {key: runner(overrides) for key, overrides in configs.items()}
-    rows: dict[str, dict[str, Any]] = {}
-    with torch.inference_mode():
-        for key, fn in fns.items():
-            rows[key] = {
-                "flops_per_item": count_flops(fn) / batch,
-                "peak_memory_bytes": peak_memory(fn),
-            }
-            state = model.handle.last_state if model.handle is not None else None
-            rows[key]["tokens_after_last_block"] = state.token_counts[-1] if state else None
-        timing = interleaved_throughput(
-            fns, items_per_call=batch, repeats=repeats, warmup=1, baseline="unpatched"
-        )
+        for mode in modes:  # a mode is the method of that name
+            configs[f"{mode} r={r}"] = method_overrides(mode, r, settings)
+    profiled = profile_methods(model, inputs, configs, memory=True)
+    rows: dict[str, dict[str, Any]] = {
+        key: {
+            "flops_per_item": row["flops"] / batch,
+            "peak_memory_bytes": row["peak_memory_bytes"],
+            "tokens_after_last_block": row["tokens_after_last_block"],
+        }
+        for key, row in profiled.items()
+    }
+    timing = time_methods(model, inputs, configs, batch, repeats, baseline="unpatched")
     model.set_method(None)
     base_flops = rows["unpatched"]["flops_per_item"]
     load = timing["load"]
@@ -155,3 +142,22 @@ def format_bench(figures: dict[str, Any]) -> str:
             "! marks a ratio whose rounds disagree or whose machine load changed or was busy"
         )
     return "\n".join(lines)
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``turbo-eval bench``: the table, and the figures as JSON with ``--out``."""
+    figures = bench_model(
+        args.model,
+        r_values=args.r,
+        batch=args.batch,
+        repeats=args.repeats,
+        resolution=args.resolution,
+        alpha=args.alpha,
+        semantic_scale=args.semantic_scale,
+        modes=args.modes,
+    )
+    print(format_bench(figures))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(figures, indent=2), encoding="utf-8")
+    return 0

@@ -1,7 +1,7 @@
 """The vision-language models turbo-eval knows: which transformers classes it drives (and
 with which head), the named checkpoints it builds at full size from their real
 configurations (random weights), their prompt templates, and what class a name or a local
-folder loads as. Data only: the model class and loading are in :mod:`turbo_eval.vl_models`.
+folder loads as. Data only: the model class and loading are in :mod:`turbo_eval.vl`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .vl_heads import (
+from .heads import (
     Blip2Head,
     Blip2ITMHead,
     BlipCaptionHead,

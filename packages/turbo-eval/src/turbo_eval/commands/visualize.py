@@ -13,6 +13,7 @@ only for themselves and are not drawn.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models import LoadedModel, load_model
 from .analyze import load_images, patch_grid
-from .models import LoadedModel, load_model
 
 __all__ = [
     "CELL_INCHES",
@@ -301,3 +302,24 @@ def _draw(
         fig.savefig(path, dpi=DPI)
     finally:
         plt.close(fig)
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``turbo-eval visualize``: the output is checked before the model loads."""
+    try:
+        merges_path(args.out, args.image)
+    except ValueError as error:
+        parser.error(f"argument --out: {error}")
+    if not Path(args.image).is_file():
+        parser.error(f"argument image: no image file at {args.image!r}")
+    path = visualize_merges(
+        args.model,
+        args.image,
+        out=args.out,
+        r=args.r,
+        alpha=args.alpha,
+        semantic_scale=args.semantic_scale,
+        resolution=args.resolution,
+    )
+    print(f"     png: {path}")
+    return 0

@@ -18,6 +18,7 @@ transformers vision models whose attention has ``q_proj``/``k_proj`` (DINOv2, Vi
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import re
@@ -30,7 +31,7 @@ from torch import nn
 
 from turbo_core import attention_concentration, attention_entropy, token_redundancy
 
-from .models import LoadedModel, load_model
+from ..models import LoadedModel, load_model
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -430,3 +431,11 @@ def analyze_model(
         raise ValueError(f"model {model!r} is a {loaded.modality} model; analyze needs images")
     rows = informativity_rows(loaded, pictures)
     return write_informativity(rows, out, title=f"{model} ({len(pictures)} images)")
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``turbo-eval analyze``: the CSV and plot paths."""
+    paths = analyze_model(args.model, args.images, out=args.out, resolution=args.resolution)
+    for kind, path in paths.items():
+        print(f"{kind:>8}: {path}")
+    return 0

@@ -9,13 +9,37 @@ process, and the one with the highest measured throughput is chosen.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Candidate", "Tolerance", "TuneResult", "parse_tolerance", "search", "tune_model"]
+from ..methods import MethodSettings, method_overrides
+from ..names import MODEL_TURBO_OPTIONS
+from ..runner import (
+    evaluate_method,
+    load_suite_model,
+    make_task,
+    no_progress,
+    profile_methods,
+    time_methods,
+)
+from ..stats import paired_difference
+from ..suite import Suite, SuiteError, find_suite, remote_code_problem
+
+__all__ = [
+    "Candidate",
+    "Tolerance",
+    "TuneResult",
+    "format_tune",
+    "main",
+    "parse_tolerance",
+    "search",
+    "tune_model",
+    "write_tune",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +123,6 @@ def search(
     feasible setting with the highest measured speedup, and at that r (equal FLOPs,
     so speed differences there are noise) the alpha with the smallest loss.
     """
-    from .stats import paired_difference
-
     if not r_grid or any(r < 1 for r in r_grid):
         raise ValueError(f"r_grid must hold ints >= 1, got {list(r_grid)}")
     if not alphas or any(a < 0 for a in alphas):
@@ -138,7 +160,7 @@ def search(
 
 def tune_model(
     model_name: str,
-    suite: Any,
+    suite: Suite,
     tolerance: Tolerance,
     task_name: str | None = None,
     r_grid: Sequence[int] | None = None,
@@ -153,14 +175,6 @@ def tune_model(
     The model is created under the suite's seed; a suite model with
     ``trust_remote_code = true`` is refused unless ``trust_remote_code`` is given.
     """
-    import torch
-
-    from .measure import count_flops, interleaved_throughput
-    from .methods import apply_method
-    from .models import load_model
-    from .suite import remote_code_problem
-    from .tasks import TASK_KINDS
-
     problem = remote_code_problem(suite, trust_remote_code)
     if problem:
         raise ValueError(problem)
@@ -177,32 +191,25 @@ def tune_model(
         tasks = [t for t in tasks if t.name == task_name]
     if not tasks:
         raise ValueError(f"task {task_name!r} is not a task of {model_name!r} in the suite")
-    task_spec = tasks[0]
-    model = load_model(spec.name, spec.resolution, dict(spec.options), seed=suite.seed)
-    task = TASK_KINDS[task_spec.kind](
-        task_spec.options, model, suite.seed, spec.batch_size or suite.batch_size
-    )
-    facts = task.prepare(lambda it, _: it)
+    model = load_suite_model(suite, spec)
+    task = make_task(suite, spec, tasks[0], model)
+    facts = task.prepare(no_progress)
     log(f"[{model_name}/{task.name}] calibration: {facts}")
-    extra = {k: spec.options[k] for k in ("min_tokens", "prop_attn") if k in spec.options}
+    settings = MethodSettings(
+        alpha=suite.alpha,
+        semantic_scale=suite.semantic_scale,
+        fusion=suite.fusion,
+        semantic_norm=semantic_norm,
+    )
+    extra = {k: spec.options[k] for k in MODEL_TURBO_OPTIONS if k in spec.options}
 
     def overrides(r: int, alpha: float) -> dict[str, Any]:
-        if alpha == 0:
-            return {"r": r, "mode": "redundancy", "alpha": 0.0, **extra}
-        return {
-            "r": r,
-            "mode": "turbo",
-            "alpha": alpha,
-            "semantic_scale": suite.semantic_scale,
-            "fusion": suite.fusion,
-            "semantic_norm": semantic_norm,
-            **extra,
-        }
+        """alpha 0 is redundancy-only (ToMe); any other alpha is Turbo's."""
+        method = "redundancy" if alpha == 0 else "turbo"
+        return {**(method_overrides(method, r, settings, alpha) or {}), **extra}
 
-    def run(settings: dict[str, Any] | None) -> tuple[float, Sequence[float] | None]:
-        apply_method(model, settings)
-        torch.manual_seed(suite.seed)
-        metrics = dict(task.evaluate(lambda it, _: it))
+    def run(config: dict[str, Any] | None) -> tuple[float, Sequence[float] | None]:
+        metrics = evaluate_method(model, task, config, suite.seed)
         items = (metrics.get("items") or {}).get(task.item_score)
         return float(metrics[task.metric]), items
 
@@ -211,34 +218,22 @@ def tune_model(
         log(f"  r={r:<3} alpha={alpha:<6g} {task.metric}={value:.4f}")
         return value, items
 
-    def speed(settings: list[tuple[int, float]]) -> dict[tuple[int, float], tuple[float, float]]:
+    def speed(grid: list[tuple[int, float]]) -> dict[tuple[int, float], tuple[float, float]]:
         items = list(task.speed_items())[: suite.throughput_batch]
         inputs = model.prepare(items)
-
-        def call(config: dict[str, Any] | None) -> Callable[[], object]:
-            def go() -> object:
-                apply_method(model, config)
-                return model.forward_features(model.module, inputs, model.handle)
-
-            return go
-
-        fns = {"baseline": call(None)}
-        fns.update({f"{r}/{a:g}": call(overrides(r, a)) for r, a in settings})
-        with torch.inference_mode():
-            flops = {name: count_flops(fn) for name, fn in fns.items()}
-            timing = interleaved_throughput(
-                fns,
-                items_per_call=len(items),
-                repeats=repeats or suite.throughput_repeats,
-                baseline="baseline",
-            )
+        configs: dict[str, dict[str, Any] | None] = {"baseline": None}
+        configs.update({f"{r}/{a:g}": overrides(r, a) for r, a in grid})
+        flops = {key: row["flops"] for key, row in profile_methods(model, inputs, configs).items()}
+        timing = time_methods(
+            model, inputs, configs, len(items), repeats or suite.throughput_repeats, "baseline"
+        )
         model.set_method(None)
         return {
             (r, a): (
                 flops["baseline"] / flops[f"{r}/{a:g}"],
                 timing["methods"][f"{r}/{a:g}"]["speedup"],
             )
-            for r, a in settings
+            for r, a in grid
         }
 
     baseline = run(None)
@@ -345,3 +340,34 @@ def write_tune(result: TuneResult, out: str | Path, title: str) -> dict[str, Pat
     finally:
         plt.close(fig)
     return paths
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``turbo-eval tune``: exit 0 with a chosen setting, 1 when none is within tolerance."""
+    try:
+        suite = find_suite(args.suite)
+    except (SuiteError, FileNotFoundError) as error:
+        parser.error(f"argument --suite: {error}")
+    if args.r is not None and min(args.r) < 1:
+        parser.error(f"argument --r: expected ints >= 1, got {args.r}")
+    try:
+        result = tune_model(
+            args.model,
+            suite,
+            args.tolerance,
+            task_name=args.task,
+            r_grid=args.r,
+            alphas=args.alpha,
+            semantic_norm=args.semantic_norm,
+            repeats=args.repeats,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    out = Path(args.out or Path("turbo-tune") / args.model.replace("/", "--"))
+    paths = write_tune(result, out, f"{args.model}: tolerance {result.tolerance}")
+    print()
+    print(format_tune(result))
+    for kind, path in paths.items():
+        print(f"{kind:>8}: {path}")
+    return 0 if result.chosen is not None else 1
