@@ -16,6 +16,7 @@ import torch
 
 from ..patch import TurboPatch
 from .budget import ConnectorReduction
+from .guides import SHARED_GUIDES, mean_query_guide, text_guide
 from .record import ConnectorRecord, set_last_connector
 from .runs import Shortened, shorten_runs
 from .stage import ImageTokens, KeptTokens, reduce_images
@@ -73,12 +74,15 @@ def reduce_call(
     embed: Callable[..., Any] | None = None,
     keys: Sequence[torch.Tensor] | None = None,
     guides: Sequence[torch.Tensor] | None = None,
+    guide: str = "none",
 ) -> ReducedCall:
     """Reduce each image of ``features`` (``(N_j, D)``, row-major order) to its budget and
     shorten ``named``'s ``input_ids`` / ``attention_mask`` / per-token arguments to match.
 
     ``embed`` (the language model's input embeddings) gives the instruction to methods that
     read it; ``keys`` and ``guides`` are per image, or None where the family has none.
+    ``guide`` ``"mean"`` or ``"text"`` (a resolved name, :func:`.guides.resolve_guide`)
+    computes the shared guide here in place of ``guides``; other names use ``guides``.
 
     Raises:
         ValueError: no ``input_ids`` (placeholders cannot be found in ``inputs_embeds``), a
@@ -116,6 +120,14 @@ def reduce_call(
         )
         for j, f in enumerate(features)
     ]
+    if guide in SHARED_GUIDES:
+        if guide == "text" and texts is None:
+            raise ValueError("guide='text' needs the prompt's embeddings (embed=...)")
+        for image in images:
+            if guide == "mean" or image.text is None:
+                image.guide = mean_query_guide(image.features)
+            else:
+                image.guide = text_guide(image.features, image.text)
     kept = reduce_images(images, counts, settings.method)
     short = shorten_runs(
         ids, image_token_id, [k.index for k in kept], tokens, pad_token_id,
