@@ -83,6 +83,7 @@ class ConnectorReduction:
     budget: Budget = 0.25
     method: str = "turbo"
     guide: str = "auto"
+    size_bias: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", _check_budget(self.budget))
@@ -90,6 +91,8 @@ class ConnectorReduction:
             raise ValueError(f"method must be a connector method's name, got {self.method!r}")
         if self.guide not in GUIDES:
             raise ValueError(f"guide must be one of {', '.join(GUIDES)}; got {self.guide!r}")
+        if self.size_bias not in (None, True, False):
+            raise ValueError(f"size_bias must be None, True or False, got {self.size_bias!r}")
 
     def counts(self, tokens: Sequence[int]) -> list[int]:
         """Tokens kept per image (see :func:`connector_counts`)."""

@@ -19,6 +19,7 @@ from .budget import ConnectorReduction
 from .guides import SHARED_GUIDES, mean_query_guide, text_guide
 from .record import ConnectorRecord, set_last_connector
 from .runs import Shortened, shorten_runs
+from .size_bias import key_bias, set_call_bias
 from .stage import ImageTokens, KeptTokens, reduce_images
 
 __all__ = ["PER_TOKEN", "ReducedCall", "module_weights", "reduce_call"]
@@ -133,6 +134,17 @@ def reduce_call(
         ids, image_token_id, [k.index for k in kept], tokens, pad_token_id,
         attention_mask=mask, per_token={name: named.get(name) for name in PER_TOKEN},
     )  # fmt: skip
+    merged = any(bool((k.sizes > 1).any()) for k in kept)
+    bias = None
+    if merged and settings.size_bias is not False:
+        if getattr(patch, "connector_size_bias", False):
+            bias = key_bias(short.input_ids, image_token_id, [k.sizes for k in kept])
+        elif settings.size_bias:
+            raise ValueError(
+                f"size_bias=True: {patch.adapter_name} does not carry log(size) into its "
+                "language model's attention; use size_bias=None or False"
+            )
+    set_call_bias(patch, bias)
     named = {**named, "input_ids": short.input_ids, "attention_mask": short.attention_mask}
     named.update(short.per_token)
     set_last_connector(

@@ -46,6 +46,7 @@ from ..llava.llm import (
     start_call,
 )
 from ..llava.modes import VisionLanguagePatch, mode_scope
+from ..llava.size_bias import install_size_bias
 from .positions import install_positions, kept_positions
 
 __all__ = ["QwenVLAdapter"]
@@ -99,6 +100,8 @@ class QwenVLAdapter(HFAdapter):
         deepstack = 0
         if isinstance(inner, classes["deepstack"]):
             deepstack = len(inner.config.vision_config.deepstack_visual_indexes)
+        # log(size) of connector-merged tokens in the decoder's attention
+        install_size_bias(patch, [layer.self_attn for layer in layers], inner.language_model.config)
         try:
             check_decoder(patch.adapter_name, inner.language_model, layers)
             install_decoder_layers(patch, layers)
