@@ -504,7 +504,7 @@ def test_llava_size_bias_equals_the_unpatched_model_with_an_explicit_bias() -> N
     assert torch.equal(got[:, feed["input_ids"].shape[1] :], want)
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", tq.KINDS)
 def test_qwen_size_bias_equals_the_unpatched_model_with_an_explicit_bias(kind) -> None:
     model = tq.build(kind)
     rows = [0, 1, 2]
