@@ -50,6 +50,8 @@ def install_size_bias(
             **kw: Any,
         ) -> Any:
             bias = call_bias(patch)
+            if bias is None and getattr(find_cache(kw), _ATTR, None) is None:
+                return original(*args, **kw)  # the common path: no merge, nothing to bind
             named = _sig.bind_partial(*args, **kw).arguments
             extra = named.pop("kwargs", {})
             named.update(extra)
