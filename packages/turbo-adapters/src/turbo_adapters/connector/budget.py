@@ -10,6 +10,8 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from .guides import GUIDES
+
 __all__ = ["Budget", "ConnectorReduction", "connector_counts"]
 
 #: a count per image (int >= 1), a fraction of each image's tokens (float in (0, 1]), or
@@ -72,15 +74,25 @@ class ConnectorReduction:
             (see :func:`connector_counts`).
         method: a connector method's name in :data:`turbo_core.connector.CONNECTOR_METHODS`
             (looked up when a call runs, so methods registered later are found).
+        guide: where the method's guide (each token's semantic value) comes from:
+            ``"auto"`` (the family's default, see docs/connector.md), ``"none"``,
+            ``"cls"``, ``"probe"``, ``"mean"`` or ``"text"`` (:mod:`.guides`). A guide
+            the family lacks raises a ValueError naming the available ones.
     """
 
     budget: Budget = 0.25
     method: str = "turbo"
+    guide: str = "auto"
+    size_bias: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", _check_budget(self.budget))
         if not isinstance(self.method, str) or not self.method:
             raise ValueError(f"method must be a connector method's name, got {self.method!r}")
+        if self.guide not in GUIDES:
+            raise ValueError(f"guide must be one of {', '.join(GUIDES)}; got {self.guide!r}")
+        if self.size_bias not in (None, True, False):
+            raise ValueError(f"size_bias must be None, True or False, got {self.size_bias!r}")
 
     def counts(self, tokens: Sequence[int]) -> list[int]:
         """Tokens kept per image (see :func:`connector_counts`)."""

@@ -16,8 +16,10 @@ import torch
 
 from ..patch import TurboPatch
 from .budget import ConnectorReduction
+from .guides import SHARED_GUIDES, mean_query_guide, text_guide
 from .record import ConnectorRecord, set_last_connector
 from .runs import Shortened, shorten_runs
+from .size_bias import key_bias, set_call_bias
 from .stage import ImageTokens, KeptTokens, reduce_images
 
 __all__ = ["PER_TOKEN", "ReducedCall", "module_weights", "reduce_call"]
@@ -73,12 +75,15 @@ def reduce_call(
     embed: Callable[..., Any] | None = None,
     keys: Sequence[torch.Tensor] | None = None,
     guides: Sequence[torch.Tensor] | None = None,
+    guide: str = "none",
 ) -> ReducedCall:
     """Reduce each image of ``features`` (``(N_j, D)``, row-major order) to its budget and
     shorten ``named``'s ``input_ids`` / ``attention_mask`` / per-token arguments to match.
 
     ``embed`` (the language model's input embeddings) gives the instruction to methods that
     read it; ``keys`` and ``guides`` are per image, or None where the family has none.
+    ``guide`` ``"mean"`` or ``"text"`` (a resolved name, :func:`.guides.resolve_guide`)
+    computes the shared guide here in place of ``guides``; other names use ``guides``.
 
     Raises:
         ValueError: no ``input_ids`` (placeholders cannot be found in ``inputs_embeds``), a
@@ -116,11 +121,30 @@ def reduce_call(
         )
         for j, f in enumerate(features)
     ]
+    if guide in SHARED_GUIDES:
+        if guide == "text" and texts is None:
+            raise ValueError("guide='text' needs the prompt's embeddings (embed=...)")
+        for image in images:
+            if guide == "mean" or image.text is None:
+                image.guide = mean_query_guide(image.features)
+            else:
+                image.guide = text_guide(image.features, image.text)
     kept = reduce_images(images, counts, settings.method)
     short = shorten_runs(
         ids, image_token_id, [k.index for k in kept], tokens, pad_token_id,
         attention_mask=mask, per_token={name: named.get(name) for name in PER_TOKEN},
     )  # fmt: skip
+    merged = any(bool((k.sizes > 1).any()) for k in kept)
+    bias = None
+    if merged and settings.size_bias is not False:
+        if getattr(patch, "connector_size_bias", False):
+            bias = key_bias(short.input_ids, image_token_id, [k.sizes for k in kept])
+        elif settings.size_bias:
+            raise ValueError(
+                f"size_bias=True: {patch.adapter_name} does not carry log(size) into its "
+                "language model's attention; use size_bias=None or False"
+            )
+    set_call_bias(patch, bias)
     named = {**named, "input_ids": short.input_ids, "attention_mask": short.attention_mask}
     named.update(short.per_token)
     set_last_connector(

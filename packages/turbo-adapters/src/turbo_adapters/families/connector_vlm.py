@@ -30,6 +30,7 @@ from turbo_core import TurboConfig
 
 from ..compat import IncompatibleLibraryError
 from ..connector.calls import module_weights, reduce_call
+from ..connector.guides import probe_guide, resolve_guide
 from ..patch import TurboPatch
 from .hf_base import HFAdapter
 from .llava.adapter import _pad_id, _with_prompt
@@ -70,6 +71,33 @@ class ConnectorVLMAdapter(HFAdapter):
     patch_class = VisionLanguagePatch
     tower_refusal = ""
     llm_refusal: str | None = None
+    #: how the SigLIP pooling head's probe attention maps onto the image tokens:
+    #: ``"direct"`` (one token per patch), ``"pool"`` (Gemma 3's average pool), or None
+    #: (no one-to-one map, or no SigLIP head): no ``"probe"`` guide
+    probe_layout: str | None = None
+
+    def _probe_head(self, inner: nn.Module) -> nn.Module | None:
+        if self.probe_layout is None:
+            return None
+        tower = getattr(inner, "vision_tower", None)
+        # transformers 5's SiglipVisionModel holds the head itself; 4.x nests a vision_model
+        tower = getattr(tower, "vision_model", tower)
+        head = getattr(tower, "head", None) if getattr(tower, "use_head", True) else None
+        return head if hasattr(head, "probe") else None
+
+    def _guide(
+        self, patch: VisionLanguagePatch, inner: nn.Module, output: Any
+    ) -> tuple[str, list[torch.Tensor] | None]:
+        """The call's resolved guide name and, for ``"probe"``, the per-image guides."""
+        head = self._probe_head(inner)
+        own = ("probe",) if head is not None else ()
+        name = resolve_guide(patch.connector.guide, own, own[0] if own else "mean", self.name)
+        if name != "probe" or head is None:
+            return name, None
+        guide = probe_guide(head, output.last_hidden_state)
+        if self.probe_layout == "pool":
+            guide = _pooled(inner.multi_modal_projector, guide)
+        return name, list(guide)
 
     def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
         if not isinstance(patch, VisionLanguagePatch):
@@ -108,9 +136,10 @@ class ConnectorVLMAdapter(HFAdapter):
             with module_weights(inner):
                 output = inner.get_image_features(**kwargs, return_dict=True)
             pooled = output.pooler_output
+            guide, guides = self._guide(patch, inner, output)
             done = reduce_call(
                 patch, patch.connector, named, list(pooled), image_token, _pad_id(model),
-                embed=inner.get_input_embeddings(),
+                embed=inner.get_input_embeddings(), guides=guides, guide=guide,
             )  # fmt: skip
             kept = [k.tokens for k in done.kept]
             output = copy.copy(output)
@@ -169,6 +198,14 @@ class ConnectorVLMAdapter(HFAdapter):
         patch.override(model, "generate", generate)
 
 
+def _pooled(projector: nn.Module, guide: torch.Tensor) -> torch.Tensor:
+    """Gemma 3: the patch guide ``(B, P*P)`` summed over each average-pool window, in the
+    pooled tokens' order (the attention mass each pooled token stands for)."""
+    side, kernel = int(projector.patches_per_image), int(projector.kernel_size)
+    grid = guide.reshape(guide.shape[0], 1, side, side)
+    return torch.nn.functional.avg_pool2d(grid, kernel).flatten(1) * kernel * kernel
+
+
 _PREFIX_LM = (
     "its language model attends bidirectionally within each image block (token_type_ids), "
     "which LLM mode's causal re-masking does not keep"
@@ -189,6 +226,7 @@ class PaliGemmaAdapter(ConnectorVLMAdapter):
         "tower merging on SigLIP towers (no CLS token) is not supported yet; use 'connector'"
     )
     llm_refusal = _PREFIX_LM
+    probe_layout = "direct"
 
     def classes(self) -> dict[str, Any]:
         from transformers.models.paligemma import modeling_paligemma as pg
@@ -214,6 +252,7 @@ class Gemma3Adapter(ConnectorVLMAdapter):
         "longer fill; use 'connector' (after the pool)"
     )
     llm_refusal = _PREFIX_LM
+    probe_layout = "pool"
 
     def classes(self) -> dict[str, Any]:
         from transformers.models.gemma3 import modeling_gemma3 as g3

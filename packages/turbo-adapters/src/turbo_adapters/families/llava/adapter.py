@@ -53,6 +53,7 @@ from .llm import (
 )
 from .modes import VisionLanguagePatch, mode_scope, parse_modes
 from .shrink import shrink_placeholders
+from .size_bias import install_size_bias
 
 __all__ = ["LLMReduction", "LlavaAdapter", "LlavaPatch", "parse_modes"]
 
@@ -132,6 +133,8 @@ class LlavaAdapter(HFAdapter):
         else:
             self._install_tower(patch, inner, config)
             patch.tower_available = True
+        # log(size) of connector-merged tokens in the decoder's attention
+        install_size_bias(patch, [layer.self_attn for layer in layers], inner.language_model.config)
         try:
             check_decoder(patch.adapter_name, inner.language_model, layers)
             install_decoder_layers(patch, layers)

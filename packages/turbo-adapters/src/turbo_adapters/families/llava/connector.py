@@ -8,9 +8,11 @@ its kept tokens and the rows re-padded (:mod:`turbo_adapters.connector`).
 Guide and keys: on LLaVA-1.5 with one ``vision_feature_layer`` the CLIP layer that
 produces the features gives both, read from its own input with its q/k projections: the
 CLS token's attention (heads averaged, softmax) and the keys (heads averaged), CLS
-column dropped with the ``"default"`` strategy. LLaVA-NeXT packs crops with newline
-tokens, which no single attention map covers: no guide there (the newline tokens are
-reduced like the others).
+column dropped with the ``"default"`` strategy (``guide="cls"``, the default here; when a
+call cannot read it, e.g. several feature layers or tokens merged in the tower,
+``"auto"`` falls back to ``"mean"`` and an explicit ``"cls"`` raises). LLaVA-NeXT packs
+crops with newline tokens, which no single attention map covers: ``"mean"`` (default)
+or ``"text"`` there (the newline tokens are reduced like the others).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from ...connector import ConnectorReduction
 from ...connector.calls import module_weights, reduce_call
+from ...connector.guides import resolve_guide
 
 __all__ = ["clip_guide", "connector_shrink"]
 
@@ -117,10 +120,20 @@ def connector_shrink(
             "connector mode needs input_ids (to shorten the image placeholders); got "
             "inputs_embeds. Pass turbo_mode='llm' or 'none' for this call"
         )
+    own = ("cls",) if guided else ()
+    guide = resolve_guide(settings.guide, own, own[0] if own else "mean", "llava")
     output, features, keys, guides = _features(inner, named, guided)
+    if guide == "cls" and guides is None:
+        if settings.guide == "cls":
+            raise ValueError(
+                "guide='cls' needs one vision_feature_layer and the tower's tokens unmerged; "
+                "this call has neither. Use guide='mean' or 'text'"
+            )
+        guide = "mean"  # "auto": the CLS row cannot be read in this call
     done = reduce_call(
         patch, settings, named, features, int(inner.config.image_token_id), pad_token_id,
-        embed=inner.get_input_embeddings(), keys=keys, guides=guides,
+        embed=inner.get_input_embeddings(), keys=keys,
+        guides=guides if guide == "cls" else None, guide=guide,
     )  # fmt: skip
     named = done.named
     output = copy.copy(output)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ...compat import IncompatibleLibraryError
 from ...connector import ConnectorReduction
+from ...connector.size_bias import call_scope
 from ...patch import TurboPatch
 from .llm import LLMReduction
 
@@ -126,13 +127,15 @@ class VisionLanguagePatch(TurboPatch):
 
 @contextlib.contextmanager
 def mode_scope(patch: VisionLanguagePatch, kwargs: dict[str, Any]) -> Iterator[frozenset[str]]:
-    """Pop ``turbo_mode`` from a call's kwargs and make it the active mode inside."""
-    if "turbo_mode" in kwargs:
-        modes = patch.check_modes(parse_modes(kwargs.pop("turbo_mode")))
-        token = _MODE.set(modes)
-        try:
-            yield modes
-        finally:
-            _MODE.reset(token)
-    else:
-        yield patch.active_modes()
+    """Pop ``turbo_mode`` from a call's kwargs and make it the active mode inside (also the
+    call's scope for the connector's ``log(size)`` bias)."""
+    with call_scope():
+        if "turbo_mode" in kwargs:
+            modes = patch.check_modes(parse_modes(kwargs.pop("turbo_mode")))
+            token = _MODE.set(modes)
+            try:
+                yield modes
+            finally:
+                _MODE.reset(token)
+        else:
+            yield patch.active_modes()

@@ -16,8 +16,9 @@ Stages (``patch.modes`` or ``turbo_mode=`` per call, as for LLaVA):
   windows in Qwen2.5-VL) with per-token rotary positions, and its PatchMerger needs full
   2x2 groups; merging inside it would need all of them rebuilt.
 
-Guide: Qwen's tower has no CLS token; methods get the features and the instruction's
-text embeddings (``ConnectorInputs.text``), no guide.
+Guide: Qwen's tower has no CLS token (and no pooling head); ``ConnectorReduction.guide``
+chooses ``"mean"`` (the default) or ``"text"`` (:mod:`...connector.guides`); methods also
+get the instruction's text embeddings (``ConnectorInputs.text``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from turbo_core import TurboConfig
 
 from ...compat import IncompatibleLibraryError
 from ...connector.calls import module_weights, reduce_call
+from ...connector.guides import resolve_guide
 from ...patch import TurboPatch
 from ..hf_base import HFAdapter
 from ..llava.adapter import _pad_id, _with_prompt
@@ -44,6 +46,7 @@ from ..llava.llm import (
     start_call,
 )
 from ..llava.modes import VisionLanguagePatch, mode_scope
+from ..llava.size_bias import install_size_bias
 from .positions import install_positions, kept_positions
 
 __all__ = ["QwenVLAdapter"]
@@ -97,6 +100,8 @@ class QwenVLAdapter(HFAdapter):
         deepstack = 0
         if isinstance(inner, classes["deepstack"]):
             deepstack = len(inner.config.vision_config.deepstack_visual_indexes)
+        # log(size) of connector-merged tokens in the decoder's attention
+        install_size_bias(patch, [layer.self_attn for layer in layers], inner.language_model.config)
         try:
             check_decoder(patch.adapter_name, inner.language_model, layers)
             install_decoder_layers(patch, layers)
@@ -126,9 +131,10 @@ class QwenVLAdapter(HFAdapter):
                 output = inner.get_image_features(
                     named["pixel_values"], named["image_grid_thw"], return_dict=True
                 )
+            guide = resolve_guide(patch.connector.guide, (), "mean", "qwen-vl")
             done = reduce_call(
                 patch, patch.connector, named, list(output.pooler_output), image_token,
-                _pad_id(model), embed=inner.get_input_embeddings(),
+                _pad_id(model), embed=inner.get_input_embeddings(), guide=guide,
             )  # fmt: skip
             index = [k.index for k in done.kept]
             output = copy.copy(output)
