@@ -581,3 +581,21 @@ def test_clear_takes_a_crashed_write_leftover_but_not_a_lookalike(tmp_path):
     said = store.clear()
     assert "1 cells" in said and "run.json" in said, said
     assert not store.root.exists() and tmp_path.exists()
+
+
+def test_methods_lists_every_method_with_its_stages_and_families(capsys):
+    from turbo_adapters.method_support import method_support
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    listed = {(r[0], r[1]) for r in rows if len(r) > 2}
+    for row in method_support():
+        assert (row.method, row.stage) in listed, (row.method, row.stage)
+    cdpruner = next(
+        line for line in out.splitlines() if line.split()[:2] == ["cdpruner", "connector"]
+    )
+    assert "qwen-vl" in cdpruner and "hf-vit" not in cdpruner
+    assert "refused by sd3" in out  # ToDo on joint attention
+    for name in ("turbo-cross", "tomesd", "toma"):  # the suites' vocabulary too
+        assert any(r and r[0] == name for r in rows), name

@@ -90,4 +90,6 @@ def test_entry_point_sources_are_registered_on_first_lookup(isolated_sources, mo
 
 def test_the_built_in_sources_keep_their_order() -> None:
     names = [source.name for source in models.MODEL_SOURCES]
-    assert names == ["diffusion pipeline", "vision-language", "embedded", "transformers", "timm"]
+    assert names == [
+        "diffusion pipeline", "vision-language", "easyvqa-real", "embedded", "transformers", "timm"
+    ]  # fmt: skip

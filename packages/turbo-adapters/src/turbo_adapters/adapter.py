@@ -96,6 +96,12 @@ class FamilyAdapter(abc.ABC):
     #: deprecated spelling of :attr:`models`: ``(module, *class names)``
     model_classes: tuple[str, ...] = ()
     patch_class: type[TurboPatch] = TurboPatch
+    #: where the family can reduce tokens: ``"tower"`` (inside the vision or text
+    #: encoder), ``"connector"`` (between the vision side and the language model),
+    #: ``"llm"`` (inside the language model's decoder), ``"denoiser"`` (diffusion)
+    stages: tuple[str, ...] = ("tower",)
+    #: stage -> which of the family's models it does not cover (a stage offered on some)
+    stage_limits: Mapping[str, str] = MappingProxyType({})
     #: keyword settings of the family's own (none: everything is a config field)
     options: frozenset[str] = frozenset()
     #: named sets of such settings

@@ -75,6 +75,8 @@ class Adapter(Protocol):
         name: unique adapter name (``"timm-vit"``).
         model_names: glob patterns of names users write (``"vit_*"``, ``"google/vit-*"``).
         model_types: ``config.model_type`` values (transformers) it handles.
+        stages: where it can reduce tokens (``"tower"``, ``"connector"``, ``"llm"``,
+            ``"denoiser"``); optional, ``("tower",)`` when absent.
         options: keyword settings of the adapter's own that :func:`~turbo_adapters.apply`
             hands to :meth:`patch` instead of the config (Stable Diffusion's
             ``ratio_attn1`` ...); empty for most adapters.

@@ -84,11 +84,13 @@ def _fraction(model: nn.Module, budget: int | float, method: str) -> float:
     return min(1.0, budget / per_image)
 
 
-def _depth_layers(depth: int, shares: tuple[float, ...], method: str) -> tuple[int, ...]:
-    """Decoder layers at ``shares`` of ``depth``, strictly increasing."""
+def _depth_layers(
+    depth: int, shares: tuple[float, ...], method: str, first: int = 0
+) -> tuple[int, ...]:
+    """Decoder layers at ``shares`` of ``depth``, strictly increasing, none below ``first``."""
     layers: list[int] = []
     for share in shares:
-        layer = max(round(share * depth), layers[-1] + 1 if layers else 0)
+        layer = max(round(share * depth), layers[-1] + 1 if layers else first)
         layers.append(layer)
     if layers[-1] >= depth:
         raise ValueError(
@@ -100,16 +102,17 @@ def _depth_layers(depth: int, shares: tuple[float, ...], method: str) -> tuple[i
 
 def _llm_reduction(patch: TurboPatch, model: nn.Module, method: str, keep: float) -> LLMReduction:
     depth = int(getattr(patch, "num_text_layers", 0))
+    first = int(getattr(patch, "first_llm_layer", 0))  # Qwen3-VL: below it, deepstack
     if method in ("fastv", "turbo"):
-        layer = _depth_layers(depth, (_FASTV_LAYER / depth if depth else 1.0,), method)[0]
+        layer = _depth_layers(depth, (_FASTV_LAYER / depth if depth else 1.0,), method, first)[0]
         return LLMReduction(
             layer=layer, keep=keep, method="merge" if method == "turbo" else "prune"
         )
     if method == "pyramiddrop":
-        layers = _depth_layers(depth, (0.25, 0.5, 0.75), method)
+        layers = _depth_layers(depth, (0.25, 0.5, 0.75), method, first)
         return LLMReduction.pyramid_drop(layers=layers, ratio=keep)
     # sparsevlm
-    layers = _depth_layers(depth, (3 / 32, 7 / 32, 16 / 32), method)
+    layers = _depth_layers(depth, (3 / 32, 7 / 32, 16 / 32), method, first)
     keeps = [keep * count / _SPARSEVLM_SHAPE[0] for count in _SPARSEVLM_SHAPE]
     return LLMReduction(
         layer=layers[0], keep=keeps[0], method="prune", rank="raters",

@@ -227,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
         "IMAGE-merges.png into (default: turbo-merges.png)",
     )
 
+    sub.add_parser(
+        "methods", help="every method, the stages it runs at and the families offering it"
+    )
+
     report = sub.add_parser("report", help="combine results folders into tables and a plot")
     report.add_argument("results", nargs="+", help="results folders written by `run`")
     report.add_argument(
@@ -298,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     # imported once parsed: `turbo-eval --help` loads no model library
-    from .commands import analyze, bench, report, run, tune, visualize
+    from .commands import analyze, bench, methods, report, run, tune, visualize
 
     commands = {
         "run": run.main,
@@ -307,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "analyze": analyze.main,
         "visualize": visualize.main,
         "tune": tune.main,
+        "methods": methods.main,
     }
     return commands[args.command](args, parser)
 

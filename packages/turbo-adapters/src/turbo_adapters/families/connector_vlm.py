@@ -69,6 +69,7 @@ class ConnectorVLMAdapter(HFAdapter):
     (``"inner"``), :attr:`tower_refusal` and :attr:`llm_refusal` (None: LLM mode fits)."""
 
     patch_class = VisionLanguagePatch
+    stages: tuple[str, ...] = ("connector", "llm")
     tower_refusal = ""
     llm_refusal: str | None = None
     #: how the SigLIP pooling head's probe attention maps onto the image tokens:
@@ -227,6 +228,7 @@ class PaliGemmaAdapter(ConnectorVLMAdapter):
     )
     llm_refusal = _PREFIX_LM
     probe_layout = "direct"
+    stages = ("connector",)
 
     def classes(self) -> dict[str, Any]:
         from transformers.models.paligemma import modeling_paligemma as pg
@@ -253,6 +255,7 @@ class Gemma3Adapter(ConnectorVLMAdapter):
     )
     llm_refusal = _PREFIX_LM
     probe_layout = "pool"
+    stages = ("connector",)
 
     def classes(self) -> dict[str, Any]:
         from transformers.models.gemma3 import modeling_gemma3 as g3

@@ -89,6 +89,7 @@ class MiniGPTv2Adapter(FamilyAdapter):
     """
 
     name = "minigpt-v2"
+    stages = ("tower", "llm")
     model_names = ("minigpt-v2*", "minigptv2*", "vision-cair/minigpt*")
     models = ("turbo_adapters.models.minigpt:MiniGPTv2",)
     patch_class = VisionLanguagePatch

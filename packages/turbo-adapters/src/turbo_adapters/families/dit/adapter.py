@@ -42,6 +42,7 @@ class DiTAdapter:
     ``transformer``; subclasses name the classes."""
 
     name = "dit"
+    stages = ("denoiser",)
     model_names: tuple[str, ...] = ()
     model_types: tuple[str, ...] = ()
     options = SDSettings.field_names() | {"ratio"}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -90,6 +91,10 @@ class LlavaAdapter(HFAdapter):
     """
 
     name = "llava"
+    stages = ("tower", "connector", "llm")
+    stage_limits = MappingProxyType(
+        {"tower": "not on LLaVA-NeXT, whose anyres packing needs every crop's full grid"}
+    )
     model_names = ("llava-hf/llava-1.5-*", "llava-hf/llava-v1.6-*", "llava-hf/llava-*")
     model_types = ("llava", "llava_next")
     models = (

@@ -54,6 +54,7 @@ class VisionLanguagePatch(TurboPatch):
         llm_refusal: the installed library lacks what LLM mode relies on (asking for
             ``"llm"`` raises this error); None when LLM mode can run.
         num_text_layers: decoder layers of the language model (K must be below).
+        first_llm_layer: the lowest K LLM mode accepts (Qwen3-VL: its deepstack depth).
         connector_available: whether the connector stage can act (the family wired it).
         connector_refusal: why not, for the error message.
     """
@@ -64,6 +65,7 @@ class VisionLanguagePatch(TurboPatch):
         self.tower_refusal = ""
         self.llm_refusal: IncompatibleLibraryError | None = None
         self.num_text_layers = 0
+        self.first_llm_layer = 0
         self._modes: frozenset[str] = frozenset()
         self._llm = LLMReduction()
         self.connector_available = False

@@ -63,6 +63,7 @@ class QwenVLAdapter(HFAdapter):
     the LM head)."""
 
     name = "qwen-vl"
+    stages = ("connector", "llm")
     model_names = (
         "Qwen/Qwen2-VL-*", "Qwen/Qwen2.5-VL-*", "Qwen/Qwen3-VL-*",
         "qwen2-vl*", "qwen2.5-vl*", "qwen3-vl*",
@@ -100,6 +101,7 @@ class QwenVLAdapter(HFAdapter):
         deepstack = 0
         if isinstance(inner, classes["deepstack"]):
             deepstack = len(inner.config.vision_config.deepstack_visual_indexes)
+        patch.first_llm_layer = deepstack
         # log(size) of connector-merged tokens in the decoder's attention
         install_size_bias(patch, [layer.self_attn for layer in layers], inner.language_model.config)
         try:

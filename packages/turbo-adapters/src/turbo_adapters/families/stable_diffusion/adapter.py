@@ -270,6 +270,7 @@ class StableDiffusionAdapter:
     """diffusers Stable Diffusion pipelines, UNets and ControlNets (merge-and-restore)."""
 
     name = "stable-diffusion"
+    stages = ("denoiser",)
     model_names = (
         "runwayml/stable-diffusion-v1-5",
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
