@@ -80,37 +80,6 @@ SPARSEVLM_COUNTS = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}
 SHALLOW_LAYERS = 4  # layer 0 full, then one layer per LLM-mode stage
 
 
-class Clock:
-    """Seconds inside each decoder layer and the image-token-bearing sequence lengths."""
-
-    def __init__(self, layers: Any) -> None:
-        self.times = [0.0] * len(layers)
-        self.lengths = [0] * len(layers)
-        self._start = 0.0
-        for i, layer in enumerate(layers):
-            layer.register_forward_pre_hook(self._enter(i), with_kwargs=True)
-            layer.register_forward_hook(self._leave(i))
-
-    def reset(self) -> None:
-        self.times = [0.0] * len(self.times)
-        self.lengths = [0] * len(self.lengths)
-
-    def _enter(self, i: int) -> Callable[..., None]:
-        def hook(_: Any, args: Any, kwargs: Any) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if not self.lengths[i]:  # the prefill: the first call of the generate
-                self.lengths[i] = hidden.shape[1]
-            self._start = time.perf_counter()
-
-        return hook
-
-    def _leave(self, i: int) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            self.times[i] += time.perf_counter() - self._start
-
-        return hook
-
-
 class MethodTimer:
     """Seconds spent in connector methods and LLM-mode reductions (wrapped in place)."""
 
@@ -137,6 +106,42 @@ class MethodTimer:
     def close(self) -> None:
         for undo in self._undo:
             undo()
+
+
+class Clock:
+    """Seconds inside each decoder layer, less the LLM-mode reduction run inside it (timed
+    once by ``timer``, not multiplied by the projection), and each layer's input length."""
+
+    def __init__(self, layers: Any, timer: MethodTimer) -> None:
+        self.timer = timer
+        self.times = [0.0] * len(layers)
+        self.lengths = [0] * len(layers)
+        self._start = 0.0
+        self._method = 0.0
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(self._enter(i), with_kwargs=True)
+            layer.register_forward_hook(self._leave(i))
+
+    def reset(self) -> None:
+        self.times = [0.0] * len(self.times)
+        self.lengths = [0] * len(self.lengths)
+
+    def _enter(self, i: int) -> Callable[..., None]:
+        def hook(_: Any, args: Any, kwargs: Any) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if not self.lengths[i]:  # the prefill: the first call of the generate
+                self.lengths[i] = hidden.shape[1]
+            self._method = self.timer.seconds
+            self._start = time.perf_counter()
+
+        return hook
+
+    def _leave(self, i: int) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            inside = self.timer.seconds - self._method
+            self.times[i] += time.perf_counter() - self._start - inside
+
+        return hook
 
 
 def llm_setting(method: str, budget: int, n_image: int, depth: int) -> tuple[LLMReduction, list]:
@@ -181,8 +186,8 @@ class Subject:
             self.n_image = (size // 14) ** 2 // 4
         self.patch = ta.apply(self.model)
         self.layers = self.model.model.language_model.layers
-        self.clock = Clock(self.layers)
         self.timer = MethodTimer()
+        self.clock = Clock(self.layers, self.timer)
         self.budgets = list(args.budgets or BUDGETS[args.model])
         if args.tiny:  # the same shares of the tiny image
             self.budgets = [max(1, b * self.n_image // (576 if args.model == "llava" else 1024))
@@ -263,6 +268,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             row["projected"].append(projected)
             row["method_s"].append(subject.timer.seconds)
             row["lengths"] = list(subject.clock.lengths)
+            row.setdefault("layer_s", []).append(list(layer_s))
         return out, elapsed
 
     # fidelity and the static figures: one pass per prompt (new tokens), FLOPs and memory once
