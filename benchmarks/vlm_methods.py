@@ -371,7 +371,7 @@ def table(result: dict[str, Any]) -> str:
         f"{result['threads']} threads (measured under load from parallel work); "
         f"proj. = PROJECTED to {result['depth']} layers",
         "",
-        "| method | budget | kept (last layer) | GFLOPs (x) | peak MiB | TTFT s | TTFT x [min,max] "
+        "| method | budget | image tokens into last layer | GFLOPs (x) | peak MiB | TTFT s | TTFT x [min,max] "
         "| proj. TTFT s | proj. x [min,max] | method % of proj. | KL | 1st agr | ans agr |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
