@@ -51,6 +51,7 @@ def test_qwen_marks_refusals_and_runs_the_others():
     # no CLS on Qwen's tower: no guide for VisionZip, no merging in the windowed tower
     assert set(refused) == {"turbo-tower", "visionzip"}
     assert "guide" in refused["visionzip"]
+    assert "tower mode is not available" in refused["turbo-tower"]
     for line in lines:
         if "refused" in line:
             continue
