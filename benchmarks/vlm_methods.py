@@ -1,0 +1,439 @@
+"""Every VLM token-reduction method on one model shape: prefill FLOPs, TTFT, peak memory,
+the method's own cost and fidelity to the unpatched model, at 64 / 128 / 192 tokens kept.
+
+Shapes (random weights, built by ``benchmarks/llava_ttft.py`` / ``connector_ttft.py``):
+``--model llava``: LLaVA-1.5-7B's (CLIP ViT-L/14 at 336 px at full size, 576 image tokens,
+LLaMA-7B width, ``--llm-layers`` deep); ``--model qwen2_5_vl``: Qwen2.5-VL-7B's (its tower
+at full size, a ``--size`` px image: 896 px gives 1024 image tokens; width 3584). ``--tiny``
+shrinks both to a few seconds (the smoke test's path; the figures then mean nothing).
+
+Methods (rows), all on one patched model, selected per call:
+  unpatched                     ``turbo_mode="none"``
+  turbo/visionzip/divprune/cdpruner  the connector stage (``ConnectorReduction``)
+  turbo-tower                   Turbo in the vision tower, ``Target(tokens=K + 1)``
+A method the family refuses (Qwen's windowed tower; VisionZip without a guide) is a row
+marked refused with the library's error.
+  fastv, pyramiddrop, sparsevlm LLM mode (``LLMReduction``)
+
+LLM mode on a shallow model: its full-depth schedule (in LLaVA-1.5-7B / Qwen2.5-VL-7B
+layers) is compressed to one shallow layer per stage, and every shallow layer stands for a
+number of full-depth layers (``weights``; the projection multiplies each layer's measured
+time by it). FastV: K=2, K image tokens kept. PyramidDrop: K kept at layer 2, K/2 at
+D/3+2 and K/4 at 2D/3+2 (its halving ratio, started at FastV's layer so the budget is the
+count after the first drop). SparseVLM: its published LLaVA-1.5 count lists for 64 / 128 /
+192 (``LLMReduction.sparse_vlm``) at layers 3 / 7 / 16 (Qwen: scaled to 3 / 6 / 14), with
+30 % recycling; on Qwen the counts are scaled by N/576. The shallow variants rank at
+shallow layers, so their fidelity is that of the shallow variant.
+
+Measured per method and budget: prefill GFLOPs (``turbo_eval.measure.count_flops``, fused
+CPU attention counted by its registered formula), prefill peak MiB (torch's CPU allocator,
+from the profiler's memory events: ``llava_ttft.prefill_peak_bytes``; activations, KV cache
+and logits, not the weights), TTFT (``generate`` with one new token; methods interleaved in
+each round, the order rotated per round; speedup = median of per-round ratios to the
+unpatched run of the same round, [min, max] over rounds), the method's own time (connector
+method calls; LLM-mode ``reduce_at_layer`` calls, ranking attention included; tower merging
+is inside the tower's layers and not separated: "-"), first-token KL(unpatched || method)
+and first-token agreement over ``--prompts`` prompts, and answer agreement (all
+``--new-tokens`` greedy tokens equal to unpatched's). Projection to full depth (LLaVA-1.5-7B:
+32 layers, Qwen2.5-VL-7B: 28): TTFT - measured layer time + sum(weight * layer time), per
+round; the method's share is its time over that projected reduced TTFT. Projections are
+labelled as such.
+
+Usage: python benchmarks/vlm_methods.py [--model llava|qwen2_5_vl --rounds 3 --batch 1
+    --json out.json] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import turbo_adapters as ta
+from turbo_adapters.connector import ConnectorReduction
+from turbo_adapters.families.llava import llm as llm_mode
+from turbo_adapters.families.llava.llm import LLMReduction
+from turbo_core.connector import CONNECTOR_METHODS
+from turbo_core.schedule import Target
+from turbo_eval.measure import count_flops
+
+sys.path.insert(0, str(Path(__file__).parent))
+import connector_ttft
+import llava_ttft
+
+FULL_DEPTH = {"llava": 32, "qwen2_5_vl": 28}
+#: image tokens kept; Qwen2.5-VL's 1024: the same 64 and 128 (6.25 %, 12.5 %) and 25 %
+BUDGETS = {"llava": (64, 128, 192), "qwen2_5_vl": (64, 128, 256)}
+CONNECTOR = ("turbo", "visionzip", "divprune", "cdpruner")
+LLM = ("fastv", "pyramiddrop", "sparsevlm")
+METHODS = ("unpatched", *CONNECTOR, "turbo-tower", *LLM)
+#: SparseVLM's LLaVA-1.5 count lists per budget (of 576 image tokens)
+SPARSEVLM_COUNTS = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}
+SHALLOW_LAYERS = 4  # layer 0 full, then one layer per LLM-mode stage
+
+
+class MethodTimer:
+    """Seconds spent in connector methods and LLM-mode reductions (wrapped in place)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._undo: list[Callable[[], None]] = []
+        for name in CONNECTOR:
+            original = CONNECTOR_METHODS[name]
+            CONNECTOR_METHODS[name] = self._timed(original)
+            self._undo.append(lambda n=name, o=original: CONNECTOR_METHODS.__setitem__(n, o))
+        original_reduce = llm_mode.reduce_at_layer
+        llm_mode.reduce_at_layer = self._timed(original_reduce)
+        self._undo.append(lambda: setattr(llm_mode, "reduce_at_layer", original_reduce))
+
+    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            return out
+
+        return timed
+
+    def close(self) -> None:
+        for undo in self._undo:
+            undo()
+
+
+class Clock:
+    """Seconds inside each decoder layer, less the LLM-mode reduction run inside it (timed
+    once by ``timer``, not multiplied by the projection), and each layer's input length."""
+
+    def __init__(self, layers: Any, timer: MethodTimer) -> None:
+        self.timer = timer
+        self.times = [0.0] * len(layers)
+        self.lengths = [0] * len(layers)
+        self._start = 0.0
+        self._method = 0.0
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(self._enter(i), with_kwargs=True)
+            layer.register_forward_hook(self._leave(i))
+
+    def reset(self) -> None:
+        self.times = [0.0] * len(self.times)
+        self.lengths = [0] * len(self.lengths)
+
+    def _enter(self, i: int) -> Callable[..., None]:
+        def hook(_: Any, args: Any, kwargs: Any) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if not self.lengths[i]:  # the prefill: the first call of the generate
+                self.lengths[i] = hidden.shape[1]
+            self._method = self.timer.seconds
+            self._start = time.perf_counter()
+
+        return hook
+
+    def _leave(self, i: int) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            inside = self.timer.seconds - self._method
+            self.times[i] += time.perf_counter() - self._start - inside
+
+        return hook
+
+
+def llm_setting(method: str, budget: int, n_image: int, depth: int) -> tuple[LLMReduction, list]:
+    """The shallow LLM-mode setting and the full-depth layers each shallow layer stands for."""
+    if method == "fastv":
+        rest = (depth - 2) / (SHALLOW_LAYERS - 1)
+        return LLMReduction(layer=1, keep=budget / n_image), [2, *[rest] * (SHALLOW_LAYERS - 1)]
+    if method == "pyramiddrop":
+        keep = budget / n_image
+        setting = LLMReduction(layer=1, keep=keep, stages=((2, keep / 2), (3, keep / 4)))
+        third = (depth - 2) / 3
+        return setting, [2, third, third, third]
+    nearest = min(SPARSEVLM_COUNTS, key=lambda b: abs(b - budget * 576 / n_image))
+    scale = budget / nearest  # its list for the nearest budget, scaled to this one
+    counts = [max(1, min(n_image, round(c * scale))) for c in SPARSEVLM_COUNTS[nearest]]
+    full_layers = (3, 7, 16) if depth == 32 else (3, 6, 14)
+    setting = LLMReduction.sparse_vlm(counts=counts, layers=(1, 2, 3), image_tokens=n_image)
+    a, b, c = full_layers
+    return setting, [a, b - a, c - b, depth - c]
+
+
+class Subject:
+    """A patched model of one shape with its inputs and how to run each method."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.name = args.model
+        self.depth = FULL_DEPTH[args.model]
+        shape = "tiny" if args.tiny else "medium"
+        if args.model == "llava":
+            self.model = llava_ttft.build(SHALLOW_LAYERS, shape)
+            self.feeds = [
+                llava_ttft.inputs(args.batch, shape, seed=1 + p) for p in range(args.prompts)
+            ]
+            self.n_image = (llava_ttft.SHAPES[shape][0] // 14) ** 2
+        else:
+            self.model = build_qwen_shape(args.tiny)
+            size = 112 if args.tiny else args.size
+            self.feeds = [
+                connector_ttft.qwen_inputs(args.batch, size, seed=1 + p)
+                for p in range(args.prompts)
+            ]
+            self.n_image = (size // 14) ** 2 // 4
+        self.patch = ta.apply(self.model)
+        self.layers = self.model.model.language_model.layers
+        self.timer = MethodTimer()
+        self.clock = Clock(self.layers, self.timer)
+        self.budgets = list(args.budgets or BUDGETS[args.model])
+        if args.tiny:  # the same shares of the tiny image
+            self.budgets = [max(1, b * self.n_image // (576 if args.model == "llava" else 1024))
+                            for b in self.budgets]  # fmt: skip
+
+    def configure(self, method: str, budget: int) -> tuple[dict[str, Any], list[float]]:
+        """Set the patch for ``method`` at ``budget``; the generate kwargs and layer weights."""
+        uniform = [self.depth / SHALLOW_LAYERS] * SHALLOW_LAYERS
+        if method == "unpatched":
+            return {"turbo_mode": "none"}, uniform
+        if method in CONNECTOR:
+            self.patch.connector = ConnectorReduction(budget=budget, method=method)
+            return {"turbo_mode": "connector"}, uniform
+        if method == "turbo-tower":
+            self.patch.r = Target(tokens=budget + 1)  # the CLS token is in the tower's count
+            return {"turbo_mode": "tower"}, uniform
+        setting, weights = llm_setting(method, budget, self.n_image, self.depth)
+        self.patch.llm = setting
+        return {"turbo_mode": "llm"}, weights
+
+    def generate(self, feed: dict[str, Any], kwargs: dict[str, Any], new: int) -> Any:
+        return self.model.generate(
+            **feed, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, **kwargs,
+        )  # fmt: skip
+
+
+def build_qwen_shape(tiny: bool) -> Any:
+    if not tiny:
+        return connector_ttft.build_qwen(SHALLOW_LAYERS)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                       "out_hidden_size": 64, "patch_size": 14, "window_size": 56,
+                       "fullatt_block_indexes": [1]},
+        text_config={"hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": SHALLOW_LAYERS, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "vocab_size": 32064, "pad_token_id": 0,
+                     "tie_word_embeddings": True,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                         "mrope_section": [2, 3, 3]}},
+        image_token_id=32000, video_token_id=32001, vision_start_token_id=32002,
+        vision_end_token_id=32003, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    llava_ttft._informative_llm(model.model.language_model)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    subject = Subject(args)
+    runs = [(m, b) for m in METHODS for b in ([0] if m == "unpatched" else subject.budgets)]
+    rows: dict[str, dict[str, Any]] = {}
+    for method, budget in runs:
+        key = f"{method}@{budget}" if budget else method
+        rows[key] = {"method": method, "budget": budget, "ttft": [], "projected": [],
+                     "method_s": [], "kl": [], "first_agree": [], "answer_agree": []}  # fmt: skip
+    active = list(rows)
+
+    def run_once(key: str, feed: dict[str, Any], new: int) -> tuple[Any, float]:
+        row = rows[key]
+        kwargs, weights = subject.configure(row["method"], row["budget"])
+        subject.clock.reset()
+        subject.timer.seconds = 0.0
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = subject.generate(feed, kwargs, new)
+        elapsed = time.perf_counter() - start
+        if new == 1:
+            layer_s = subject.clock.times
+            projected = (
+                elapsed - sum(layer_s) + sum(w * t for w, t in zip(weights, layer_s, strict=True))
+            )
+            row["ttft"].append(elapsed)
+            row["projected"].append(projected)
+            row["method_s"].append(subject.timer.seconds)
+            row["lengths"] = list(subject.clock.lengths)
+            row.setdefault("layer_s", []).append(list(layer_s))
+        return out, elapsed
+
+    # fidelity and the static figures: one pass per prompt (new tokens), FLOPs and memory once
+    for p, feed in enumerate([] if args.static_only else subject.feeds):
+        answers = {}
+        for key in list(active):
+            try:
+                answers[key], _ = run_once(key, feed, args.new_tokens)
+            except (ValueError, RuntimeError, NotImplementedError) as error:
+                if key == "unpatched":
+                    raise
+                rows[key] = {"method": rows[key]["method"], "budget": rows[key]["budget"],
+                             "refused": str(error).splitlines()[0]}  # fmt: skip
+                active.remove(key)  # a method the family refuses (the library said why)
+                print(f"  refused {key}: {rows[key]['refused']}", flush=True)
+                continue
+            print(f"  [{time.strftime('%H:%M:%S')}] prompt {p} {key}", flush=True)
+        ref_seq = answers["unpatched"].sequences[:, -args.new_tokens :]
+        ref = answers["unpatched"].logits[0].float().log_softmax(-1)
+        for key in active:
+            first = answers[key].logits[0].float().log_softmax(-1)
+            rows[key]["kl"].append((ref.exp() * (ref - first)).sum(-1).mean().item())
+            rows[key]["first_agree"].append(
+                (first.argmax(-1) == ref.argmax(-1)).float().mean().item()
+            )
+            same = answers[key].sequences[:, -args.new_tokens :] == ref_seq
+            rows[key]["answer_agree"].append(same.all(-1).float().mean().item())
+    if not args.no_static:
+        for key in active:
+            kwargs, _ = subject.configure(rows[key]["method"], rows[key]["budget"])
+            flops: list[int] = []
+
+            def prefill(kwargs: dict[str, Any] = kwargs, flops: list[int] = flops) -> None:
+                with torch.inference_mode():
+                    flops.append(count_flops(lambda: subject.generate(subject.feeds[0], kwargs, 1)))
+
+            rows[key]["peak_mib"] = llava_ttft.prefill_peak_bytes(prefill) / 2**20
+            rows[key]["gflops"] = flops[0] / 1e9 / args.batch
+            print(
+                f"  [{time.strftime('%H:%M:%S')}] static {key}: {rows[key]['gflops']:.0f} GFLOPs",
+                flush=True,
+            )
+    for key in active:  # the timing passes start clean
+        for field in ("ttft", "projected", "method_s"):
+            rows[key][field].clear()
+    for r in range(0 if args.static_only else args.rounds):
+        shift = r % len(active)
+        for key in active[shift:] + active[:shift]:
+            run_once(key, subject.feeds[0], 1)
+        print(f"  [{time.strftime('%H:%M:%S')}] round {r + 1} done", flush=True)
+    subject.timer.close()
+    return {"args": vars(args), "n_image": subject.n_image, "depth": subject.depth,
+            "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+
+
+def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One line per method and budget with medians, intervals and ratios."""
+    rows = result["rows"]
+    base = rows["unpatched"]
+    lines = []
+    for key, row in rows.items():
+        line: dict[str, Any] = {"key": key, "method": row["method"], "budget": row["budget"]}
+        if row.get("refused"):
+            line["refused"] = row["refused"]
+            lines.append(line)
+            continue
+        n = len(row["ttft"])
+        med = lambda v: statistics.median(v) if v else None  # noqa: E731
+        avg = lambda v: statistics.mean(v) if v else None  # noqa: E731
+        speed = [base["ttft"][i] / row["ttft"][i] for i in range(n)]
+        proj = [base["projected"][i] / row["projected"][i] for i in range(n)]
+        share = [row["method_s"][i] / row["projected"][i] * 100 for i in range(n)]
+        line.update(
+            kept=row["lengths"][-1] - (base["lengths"][-1] - result["n_image"]) if row.get("lengths") and base.get("lengths") else None,
+            ttft=med(row["ttft"]), speedup=med(speed), speed_lo=min(speed, default=None),
+            speed_hi=max(speed, default=None), proj_ttft=med(row["projected"]),
+            proj_speedup=med(proj), proj_lo=min(proj, default=None), proj_hi=max(proj, default=None),
+            method_share=med(share) if row["method"] not in ("unpatched", "turbo-tower") else None,
+            gflops=row.get("gflops"), flops_ratio=(base["gflops"] / row["gflops"]) if row.get("gflops") else None,
+            peak_mib=row.get("peak_mib"), kl=avg(row["kl"]),
+            first_agree=avg(row["first_agree"]), answer_agree=avg(row["answer_agree"]),
+        )  # fmt: skip
+        lines.append(line)
+    return lines
+
+
+def _f(value: Any, spec: str) -> str:
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return format(value, spec)
+    return "-"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The markdown table (measured shallow figures, projection columns labelled)."""
+    args = result["args"]
+    out = [
+        f"{args['model']}{' (tiny)' if args['tiny'] else ''}: batch {args['batch']}, "
+        f"{SHALLOW_LAYERS} LLM layers measured, {result['n_image']} image tokens, "
+        f"{args['rounds']} rounds, {args['prompts']} prompts x {args['new_tokens']} tokens, "
+        f"{result['threads']} threads (measured under load from parallel work); "
+        f"proj. = PROJECTED to {result['depth']} layers",
+        "",
+        "| method | budget | image tokens into last layer | GFLOPs (x) | peak MiB | TTFT s | TTFT x [min,max] "
+        "| proj. TTFT s | proj. x [min,max] | method % of proj. | KL | 1st agr | ans agr |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for line in summarise(result):
+        if line.get("refused"):
+            reason = line["refused"][:90].replace("|", "/")
+            out.append(f"| {line['method']} | {line['budget']} | refused: {reason} |" + " - |" * 10)
+            continue
+        out.append(
+            f"| {line['method']} | {line['budget'] or 'all'} | {_f(line['kept'], 'd')} "
+            f"| {_f(line['gflops'], '.0f')} ({_f(line['flops_ratio'], '.2f')}) "
+            f"| {_f(line['peak_mib'], '.0f')} | {_f(line['ttft'], '.2f')} "
+            f"| {_f(line['speedup'], '.2f')} [{_f(line['speed_lo'], '.2f')},{_f(line['speed_hi'], '.2f')}] "
+            f"| {_f(line['proj_ttft'], '.2f')} | {_f(line['proj_speedup'], '.2f')} "
+            f"[{_f(line['proj_lo'], '.2f')},{_f(line['proj_hi'], '.2f')}] "
+            f"| {_f(line['method_share'], '.2f')} | {_f(line['kl'], '.4f')} "
+            f"| {_f(line['first_agree'], '.2f')} | {_f(line['answer_agree'], '.2f')} |"
+        )
+    return "\n".join(out)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(FULL_DEPTH), default="llava")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=896, help="Qwen image px (896: 1024 tokens)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--no-static", action="store_true", help="skip FLOPs and memory")
+    parser.add_argument(
+        "--static-only", action="store_true", help="FLOPs and memory only (no timing, fidelity)"
+    )
+    parser.add_argument(
+        "--static-json", default=None, help="take FLOPs and memory from a --static-only run's json"
+    )
+    parser.add_argument("--budgets", type=int, nargs="+", default=None, help="tokens kept")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
+    parser.add_argument("--json", default=None, help="write the raw figures here")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.prompts < 1 or args.new_tokens < 1:
+        parser.error("--rounds, --prompts and --new-tokens must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = measure(args)
+    if args.static_json:  # FLOPs and memory measured by another (--static-only) run
+        static = json.loads(Path(args.static_json).read_text())["rows"]
+        for key, row in result["rows"].items():
+            for field in ("gflops", "peak_mib"):
+                if field in static.get(key, {}):
+                    row[field] = static[key][field]
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
