@@ -1,0 +1,1 @@
+"""Built-in model families: one module or package per family (see docs/custom-models.md)."""
