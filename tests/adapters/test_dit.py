@@ -302,6 +302,55 @@ def test_flux_single_blocks_merge_only_the_image_part():
     assert seen == [6 + 32]  # the six text tokens and half of the 64 image tokens
 
 
+def test_flux_single_blocks_merge_once_and_restore_once(monkeypatch):
+    """A single block is a chain: its normed input merges once (attn and proj_mlp keep
+    merged outputs), proj_out reads the merged concatenation and restores once. Oracle:
+    the same plans merged and restored around every slot apart (the unchained path)."""
+    from turbo_adapters.families.stable_diffusion.hooks import DenoiserHooks
+
+    model = tiny_flux().double()
+    x = {k: v.double() if v.is_floating_point() else v for k, v in flux_inputs(1).items()}
+    widths = []
+
+    def sequence_length(module, args, output):
+        widths.append((type(module).__name__, args[0].shape[1], output.shape[1]))
+
+    blocks = model.single_transformer_blocks
+    with ta.patched(model, ratio=0.5, use_rand=False) as patch:
+        handles = [
+            m.register_forward_hook(sequence_length)
+            for b in blocks
+            for m in (b.proj_mlp, b.proj_out)
+        ]
+        chained = run(model, x)
+        for h in handles:
+            h.remove()
+    # after Turbo's hooks: proj_mlp runs on 6 text + 32 image tokens and stays merged;
+    # proj_out reads the merged concatenation (no second merge) and restores 6 + 64
+    assert widths == [("Linear", 38, 38), ("Linear", 38, 70)] * len(blocks)
+    assert stats_of(patch).merged == {"attn1": 3, "attn2": 0, "ff": 3}
+    monkeypatch.setattr(DenoiserHooks, "_chain", lambda *args, **kwargs: None)
+    with ta.patched(model, ratio=0.5, use_rand=False) as patch:
+        apart = run(model, x)
+    assert stats_of(patch).merged["ff"] == 1 + 2 * len(blocks)  # proj_mlp and proj_out apart
+    reference = run(model, x)
+    assert not torch.allclose(chained, reference, atol=1e-6)
+    torch.testing.assert_close(chained, apart, rtol=1e-12, atol=1e-12)
+
+
+def test_flux_single_blocks_with_two_ratios_merge_each_slot_apart():
+    model = tiny_flux()
+    block = model.single_transformer_blocks[0]
+    widths = []
+    handle = block.proj_mlp.register_forward_hook(lambda m, args, out: widths.append(out.shape[1]))
+    with ta.patched(model, ratio_attn1=0.5, ratio_ff=0.25, use_rand=False) as patch:
+        out = run(model, flux_inputs(1))
+    handle.remove()
+    # this hook runs before Turbo's restore: 6 text + 48 image tokens at ratio_ff 0.25
+    assert widths == [54] and out.shape == run(model, flux_inputs(1)).shape
+    assert stats_of(patch).merged["ff"] == 1 + 2 * 2
+
+
 # ------------------------------------------------------------------------ registry
 def test_registry_names_and_pipeline_matching():
     for name, adapter in (
