@@ -357,7 +357,7 @@ class DenoiserHooks:
         rows = x[batch // 2 :] if shared else x
         plans: dict[int, SoftPlan] = {}
         for r in set(wanted.values()):
-            plan = soft_plan(rows, x.shape[1] - r, settings.toma_tau)
+            plan = soft_plan(rows, x.shape[1] - r, settings.toma_tau, grid, settings.toma_tile)
             if shared:
                 plan = SoftPlan(plan.weights.repeat(2, 1, 1), plan.dst_idx.repeat(2, 1))
             plans[r] = plan
