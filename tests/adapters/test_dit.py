@@ -372,6 +372,31 @@ def test_r_and_kv_merge_are_refused_with_the_keywords_named():
         ta.apply(tiny_flux(), attn1_kv=True)
 
 
+def test_sana_is_refused_with_its_reason():
+    from diffusers import SanaTransformer2DModel
+
+    model = SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=8,
+        sample_size=8,
+        patch_size=1,
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ta.adapter_for_model(model).name == "sana"
+    assert ta.get_adapter("Efficient-Large-Model/Sana_1600M_1024px_diffusers").name == "sana"
+    with pytest.raises(TypeError, match=r"linear attention.*GLUMBConv"):
+        ta.apply(model, ratio=0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model._forward_pre_hooks and not any(m._forward_hooks for m in model.modules())
+
+
 # ------------------------------------------------------------------------ pipeline
 def test_pixart_pipeline_cfg_pairs_share_one_plan_and_ratio_zero_is_identical():
     """Through PixArtSigmaPipeline (prompt embeddings given: no tokenizer offline)."""
