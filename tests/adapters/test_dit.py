@@ -448,3 +448,99 @@ def test_pixart_pipeline_cfg_pairs_share_one_plan_and_ratio_zero_is_identical():
         assert torch.equal(
             pipe(**call, generator=torch.Generator().manual_seed(0)).images, reference
         )
+
+
+def _tiny_vae(latent_channels: int = 4):
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        shift_factor=0.0,  # SD3 and FLUX pipelines read it
+    )
+
+
+def test_sd3_pipeline_cfg_pairs_share_one_plan_and_ratio_zero_is_identical():
+    """Through StableDiffusion3Pipeline (prompt embeddings given: no text encoders offline)."""
+    from tests.support.tiny_dit import TEXT_DIM
+
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=tiny_sd3(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(5)
+    call = dict(
+        prompt_embeds=torch.randn(2, 6, TEXT_DIM, generator=g),
+        negative_prompt_embeds=torch.randn(2, 6, TEXT_DIM, generator=g),
+        pooled_prompt_embeds=torch.randn(2, 8, generator=g),
+        negative_pooled_prompt_embeds=torch.randn(2, 8, generator=g),
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        height=32,
+        width=32,
+        output_type="pt",
+    )
+    reference = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    recording = Recording()
+    with ta.patched(pipe, ratio=0.5, restorer=recording) as patch:
+        out = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert patch.pipeline_cfg and patch.cond_rows == 2
+    assert patch.last_stats["transformer"].merged == {"attn1": 2, "attn2": 0, "ff": 2}
+    plan = recording.plans[0]
+    assert plan.batch_size == 4 and torch.equal(plan.kept_idx[:2], plan.kept_idx[2:])
+    assert not torch.equal(out, reference)
+    assert (out - reference).abs().mean() < 0.2 * reference.abs().mean()
+    with ta.patched(pipe, ratio=0):
+        again = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(again, reference)
+
+
+def test_flux_pipeline_merges_and_ratio_zero_is_identical():
+    """Through FluxPipeline (guidance embedding, no CFG; prompt embeddings given)."""
+    from tests.support.tiny_dit import TEXT_DIM
+
+    pipe = diffusers.FluxPipeline(
+        transformer=tiny_flux(guidance=True),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(5)
+    call = dict(
+        prompt_embeds=torch.randn(1, 6, TEXT_DIM, generator=g),
+        pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+        num_inference_steps=2,
+        guidance_scale=3.5,
+        height=32,
+        width=32,
+        output_type="pt",
+    )
+    reference = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TurboBypassWarning)
+        with ta.patched(pipe, ratio=0.5, use_rand=False) as patch:
+            out = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    stats = patch.last_stats["transformer"]
+    # 1 double + 2 single blocks; each single block's chain counts one ff merge
+    assert stats.merged == {"attn1": 3, "attn2": 0, "ff": 3} and not stats.passed
+    assert [n for _, n, _ in stats.tokens] == [64] * 3  # 32 px / 2 (VAE) / 2 (packing)
+    assert not torch.equal(out, reference)
+    assert (out - reference).abs().mean() < 0.2 * reference.abs().mean()
+    with ta.patched(pipe, ratio=0):
+        again = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(again, reference)
