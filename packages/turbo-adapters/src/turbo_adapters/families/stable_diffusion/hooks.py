@@ -131,6 +131,8 @@ class DenoiserHooks:
                 self.blocks.append((name, m))
                 self.slots[id(m)] = slots
         self.transformers = [m for m in root.modules() if _is_transformer_2d(m)]
+        #: (block id, slot attribute) -> (the hooked sub-module, its hook handles)
+        self._slot_hooks: dict[tuple[int, str], tuple[nn.Module, list[Any]]] = {}
 
     # ----------------------------------------------------------------- install
     def install(self) -> None:
@@ -150,23 +152,39 @@ class DenoiserHooks:
             add(block.register_forward_pre_hook(plan_hook, with_kwargs=True))
             add(block.register_forward_hook(self._block_done, always_call=True))
             for slot in self.slots[id(block)]:
-                module = getattr(block, slot.module)
-                key = dict(block=id(block), name=name, slot=slot)
-                add(
-                    module.register_forward_pre_hook(
-                        functools.partial(self._merge, **key), with_kwargs=True
-                    )
-                )
-                add(
-                    module.register_forward_hook(
-                        functools.partial(self._restore, key=id(module)), always_call=True
-                    )
-                )
+                self._hook_slot(block, name, slot)
+
+    def _hook_slot(self, block: nn.Module, name: str, slot: Slot) -> None:
+        """Merge and restore hooks on the sub-module ``block.<slot.module>`` holds now."""
+        module = getattr(block, slot.module)
+        key = dict(block=id(block), name=name, slot=slot)
+        handles = [
+            module.register_forward_pre_hook(
+                functools.partial(self._merge, **key), with_kwargs=True
+            ),
+            module.register_forward_hook(
+                functools.partial(self._restore, key=id(module)), always_call=True
+            ),
+        ]
+        self._handles.extend(handles)
+        self._slot_hooks[(id(block), slot.module)] = (module, handles)
+
+    def _follow_replacements(self, block: nn.Module, name: str) -> None:
+        """Move a slot's hooks to a sub-module replaced after ``apply`` (peft wraps a
+        ``Linear`` it adapts: hooks left on the wrapped layer would merge its base
+        branch alone and the LoRA branch would get the full sequence)."""
+        for slot in self.slots[id(block)]:
+            hooked, handles = self._slot_hooks[(id(block), slot.module)]
+            if getattr(block, slot.module) is not hooked:
+                for handle in handles:
+                    handle.remove()
+                self._hook_slot(block, name, slot)
 
     def remove(self) -> None:
         for handle in reversed(self._handles):
             handle.remove()
         self._handles.clear()
+        self._slot_hooks.clear()
 
     @property
     def handles(self) -> list[Any]:
@@ -255,6 +273,7 @@ class DenoiserHooks:
         name: str,
         index: int,
     ) -> None:
+        self._follow_replacements(block, name)
         call = self._call.get()
         if call is None or not call.stats.merging or call.grid is None:
             return
