@@ -144,3 +144,75 @@ def test_torch_compile_inductor(name):
     torch._dynamo.reset()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert not torch.equal(expected, run(model, x))  # the patch acted
+
+
+def unzero(net):
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() >= 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.1)
+
+
+def controlnet_residuals(name, x):
+    """A tiny SD3ControlNetModel / FluxControlNetModel's residuals for ``x`` (its
+    zero-initialised output layers given random weights, so the residuals act)."""
+    from tests.support.tiny_dit import TEXT_DIM
+
+    torch.manual_seed(0)
+    cond = torch.randn(x["hidden_states"].shape, generator=torch.Generator().manual_seed(9))
+    common = dict(num_layers=1, num_attention_heads=2, joint_attention_dim=TEXT_DIM)
+    keys = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+    if name == "sd3":
+        net = diffusers.SD3ControlNetModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            attention_head_dim=8,
+            caption_projection_dim=16,
+            pooled_projection_dim=8,
+            out_channels=4,
+            pos_embed_max_size=32,
+            **common,
+        ).eval()
+        unzero(net)
+        with torch.no_grad():
+            out = net(controlnet_cond=cond, **{k: x[k] for k in keys})
+        return {"block_controlnet_hidden_states": out.controlnet_block_samples}
+    net = diffusers.FluxControlNetModel(
+        patch_size=1,
+        in_channels=16,
+        num_single_layers=1,
+        attention_head_dim=16,
+        pooled_projection_dim=8,
+        axes_dims_rope=(4, 6, 6),
+        **common,
+    ).eval()
+    unzero(net)
+    with torch.no_grad():
+        out = net(controlnet_cond=cond, img_ids=x["img_ids"], txt_ids=x["txt_ids"],
+                  **{k: x[k] for k in keys})  # fmt: skip
+    return {
+        "controlnet_block_samples": out.controlnet_block_samples,
+        "controlnet_single_block_samples": out.controlnet_single_block_samples,
+    }
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_controlnet_residuals_reach_the_patched_transformer(name):
+    """The ControlNet's residuals are added to the full-length hidden states between the
+    transformer's blocks (restored by then): the patched transformer takes them as is.
+    The ControlNet model itself is not patched (not recognised: its own blocks run full)."""
+    build, inputs = MODELS[name]
+    model, x = build(), inputs(1)
+    control = controlnet_residuals(name, x)
+    plain = run(model, x)
+    reference = run(model, {**x, **control})
+    assert (reference - plain).abs().max() > 1e-4  # the residuals act
+    with ta.patched(model, ratio=0):
+        assert torch.equal(run(model, {**x, **control}), reference)
+    with ta.patched(model, ratio=0.5, use_rand=False) as patch:
+        out = run(model, {**x, **control})
+    (stats,) = patch.last_stats.values()
+    assert stats.merged["attn1"] == len(stats.tokens) and not stats.passed
+    assert not torch.equal(out, reference)
+    assert (out - reference).norm() < 0.2 * reference.norm()
