@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="settings to run beside the unpatched model")
+    parser.add_argument("--json", help="write the rows to this JSON file (for dit_pareto.py)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     spec = MODELS[args.model]
@@ -228,12 +230,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{'rel diff':>9} {'t/step s':>9} {'full depth s (projected)':>25}"
     )
     print(header)
+    rows = []
     for name, _ in settings:
         row = timing["methods"][name]
         ratios = [b / t for b, t in zip(base, row["seconds"], strict=True)]
         diff = float((outputs[name] - reference).norm() / reference.norm())
         projected = row["median_s"] * spec["depth"] / args.blocks
         interval = f"[{min(ratios):.2f}, {max(ratios):.2f}]"
+        rows.append(
+            dict(
+                model=args.model,
+                px=args.px,
+                blocks=args.blocks,
+                setting=name,
+                flops_ratio=flops["unpatched"] / flops[name],
+                speedup=row["speedup"],
+                interval=[min(ratios), max(ratios)],
+                rel_diff=diff,
+            )
+        )
         print(
             f"{name:<22} {flops['unpatched'] / flops[name]:>11.3f} {row['speedup']:>9.3f} "
             f"{interval:>13} {diff:>9.4f} {row['median_s']:>9.2f} {projected:>25.1f}"
@@ -243,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(unpatched median {spread:.2f} s over {args.repeats} rounds; interval: lowest and "
         "highest round's speed-up; full depth projected from the per-block cost)"
     )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     return 0
 
 

@@ -15,7 +15,8 @@ from torch import nn
 
 pytest.importorskip("diffusers")
 
-from tests.support import tiny_dit
+from support import tiny_dit
+
 from turbo_adapters.testing import Case, KitOps, parametrize, run_check
 
 

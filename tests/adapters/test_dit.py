@@ -17,7 +17,7 @@ from turbo_core import CopyRestorer, MergePlan
 
 diffusers = pytest.importorskip("diffusers")
 
-from tests.support.tiny_dit import (  # noqa: E402
+from support.tiny_dit import (  # noqa: E402
     flux_ids,
     flux_inputs,
     pixart_inputs,
@@ -302,6 +302,55 @@ def test_flux_single_blocks_merge_only_the_image_part():
     assert seen == [6 + 32]  # the six text tokens and half of the 64 image tokens
 
 
+def test_flux_single_blocks_merge_once_and_restore_once(monkeypatch):
+    """A single block is a chain: its normed input merges once (attn and proj_mlp keep
+    merged outputs), proj_out reads the merged concatenation and restores once. Oracle:
+    the same plans merged and restored around every slot apart (the unchained path)."""
+    from turbo_adapters.families.stable_diffusion.hooks import DenoiserHooks
+
+    model = tiny_flux().double()
+    x = {k: v.double() if v.is_floating_point() else v for k, v in flux_inputs(1).items()}
+    widths = []
+
+    def sequence_length(module, args, output):
+        widths.append((type(module).__name__, args[0].shape[1], output.shape[1]))
+
+    blocks = model.single_transformer_blocks
+    with ta.patched(model, ratio=0.5, use_rand=False) as patch:
+        handles = [
+            m.register_forward_hook(sequence_length)
+            for b in blocks
+            for m in (b.proj_mlp, b.proj_out)
+        ]
+        chained = run(model, x)
+        for h in handles:
+            h.remove()
+    # after Turbo's hooks: proj_mlp runs on 6 text + 32 image tokens and stays merged;
+    # proj_out reads the merged concatenation (no second merge) and restores 6 + 64
+    assert widths == [("Linear", 38, 38), ("Linear", 38, 70)] * len(blocks)
+    assert stats_of(patch).merged == {"attn1": 3, "attn2": 0, "ff": 3}
+    monkeypatch.setattr(DenoiserHooks, "_chain", lambda *args, **kwargs: None)
+    with ta.patched(model, ratio=0.5, use_rand=False) as patch:
+        apart = run(model, x)
+    assert stats_of(patch).merged["ff"] == 1 + 2 * len(blocks)  # proj_mlp and proj_out apart
+    reference = run(model, x)
+    assert not torch.allclose(chained, reference, atol=1e-6)
+    torch.testing.assert_close(chained, apart, rtol=1e-12, atol=1e-12)
+
+
+def test_flux_single_blocks_with_two_ratios_merge_each_slot_apart():
+    model = tiny_flux()
+    block = model.single_transformer_blocks[0]
+    widths = []
+    handle = block.proj_mlp.register_forward_hook(lambda m, args, out: widths.append(out.shape[1]))
+    with ta.patched(model, ratio_attn1=0.5, ratio_ff=0.25, use_rand=False) as patch:
+        out = run(model, flux_inputs(1))
+    handle.remove()
+    # this hook runs before Turbo's restore: 6 text + 48 image tokens at ratio_ff 0.25
+    assert widths == [54] and out.shape == run(model, flux_inputs(1)).shape
+    assert stats_of(patch).merged["ff"] == 1 + 2 * 2
+
+
 # ------------------------------------------------------------------------ registry
 def test_registry_names_and_pipeline_matching():
     for name, adapter in (
@@ -323,10 +372,35 @@ def test_r_and_kv_merge_are_refused_with_the_keywords_named():
         ta.apply(tiny_flux(), attn1_kv=True)
 
 
+def test_sana_is_refused_with_its_reason():
+    from diffusers import SanaTransformer2DModel
+
+    model = SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=8,
+        sample_size=8,
+        patch_size=1,
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ta.adapter_for_model(model).name == "sana"
+    assert ta.get_adapter("Efficient-Large-Model/Sana_1600M_1024px_diffusers").name == "sana"
+    with pytest.raises(TypeError, match=r"linear attention.*GLUMBConv"):
+        ta.apply(model, ratio=0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model._forward_pre_hooks and not any(m._forward_hooks for m in model.modules())
+
+
 # ------------------------------------------------------------------------ pipeline
 def test_pixart_pipeline_cfg_pairs_share_one_plan_and_ratio_zero_is_identical():
     """Through PixArtSigmaPipeline (prompt embeddings given: no tokenizer offline)."""
-    from tests.support.tiny_dit import TEXT_DIM
+    from support.tiny_dit import TEXT_DIM
 
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(
@@ -374,3 +448,99 @@ def test_pixart_pipeline_cfg_pairs_share_one_plan_and_ratio_zero_is_identical():
         assert torch.equal(
             pipe(**call, generator=torch.Generator().manual_seed(0)).images, reference
         )
+
+
+def _tiny_vae(latent_channels: int = 4):
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        shift_factor=0.0,  # SD3 and FLUX pipelines read it
+    )
+
+
+def test_sd3_pipeline_cfg_pairs_share_one_plan_and_ratio_zero_is_identical():
+    """Through StableDiffusion3Pipeline (prompt embeddings given: no text encoders offline)."""
+    from support.tiny_dit import TEXT_DIM
+
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=tiny_sd3(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(5)
+    call = dict(
+        prompt_embeds=torch.randn(2, 6, TEXT_DIM, generator=g),
+        negative_prompt_embeds=torch.randn(2, 6, TEXT_DIM, generator=g),
+        pooled_prompt_embeds=torch.randn(2, 8, generator=g),
+        negative_pooled_prompt_embeds=torch.randn(2, 8, generator=g),
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        height=32,
+        width=32,
+        output_type="pt",
+    )
+    reference = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    recording = Recording()
+    with ta.patched(pipe, ratio=0.5, restorer=recording) as patch:
+        out = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert patch.pipeline_cfg and patch.cond_rows == 2
+    assert patch.last_stats["transformer"].merged == {"attn1": 2, "attn2": 0, "ff": 2}
+    plan = recording.plans[0]
+    assert plan.batch_size == 4 and torch.equal(plan.kept_idx[:2], plan.kept_idx[2:])
+    assert not torch.equal(out, reference)
+    assert (out - reference).abs().mean() < 0.2 * reference.abs().mean()
+    with ta.patched(pipe, ratio=0):
+        again = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(again, reference)
+
+
+def test_flux_pipeline_merges_and_ratio_zero_is_identical():
+    """Through FluxPipeline (guidance embedding, no CFG; prompt embeddings given)."""
+    from support.tiny_dit import TEXT_DIM
+
+    pipe = diffusers.FluxPipeline(
+        transformer=tiny_flux(guidance=True),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(5)
+    call = dict(
+        prompt_embeds=torch.randn(1, 6, TEXT_DIM, generator=g),
+        pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+        num_inference_steps=2,
+        guidance_scale=3.5,
+        height=32,
+        width=32,
+        output_type="pt",
+    )
+    reference = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TurboBypassWarning)
+        with ta.patched(pipe, ratio=0.5, use_rand=False) as patch:
+            out = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    stats = patch.last_stats["transformer"]
+    # 1 double + 2 single blocks; each single block's chain counts one ff merge
+    assert stats.merged == {"attn1": 3, "attn2": 0, "ff": 3} and not stats.passed
+    assert [n for _, n, _ in stats.tokens] == [64] * 3  # 32 px / 2 (VAE) / 2 (packing)
+    assert not torch.equal(out, reference)
+    assert (out - reference).abs().mean() < 0.2 * reference.abs().mean()
+    with ta.patched(pipe, ratio=0):
+        again = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(again, reference)

@@ -15,8 +15,13 @@ import turbo_adapters as ta
 
 diffusers = pytest.importorskip("diffusers")
 
-from tests.support.tiny_dit import pixart_inputs, sd3_inputs, tiny_flux, tiny_pixart, tiny_sd3  # noqa: E402
-from turbo_adapters.families.stable_diffusion.methods import facility_location, soft_plan  # noqa: E402
+from support.tiny_dit import pixart_inputs, sd3_inputs, tiny_flux, tiny_pixart, tiny_sd3  # noqa: E402
+
+from turbo_adapters.families.stable_diffusion.methods import (  # noqa: E402
+    facility_location,
+    soft_plan,
+    tiled_facility_location,
+)
 
 
 def make_unet():
@@ -129,6 +134,41 @@ def test_facility_location_equals_the_greedy_loop():
         assert got[b].tolist() == facility_location_by_loop(x[b], 7)
 
 
+@pytest.mark.parametrize(("height", "width", "tile", "count"), [(4, 5, 8, 7), (6, 7, 3, 17)])
+def test_tiled_selection_is_the_greedy_loop_in_every_tile(height, width, tile, count):
+    """ToMA's local selection: each tile's picks are the greedy choice over its own tokens
+    (the batched greedy, checked against the loop above; near-ties may order the loop's
+    later picks differently, so against the loop the coverage reached must match), with a
+    share of ``count`` in proportion to its size (one tile: the global greedy)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, height * width, 6, generator=g, dtype=torch.float64)
+    got = tiled_facility_location(x, height, width, tile, count)
+    assert got.shape == (2, count)
+    cells = {}
+    for i in range(height * width):
+        cells.setdefault((i // width // tile, i % width // tile), []).append(i)
+    sizes = [len(v) for v in cells.values()]
+    shares = [count * n / (height * width) for n in sizes]
+    quota = [int(q) for q in shares]
+    for k in sorted(range(len(shares)), key=lambda k: -(shares[k] - quota[k]))[
+        : count - sum(quota)
+    ]:
+        quota[k] += 1
+    for b in range(2):
+        expected = []
+        for members, q in zip(cells.values(), quota, strict=True):
+            local = facility_location(x[b : b + 1, members], q)[0].tolist()
+            expected += [members[j] for j in local]
+            picks = [j for j, i in enumerate(members) if i in got[b].tolist()]
+            loop = facility_location_by_loop(x[b, members], q)
+            assert coverage(x[b, members], picks) == pytest.approx(
+                coverage(x[b, members], loop), rel=1e-9
+            )
+        assert got[b].tolist() == sorted(expected)
+    if tile >= max(height, width):
+        assert got.tolist() == facility_location(x, count).tolist()
+
+
 def toma_by_loop(x, dst, tau):
     """ToMA's merge and un-merge matrices written out: A[i, d] = softmax_d(cos(x_i, x_d)/tau)."""
     unit = x / x.norm(dim=-1, keepdim=True)
@@ -154,8 +194,8 @@ def coverage(x, chosen):
 def test_toma_merges_and_restores_as_the_loop_does():
     unet = make_unet()
     attn, x, y, patch, block_input = capture_attn1(
-        unet, unet_inputs(batch=1), method="toma", ratio_attn1=0.5, toma_tau=0.2
-    )
+        unet, unet_inputs(batch=1), method="toma", ratio_attn1=0.5, toma_tau=0.2, toma_tile=0
+    )  # toma_tile=0: the global greedy (the tiled selection has its own test above)
     assert patch.last_stats["UNet2DConditionModel"].merged["attn1"] == 3
     # one plan per block, from the block's input (as Turbo's), applied to attn1's normed input
     tokens, planned_on = x[0], block_input[0]
@@ -194,6 +234,22 @@ def test_peers_on_pixart_and_ratio_zero(method):
     assert not torch.equal(out, reference) and (out - reference).norm() < 0.2 * reference.norm()
 
 
+def test_toma_tiles_reach_the_plan():
+    """toma_tile picks the destinations per tile of the model's grid (PixArt: 8 x 8 tokens):
+    tiles of 2 x 2 give another plan than one tile (the global greedy), both close."""
+    model = tiny_pixart()
+    x = pixart_inputs(1)
+    outs = {}
+    with torch.no_grad():
+        reference = model(**x).sample
+        for tile in (0, 2, 8):
+            with ta.patched(model, ratio=0.5, method="toma", toma_tile=tile):
+                outs[tile] = model(**x).sample
+    assert torch.equal(outs[0], outs[8])  # one 8 x 8 tile is the whole grid
+    assert not torch.equal(outs[0], outs[2])
+    assert (outs[2] - reference).norm() < 0.2 * reference.norm()
+
+
 def test_toma_on_sd3_and_flux_todo_refused_there():
     model = tiny_sd3()
     with ta.patched(model, ratio=0.5, method="toma") as patch, torch.no_grad():
@@ -211,6 +267,7 @@ def test_toma_on_sd3_and_flux_todo_refused_there():
         ({"todo_factor": 1}, "todo_factor must be an int >= 2"),
         ({"todo_mode": "bilinear"}, "todo_mode must be"),
         ({"toma_tau": 0}, "toma_tau must be a number > 0"),
+        ({"toma_tile": -1}, "toma_tile must be an int >= 0"),
     ],
 )
 def test_bad_peer_settings_name_the_parameter(kwargs, message):

@@ -64,6 +64,7 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.dit:PixArtAdapter",
     "turbo_adapters.families.dit:SD3Adapter",
     "turbo_adapters.families.dit:FluxAdapter",
+    "turbo_adapters.families.dit:SanaAdapter",  # recognised to refuse with the reason
 )
 
 

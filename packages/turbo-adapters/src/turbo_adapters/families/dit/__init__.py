@@ -6,6 +6,20 @@ the block layouts of :mod:`..stable_diffusion.layout`: text tokens never merge, 
 joint attentions restore their image output, FLUX's rotary rows follow the merge.
 """
 
-from .adapter import DiTAdapter, FluxAdapter, PixArtAdapter, SD3Adapter, dit_default_settings
+from .adapter import (
+    DiTAdapter,
+    FluxAdapter,
+    PixArtAdapter,
+    SanaAdapter,
+    SD3Adapter,
+    dit_default_settings,
+)
 
-__all__ = ["DiTAdapter", "FluxAdapter", "PixArtAdapter", "SD3Adapter", "dit_default_settings"]
+__all__ = [
+    "DiTAdapter",
+    "FluxAdapter",
+    "PixArtAdapter",
+    "SD3Adapter",
+    "SanaAdapter",
+    "dit_default_settings",
+]

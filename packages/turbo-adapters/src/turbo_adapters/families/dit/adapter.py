@@ -22,7 +22,14 @@ from ...adapter import is_instance
 from ..stable_diffusion.adapter import StableDiffusionPatch, check_no_r, resolve_settings
 from ..stable_diffusion.settings import SDSettings
 
-__all__ = ["DiTAdapter", "FluxAdapter", "PixArtAdapter", "SD3Adapter", "dit_default_settings"]
+__all__ = [
+    "DiTAdapter",
+    "FluxAdapter",
+    "PixArtAdapter",
+    "SD3Adapter",
+    "SanaAdapter",
+    "dit_default_settings",
+]
 
 
 def dit_default_settings(transformer: nn.Module) -> SDSettings:
@@ -118,3 +125,35 @@ class FluxAdapter(DiTAdapter):
     model_names = ("black-forest-labs/FLUX.1-*", "*flux*")
     model_types = ("flux", "flux.1", "fluxtransformer2dmodel")
     classes = ("FluxTransformer2DModel",)
+
+
+class SanaAdapter(DiTAdapter):
+    """Sana (``SanaTransformer2DModel``): recognised in order to refuse it with its reason.
+
+    Sana's self-attention is linear attention (``ReLU(Q) (ReLU(K)^T V)``: its cost is
+    already linear in the tokens, so merging saves only in proportion, like a linear
+    layer) and its feed-forward is ``GLUMBConv``, a depth-wise 3x3 convolution over the
+    full token grid, which a merged (shorter, unordered) sequence cannot feed. Merge and
+    restore around the attention alone would add its overhead for a small gain; nothing
+    has been measured that says otherwise.
+    """
+
+    name = "sana"
+    stages: tuple[str, ...] = ()  # recognised only to refuse
+    model_names = ("Efficient-Large-Model/Sana*", "*sana*")
+    model_types = ("sana", "sanatransformer2dmodel")
+    classes = ("SanaTransformer2DModel",)
+
+    def patch(
+        self,
+        model: Any,
+        config: TurboConfig,
+        explicit: frozenset[str] = frozenset(),
+        **options: Any,
+    ) -> StableDiffusionPatch:
+        raise TypeError(
+            f"Turbo does not patch {type(model).__name__} (Sana): its self-attention is "
+            "linear attention (already linear in the tokens: merging saves little) and its "
+            "feed-forward GLUMBConv convolves the full token grid (a merged sequence has no "
+            "grid); merging only around the attention was not measured to gain"
+        )

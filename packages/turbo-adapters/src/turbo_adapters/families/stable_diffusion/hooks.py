@@ -86,6 +86,12 @@ class _Call:
     pending: dict[int, tuple[MergePlan, int] | None] = dataclasses.field(default_factory=dict)
     #: text tokens before the image tokens in a block's joint sequence (FLUX single blocks)
     text_len: dict[int, int] = dataclasses.field(default_factory=dict)
+    #: chained blocks (FLUX single blocks): the one plan of their ``in`` / ``out`` slots
+    chained: dict[int, MergePlan | SoftPlan] = dataclasses.field(default_factory=dict)
+    #: a chained block's last ``(input, merged input)``: its ``in`` slots share one input
+    chain_input: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(
+        default_factory=dict
+    )
     depth: int = 0
 
 
@@ -125,6 +131,8 @@ class DenoiserHooks:
                 self.blocks.append((name, m))
                 self.slots[id(m)] = slots
         self.transformers = [m for m in root.modules() if _is_transformer_2d(m)]
+        #: (block id, slot attribute) -> (the hooked sub-module, its hook handles)
+        self._slot_hooks: dict[tuple[int, str], tuple[nn.Module, list[Any]]] = {}
 
     # ----------------------------------------------------------------- install
     def install(self) -> None:
@@ -144,23 +152,39 @@ class DenoiserHooks:
             add(block.register_forward_pre_hook(plan_hook, with_kwargs=True))
             add(block.register_forward_hook(self._block_done, always_call=True))
             for slot in self.slots[id(block)]:
-                module = getattr(block, slot.module)
-                key = dict(block=id(block), name=name, slot=slot)
-                add(
-                    module.register_forward_pre_hook(
-                        functools.partial(self._merge, **key), with_kwargs=True
-                    )
-                )
-                add(
-                    module.register_forward_hook(
-                        functools.partial(self._restore, key=id(module)), always_call=True
-                    )
-                )
+                self._hook_slot(block, name, slot)
+
+    def _hook_slot(self, block: nn.Module, name: str, slot: Slot) -> None:
+        """Merge and restore hooks on the sub-module ``block.<slot.module>`` holds now."""
+        module = getattr(block, slot.module)
+        key = dict(block=id(block), name=name, slot=slot)
+        handles = [
+            module.register_forward_pre_hook(
+                functools.partial(self._merge, **key), with_kwargs=True
+            ),
+            module.register_forward_hook(
+                functools.partial(self._restore, key=id(module)), always_call=True
+            ),
+        ]
+        self._handles.extend(handles)
+        self._slot_hooks[(id(block), slot.module)] = (module, handles)
+
+    def _follow_replacements(self, block: nn.Module, name: str) -> None:
+        """Move a slot's hooks to a sub-module replaced after ``apply`` (peft wraps a
+        ``Linear`` it adapts: hooks left on the wrapped layer would merge its base
+        branch alone and the LoRA branch would get the full sequence)."""
+        for slot in self.slots[id(block)]:
+            hooked, handles = self._slot_hooks[(id(block), slot.module)]
+            if getattr(block, slot.module) is not hooked:
+                for handle in handles:
+                    handle.remove()
+                self._hook_slot(block, name, slot)
 
     def remove(self) -> None:
         for handle in reversed(self._handles):
             handle.remove()
         self._handles.clear()
+        self._slot_hooks.clear()
 
     @property
     def handles(self) -> list[Any]:
@@ -249,6 +273,7 @@ class DenoiserHooks:
         name: str,
         index: int,
     ) -> None:
+        self._follow_replacements(block, name)
         call = self._call.get()
         if call is None or not call.stats.merging or call.grid is None:
             return
@@ -281,6 +306,7 @@ class DenoiserHooks:
             peer = self._peer_plans(x, wanted, (height, width), settings, batch)
             call.plans[id(block)] = peer  # type: ignore[assignment]
             call.stats.tokens.append((name, num_tokens, {c: p.r for c, p in peer.items()}))
+            self._chain(block, peer, kwargs, call)  # type: ignore[arg-type]
             return
         dst = window_destinations(height, width, settings.sx, settings.sy, call.generator)
         # one plan from the conditional half, followed by both halves: half the matching
@@ -307,6 +333,30 @@ class DenoiserHooks:
             chosen[component] = plans[r]
         call.plans[id(block)] = chosen
         call.stats.tokens.append((name, num_tokens, {c: p.r for c, p in chosen.items()}))
+        self._chain(block, chosen, kwargs, call)
+
+    def _chain(
+        self,
+        block: nn.Module,
+        chosen: dict[str, MergePlan | SoftPlan],
+        kwargs: dict[str, Any],
+        call: _Call,
+    ) -> None:
+        """Chain ``block`` (merge once, restore once) when its slots allow it: every
+        chained slot follows one plan and none of them would pass through unmerged."""
+        slots = [s for s in self.slots[id(block)] if s.chain]
+        if not slots:
+            return
+        plans = {id(chosen.get(s.component)) for s in slots}
+        plan = chosen.get(slots[0].component)
+        if plan is None or len(plans) != 1:
+            return  # different ratios per component: each slot merges and restores apart
+        extra = kwargs.get("joint_attention_kwargs") or {}
+        if extra.get("attention_mask") is not None or extra.get("ip_adapter_masks") is not None:
+            return
+        if kwargs.get("image_rotary_emb") is not None and not _one_plan(plan):
+            return
+        call.chained[id(block)] = plan
 
     def _peer_plans(
         self,
@@ -326,7 +376,7 @@ class DenoiserHooks:
         rows = x[batch // 2 :] if shared else x
         plans: dict[int, SoftPlan] = {}
         for r in set(wanted.values()):
-            plan = soft_plan(rows, x.shape[1] - r, settings.toma_tau)
+            plan = soft_plan(rows, x.shape[1] - r, settings.toma_tau, grid, settings.toma_tile)
             if shared:
                 plan = SoftPlan(plan.weights.repeat(2, 1, 1), plan.dst_idx.repeat(2, 1))
             plans[r] = plan
@@ -372,6 +422,8 @@ class DenoiserHooks:
         if call is not None:
             call.plans.pop(id(block), None)
             call.text_len.pop(id(block), None)
+            call.chained.pop(id(block), None)
+            call.chain_input.pop(id(block), None)
 
     def _merge(
         self,
@@ -396,6 +448,10 @@ class DenoiserHooks:
             x = kwargs.get("input")  # nn.Linear called by keyword
         prefix = call.text_len.get(block, 0) if slot.prefix else 0
         rotary = kwargs.get("image_rotary_emb") if slot.rotary else None
+        if slot.chain and call.chained.get(block) is plan:
+            return self._chain_merge(
+                call, block, module, x, plan, prefix, rotary, args, kwargs, slot
+            )
         reason = None
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             reason = "input is not (B, N, C)"
@@ -431,6 +487,49 @@ class DenoiserHooks:
 
         merged = torch.cat([x[:, :prefix], merge(x[:, prefix:])], 1) if prefix else merge(x)
         call.pending[id(module)] = (plan, prefix)
+        if rotary is not None:
+            kwargs = {**kwargs, "image_rotary_emb": _rotary_rows(rotary, plan, x, prefix, kwargs)}
+        if args:
+            return (merged, *args[1:]), kwargs
+        key = "hidden_states" if "hidden_states" in kwargs else "input"
+        return args, {**kwargs, key: merged}
+
+    def _chain_merge(
+        self,
+        call: _Call,
+        block: int,
+        module: nn.Module,
+        x: Any,
+        plan: MergePlan | SoftPlan,
+        prefix: int,
+        rotary: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        slot: Slot,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """A slot of a chained block: ``in`` merges (once per input), ``out`` restores."""
+        expected = prefix + (plan.num_tokens if slot.chain == "in" else plan.num_tokens - plan.r)
+        if not isinstance(x, torch.Tensor) or x.shape[:2] != (plan.batch_size, expected):
+            # the block was chained in its pre-hook: its slots cannot fall back one by one
+            raise RuntimeError(
+                f"Turbo: {type(module).__name__} of a chained block got "
+                f"{getattr(x, 'shape', type(x))} where (B, N) = {(plan.batch_size, expected)} "
+                "was planned; the block's forward differs from diffusers' FluxSingleTransformerBlock"
+            )
+        if slot.chain == "out":
+            call.pending[id(module)] = (plan, prefix)  # restore its output, nothing to merge
+            return None
+        call.stats.merged[slot.component] += 1
+        cached = call.chain_input.get(block)
+        if cached is not None and cached[0] is x:
+            merged = cached[1]
+        else:
+            if isinstance(plan, SoftPlan):
+                image = plan.merge(x[:, prefix:])
+            else:
+                image = call.site_call.reducer.merger.merge(x[:, prefix:], plan)[0]
+            merged = torch.cat([x[:, :prefix], image], 1) if prefix else image
+            call.chain_input[block] = (x, merged)
         if rotary is not None:
             kwargs = {**kwargs, "image_rotary_emb": _rotary_rows(rotary, plan, x, prefix, kwargs)}
         if args:

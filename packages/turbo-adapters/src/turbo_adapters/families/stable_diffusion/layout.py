@@ -14,7 +14,13 @@ modules:
   merged sequence following the merge;
 - ``FluxSingleTransformerBlock``: text and image are one ``[text; image]`` sequence, so
   only its image part (after the text prefix) merges: ``attn`` is ``attn1``, the MLP
-  branch ``proj_mlp`` and the output projection ``proj_out`` are ``ff``.
+  branch ``proj_mlp`` and the output projection ``proj_out`` are ``ff``. The attention
+  and ``proj_mlp`` read one normed input and ``proj_out`` reads their concatenation, so
+  when both components follow one plan the block is a *chain*: the input merges once
+  (``attn`` and ``proj_mlp`` keep their merged outputs) and ``proj_out`` restores once.
+  Merging a restored sequence again gives it back unchanged (every copy of a merged
+  token is equal), so the chain computes what merging each slot apart does, without the
+  restore and re-merge of the ``5 x`` wide concatenation.
 
 The token grid of a diffusion transformer comes from the model (:func:`model_grid`), not
 from a ``Transformer2DModel`` inside it.
@@ -41,6 +47,8 @@ class Slot:
         prefix: the input is ``[text; image]``; the text prefix never merges.
         rotary: the call carries ``image_rotary_emb`` rows for ``[text; image]``.
         kv: ``attn1_kv`` (merge keys/values only) applies to this self-attention.
+        chain: ``"in"``: in a chained block, merges its input and keeps its output merged;
+            ``"out"``: in a chained block, its input is already merged, it restores.
     """
 
     component: str
@@ -48,6 +56,7 @@ class Slot:
     prefix: bool = False
     rotary: bool = False
     kv: bool = False
+    chain: str = ""
 
 
 def block_slots(block: nn.Module) -> tuple[Slot, ...]:
@@ -62,9 +71,9 @@ def block_slots(block: nn.Module) -> tuple[Slot, ...]:
         return (Slot("attn1", "attn", rotary=True), Slot("ff", "ff"))
     if kind == "FluxSingleTransformerBlock":
         return (
-            Slot("attn1", "attn", prefix=True, rotary=True),
-            Slot("ff", "proj_mlp", prefix=True),
-            Slot("ff", "proj_out", prefix=True),
+            Slot("attn1", "attn", prefix=True, rotary=True, chain="in"),
+            Slot("ff", "proj_mlp", prefix=True, chain="in"),
+            Slot("ff", "proj_out", prefix=True, chain="out"),
         )
     if kind.endswith("TransformerBlock") and all(
         hasattr(block, c) for c in ("attn1", "attn2", "ff")

@@ -98,6 +98,9 @@ class SDSettings:
         todo_factor: ToDo's downsampling of the grid in each direction (int >= 2).
         todo_mode: ToDo's downsampling, ``"nearest-exact"`` (the paper's) or ``"avg"``.
         toma_tau: ToMA's softmax temperature over cosine similarities (> 0).
+        toma_tile: ToMA's local selection: tiles of ``toma_tile x toma_tile`` tokens
+            each choose their share of the destinations (int >= 1); 0 chooses them
+            over the whole grid at once (the global greedy, quadratic in the tokens).
     """
 
     ratio_attn1: float = 0.5
@@ -118,6 +121,7 @@ class SDSettings:
     todo_factor: int = 2
     todo_mode: str = "nearest-exact"
     toma_tau: float = 0.1
+    toma_tile: int = 8
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -148,6 +152,9 @@ class SDSettings:
             raise ValueError(f"todo_factor must be an int >= 2, got {self.todo_factor!r}")
         if self.todo_mode not in ("nearest-exact", "avg"):
             raise ValueError(f"todo_mode must be 'nearest-exact' or 'avg', got {self.todo_mode!r}")
+        tile = self.toma_tile
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
+            raise ValueError(f"toma_tile must be an int >= 0 (0: global selection), got {tile!r}")
         tau = self.toma_tau
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0 < tau < math.inf):
             raise ValueError(f"toma_tau must be a number > 0, got {tau!r}")
