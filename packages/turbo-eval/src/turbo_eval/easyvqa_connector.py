@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
 from turbo_core.connector import ConnectorInputs, ReducedTokens
 from turbo_core.selection import DivPrune, TurboSelection, VisionZip
 
