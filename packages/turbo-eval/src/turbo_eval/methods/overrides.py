@@ -86,6 +86,8 @@ def method_overrides(
         return {**plain, SIZE_BIAS: True}
     if info.config is None:
         return None
+    if not info.settings:  # a peer reads no setting: nothing to look up
+        return {"r": r, **info.config}
     values = {
         "alpha": settings.alpha[0] if alpha is None else alpha,
         "semantic_scale": settings.semantic_scale,
