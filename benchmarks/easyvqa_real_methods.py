@@ -6,8 +6,9 @@ Methods at the same r keep the same number of tokens in every block, so they cos
 FLOPs (Turbo's semantic row is O(N d) per block, well under 1 % of a block).
 
 Accuracy is the official VQA accuracy on all 9,673 easy-VQA test questions (1,000 images);
-intervals are paired bootstrap intervals (95 %) of the per-question difference, against the
-unpatched model and against ToMe at the same r and the same fusion setting.
+intervals are paired bootstrap intervals (95 %) of the per-question difference, an image's
+questions resampled together (cluster bootstrap), against the unpatched model and against
+ToMe at the same r and the same fusion setting.
 
     python benchmarks/easyvqa_real_methods.py [--r 8 16] [--cache-dir DIR] [--json out.json]
 
@@ -60,6 +61,7 @@ def run(
             scores[key] = score_questions(model, tokens, sizes, _keep(limit_images), size_bias=bias)
             rows.append((key, name, r, bias, int(tokens.shape[1])))
         print(f"{name} r={r}: {time.perf_counter() - start:.0f} s", flush=True)
+    groups = np.asarray(_image_ids())[_keep(limit_images) or slice(None)]
     table = []
     for key, name, r, bias, kept in rows:
         row: dict[str, Any] = {
@@ -72,13 +74,15 @@ def run(
         }
         base = "unpatched r=0" + (" +log(size)" if bias else "")
         if key != base:
-            row["vs_unpatched"] = _pts(paired_difference(scores[key], scores[base]))
+            row["vs_unpatched"] = _pts(paired_difference(scores[key], scores[base], groups=groups))
         tome = f"tome r={r}" + (" +log(size)" if bias else "")
         if name != "tome" and tome in scores:
-            row["vs_tome"] = _pts(paired_difference(scores[key], scores[tome]))
+            row["vs_tome"] = _pts(paired_difference(scores[key], scores[tome], groups=groups))
         if bias:
             plain = key.removesuffix(" +log(size)")
-            row["vs_no_log_size"] = _pts(paired_difference(scores[key], scores[plain]))
+            row["vs_no_log_size"] = _pts(
+                paired_difference(scores[key], scores[plain], groups=groups)
+            )
         table.append(row)
     n = len(next(iter(scores.values())))
     return {"model": model.key, "questions": n, "hyper": vars(hyper), "rows": table}
@@ -91,6 +95,12 @@ def _keep(limit_images: int | None) -> list[int] | None:
 
     _, _, image_ids = easy_vqa.get_test_questions()
     return [i for i, im in enumerate(image_ids) if im < limit_images]
+
+
+def _image_ids() -> list[int]:
+    import easy_vqa
+
+    return list(easy_vqa.get_test_questions()[2])
 
 
 def _pts(interval: Any) -> dict[str, Any]:
@@ -114,7 +124,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"easyvqa-real {result['model']}: VQA accuracy on {result['questions']} test "
         "questions; differences in points with 95 % paired bootstrap intervals "
-        "(* = interval excludes 0)",
+        "(cluster bootstrap over images; * = interval excludes 0)",
         "",
         "| config | tokens out | accuracy % | vs unpatched | vs ToMe same r | "
         "+log(size) vs without |",

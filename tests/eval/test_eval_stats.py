@@ -84,3 +84,44 @@ def test_noisy_copy_contains_zero_and_shifted_copy_excludes_it(values, noise, sh
 def test_bad_input_names_the_parameter(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         paired_difference(*args, **kwargs)
+
+
+def test_grouped_items_resample_whole_groups():
+    """Oracle: ten exact copies of each group's difference carry no more information than one
+    copy, so the cluster interval matches scipy's interval over the 200 group values, while
+    treating the copies as independent makes it about sqrt(10) times too narrow."""
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(3)
+    per_group = rng.normal(0.1, 1.0, size=200)
+    a = np.repeat(per_group, 10)
+    b = np.zeros_like(a)
+    groups = np.repeat(np.arange(200), 10)
+    clustered = paired_difference(a, b, groups=groups, n_resamples=20000)
+    naive = paired_difference(a, b, n_resamples=20000)
+    oracle = bootstrap(
+        (per_group,), np.mean, n_resamples=20000, method="percentile", rng=np.random.default_rng(1)
+    ).confidence_interval
+    assert clustered.mean == pytest.approx(per_group.mean())
+    width = oracle.high - oracle.low
+    assert clustered.low == pytest.approx(oracle.low, abs=0.05 * width)
+    assert clustered.high == pytest.approx(oracle.high, abs=0.05 * width)
+    assert 2.5 < (clustered.high - clustered.low) / (naive.high - naive.low) < 4.0
+
+
+def test_groups_of_one_item_agree_with_the_paired_bootstrap():
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, 2, 3000).astype(float), rng.integers(0, 2, 3000).astype(float)
+    plain = paired_difference(a, b, n_resamples=20000)
+    single = paired_difference(a, b, groups=np.arange(3000), n_resamples=20000)
+    width = plain.high - plain.low
+    assert single.low == pytest.approx(plain.low, abs=0.05 * width)
+    assert single.high == pytest.approx(plain.high, abs=0.05 * width)
+
+
+def test_groups_must_name_each_item_and_hold_two_groups():
+    a, b = np.array([1.0, 0.0, 1.0]), np.zeros(3)
+    with pytest.raises(ValueError, match="groups must name one group per item"):
+        paired_difference(a, b, groups=[0, 1])
+    with pytest.raises(ValueError, match="at least 2 distinct groups"):
+        paired_difference(a, b, groups=[4, 4, 4])
