@@ -60,6 +60,33 @@ def test_load_change_and_busy_machine_fire_the_flag():
     assert format_ratio(busy.as_dict()) == format_ratio(busy)  # a stored figure prints alike
 
 
+def test_the_runs_own_threads_are_not_other_work():
+    """Idle, a 2-thread run on 2 CPUs holds the load at about 2: not busy; a CPU burner
+    beside it (one more core's worth) is."""
+    rounds = ([1.0, 1.0, 1.0], [0.5, 0.5, 0.5])
+    idle = speed_ratio(*rounds, load_before=2.1, load_after=2.1, cpu_count=2, own_threads=2)
+    assert idle.flags == ()
+    burner = speed_ratio(*rounds, load_before=3.1, load_after=3.0, cpu_count=2, own_threads=2)
+    assert burner.flags == ("busy",)
+    # one thread of ours, another process on the second core
+    shared = speed_ratio(*rounds, load_before=2.0, load_after=2.0, cpu_count=2, own_threads=1)
+    assert shared.flags == ("busy",)
+    # threads beyond the CPUs add no more load than the CPUs
+    many = speed_ratio(*rounds, load_before=2.9, load_after=2.9, cpu_count=2, own_threads=8)
+    assert many.flags == ("busy",)
+    # without the thread count the old rule (load above the CPU count) stands
+    assert speed_ratio(*rounds, load_before=2.1, load_after=2.1, cpu_count=2).flags == ("busy",)
+
+
+def test_idle_spread_is_not_flagged_but_a_disturbed_round_is():
+    # five rounds as the idle default suite gave them: spread about 40 %
+    idle = speed_ratio([1.0] * 5, [0.8, 0.7, 0.9, 0.85, 0.75])
+    assert idle.spread == pytest.approx((1 / 0.7 - 1 / 0.9) / (1 / 0.8))
+    assert "rounds disagree" not in idle.flags
+    loaded = speed_ratio([1.0] * 5, [0.8, 0.7, 2.0, 0.85, 0.75])
+    assert "rounds disagree" in loaded.flags
+
+
 def test_one_round_has_a_point_interval():
     figure = speed_ratio([3.0], [1.5])
     assert (figure.ratio, figure.low, figure.high, figure.rounds) == (2.0, 2.0, 2.0, 1)
@@ -75,6 +102,8 @@ def test_one_round_has_a_point_interval():
         (([1.0, 1.0], [1.0, float("nan")]), {}, "method_seconds"),
         (([1.0], [1.0]), {"spread_threshold": 0}, "spread_threshold"),
         (([1.0], [1.0]), {"load_threshold": -1.0}, "load_threshold"),
+        (([1.0], [1.0]), {"busy_threshold": 0.0}, "busy_threshold"),
+        (([1.0], [1.0]), {"own_threads": 0}, "own_threads"),
     ],
 )
 def test_bad_input_is_named(args, kwargs, match):
@@ -89,16 +118,21 @@ def test_interleaved_throughput_reads_the_load_before_and_after():
         repeats=2,
     )
     load = result["load"]
-    assert set(load) == {"before", "after"}
+    assert set(load) == {"before", "after", "threads"}
+    assert load["threads"] == torch.get_num_threads()
     if load_average() is not None:
         assert load["before"] >= 0 and load["after"] >= 0
 
 
-def _group(base_s, method_s, before, after):
+def _group(base_s, method_s, before, after, threads=None):
     return {
         "methods": {"base": {"seconds": base_s}, "m": {"seconds": method_s}},
-        "load": {"before": before, "after": after},
+        "load": {"before": before, "after": after, "threads": threads},
     }
+
+
+def _group_speed(load, threads):
+    return {"timing": {"groups": {"8": _group([1.0] * 4, [0.5] * 4, load, load, threads)}}}
 
 
 def test_report_rows_carry_the_interval_and_the_flag():
@@ -111,6 +145,10 @@ def test_report_rows_carry_the_interval_and_the_flag():
     flagged = _speed_figure(noisy, "m", "base")
     assert flagged is not None and flagged["noisy"]
     assert _speed_figure(speed, "m", "absent") is None
+    # the stored thread count reaches the busy rule: 2 threads at load 2.1 on 2 CPUs is idle
+    own = {"timing": {"groups": {"8": _group([1.0] * 4, [0.5] * 4, 2.1, 2.1, threads=2)}}}
+    assert not _speed_figure(own, "m", "base", cpu_count=2)["noisy"]
+    assert _speed_figure(_group_speed(2.1, None), "m", "base", cpu_count=2)["noisy"]
     row = Row(
         "model",
         "task",

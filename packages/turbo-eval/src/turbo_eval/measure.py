@@ -117,8 +117,8 @@ def interleaved_throughput(
     """Time every callable once per round, round after round.
 
     Returns ``{"methods": {name: {"median_s", "items_per_s", "speedup", "seconds"}},
-    "baseline", "rounds", "load": {"before", "after"}}`` (1-minute load averages, for
-    :mod:`turbo_eval.noise`); ``speedup`` is the median over rounds of
+    "baseline", "rounds", "load": {"before", "after", "threads"}}`` (1-minute load averages
+    and torch's thread count, for :mod:`turbo_eval.noise`); ``speedup`` is the median over rounds of
     ``t_baseline / t_method``. Each round starts one method later than the last, so
     no method always runs right after the same neighbour. Pass
     ``synchronize=torch.cuda.synchronize`` for asynchronous devices; grad mode
@@ -158,7 +158,7 @@ def interleaved_throughput(
             "speedup": statistics.median(ratios),
             "seconds": times,
         }
-    load = {"before": load_before, "after": load_average()}
+    load = {"before": load_before, "after": load_average(), "threads": torch.get_num_threads()}
     return {"methods": methods, "baseline": baseline, "rounds": repeats, "load": load}
 
 

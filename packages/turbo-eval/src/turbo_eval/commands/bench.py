@@ -108,7 +108,11 @@ def bench_model(
 
 
 def _loads(load: dict[str, Any]) -> dict[str, Any]:
-    return {"load_before": load.get("before"), "load_after": load.get("after")}
+    return {
+        "load_before": load.get("before"),
+        "load_after": load.get("after"),
+        "own_threads": load.get("threads"),
+    }
 
 
 def format_bench(figures: dict[str, Any]) -> str:

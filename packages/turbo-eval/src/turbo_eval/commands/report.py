@@ -125,9 +125,16 @@ def _speed_ratio(speed: dict[str, Any], key: str, other: str | None) -> float | 
     return None
 
 
-def _speed_figure(speed: dict[str, Any], key: str, other: str | None) -> dict[str, Any] | None:
+def _speed_figure(
+    speed: dict[str, Any],
+    key: str,
+    other: str | None,
+    cpu_count: int | None = None,
+    threads: int | None = None,
+) -> dict[str, Any] | None:
     """t_other / t_key over the rounds of the group timing both, with its interval and noise
-    flags (:func:`turbo_eval.noise.speed_ratio`); None when no group has both."""
+    flags (:func:`turbo_eval.noise.speed_ratio`); None when no group has both. ``threads``:
+    the run's torch threads, for timings stored before the groups recorded them."""
     from ..noise import speed_ratio
 
     for group in speed.get("timing", {}).get("groups", {}).values():
@@ -139,8 +146,18 @@ def _speed_figure(speed: dict[str, Any], key: str, other: str | None) -> dict[st
                 methods[key]["seconds"],
                 load_before=load.get("before"),
                 load_after=load.get("after"),
+                own_threads=load.get("threads", threads),
+                cpu_count=cpu_count,
             ).as_dict()
     return None
+
+
+def _environment(root: Path) -> dict[str, Any]:
+    """The run's recorded environment (``run.json``), empty when there is none."""
+    try:
+        return dict(json.loads((root / "run.json").read_text()).get("environment") or {})
+    except (OSError, ValueError):
+        return {}
 
 
 def collect_rows(results: Iterable[str | Path]) -> list[Row]:
@@ -151,6 +168,8 @@ def collect_rows(results: Iterable[str | Path]) -> list[Row]:
         if not (store.root / "cells").is_dir():
             raise FileNotFoundError(f"{root} is not a turbo-eval results folder (no cells/)")
         cells = store.cells()
+        env = _environment(store.root)
+        machine = {"cpu_count": env.get("cpu_count"), "threads": env.get("torch_threads")}
         baselines = {(c["model"], c["task"]): c for c in cells if c["method"] == "baseline"}
         tomes = {
             (c["model"], c["task"], int(c["r"])): c for c in cells if c["method"] == "redundancy"
@@ -207,10 +226,12 @@ def collect_rows(results: Iterable[str | Path]) -> list[Row]:
                     vs_intra_high=vs_intra[2],
                     speed=None
                     if is_base
-                    else _speed_figure(speed, _key(cell), speed.get("timing", {}).get("baseline")),
+                    else _speed_figure(
+                        speed, _key(cell), speed.get("timing", {}).get("baseline"), **machine
+                    ),
                     speed_vs_tome_figure=None
                     if is_base or is_tome or tome is None
-                    else _speed_figure(speed, _key(cell), _key(tome)),
+                    else _speed_figure(speed, _key(cell), _key(tome), **machine),
                 )
             )
     rows.sort(key=lambda r: (r.run, r.model, r.task, r.r, METHOD_ORDER.get(r.method, _LAST)))
