@@ -3,14 +3,24 @@
 The DINOv2 tower runs unpatched once per test image (cached with its last-layer patch keys
 and CLS attention); each method of :data:`turbo_eval.easyvqa_connector.CONNECTOR_CONFIGS`
 cuts the 256 patch tokens to the budget, and the fusion sees CLS + the kept tokens, with and
-without ``log(size)`` in its cross-attention. CDPruner is refused (see that module).
+without ``log(size)`` in its cross-attention. Text-guided Turbo
+(:data:`~turbo_eval.easyvqa_connector.TEXT_GUIDED_CONFIGS`) cuts each question's copy with
+the question's own guide (the fusion's first cross-attention). CDPruner is refused (see
+that module).
 
-Intervals: 95 % paired bootstrap of the per-question difference (turbo_eval.stats), against
-the unpatched model, against Turbo redundancy-only (ToMe's criterion at the connector) and
-against VisionZip at the same budget and fusion setting.
+In-tower rows at the same token count: ToMe and Turbo (CLS guide, alpha = 1) merging inside
+the tower with r = 16 (65 tokens out: CLS + 64) and r = 20 (CLS + 16), so the fusion sees as
+many tokens as after a connector cut to 64 or 16; the tower then costs fewer FLOPs, printed
+per image beside them (FlopCounterMode with the attention counted).
+
+Intervals: 95 % paired bootstrap of the per-question difference (turbo_eval.stats), with an
+image's questions resampled together (cluster bootstrap; they share the image), against the
+unpatched model, against Turbo redundancy-only (ToMe's criterion at the connector), against
+VisionZip at the same budget and fusion setting, and against in-tower ToMe with as many
+tokens.
 
     python benchmarks/easyvqa_real_connector.py [--test-images 1000] [--cache-dir DIR]
-        [--budgets 64 32 16] [--plot-dir DIR] [--json out.json]
+        [--budgets 64 32 16] [--plot-dir DIR] [--json out.json] [--no-in-tower]
 """
 
 from __future__ import annotations
@@ -23,20 +33,45 @@ from typing import Any
 
 import numpy as np
 
-from turbo_eval.easyvqa_connector import CONNECTOR_CONFIGS, REFUSED, connector_tokens, tower_pass
-from turbo_eval.easyvqa_real import Hyper, build, score_questions
+from turbo_eval.easyvqa_connector import (
+    CONNECTOR_CONFIGS,
+    REFUSED,
+    TEXT_GUIDED_CONFIGS,
+    connector_tokens,
+    text_guided_scores,
+    tower_pass,
+)
+from turbo_eval.easyvqa_real import Hyper, build, cached_tower_tokens, score_questions
 from turbo_eval.stats import paired_difference
 
 _REDUNDANCY = "turbo redundancy-only"
 _VISIONZIP = "visionzip"
+_TOME = "tome (in tower)"
+#: in-tower method -> overrides at r; r = 16 / 20 leave CLS + 64 / CLS + 16 tokens out of 257
+IN_TOWER: dict[str, Any] = {
+    _TOME: lambda r: {"r": r, "mode": "redundancy", "alpha": 0.0},
+    "turbo a=1 (in tower)": lambda r: {
+        "r": r,
+        "mode": "turbo",
+        "alpha": 1.0,
+        "semantic_scale": 1.0,
+    },
+}
+IN_TOWER_LABEL = {_TOME: "tome", "turbo a=1 (in tower)": "turbo_a1"}
+#: patch tokens kept -> the r that leaves as many in a 12-block DINOv2-S (257 - 12 r = 1 + k)
+R_FOR_KEPT = {64: 16, 16: 20}
 
 
-def run(budgets: list[int], count: int, cache_dir: str | None, hyper: Hyper) -> dict[str, Any]:
+def run(
+    budgets: list[int], count: int, cache_dir: str | None, hyper: Hyper, in_tower: bool = True
+) -> dict[str, Any]:
     model = build(hyper, cache_dir)
     start = time.perf_counter()
     data = tower_pass(model, count, cache_dir, progress=True)
     tower_seconds = time.perf_counter() - start
     keep = _keep(count)
+    groups = np.asarray(_image_ids())[keep]  # an image's questions resample together
+    flops = {"unpatched": _tower_gflops(model, None)}
     scores: dict[str, np.ndarray] = {}
     rows: list[tuple[str, str, int, bool]] = []
     for bias in (False, True):
@@ -51,25 +86,56 @@ def run(budgets: list[int], count: int, cache_dir: str | None, hyper: Hyper) -> 
                 scores[key] = score_questions(model, tokens, sizes, keep, size_bias=bias)
                 rows.append((key, name, budget, bias))
             print(f"{name} k={budget}: {100 * scores[key].mean():.2f} %", flush=True)
+        for name in TEXT_GUIDED_CONFIGS:
+            both = text_guided_scores(model, data, name, budget, keep)
+            for bias in (False, True):
+                key = f"{name} k={budget}" + (" +log(size)" if bias else "")
+                scores[key] = both[bias]
+                rows.append((key, name, budget, bias))
+            print(f"{name} k={budget}: {100 * scores[key].mean():.2f} %", flush=True)
+        if in_tower and budget in R_FOR_KEPT:
+            r = R_FOR_KEPT[budget]
+            for name, overrides in IN_TOWER.items():
+                # the cache label of benchmarks/easyvqa_real_methods.py, so the runs share it
+                label = IN_TOWER_LABEL[name] + f"-r{r}"
+                tokens, sizes = cached_tower_tokens(
+                    model, label, overrides(r), cache_dir, count, progress=True
+                )
+                if tokens.shape[1] != 1 + budget:
+                    raise RuntimeError(
+                        f"{name} r={r} left {tokens.shape[1]} tokens, not {1 + budget}"
+                    )
+                flops[f"{name} k={budget}"] = _tower_gflops(model, overrides(r))
+                for bias in (False, True):
+                    key = f"{name} k={budget}" + (" +log(size)" if bias else "")
+                    scores[key] = score_questions(model, tokens, sizes, keep, size_bias=bias)
+                    rows.append((key, name, budget, bias))
+                print(f"{name} k={budget}: {100 * scores[key].mean():.2f} %", flush=True)
     table = []
     for key, name, budget, bias in rows:
         suffix = " +log(size)" if bias else ""
+
+        def versus(other_key: str, key: str = key) -> dict[str, Any] | None:
+            if other_key not in scores or other_key == key:
+                return None
+            return _pts(paired_difference(scores[key], scores[other_key], groups=groups))
+
+        plain = key.removesuffix(" +log(size)")
         row: dict[str, Any] = {
             "config": key,
             "method": name,
             "kept": budget,
             "log_size": bias,
             "accuracy": 100 * float(scores[key].mean()),
+            "tower_gflops": flops.get(plain, flops["unpatched"]),
         }
         if name != "unpatched":
-            row["vs_unpatched"] = _pts(paired_difference(scores[key], scores["unpatched" + suffix]))
-            for other, field in ((_REDUNDANCY, "vs_redundancy"), (_VISIONZIP, "vs_visionzip")):
-                if name != other:
-                    ref = scores[f"{other} k={budget}{suffix}"]
-                    row[field] = _pts(paired_difference(scores[key], ref))
+            row["vs_unpatched"] = versus("unpatched" + suffix)
+            row["vs_redundancy"] = versus(f"{_REDUNDANCY} k={budget}{suffix}")
+            row["vs_visionzip"] = versus(f"{_VISIONZIP} k={budget}{suffix}")
+            row["vs_tome_tower"] = versus(f"{_TOME} k={budget}{suffix}")
         if bias:
-            plain = key.removesuffix(" +log(size)")
-            row["vs_no_log_size"] = _pts(paired_difference(scores[key], scores[plain]))
+            row["vs_no_log_size"] = versus(plain)
         table.append(row)
     return {
         "model": model.key,
@@ -79,6 +145,27 @@ def run(budgets: list[int], count: int, cache_dir: str | None, hyper: Hyper) -> 
         "refused": REFUSED,
         "rows": table,
     }
+
+
+def _image_ids() -> list[int]:
+    import easy_vqa
+
+    return list(easy_vqa.get_test_questions()[2])
+
+
+def _tower_gflops(model: Any, overrides: dict[str, Any] | None) -> float:
+    """The tower's GFLOPs on one 224 px image with ``overrides`` applied (attention counted)."""
+    import torch
+
+    from turbo_eval.measure import count_flops
+
+    pixels = torch.zeros(1, 3, model.hyper.resolution, model.hyper.resolution)
+    model.set_method(overrides)
+    try:
+        with torch.inference_mode():
+            return count_flops(model.module, pixels) / 1e9
+    finally:
+        model.set_method(None)
 
 
 def _keep(count: int) -> list[int]:
@@ -109,20 +196,23 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"easyvqa-real {result['model']}, connector stage: VQA accuracy on "
         f"{result['questions']} test questions ({result['images']} images); differences in "
-        "points, 95 % paired bootstrap (* = interval excludes 0)",
+        "points, 95 % paired cluster bootstrap over images (* = interval excludes 0); "
+        "tower GFLOPs per image",
         "",
-        "| config | patch tokens kept | accuracy % | vs unpatched | vs redundancy-only "
-        "| vs VisionZip | +log(size) vs without |",
-        "|---|---:|---:|---|---|---|---|",
+        "| config | patch tokens kept | tower GFLOPs | accuracy % | vs unpatched "
+        "| vs redundancy-only | vs VisionZip | vs ToMe in tower | +log(size) vs without |",
+        "|---|---:|---:|---:|---|---|---|---|---|",
     ]
     ordered = sorted(
         result["rows"], key=lambda row: (-row["kept"], row["log_size"], -row["accuracy"])
     )
     for row in ordered:
         lines.append(
-            f"| {row['config']} | {row['kept']} | {row['accuracy']:.2f} "
+            f"| {row['config']} | {row['kept']} | {row['tower_gflops']:.2f} "
+            f"| {row['accuracy']:.2f} "
             f"| {_fmt(row.get('vs_unpatched'))} | {_fmt(row.get('vs_redundancy'))} "
-            f"| {_fmt(row.get('vs_visionzip'))} | {_fmt(row.get('vs_no_log_size'))} |"
+            f"| {_fmt(row.get('vs_visionzip'))} | {_fmt(row.get('vs_tome_tower'))} "
+            f"| {_fmt(row.get('vs_no_log_size'))} |"
         )
     for name, why in result["refused"].items():
         lines.append(f"\n{name}: refused here ({why}).")
@@ -139,13 +229,16 @@ def plot(result: dict[str, Any], folder: str) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     base = next(r for r in result["rows"] if r["config"] == "unpatched")["accuracy"]
     ax.axhline(base, color="black", lw=0.8, label=f"unpatched (256 tokens) {base:.2f} %")
-    for i, name in enumerate(CONNECTOR_CONFIGS):
+    names = list(CONNECTOR_CONFIGS) + list(TEXT_GUIDED_CONFIGS) + list(IN_TOWER)
+    for i, name in enumerate(names):
         for bias in (False, True):
             pts = sorted(
                 (r["kept"], r["accuracy"])
                 for r in result["rows"]
                 if r["method"] == name and r["log_size"] == bias
             )
+            if not pts:
+                continue
             ax.plot(
                 *zip(*pts, strict=True),
                 marker="o",
@@ -158,7 +251,7 @@ def plot(result: dict[str, Any], folder: str) -> Path:
     ax.set_ylabel("VQA accuracy %")
     ax.set_title(
         f"easyvqa-real connector stage, {result['questions']} test questions\n"
-        "(measured under load from parallel work)",
+        "(in-tower rows merge inside DINOv2 and cost fewer FLOPs)",
         fontsize=9,
     )
     ax.legend(fontsize=7)
@@ -178,16 +271,23 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=Hyper.train_images)
     parser.add_argument("--plot-dir", default=None, help="write the plot into this folder")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument(
+        "--no-in-tower", action="store_true", help="skip the in-tower ToMe / Turbo rows"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     result = run(
-        args.budgets, args.test_images, args.cache_dir, Hyper(train_images=args.train_images)
+        args.budgets,
+        args.test_images,
+        args.cache_dir,
+        Hyper(train_images=args.train_images),
+        in_tower=not args.no_in_tower,
     )
     result["seconds"] = time.perf_counter() - start
     print(format_table(result))
     print(
         f"\n{result['questions']} questions; tower pass {result['tower_seconds']:.0f} s, "
-        f"total {result['seconds']:.0f} s (measured under load from parallel work)"
+        f"total {result['seconds']:.0f} s"
     )
     if args.plot_dir:
         print(f"plot: {plot(result, args.plot_dir)}")

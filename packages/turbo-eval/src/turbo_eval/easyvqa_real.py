@@ -204,11 +204,7 @@ class FusionVQA(nn.Module):
             sizes: ``(I, N)`` original tokens each image token stands for; when given, the
                 cross-attention adds ``log(size)`` to its logits (proportional attention).
         """
-        image = self.image_norm(image.float())
-        text = self.text_norm(text.float())
-        mask = text_mask.bool()
-        text_bias = torch.zeros(mask.shape, dtype=text.dtype, device=text.device)
-        text_bias = text_bias.masked_fill(~mask, -math.inf)[:, None, None, :]
+        image, text, mask, text_bias = self._inputs(image, text, text_mask)
         image_bias = None
         if sizes is not None:
             image_bias = sizes.float().clamp_min(1e-6).log()[image_index][:, None, None, :]
@@ -218,6 +214,39 @@ class FusionVQA(nn.Module):
         weights = mask.unsqueeze(-1).to(text.dtype)
         pooled = (text * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         return self.head(pooled)
+
+    def _inputs(
+        self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = self.image_norm(image.float())
+        text = self.text_norm(text.float())
+        mask = text_mask.bool()
+        text_bias = torch.zeros(mask.shape, dtype=text.dtype, device=text.device)
+        return image, text, mask, text_bias.masked_fill(~mask, -math.inf)[:, None, None, :]
+
+    def first_cross_attention(
+        self,
+        image: torch.Tensor,
+        image_index: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The first layer's question-to-image attention weights ``(Q, heads, L, N)``.
+
+        What the first cross-attention of :meth:`forward` (unmerged image, no size bias)
+        averages the image values with: the text-guided semantic value of each image token
+        (BLIP's cross-modal guidance) is its mean over heads and real question tokens.
+        """
+        image, text, _, text_bias = self._inputs(image, text, text_mask)
+        layer = self.layers[0]
+        q, k, v = layer.qkv_self(layer.norm_self(text)).chunk(3, dim=-1)
+        text = text + layer.out_self(_attend(q, k, v, layer.heads, text_bias))
+        query = layer.q_cross(layer.norm_cross(text))
+        keys = layer.image_kv(image)[0][image_index]
+        heads = layer.heads
+        split = lambda x: x.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+        logits = split(query) @ split(keys).transpose(-1, -2) / math.sqrt(query.shape[-1] // heads)
+        return logits.softmax(dim=-1)
 
 
 # ------------------------------------------------------------------ frozen features
