@@ -12,7 +12,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 from turbo_eval.commands.report import Row, _speed_figure, markdown_table
 from turbo_eval.measure import interleaved_throughput
-from turbo_eval.noise import format_ratio, load_average, speed_ratio
+from turbo_eval.noise import CpuWindow, format_ratio, load_average, speed_ratio
 
 
 def test_agreeing_rounds_give_the_ratio_and_no_flag():
@@ -78,6 +78,52 @@ def test_the_runs_own_threads_are_not_other_work():
     assert speed_ratio(*rounds, load_before=2.1, load_after=2.1, cpu_count=2).flags == ("busy",)
 
 
+def test_other_processes_cpu_use_decides_busy_when_it_was_read():
+    rounds = ([1.0, 1.0, 1.0], [0.5, 0.5, 0.5])
+    # the load average says 2.8 (the run's own tokenizer threads), other processes used none
+    own = speed_ratio(*rounds, 2.8, 2.8, cpu_count=2, own_threads=2, other_cores=0.05)
+    assert own.flags == ()
+    burner = speed_ratio(*rounds, 2.9, 3.0, cpu_count=2, own_threads=2, other_cores=0.97)
+    assert burner.flags == ("busy",)
+    assert format_ratio(burner).endswith("! other work 1.0 cores")
+    assert format_ratio(burner.as_dict()) == format_ratio(burner)
+
+
+def _spin(seconds):
+    end = time.perf_counter() + seconds
+    a = torch.randn(256, 256)
+    while time.perf_counter() < end:
+        a = (a @ a).tanh()
+
+
+def test_cpu_window_counts_other_processes_not_this_one():
+    """A CPU burner in another process shows as about one core; this process's own work,
+    every thread of it, does not."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("psutil")
+    quiet = CpuWindow()
+    time.sleep(1.0)
+    background = quiet.other_cores()
+    assert background is not None and background >= 0
+    if background > 0.3:
+        pytest.skip(f"the machine is busy ({background:.1f} cores of other work): needs quiet")
+    window = CpuWindow()
+    _spin(1.0)
+    assert window.other_cores() < background + 0.3
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        window = CpuWindow()
+        time.sleep(1.5)
+        other = window.other_cores()
+    finally:
+        burner.kill()
+        burner.wait()
+    assert other > background + 0.6
+
+
 def test_idle_spread_is_not_flagged_but_a_disturbed_round_is():
     # five rounds as the idle default suite gave them: spread about 40 %
     idle = speed_ratio([1.0] * 5, [0.8, 0.7, 0.9, 0.85, 0.75])
@@ -118,7 +164,7 @@ def test_interleaved_throughput_reads_the_load_before_and_after():
         repeats=2,
     )
     load = result["load"]
-    assert set(load) == {"before", "after", "threads"}
+    assert set(load) == {"before", "after", "threads", "other_cores"}
     assert load["threads"] == torch.get_num_threads()
     if load_average() is not None:
         assert load["before"] >= 0 and load["after"] >= 0

@@ -117,8 +117,9 @@ def interleaved_throughput(
     """Time every callable once per round, round after round.
 
     Returns ``{"methods": {name: {"median_s", "items_per_s", "speedup", "seconds"}},
-    "baseline", "rounds", "load": {"before", "after", "threads"}}`` (1-minute load averages
-    and torch's thread count, for :mod:`turbo_eval.noise`); ``speedup`` is the median over rounds of
+    "baseline", "rounds", "load": {"before", "after", "threads", "other_cores"}}`` (1-minute
+    load averages, torch's thread count and other processes' CPU use during the rounds, for
+    :mod:`turbo_eval.noise`); ``speedup`` is the median over rounds of
     ``t_baseline / t_method``. Each round starts one method later than the last, so
     no method always runs right after the same neighbour. Pass
     ``synchronize=torch.cuda.synchronize`` for asynchronous devices; grad mode
@@ -131,7 +132,7 @@ def interleaved_throughput(
     baseline = baseline if baseline is not None else next(iter(fns))
     if baseline not in fns:
         raise ValueError(f"baseline {baseline!r} is not one of {sorted(fns)}")
-    from .noise import load_average
+    from .noise import CpuWindow, load_average
 
     load_before = load_average()  # the noise flag reads it (turbo_eval.noise)
     for _ in range(warmup):
@@ -140,6 +141,7 @@ def interleaved_throughput(
     seconds: dict[str, list[float]] = {name: [] for name in fns}
     sync = synchronize if synchronize is not None else (lambda: None)
     names = list(fns)
+    window = CpuWindow()
     for round_ in range(repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
@@ -158,7 +160,12 @@ def interleaved_throughput(
             "speedup": statistics.median(ratios),
             "seconds": times,
         }
-    load = {"before": load_before, "after": load_average(), "threads": torch.get_num_threads()}
+    load = {
+        "before": load_before,
+        "after": load_average(),
+        "threads": torch.get_num_threads(),
+        "other_cores": window.other_cores(),
+    }
     return {"methods": methods, "baseline": baseline, "rounds": repeats, "load": load}
 
 

@@ -10,14 +10,17 @@ figure when
   median ((max - min) / median), or
 - the machine's load changed during the run: the 1-minute load average (``os.getloadavg``)
   moved by more than ``load_threshold`` between the start and the end, or
-- the machine was busy: other work used more than ``busy_threshold`` of a core on average,
-  i.e. the load average at the start or the end, less the timing's own threads (the run's
-  own threads raise the load average too), exceeded it; without the thread count, the
-  load average exceeded the CPU count.
+- the machine was busy: other processes used more than ``busy_threshold`` of a core on
+  average while the rounds ran (:class:`CpuWindow`: the machine's busy CPU time less this
+  process's, over the wall time; psutil). Where that was not read, the 1-minute load
+  average less the run's own torch threads stands in for it (and without the thread count,
+  the load average above the CPU count).
 
 The defaults come from the default suite run on this project's 2-core machine: idle, its
-rounds spread by 16-43 % ((max - min) / median of 5 rounds) and the load stood at the run's
-own 2 threads (2.1); beside parallel work they spread by 140-200 % with the load at 6-8.
+rounds spread by 16-43 % ((max - min) / median of 5 rounds), and the load average stood at
+2.1-2.8 from the run's own threads (torch's two, plus the tokenizer's pool in the text
+task), which is why the load average alone cannot tell the run from other work; beside
+parallel work the rounds spread by 140-200 % at load 6-8.
 
 A flagged figure is printed with ``!`` and the reasons, so a table measured on a busy machine
 says so.
@@ -29,6 +32,7 @@ import dataclasses
 import math
 import os
 import statistics
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +40,7 @@ __all__ = [
     "DEFAULT_BUSY_THRESHOLD",
     "DEFAULT_LOAD_THRESHOLD",
     "DEFAULT_SPREAD_THRESHOLD",
+    "CpuWindow",
     "SpeedRatio",
     "format_ratio",
     "load_average",
@@ -47,8 +52,8 @@ __all__ = [
 DEFAULT_SPREAD_THRESHOLD = 0.5
 #: the load changed when the 1-minute load average moved by more than this
 DEFAULT_LOAD_THRESHOLD = 1.0
-#: busy when the load average less the run's own threads exceeds this (cores' worth)
-DEFAULT_BUSY_THRESHOLD = 0.75
+#: busy when other processes used more than this many cores on average during the rounds
+DEFAULT_BUSY_THRESHOLD = 0.5
 
 
 def load_average() -> float | None:
@@ -57,6 +62,40 @@ def load_average() -> float | None:
         return float(os.getloadavg()[0])
     except (AttributeError, OSError):
         return None
+
+
+class CpuWindow:
+    """How much CPU other processes used between :meth:`start` and :meth:`other_cores`.
+
+    The machine's busy CPU seconds (``psutil.cpu_times``: all but idle, iowait and the guest
+    times Linux already counts in user) less this process's own (all its threads), over the
+    wall time: 0 on an idle machine whatever this process runs, about 1 with one CPU burner
+    beside it. None where psutil is not installed.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float] | None:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        times = psutil.cpu_times()
+        skip = {"idle", "iowait", "guest", "guest_nice"}
+        busy = sum(v for k, v in times._asdict().items() if k not in skip)
+        own = psutil.Process().cpu_times()
+        return time.perf_counter(), busy, own.user + own.system
+
+    def other_cores(self) -> float | None:
+        """Other processes' mean CPU use since construction, in cores (>= 0)."""
+        end = self._read()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        wall = end[0] - self._start[0]
+        other = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        return max(0.0, other / wall)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +110,8 @@ class SpeedRatio:
         spread: (max - min) / median of the per-round ratios.
         load_before, load_after: 1-minute load average at the start and the end (None when
             not read).
+        other_cores: other processes' mean CPU use during the rounds, in cores (None when
+            not read).
         flags: why the figure is noise (empty when it is not): ``"rounds disagree"``,
             ``"load changed"``, ``"busy"``.
     """
@@ -83,6 +124,7 @@ class SpeedRatio:
     load_before: float | None = None
     load_after: float | None = None
     flags: tuple[str, ...] = ()
+    other_cores: float | None = None
 
     @property
     def noisy(self) -> bool:
@@ -116,6 +158,7 @@ def speed_ratio(
     cpu_count: int | None = None,
     own_threads: int | None = None,
     busy_threshold: float = DEFAULT_BUSY_THRESHOLD,
+    other_cores: float | None = None,
 ) -> SpeedRatio:
     """How much faster the method ran than the reference, round by round.
 
@@ -129,8 +172,9 @@ def speed_ratio(
         own_threads: the threads the timed run used (``torch.get_num_threads()``); the load
             they add is not other work. None: flag "busy" when a load average exceeds
             ``cpu_count``.
-        busy_threshold: with ``own_threads``, flag "busy" when a load average less
-            ``min(own_threads, cpu_count)`` exceeds this (> 0).
+        busy_threshold: flag "busy" when ``other_cores`` exceeds this (> 0); without
+            ``other_cores``, when a load average less ``min(own_threads, cpu_count)`` does.
+        other_cores: other processes' mean CPU use during the rounds (:class:`CpuWindow`).
 
     Raises:
         ValueError: unpaired or non-positive times, or a threshold <= 0 (named).
@@ -174,12 +218,17 @@ def speed_ratio(
         flags.append("load changed")
     cpus = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
     loads = [x for x in (load_before, load_after) if x is not None]
-    if loads:
+    if other_cores is not None:
+        if other_cores > busy_threshold:
+            flags.append("busy")
+    elif loads:
         # the run's own threads load the machine too: only the rest is other work
         other_work = max(loads) - (cpus if own_threads is None else min(own_threads, cpus))
         if other_work > (0.0 if own_threads is None else busy_threshold):
             flags.append("busy")
-    return SpeedRatio(ratio, low, high, len(ratios), spread, load_before, load_after, tuple(flags))
+    return SpeedRatio(
+        ratio, low, high, len(ratios), spread, load_before, load_after, tuple(flags), other_cores
+    )
 
 
 def format_ratio(figure: SpeedRatio | dict[str, Any] | None, detail: bool = True) -> str:
@@ -201,6 +250,8 @@ def format_ratio(figure: SpeedRatio | dict[str, Any] | None, detail: bool = True
     for flag in figure.flags:
         if flag == "rounds disagree":
             reasons.append(f"rounds disagree {100 * figure.spread:.0f}%")
+        elif flag == "busy" and figure.other_cores is not None:
+            reasons.append(f"other work {figure.other_cores:.1f} cores")
         elif flag in ("load changed", "busy") and figure.load_before is not None:
             load = f"load {figure.load_before:.1f}->{figure.load_after:.1f}"
             if load not in reasons:

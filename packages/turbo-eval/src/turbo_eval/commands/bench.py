@@ -112,6 +112,7 @@ def _loads(load: dict[str, Any]) -> dict[str, Any]:
         "load_before": load.get("before"),
         "load_after": load.get("after"),
         "own_threads": load.get("threads"),
+        "other_cores": load.get("other_cores"),
     }
 
 

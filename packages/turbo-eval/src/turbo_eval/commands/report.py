@@ -147,6 +147,7 @@ def _speed_figure(
                 load_before=load.get("before"),
                 load_after=load.get("after"),
                 own_threads=load.get("threads", threads),
+                other_cores=load.get("other_cores"),
                 cpu_count=cpu_count,
             ).as_dict()
     return None
