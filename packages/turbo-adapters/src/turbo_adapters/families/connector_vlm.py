@@ -33,7 +33,7 @@ from ..connector.calls import module_weights, reduce_call
 from ..connector.guides import probe_guide, resolve_guide
 from ..patch import TurboPatch
 from .hf_base import HFAdapter
-from .llava.adapter import _pad_id, _with_prompt
+from .llava.adapter import _pad_id
 from .llava.llm import (
     bind_arguments,
     check_decoder,
@@ -41,7 +41,7 @@ from .llava.llm import (
     install_decoder_layers,
     start_call,
 )
-from .llava.modes import VisionLanguagePatch, mode_scope
+from .llava.modes import VisionLanguagePatch, mode_scope, shrunk_generate, unscoped
 
 __all__ = [
     "ConnectorVLMAdapter",
@@ -179,22 +179,7 @@ class ConnectorVLMAdapter(HFAdapter):
         patch.override(model, "forward", outer_forward)
 
         def generate(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            with mode_scope(patch, kwargs) as modes:
-                if "llm" in modes and max(kwargs.get("num_beams", 1) or 1, 1) > 1:
-                    raise ValueError(
-                        "llm mode supports num_beams=1 only (its cache is not reordered)"
-                    )
-                if "connector" not in modes or kwargs.get("pixel_values") is None:
-                    return original(*args, **kwargs)
-                named = dict(kwargs)
-                if args:
-                    named["input_ids"], args = args[0], args[1:]
-                if named.get("inputs") is not None:
-                    named["input_ids"] = named.pop("inputs")
-                prompt = named["input_ids"]
-                named = shrink(named)
-                named.pop("position_ids", None)
-                return _with_prompt(original(*args, **named), prompt, named["input_ids"].shape[1])
+            return shrunk_generate(patch, original, args, kwargs, unscoped(shrink))
 
         patch.override(model, "generate", generate)
 
