@@ -7,7 +7,9 @@ LLM mode fits; the stage encodes the images with the model's own ``get_image_fea
 cuts its placeholder run to the kept tokens (re-laying ``token_type_ids``, which
 PaliGemma and Gemma 3 use for their bidirectional image blocks) and hands the kept
 tokens on as ``mm_encoder_outputs``. Positions are the model's own for the shorter
-prompt (1-D RoPE: the text after an image moves up by the tokens removed).
+prompt (1-D RoPE: the text after an image moves up by the tokens removed). Merged
+tokens carry ``log(size)`` into every family's decoder attention (added to its mask, so
+the prefix-LM image blocks stay bidirectional; :mod:`.llava.size_bias`).
 
 Families: PaliGemma (SigLIP, linear projection), Gemma 3 (reduce after the 4096 -> 256
 average pool), LLaVA-OneVision (anyres tiles and newline tokens packed per image, like
@@ -42,6 +44,7 @@ from .llava.llm import (
     start_call,
 )
 from .llava.modes import VisionLanguagePatch, mode_scope, shrunk_generate, unscoped
+from .llava.size_bias import install_size_bias
 
 __all__ = [
     "ConnectorVLMAdapter",
@@ -109,6 +112,9 @@ class ConnectorVLMAdapter(HFAdapter):
         patch.num_text_layers = len(layers)
         patch.tower_refusal = self.tower_refusal
         patch.connector_available = True
+        # log(size) of connector-merged tokens in the decoder's attention (added to the
+        # mask, so prefix-LM image blocks keep their bidirectional attention)
+        install_size_bias(patch, [layer.self_attn for layer in layers], decoder.config)
         if self.llm_refusal is not None:
             patch.llm_refusal = IncompatibleLibraryError(
                 f"{self.name} (llm mode): {self.llm_refusal}"
