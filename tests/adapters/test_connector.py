@@ -396,8 +396,9 @@ def test_prefix_families_equal_the_unpatched_model_on_the_hand_built_prompt(
     assert torch.equal(
         got[:, feed["input_ids"].shape[1] :], want[:, oracle["input_ids"].shape[1] :]
     )
-    with pytest.raises(ValueError, match="tower mode is not available"):
-        patch.modes = "tower"
+    if "InternVL" not in type(model).__name__:  # InternVL merges in its tower: test_internvl_tower
+        with pytest.raises(ValueError, match="tower mode is not available"):
+            patch.modes = "tower"
     if "Gemma" in type(model).__name__:
         with pytest.raises(Exception, match="bidirectionally"):
             patch.modes = "llm"

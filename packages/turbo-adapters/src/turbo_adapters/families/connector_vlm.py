@@ -15,7 +15,8 @@ Families: PaliGemma (SigLIP, linear projection), Gemma 3 (reduce after the 4096 
 average pool), LLaVA-OneVision (anyres tiles and newline tokens packed per image, like
 LLaVA-NeXT: the packed tokens are reduced), Idefics3 / SmolVLM and InternVL (after the
 pixel shuffle; Idefics3's features come per row, all its tiles together, so a budget
-applies per row there; InternVL's per tile).
+applies per row there; InternVL's per tile). InternVL also merges inside its InternViT
+tower (tower mode, restored before the pixel shuffle; :mod:`.internvl_vision`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -35,6 +37,7 @@ from ..connector.calls import module_weights, reduce_call
 from ..connector.guides import probe_guide, resolve_guide
 from ..patch import TurboPatch
 from .hf_base import HFAdapter
+from .internvl_vision import install_internvl_tower, internvl_tower_refusal
 from .llava.adapter import _pad_id
 from .llava.llm import (
     bind_arguments,
@@ -306,7 +309,12 @@ class Idefics3Adapter(ConnectorVLMAdapter):
 
 
 class InternVLAdapter(ConnectorVLMAdapter):
-    """transformers ``InternVLForConditionalGeneration`` / ``InternVLModel``."""
+    """transformers ``InternVLForConditionalGeneration`` / ``InternVLModel``.
+
+    Tower mode merges inside InternViT (CLS guide, :mod:`.internvl_vision`) and hands the
+    full grid back before the pixel shuffle: the tower's compute shrinks, the language
+    model sees the unpatched count (the connector stage reduces that, after the shuffle).
+    """
 
     name = "internvl"
     model_names = ("OpenGVLab/InternVL*", "internvl*")
@@ -315,7 +323,11 @@ class InternVLAdapter(ConnectorVLMAdapter):
         "transformers.models.internvl.modeling_internvl:InternVLForConditionalGeneration",
         "transformers.models.internvl.modeling_internvl:InternVLModel",
     )
-    tower_refusal = f"InternVL {_SHUFFLE}; use 'connector' (after the shuffle)"
+    stages = ("tower", "connector", "llm")
+    stage_limits = MappingProxyType(
+        {"tower": "not where InternVL reads an intermediate InternViT layer "
+                  "(vision_feature_layer != -1; the released checkpoints read the last)"}
+    )  # fmt: skip
 
     def classes(self) -> dict[str, Any]:
         from transformers.models.internvl import modeling_internvl as iv
@@ -323,3 +335,14 @@ class InternVLAdapter(ConnectorVLMAdapter):
         return {
             "inner": (iv.InternVLModel,),
         }
+
+    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
+        super().install(patch, model, config)
+        inner = model if isinstance(model, self.classes()["inner"]) else model.model
+        refusal = internvl_tower_refusal(inner)
+        if refusal is not None:
+            patch.tower_refusal = refusal
+            return
+        install_internvl_tower(patch, inner, config)
+        patch.tower_refusal = ""
+        patch.tower_available = True
