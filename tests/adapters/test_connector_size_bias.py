@@ -82,3 +82,25 @@ def test_gemma3_prompt_outgrows_its_sliding_window() -> None:
     assert int(call["attention_mask"].sum(-1).max()) > window
     layer_types = model.config.text_config.layer_types
     assert "sliding_attention" in layer_types
+
+
+@pytest.mark.parametrize(
+    ("case", "masks"),
+    [(cc.GEMMA3, sbo.gemma3_masks(16)), (cc.INTERNVL, sbo.causal_masks)],
+    ids=["gemma3", "internvl"],
+)
+def test_size_bias_with_a_static_cache(case, masks) -> None:
+    """generate's static cache (Gemma 3: sliding layers that roll over the window) hands
+    the decoder a mask per layer type; the bias follows the keys the cache holds."""
+    model = case.build()
+    feed = case.feed(ROWS)
+    call, sizes = sbo.shortened_call(model, feed, case.tokens(ROWS), case.budget, tp.IMG)
+    steps = 6  # Gemma 3's longest row then passes its 16-token window while decoding
+    want = sbo.greedy_with_bias(model, call, sizes, tp.IMG, steps, masks)
+    ta.apply(model).connector = ConnectorReduction(budget=case.budget, method=cm.STRIDED)
+    with torch.no_grad():
+        got = model.generate(
+            **feed, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            cache_implementation="static",
+        )  # fmt: skip
+    assert torch.equal(got[:, feed["input_ids"].shape[1] :], want)
