@@ -99,6 +99,7 @@ def test_method_support_meets_stages_and_refusals() -> None:
     assert "hf-vit" in rows["tome", "tower"].families
     assert "llava" in rows["tome", "tower"].families
     assert "LLaVA-NeXT" in rows["tome", "tower"].limits["llava"]
+    assert "internvl" in rows["tome", "tower"].families  # InternViT, restored before the shuffle
     assert "qwen-vl" not in rows["tome", "tower"].families
     todo = rows["todo", "denoiser"]
     assert set(todo.refused) == {"sd3", "flux"} and "pixart" in todo.families

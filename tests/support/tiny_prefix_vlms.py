@@ -190,15 +190,16 @@ def idefics3_counts(rows: list[int]) -> list[int]:
     return [16 * {0: 1, 1: 2, 2: 1}[r] for r in rows]
 
 
-def build_internvl(seed: int = 0) -> torch.nn.Module:
-    """InternVL: a 32 px tile of 8x8 patches, pixel-shuffled by 0.5: 16 tokens."""
+def build_internvl(seed: int = 0, **fields: Any) -> torch.nn.Module:
+    """InternVL: a 32 px tile of 8x8 patches, pixel-shuffled by 0.5: 16 tokens (``fields``:
+    more InternVLConfig fields)."""
     torch.manual_seed(seed)
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "image_size": [32, 32], "patch_size": [4, 4]}  # fmt: skip
     text = {**_llama_text(), "model_type": "qwen2"}
     config = transformers.InternVLConfig(
         vision_config=vision, text_config=text, image_token_id=IMG, image_seq_length=16,
-        downsample_ratio=0.5, tie_word_embeddings=False,
+        downsample_ratio=0.5, tie_word_embeddings=False, **fields,
     )  # fmt: skip
     model = transformers.InternVLForConditionalGeneration(config).eval()
     _informative(

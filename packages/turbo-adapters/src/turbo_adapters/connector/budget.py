@@ -78,6 +78,9 @@ class ConnectorReduction:
             ``"auto"`` (the family's default, see docs/connector.md), ``"none"``,
             ``"cls"``, ``"probe"``, ``"mean"`` or ``"text"`` (:mod:`.guides`). A guide
             the family lacks raises a ValueError naming the available ones.
+        size_bias: ``log(size)`` of merged tokens in the language model's attention
+            (:mod:`.size_bias`): None where the family's decoder carries it, True to
+            require it (a ValueError with the reason where it cannot), False never.
     """
 
     budget: Budget = 0.25

@@ -140,9 +140,11 @@ def reduce_call(
         if getattr(patch, "connector_size_bias", False):
             bias = key_bias(short.input_ids, image_token_id, [k.sizes for k in kept])
         elif settings.size_bias:
+            why = getattr(patch, "connector_size_bias_refusal", None)
+            because = f" ({why})" if why else ""
             raise ValueError(
                 f"size_bias=True: {patch.adapter_name} does not carry log(size) into its "
-                "language model's attention; use size_bias=None or False"
+                f"language model's attention{because}; use size_bias=None or False"
             )
     set_call_bias(patch, bias)
     named = {**named, "input_ids": short.input_ids, "attention_mask": short.attention_mask}

@@ -7,13 +7,16 @@ LLM mode fits; the stage encodes the images with the model's own ``get_image_fea
 cuts its placeholder run to the kept tokens (re-laying ``token_type_ids``, which
 PaliGemma and Gemma 3 use for their bidirectional image blocks) and hands the kept
 tokens on as ``mm_encoder_outputs``. Positions are the model's own for the shorter
-prompt (1-D RoPE: the text after an image moves up by the tokens removed).
+prompt (1-D RoPE: the text after an image moves up by the tokens removed). Merged
+tokens carry ``log(size)`` into every family's decoder attention (added to its mask, so
+the prefix-LM image blocks stay bidirectional; :mod:`.llava.size_bias`).
 
 Families: PaliGemma (SigLIP, linear projection), Gemma 3 (reduce after the 4096 -> 256
 average pool), LLaVA-OneVision (anyres tiles and newline tokens packed per image, like
 LLaVA-NeXT: the packed tokens are reduced), Idefics3 / SmolVLM and InternVL (after the
 pixel shuffle; Idefics3's features come per row, all its tiles together, so a budget
-applies per row there; InternVL's per tile).
+applies per row there; InternVL's per tile). InternVL also merges inside its InternViT
+tower (tower mode, restored before the pixel shuffle; :mod:`.internvl_vision`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -33,7 +37,8 @@ from ..connector.calls import module_weights, reduce_call
 from ..connector.guides import probe_guide, resolve_guide
 from ..patch import TurboPatch
 from .hf_base import HFAdapter
-from .llava.adapter import _pad_id, _with_prompt
+from .internvl_vision import install_internvl_tower, internvl_tower_refusal
+from .llava.adapter import _pad_id
 from .llava.llm import (
     bind_arguments,
     check_decoder,
@@ -41,7 +46,8 @@ from .llava.llm import (
     install_decoder_layers,
     start_call,
 )
-from .llava.modes import VisionLanguagePatch, mode_scope
+from .llava.modes import VisionLanguagePatch, mode_scope, shrunk_generate, unscoped
+from .llava.size_bias import install_size_bias
 
 __all__ = [
     "ConnectorVLMAdapter",
@@ -109,6 +115,9 @@ class ConnectorVLMAdapter(HFAdapter):
         patch.num_text_layers = len(layers)
         patch.tower_refusal = self.tower_refusal
         patch.connector_available = True
+        # log(size) of connector-merged tokens in the decoder's attention (added to the
+        # mask, so prefix-LM image blocks keep their bidirectional attention)
+        install_size_bias(patch, [layer.self_attn for layer in layers], decoder.config)
         if self.llm_refusal is not None:
             patch.llm_refusal = IncompatibleLibraryError(
                 f"{self.name} (llm mode): {self.llm_refusal}"
@@ -179,22 +188,7 @@ class ConnectorVLMAdapter(HFAdapter):
         patch.override(model, "forward", outer_forward)
 
         def generate(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            with mode_scope(patch, kwargs) as modes:
-                if "llm" in modes and max(kwargs.get("num_beams", 1) or 1, 1) > 1:
-                    raise ValueError(
-                        "llm mode supports num_beams=1 only (its cache is not reordered)"
-                    )
-                if "connector" not in modes or kwargs.get("pixel_values") is None:
-                    return original(*args, **kwargs)
-                named = dict(kwargs)
-                if args:
-                    named["input_ids"], args = args[0], args[1:]
-                if named.get("inputs") is not None:
-                    named["input_ids"] = named.pop("inputs")
-                prompt = named["input_ids"]
-                named = shrink(named)
-                named.pop("position_ids", None)
-                return _with_prompt(original(*args, **named), prompt, named["input_ids"].shape[1])
+            return shrunk_generate(patch, original, args, kwargs, unscoped(shrink))
 
         patch.override(model, "generate", generate)
 
@@ -315,7 +309,12 @@ class Idefics3Adapter(ConnectorVLMAdapter):
 
 
 class InternVLAdapter(ConnectorVLMAdapter):
-    """transformers ``InternVLForConditionalGeneration`` / ``InternVLModel``."""
+    """transformers ``InternVLForConditionalGeneration`` / ``InternVLModel``.
+
+    Tower mode merges inside InternViT (CLS guide, :mod:`.internvl_vision`) and hands the
+    full grid back before the pixel shuffle: the tower's compute shrinks, the language
+    model sees the unpatched count (the connector stage reduces that, after the shuffle).
+    """
 
     name = "internvl"
     model_names = ("OpenGVLab/InternVL*", "internvl*")
@@ -324,7 +323,11 @@ class InternVLAdapter(ConnectorVLMAdapter):
         "transformers.models.internvl.modeling_internvl:InternVLForConditionalGeneration",
         "transformers.models.internvl.modeling_internvl:InternVLModel",
     )
-    tower_refusal = f"InternVL {_SHUFFLE}; use 'connector' (after the shuffle)"
+    stages = ("tower", "connector", "llm")
+    stage_limits = MappingProxyType(
+        {"tower": "not where InternVL reads an intermediate InternViT layer "
+                  "(vision_feature_layer != -1; the released checkpoints read the last)"}
+    )  # fmt: skip
 
     def classes(self) -> dict[str, Any]:
         from transformers.models.internvl import modeling_internvl as iv
@@ -332,3 +335,14 @@ class InternVLAdapter(ConnectorVLMAdapter):
         return {
             "inner": (iv.InternVLModel,),
         }
+
+    def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
+        super().install(patch, model, config)
+        inner = model if isinstance(model, self.classes()["inner"]) else model.model
+        refusal = internvl_tower_refusal(inner)
+        if refusal is not None:
+            patch.tower_refusal = refusal
+            return
+        install_internvl_tower(patch, inner, config)
+        patch.tower_refusal = ""
+        patch.tower_available = True

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
-import torch
 from torch import nn
 
 from turbo_core import TurboConfig
@@ -52,7 +51,7 @@ from .llm import (
     install_decoder_layers,
     start_call,
 )
-from .modes import VisionLanguagePatch, mode_scope, parse_modes
+from .modes import VisionLanguagePatch, mode_scope, parse_modes, shrunk_generate, unscoped
 from .shrink import shrink_placeholders
 from .size_bias import install_size_bias
 
@@ -60,6 +59,8 @@ __all__ = ["LLMReduction", "LlavaAdapter", "LlavaPatch", "parse_modes"]
 
 #: LLaVA's patch: the shared vision-language patch (modes, LLM-mode settings).
 LlavaPatch = VisionLanguagePatch
+#: the modes whose generate cuts the prompt first
+_TOWER_OR_CONNECTOR = frozenset({"tower", "connector"})
 
 
 def _feature_layers(config: Any, num_layers: int) -> int:
@@ -256,36 +257,8 @@ class LlavaAdapter(HFAdapter):
         shrink: Callable[[dict[str, Any]], dict[str, Any]],
     ) -> None:
         def generate(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            with mode_scope(patch, kwargs) as modes:
-                if "llm" in modes and max(kwargs.get("num_beams", 1) or 1, 1) > 1:
-                    raise ValueError(
-                        "llm mode supports num_beams=1 only (its cache is not reordered)"
-                    )
-                if not modes & {"tower", "connector"} or kwargs.get("pixel_values") is None:
-                    return original(*args, **kwargs)
-                named = dict(kwargs)
-                if args:
-                    named["input_ids"] = args[0]
-                    args = args[1:]
-                if named.get("inputs") is not None:
-                    named["input_ids"] = named.pop("inputs")
-                prompt = named["input_ids"]
-                named = shrink(named)
-                named.pop("position_ids", None)
-                output = original(*args, **named)
-                return _with_prompt(output, prompt, named["input_ids"].shape[1])
+            return shrunk_generate(
+                patch, original, args, kwargs, unscoped(shrink), _TOWER_OR_CONNECTOR
+            )
 
         patch.override(model, "generate", generate)
-
-
-def _with_prompt(output: Any, prompt: torch.Tensor, short: int) -> Any:
-    """Generated tokens after the caller's full prompt (as the unpatched model returns)."""
-
-    def full(seq: torch.Tensor) -> torch.Tensor:
-        repeat = seq.shape[0] // prompt.shape[0]
-        return torch.cat([prompt.repeat_interleave(repeat, 0).to(seq.device), seq[:, short:]], 1)
-
-    if isinstance(output, torch.Tensor):
-        return full(output)
-    output.sequences = full(output.sequences)
-    return output

@@ -765,8 +765,8 @@ def start_call(
     """
     cache = find_cache(named)
     mask2d = named.get("attention_mask")
-    if mask2d is not None and mask2d.dim() != 2:
-        mask2d = None
+    if not isinstance(mask2d, torch.Tensor) or mask2d.dim() != 2:
+        mask2d = None  # absent, 4-D, or the per-layer-type dict generate builds for static caches
     state = cache_state(cache)
     cached = cache.get_seq_length() if cache is not None else 0
     if state is not None and cached > 0:  # decoding after an LLM-mode prefill

@@ -2,18 +2,21 @@
 
 Shared by the LLaVA and MiniGPT-v2 families. A :class:`VisionLanguagePatch` holds the
 default modes (``patch.modes = "tower" | "connector" | "llm" | "both" | "none"``), the
-LLM-mode settings (``patch.llm``) and the connector stage's (``patch.connector``); a call selects its own with ``turbo_mode=...``, which
-:func:`mode_scope` pops from the call's keyword arguments and makes active (per
-thread / context) for everything that call runs.
+LLM-mode settings (``patch.llm``) and the connector stage's (``patch.connector``); a call
+selects its own with ``turbo_mode=...``, which :func:`mode_scope` pops from the call's
+keyword arguments and makes active (per thread / context) for everything that call runs.
+:func:`shrunk_generate` is the ``generate`` wrapper of every family that cuts the
+prompt's image placeholders before generating (tower and connector modes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from ...compat import IncompatibleLibraryError
@@ -22,7 +25,16 @@ from ...connector.size_bias import call_scope
 from ...patch import TurboPatch
 from .llm import LLMReduction
 
-__all__ = ["MODES", "VisionLanguagePatch", "mode_scope", "parse_modes"]
+__all__ = [
+    "MODES",
+    "GenerateShrink",
+    "VisionLanguagePatch",
+    "mode_scope",
+    "parse_modes",
+    "shrunk_generate",
+    "unscoped",
+    "with_prompt",
+]
 
 MODES = ("tower", "connector", "llm")
 _ALIASES = {"both": ("tower", "llm"), "none": (), "off": ()}
@@ -141,3 +153,73 @@ def mode_scope(patch: VisionLanguagePatch, kwargs: dict[str, Any]) -> Iterator[f
                 _MODE.reset(token)
         else:
             yield patch.active_modes()
+
+
+#: a family's prompt cut for one ``generate`` call: the call's keyword arguments with the
+#: image placeholders cut (``input_ids`` shortened), and a context the original
+#: ``generate`` runs inside (Qwen's kept M-RoPE positions; a null context elsewhere)
+GenerateShrink = Callable[
+    [dict[str, Any]], tuple[dict[str, Any], contextlib.AbstractContextManager[Any]]
+]
+
+
+def shrunk_generate(
+    patch: VisionLanguagePatch,
+    original: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    shrink: GenerateShrink,
+    stages: frozenset[str] = frozenset({"connector"}),
+    check: Callable[[frozenset[str]], None] | None = None,
+) -> Any:
+    """One ``generate`` call of a family that cuts the prompt before generating.
+
+    Inside the call's :func:`mode_scope`: ``check(modes)`` (a family's own refusals),
+    beam search refused in LLM mode, then, when one of ``stages`` is active and the call
+    has ``pixel_values``, the prompt (``input_ids`` given by position, as ``inputs`` or by
+    name) goes through ``shrink`` and the original ``generate`` runs on the cut prompt
+    (without ``position_ids``: they belong to the caller's prompt). Returns what the
+    unpatched model would: the caller's full prompt followed by the new tokens.
+
+    Raises:
+        ValueError: ``num_beams > 1`` in LLM mode (its cache is not reordered), or what
+            ``check`` and ``shrink`` raise.
+    """
+    with mode_scope(patch, kwargs) as modes:
+        if check is not None:
+            check(modes)
+        if "llm" in modes and max(kwargs.get("num_beams", 1) or 1, 1) > 1:
+            raise ValueError("llm mode supports num_beams=1 only (its cache is not reordered)")
+        if not modes & stages or kwargs.get("pixel_values") is None:
+            return original(*args, **kwargs)
+        named = dict(kwargs)
+        if args:
+            named["input_ids"], args = args[0], args[1:]
+        if named.get("inputs") is not None:
+            named["input_ids"] = named.pop("inputs")
+        prompt = named["input_ids"]
+        named, scope = shrink(named)
+        named.pop("position_ids", None)
+        with scope:
+            output = original(*args, **named)
+        return with_prompt(output, prompt, named["input_ids"].shape[1])
+
+
+def with_prompt(output: Any, prompt: torch.Tensor, short: int) -> Any:
+    """Generated tokens after the caller's full ``prompt`` (as the unpatched model returns):
+    ``output``'s sequences lose their first ``short`` columns (the cut prompt)."""
+
+    def full(seq: torch.Tensor) -> torch.Tensor:
+        repeat = seq.shape[0] // prompt.shape[0]
+        return torch.cat([prompt.repeat_interleave(repeat, 0).to(seq.device), seq[:, short:]], 1)
+
+    if isinstance(output, torch.Tensor):
+        return full(output)
+    output.sequences = full(output.sequences)
+    return output
+
+
+def unscoped(shrink: Callable[[dict[str, Any]], dict[str, Any]]) -> GenerateShrink:
+    """A prompt cut whose ``generate`` needs no context of its own, as a
+    :data:`GenerateShrink`."""
+    return lambda named: (shrink(named), contextlib.nullcontext())

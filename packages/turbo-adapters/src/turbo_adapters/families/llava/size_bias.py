@@ -1,5 +1,13 @@
 """The decoder side of the connector's ``log(size)`` bias (:mod:`...connector.size_bias`):
-attention modules that add the call's key bias to their mask."""
+attention modules that add the call's key bias to their mask.
+
+Any decoder whose attention modules take ``hidden_states`` and an ``attention_mask`` that
+is None (causal), boolean or additive ``(B|1, 1, q, kv)`` qualifies: causal decoders
+(LLaMA, Qwen2, Qwen-VL's M-RoPE decoders) and prefix-LM ones (PaliGemma's and Gemma 3's
+bidirectional image blocks live in the mask, which the bias is added to). The keys a
+layer sees are the last ``kv`` positions of the sequence so far: all of them, except in
+a sliding-window layer's decode steps (Gemma 3), whose cache keeps only the window.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ from ...connector.size_bias import call_bias
 from ...patch import TurboPatch
 from .llm import CURRENT, find_cache
 
-__all__ = ["install_size_bias"]
+__all__ = ["install_size_bias", "size_bias_refusal"]
 
 _ATTR = "_turbo_connector_size_bias"
 
@@ -34,10 +42,45 @@ def _additive(
     return mask.to(dtype)
 
 
+def _implementation(language_config: Any) -> str:
+    return str(getattr(language_config, "_attn_implementation", None) or "")
+
+
+def _takes_no_additive_mask(implementation: str) -> bool:
+    return implementation.startswith("flash") or implementation == "flex_attention"
+
+
+def size_bias_refusal(attentions: Sequence[nn.Module], language_config: Any) -> str | None:
+    """Why these attention modules cannot carry the bias (None: they can)."""
+    implementation = _implementation(language_config)
+    if _takes_no_additive_mask(implementation):
+        return (
+            f"its language model uses {implementation!r} attention, which takes no 4-D "
+            "additive mask (sdpa or eager do)"
+        )
+    for attn in attentions:
+        parameters = inspect.signature(attn.forward).parameters
+        if not {"hidden_states", "attention_mask"} <= set(parameters):
+            return (
+                f"its decoder attention {type(attn).__name__} takes no hidden_states / "
+                "attention_mask arguments"
+            )
+    return None
+
+
 def install_size_bias(
     patch: TurboPatch, attentions: Sequence[nn.Module], language_config: Any
 ) -> None:
-    """Make the decoder's attention modules add the call's ``log(size)`` key bias."""
+    """Make the decoder's attention modules add the call's ``log(size)`` key bias.
+
+    Where they cannot (:func:`size_bias_refusal`), nothing is installed and the reason
+    is kept on the patch (``connector_size_bias_refusal``): a call asking for
+    ``size_bias=True`` then raises it, the default (None) runs without the bias.
+    """
+    refusal = size_bias_refusal(attentions, language_config)
+    patch.connector_size_bias_refusal = refusal  # type: ignore[attr-defined]
+    if refusal is not None:
+        return
     patch.connector_size_bias = True  # type: ignore[attr-defined]
     for attn in attentions:
         signature = inspect.signature(attn.forward)
@@ -72,10 +115,14 @@ def install_size_bias(
             hidden = named["hidden_states"]
             q_len = hidden.shape[1]
             mask = named.get("attention_mask")
-            past = cache.get_seq_length(_layer) if cache is not None and mask is None else 0
+            # this layer's cache before the call's keys join it (the wrapper runs first)
+            past = cache.get_seq_length(_layer) if cache is not None else 0
             additive = _additive(mask, q_len, past, hidden.dtype, hidden.device)
             kv = additive.shape[-1]
-            keys = bias.to(hidden.dtype)[:, :kv]
+            # the keys are the last kv positions of past + q_len (a sliding-window cache
+            # keeps only the window); a static cache's kv exceeds them and starts at 0
+            start = max(past + q_len - kv, 0)
+            keys = bias.to(hidden.dtype)[:, start : start + kv]
             if keys.shape[1] < kv:  # decode steps: new keys stand for themselves
                 keys = torch.nn.functional.pad(keys, (0, kv - keys.shape[1]))
             named["attention_mask"] = additive + keys[:, None, None, :]
@@ -85,8 +132,8 @@ def install_size_bias(
 
 
 def _check_implementation(language_config: Any) -> None:
-    implementation = str(getattr(language_config, "_attn_implementation", None) or "")
-    if implementation.startswith("flash") or implementation == "flex_attention":
+    implementation = _implementation(language_config)
+    if _takes_no_additive_mask(implementation):
         raise ValueError(
             "log(size) after a connector merge needs an attention that takes a 4-D additive "
             f"mask (sdpa or eager); the language model uses {implementation!r}. Set "

@@ -23,6 +23,7 @@ get the instruction's text embeddings (``ConnectorInputs.text``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from ...connector.calls import module_weights, reduce_call
 from ...connector.guides import resolve_guide
 from ...patch import TurboPatch
 from ..hf_base import HFAdapter
-from ..llava.adapter import _pad_id, _with_prompt
+from ..llava.adapter import _pad_id
 from ..llava.llm import (
     bind_arguments,
     check_decoder,
@@ -45,7 +46,7 @@ from ..llava.llm import (
     install_decoder_layers,
     start_call,
 )
-from ..llava.modes import VisionLanguagePatch, mode_scope
+from ..llava.modes import VisionLanguagePatch, mode_scope, shrunk_generate
 from ..llava.size_bias import install_size_bias
 from .positions import install_positions, kept_positions
 
@@ -189,25 +190,13 @@ class QwenVLAdapter(HFAdapter):
 
         patch.override(model, "forward", outer_forward)
 
+        def generate_shrink(
+            named: dict[str, Any],
+        ) -> tuple[dict[str, Any], contextlib.AbstractContextManager[Any]]:
+            named, index = shrink(named)
+            return named, kept_positions(index or [])
+
         def generate(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            with mode_scope(patch, kwargs) as modes:
-                check_llm(modes)
-                if "llm" in modes and max(kwargs.get("num_beams", 1) or 1, 1) > 1:
-                    raise ValueError(
-                        "llm mode supports num_beams=1 only (its cache is not reordered)"
-                    )
-                if "connector" not in modes or kwargs.get("pixel_values") is None:
-                    return original(*args, **kwargs)
-                named = dict(kwargs)
-                if args:
-                    named["input_ids"], args = args[0], args[1:]
-                if named.get("inputs") is not None:
-                    named["input_ids"] = named.pop("inputs")
-                prompt = named["input_ids"]
-                named, index = shrink(named)
-                named.pop("position_ids", None)
-                with kept_positions(index or []):
-                    output = original(*args, **named)
-                return _with_prompt(output, prompt, named["input_ids"].shape[1])
+            return shrunk_generate(patch, original, args, kwargs, generate_shrink, check=check_llm)
 
         patch.override(model, "generate", generate)
