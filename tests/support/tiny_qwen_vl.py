@@ -97,3 +97,37 @@ def feed(grids: list[list[tuple[int, int, int]]], seed: int = 1) -> dict[str, to
         "input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
         "image_grid_thw": torch.tensor(flat), "mm_token_type_ids": (ids == IMG).long(),
     }  # fmt: skip
+
+
+def feed_media(rows: list[list[tuple[str, tuple[int, int, int]]]], seed: int = 1) -> dict:
+    """One row per entry of ``rows``: its images and videos (``("image" | "video", grid)``)
+    in prompt order, each in its own ``<vision_start> ... <vision_end>`` run, left padded,
+    with ``mm_token_type_ids`` 1 at image and 2 at video placeholders (as the processor
+    writes them). A video's grid ``(t, h, w)`` has ``t`` temporal patches of two frames."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, grids = [], {"image": [], "video": []}
+    for b, media in enumerate(rows):
+        row = [1, 5 + b, 6]
+        for i, (kind, grid) in enumerate(media):
+            row += [START, *[IMG if kind == "image" else VIDEO] * tokens(grid), END, 7 + i]
+            grids[kind].append(grid)
+        prompts.append([*row, 8, 9 + b, 10 + b])
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
+    out = {
+        "input_ids": ids, "attention_mask": mask,
+        "mm_token_type_ids": (ids == IMG).long() + 2 * (ids == VIDEO).long(),
+    }  # fmt: skip
+    for kind, pixels, grid in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
+        if grids[kind]:
+            patches = sum(t * h * w for t, h, w in grids[kind])
+            out[pixels] = torch.randn(patches, 3 * TEMPORAL * PATCH * PATCH, generator=g)
+            out[grid] = torch.tensor(grids[kind])
+    return out

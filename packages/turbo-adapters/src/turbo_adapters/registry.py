@@ -45,6 +45,7 @@ BUILTIN_ADAPTERS = (
     "turbo_adapters.families.hf_vit:HFDinov2Adapter",
     "turbo_adapters.families.clip:HFCLIPVisionAdapter",
     "turbo_adapters.families.siglip:SiglipVisionAdapter",
+    "turbo_adapters.families.siglip2:Siglip2VisionAdapter",
     "turbo_adapters.families.internvl_vision:InternVLVisionAdapter",
     "turbo_adapters.families.bert:BertAdapter",
     "turbo_adapters.families.timm_eva:TimmEvaAdapter",

@@ -171,12 +171,13 @@ def shrunk_generate(
     shrink: GenerateShrink,
     stages: frozenset[str] = frozenset({"connector"}),
     check: Callable[[frozenset[str]], None] | None = None,
+    media: tuple[str, ...] = ("pixel_values",),
 ) -> Any:
     """One ``generate`` call of a family that cuts the prompt before generating.
 
     Inside the call's :func:`mode_scope`: ``check(modes)`` (a family's own refusals),
     beam search refused in LLM mode, then, when one of ``stages`` is active and the call
-    has ``pixel_values``, the prompt (``input_ids`` given by position, as ``inputs`` or by
+    has one of the ``media`` arguments (``pixel_values``; Qwen adds its videos), the prompt (``input_ids`` given by position, as ``inputs`` or by
     name) goes through ``shrink`` and the original ``generate`` runs on the cut prompt
     (without ``position_ids``: they belong to the caller's prompt). Returns what the
     unpatched model would: the caller's full prompt followed by the new tokens.
@@ -190,7 +191,7 @@ def shrunk_generate(
             check(modes)
         if "llm" in modes and max(kwargs.get("num_beams", 1) or 1, 1) > 1:
             raise ValueError("llm mode supports num_beams=1 only (its cache is not reordered)")
-        if not modes & stages or kwargs.get("pixel_values") is None:
+        if not modes & stages or all(kwargs.get(name) is None for name in media):
             return original(*args, **kwargs)
         named = dict(kwargs)
         if args:

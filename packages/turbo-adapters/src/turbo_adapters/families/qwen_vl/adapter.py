@@ -7,8 +7,12 @@ Stages (``patch.modes`` or ``turbo_mode=`` per call, as for LLaVA):
   tokens, the rows re-padded, and M-RoPE gets the kept tokens' own ``(t, h, w)``
   positions (:mod:`.positions`), so the text after an image keeps its positions, in
   ``forward`` and ``generate``. Qwen3-VL's deepstack features are cut with the same
-  indices (a merged token keeps its kept token's deepstack feature). Videos pass
-  through unreduced (a warning says so).
+  indices (a merged token keeps its kept token's deepstack feature). Qwen2/2.5-VL
+  videos are reduced like images, one frame group (temporal patch) at a time
+  (:mod:`.video`): the budget applies per frame group, the ``<|video_pad|>`` run keeps
+  the kept tokens and M-RoPE their ``(t, h, w)`` positions; the connector record lists
+  images and frame groups in prompt order. Qwen3-VL videos pass through unreduced (a
+  warning says so).
 - ``"llm"``: FastV-style at decoder layer K (:mod:`..llava.llm`); Qwen3-VL needs K at or
   after its deepstack depth (deepstack adds features to the image positions of layers
   0..d-1, which must all still be there).
@@ -29,6 +33,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from turbo_core import TurboConfig
@@ -49,8 +54,12 @@ from ..llava.llm import (
 from ..llava.modes import VisionLanguagePatch, mode_scope, shrunk_generate
 from ..llava.size_bias import install_size_bias
 from .positions import install_positions, kept_positions
+from .video import VisualGroup, per_video, unify_placeholders, visual_groups
 
 __all__ = ["QwenVLAdapter"]
+
+#: per image its kept indices, and per video its kept indices (None: no video reduced)
+Kept = tuple[list[Any], list[torch.Tensor] | None]
 
 TOWER_REFUSAL = (
     "Qwen's vision tower runs packed images split by cu_seqlens (and by windows in "
@@ -118,43 +127,94 @@ class QwenVLAdapter(HFAdapter):
         self, patch: VisionLanguagePatch, model: nn.Module, inner: nn.Module, deepstack: int
     ) -> None:
         image_token = int(inner.config.image_token_id)
+        video_token = int(inner.config.video_token_id)
 
-        def shrink(named: dict[str, Any]) -> tuple[dict[str, Any], list[Any] | None]:
-            """Connector mode: encode, reduce, cut the runs; the kept indices per image."""
-            if "connector" not in patch.active_modes() or named.get("pixel_values") is None:
+        def shrink(named: dict[str, Any]) -> tuple[dict[str, Any], Kept | None]:
+            """Connector mode: encode, reduce, cut the runs; the kept indices per image
+            and per video."""
+            if "connector" not in patch.active_modes():
                 return named, None
-            if named.get("pixel_values_videos") is not None:
+            images = named.get("pixel_values") is not None
+            videos = named.get("pixel_values_videos") is not None
+            if videos and deepstack:
                 warnings.warn(
-                    "connector mode reduces images only; this call's video tokens pass "
-                    "through unreduced",
+                    "connector mode reduces Qwen3-VL's images only (its videos come one frame "
+                    "per run, with timestamps and deepstack video features): this call's "
+                    "video tokens pass through unreduced",
                     RuntimeWarning,
                     stacklevel=4,
                 )
+            if not images and (deepstack or not videos):
+                return named, None  # nothing to reduce: the model encodes its videos itself
             with module_weights(inner):
-                output = inner.get_image_features(
-                    named["pixel_values"], named["image_grid_thw"], return_dict=True
+                image_out = (
+                    inner.get_image_features(
+                        named["pixel_values"], named["image_grid_thw"], return_dict=True
+                    )
+                    if images
+                    else None
                 )
+                # encoded here even when they pass through: the model takes either pixels
+                # or encoder outputs, never both
+                video_out = (
+                    inner.get_video_features(
+                        named["pixel_values_videos"], named["video_grid_thw"], return_dict=True
+                    )
+                    if videos
+                    else None
+                )
+            reduce_videos = video_out is not None and not deepstack
+            image_features = list(image_out.pooler_output) if image_out is not None else []
+            groups = [VisualGroup(False, j) for j in range(len(image_features))]
+            features = image_features
+            ids = named.get("input_ids")
+            if reduce_videos and ids is not None:  # (no ids: reduce_call says what it needs)
+                groups, features = visual_groups(
+                    ids, image_token, video_token, image_features,
+                    list(video_out.pooler_output), named["video_grid_thw"],
+                )  # fmt: skip
+                named = {**named, "input_ids": unify_placeholders(ids, image_token, video_token)}
             guide = resolve_guide(patch.connector.guide, (), "mean", "qwen-vl")
             done = reduce_call(
-                patch, patch.connector, named, list(output.pooler_output), image_token,
+                patch, patch.connector, named, features, image_token,
                 _pad_id(model), embed=inner.get_input_embeddings(), guide=guide,
             )  # fmt: skip
-            index = [k.index for k in done.kept]
-            output = copy.copy(output)
-            output.pooler_output = tuple(k.tokens for k in done.kept)
-            if getattr(output, "deepstack_features", None) is not None:
-                output.deepstack_features = [
-                    tuple(f[i.to(f.device)] for f, i in zip(level, index, strict=True))
-                    for level in output.deepstack_features
-                ]
             named = done.named
-            named.pop("pixel_values")
-            named["mm_encoder_outputs"] = {
-                **(named.get("mm_encoder_outputs") or {}),
-                "image": output,
-            }
+            if reduce_videos and ids is not None:  # the real ids at the kept columns
+                short = named["input_ids"]
+                columns = done.shortened.columns.to(ids.device)
+                named["input_ids"] = torch.where(
+                    short == image_token, ids.gather(1, columns), short
+                )
+            images_kept = {g.item: k for g, k in zip(groups, done.kept, strict=True) if not g.video}
+            index = [images_kept[j].index for j in range(len(image_features))]
+            encoded = dict(named.get("mm_encoder_outputs") or {})
+            if image_out is not None:
+                image_out = copy.copy(image_out)
+                image_out.pooler_output = tuple(
+                    images_kept[j].tokens for j in range(len(image_features))
+                )
+                if getattr(image_out, "deepstack_features", None) is not None:
+                    image_out.deepstack_features = [
+                        tuple(f[i.to(f.device)] for f, i in zip(level, index, strict=True))
+                        for level in image_out.deepstack_features
+                    ]
+                encoded["image"] = image_out
+                named.pop("pixel_values")
+            kept_videos = None
+            if video_out is not None:
+                if reduce_videos:
+                    tokens, kept_videos = per_video(
+                        groups, [k.tokens for k in done.kept], [k.index for k in done.kept],
+                        len(video_out.pooler_output),
+                    )  # fmt: skip
+                    video_out = copy.copy(video_out)
+                    video_out.pooler_output = tuple(tokens)
+                encoded["video"] = video_out
+                named.pop("pixel_values_videos")
+            named["mm_encoder_outputs"] = encoded
             named["position_ids"] = None  # recomputed for the shortened prompt
-            return named, index
+            return named, (index, kept_videos)
 
         def check_llm(modes: frozenset[str]) -> None:
             if "llm" in modes and patch.llm.layer < deepstack:
@@ -166,13 +226,13 @@ class QwenVLAdapter(HFAdapter):
         def inner_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             with mode_scope(patch, kwargs) as modes:
                 check_llm(modes)
-                named, index = shrink(bind_arguments(original, args, kwargs))
+                named, kept = shrink(bind_arguments(original, args, kwargs))
                 ids = named.get("input_ids")
                 image_mask = ids == image_token if "llm" in modes and ids is not None else None
                 call = start_call(patch.llm, named, image_mask, inner.language_model.config)
-                if index is None:
+                if kept is None:
                     return forward_in_call(call, original, named)
-                with kept_positions(index):
+                with kept_positions(*kept):
                     return forward_in_call(call, original, named)
 
         patch.override(inner, "forward", inner_forward)
@@ -182,10 +242,10 @@ class QwenVLAdapter(HFAdapter):
         def outer_forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             with mode_scope(patch, kwargs) as modes:
                 check_llm(modes)
-                named, index = shrink(bind_arguments(original, args, kwargs))
-                if index is None:
+                named, kept = shrink(bind_arguments(original, args, kwargs))
+                if kept is None:
                     return original(**named)
-                with kept_positions(index):
+                with kept_positions(*kept):
                     return original(**named)
 
         patch.override(model, "forward", outer_forward)
@@ -193,10 +253,18 @@ class QwenVLAdapter(HFAdapter):
         def generate_shrink(
             named: dict[str, Any],
         ) -> tuple[dict[str, Any], contextlib.AbstractContextManager[Any]]:
-            named, index = shrink(named)
-            return named, kept_positions(index or [])
+            named, kept = shrink(named)
+            return named, kept_positions(*(kept or ([], None)))
 
         def generate(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            return shrunk_generate(patch, original, args, kwargs, generate_shrink, check=check_llm)
+            return shrunk_generate(
+                patch,
+                original,
+                args,
+                kwargs,
+                generate_shrink,
+                check=check_llm,
+                media=("pixel_values", "pixel_values_videos"),
+            )
 
         patch.override(model, "generate", generate)

@@ -1,11 +1,11 @@
-"""M-RoPE positions of the kept image tokens (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+"""M-RoPE positions of the kept image and video tokens (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 
 The model computes a prompt's 3-D positions in ``get_rope_index``, asking
-``get_vision_position_ids`` for each image's full ``(t, h, w)`` grid and advancing the
-text position by the grid's extent (not by the token count). While a connector call is
-active, the two wrappers below hand each image only its kept tokens' grid positions; the
-text after an image keeps its positions, and ``rope_deltas`` (which decode steps use)
-come out right for the shortened prompt.
+``get_vision_position_ids`` for each image's (and each video's) full ``(t, h, w)`` grid and
+advancing the text position by the grid's extent (not by the token count). While a
+connector call is active, the two wrappers below hand each image and each video only its
+kept tokens' grid positions; the text after them keeps its positions, and ``rope_deltas``
+(which decode steps use) come out right for the shortened prompt.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from ..llava.llm import bind_arguments
 
 __all__ = ["install_positions", "kept_positions"]
 
-#: per image (batch order), its kept tokens' indices, while a connector call runs
-_KEPT: contextvars.ContextVar[Sequence[torch.Tensor] | None] = contextvars.ContextVar(
-    "turbo_qwen_kept", default=None
-)
+#: per image and per video (batch order), the kept tokens' indices, while a connector call
+#: runs (videos None: every video keeps all its positions)
+_KEPT: contextvars.ContextVar[
+    tuple[Sequence[torch.Tensor], Sequence[torch.Tensor] | None] | None
+] = contextvars.ContextVar("turbo_qwen_kept", default=None)
 #: during one get_rope_index: per vision group in its order, the indices (None: all)
 _QUEUE: contextvars.ContextVar[Iterator[torch.Tensor | None] | None] = contextvars.ContextVar(
     "turbo_qwen_queue", default=None
@@ -35,9 +36,13 @@ _QUEUE: contextvars.ContextVar[Iterator[torch.Tensor | None] | None] = contextva
 
 
 @contextlib.contextmanager
-def kept_positions(kept: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Inside, position computations give image ``j`` the positions of ``kept[j]`` only."""
-    token = _KEPT.set(kept)
+def kept_positions(
+    kept: Sequence[torch.Tensor], videos: Sequence[torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Inside, position computations give image ``j`` the positions of ``kept[j]`` only,
+    and video ``v`` those of ``videos[v]`` (indices into the video's ``t * h * w / 4``
+    tokens, frame group after frame group; None: videos keep all their positions)."""
+    token = _KEPT.set((kept, videos))
     try:
         yield
     finally:
@@ -62,8 +67,16 @@ def install_positions(patch: TurboPatch, inner: nn.Module) -> None:
             return original(*args, **kwargs)
         named = bind_arguments(original, args, kwargs)
         order = _groups(named["mm_token_type_ids"], named.get("attention_mask"))
-        images = iter(kept)
-        queue = iter([next(images, None) if key == 1 else None for key in order])
+        images = iter(kept[0])
+        videos = iter(kept[1]) if kept[1] is not None else None
+        queue = iter(
+            [
+                next(images, None) if key == 1
+                else next(videos, None) if key == 2 and videos is not None
+                else None
+                for key in order
+            ]
+        )  # fmt: skip
         token = _QUEUE.set(queue)
         try:
             return original(*args, **kwargs)

@@ -1,0 +1,221 @@
+"""Qwen2-VL / Qwen2.5-VL videos at the connector stage: each frame group (temporal patch)
+reduced like an image, against the unpatched model fed a hand-built oracle (the shortened
+prompt, the method's tokens, the FULL prompt's M-RoPE positions at the kept columns)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from support import connector_methods as cm
+from support import tiny_llava as tl
+from support import tiny_qwen_vl as tq
+
+import turbo_adapters as ta
+from turbo_adapters.connector import ConnectorReduction, connector_counts, last_connector
+from turbo_adapters.families.qwen_vl.video import placeholder_order
+from turbo_core.connector import ConnectorInputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NEW = 4
+VIDEO_KINDS = ("qwen2_vl", "qwen2_5_vl")
+#: two rows: an image then a 2-frame-group video; a video alone (different lengths)
+MEDIA = [
+    [("image", (1, 4, 6)), ("video", (2, 4, 4))],
+    [("video", (3, 2, 4))],
+]
+FRACTION = 0.5
+
+
+def _types(ids: torch.Tensor) -> torch.Tensor:
+    return (ids == tq.IMG).long() + 2 * (ids == tq.VIDEO).long()
+
+
+def _strided(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    reduced = cm.keep_strided(ConnectorInputs(features[None]), k)
+    return reduced.tokens[0], reduced.index[0]
+
+
+def _oracle(model: Any, feed: dict[str, Any], fraction: float) -> tuple[dict, torch.Tensor, list]:
+    """The unpatched model's inputs for the reduced call, built by hand: every image and
+    every frame group keeps ``ceil(fraction * n)`` strided tokens (the test method)."""
+    inner = model.model
+    with torch.no_grad():
+        images = inner.get_image_features(
+            feed["pixel_values"], feed["image_grid_thw"], return_dict=True
+        )
+        videos = inner.get_video_features(
+            feed["pixel_values_videos"], feed["video_grid_thw"], return_dict=True
+        )
+        full, _ = inner.get_rope_index(
+            feed["input_ids"], feed["mm_token_type_ids"], image_grid_thw=feed["image_grid_thw"],
+            video_grid_thw=feed["video_grid_thw"], attention_mask=feed["attention_mask"],
+        )  # fmt: skip
+    kept = {"image": [], "video": []}  # per item: (tokens, index)
+    for f in images.pooler_output:
+        kept["image"].append(_strided(f, math.ceil(fraction * f.shape[0])))
+    for f, (t, _h, _w) in zip(videos.pooler_output, feed["video_grid_thw"].tolist(), strict=True):
+        n = f.shape[0] // t
+        parts = [_strided(f[i * n : (i + 1) * n], math.ceil(fraction * n)) for i in range(t)]
+        kept["video"].append(
+            (
+                torch.cat([p[0] for p in parts]),
+                torch.cat([p[1] + i * n for i, p in enumerate(parts)]),
+            )
+        )
+    images, videos = copy.copy(images), copy.copy(videos)
+    images.pooler_output = tuple(t for t, _ in kept["image"])
+    videos.pooler_output = tuple(t for t, _ in kept["video"])
+    prompts, columns, seen, group_tokens = [], [], {"image": 0, "video": 0}, []
+    for row in range(feed["input_ids"].shape[0]):
+        keep, run, kind = [], 0, None
+        for c in feed["attention_mask"][row].nonzero().squeeze(-1).tolist():
+            token = int(feed["input_ids"][row, c])
+            if token not in (tq.IMG, tq.VIDEO):
+                if kind is not None:
+                    seen[kind] += 1
+                keep.append(c)
+                run, kind = 0, None
+                continue
+            kind = "image" if token == tq.IMG else "video"
+            if run in set(kept[kind][seen[kind]][1].tolist()):
+                keep.append(c)
+            run += 1
+        prompts.append(feed["input_ids"][row, keep].tolist())
+        columns.append(keep)
+    ids, mask = tl.left_pad(prompts)
+    positions = torch.zeros(3, *ids.shape, dtype=torch.long)
+    for row, keep in enumerate(columns):
+        positions[:, row, ids.shape[1] - len(keep) :] = full[:, row, keep]
+    oracle = {
+        "input_ids": ids, "attention_mask": mask, "mm_token_type_ids": _types(ids),
+        "mm_encoder_outputs": {"image": images, "video": videos}, "position_ids": positions,
+    }  # fmt: skip
+    for media in MEDIA:  # images and frame groups in prompt order: what the stage counts
+        for kind, (t, h, w) in media:
+            n = h * w // tq.MERGE**2
+            group_tokens += [n] if kind == "image" else [n] * t
+    return oracle, positions, group_tokens
+
+
+def _greedy(model: Any, oracle: dict, positions: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding by full recomputation (no cache): new tokens take the positions
+    after each row's highest prompt position, one by one."""
+    ids, mask = oracle["input_ids"], oracle["attention_mask"]
+    nxt = positions.amax(dim=(0, 2)) + 1
+    out = []
+    for step in range(NEW):
+        feed = {**oracle, "input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                "mm_token_type_ids": _types(ids)}  # fmt: skip
+        with torch.no_grad():
+            token = model(**feed).logits[:, -1].argmax(-1)
+        out.append(token)
+        ids = torch.cat([ids, token[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        positions = torch.cat([positions, (nxt + step).view(1, -1, 1).expand(3, -1, 1)], 2)
+    return torch.stack(out, 1)
+
+
+def _positions_seen(model: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module: Any, args: Any, kwargs: dict) -> None:
+        seen.setdefault("positions", kwargs["position_ids"])
+
+    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("kind", VIDEO_KINDS)
+def test_video_keep_all_equals_the_unpatched_model(kind: str) -> None:
+    model = tq.build(kind)
+    feed = tq.feed_media(MEDIA)
+    with torch.no_grad():
+        ref_logits = model(**feed).logits
+        ref = model.generate(**feed, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    patch = ta.apply(model)
+    patch.connector = ConnectorReduction(budget=1.0)
+    with torch.no_grad():
+        got_logits = model(**feed).logits
+        got = model.generate(**feed, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    torch.testing.assert_close(got_logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got, ref)
+    record = last_connector(patch)
+    assert record.tokens_out == record.tokens_in and len(record.tokens_in) == 6  # 1 + 2 + 3
+
+
+@pytest.mark.parametrize("kind", VIDEO_KINDS)
+def test_video_kept_half_equals_the_oracle_with_kept_positions(kind: str) -> None:
+    model = tq.build(kind)
+    feed = tq.feed_media(MEDIA)
+    oracle, positions, group_tokens = _oracle(model, feed, FRACTION)
+    with torch.no_grad():
+        want_logits = model(**oracle).logits
+    want = _greedy(model, oracle, positions)
+    patch = ta.apply(model)
+    patch.connector = ConnectorReduction(budget=FRACTION, method=cm.STRIDED, size_bias=False)
+    seen, handle = _positions_seen(model)
+    with torch.no_grad():
+        got_logits = model(**feed).logits
+    handle.remove()
+    valid = oracle["attention_mask"].bool()
+    # M-RoPE: the kept columns carry the full prompt's own positions
+    assert torch.equal(seen["positions"][-3:][:, valid], positions[:, valid])
+    torch.testing.assert_close(got_logits[valid], want_logits[valid], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        got = model.generate(**feed, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    assert torch.equal(got[:, feed["input_ids"].shape[1] :], want)
+    # counts known in advance: the budget rule per image and per frame group
+    assert last_connector(patch).tokens_out == tuple(connector_counts(FRACTION, group_tokens))
+    assert oracle["input_ids"].shape[1] < feed["input_ids"].shape[1]
+
+
+def test_qwen3_vl_video_passes_through_with_a_warning() -> None:
+    model = tq.build("qwen3_vl")
+    feed = tq.feed_media([[("image", (1, 4, 4)), ("video", (1, 4, 4))]])
+    with torch.no_grad():
+        ref = model(**feed).logits
+    patch = ta.apply(model)
+    patch.connector = ConnectorReduction(budget=1.0)
+    warns = pytest.warns(RuntimeWarning, match="video tokens pass through unreduced")
+    with warns, torch.no_grad():
+        got = model(**feed).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert last_connector(patch).tokens_in == (4,)  # the image only
+
+
+def test_placeholders_that_do_not_match_the_media_are_refused() -> None:
+    feed = tq.feed_media(MEDIA)
+    ids = feed["input_ids"]
+    order = placeholder_order(ids, tq.IMG, tq.VIDEO, [6], [8, 6])
+    assert order == [(False, 0), (True, 0), (True, 1)]
+    with pytest.raises(ValueError, match="video placeholders but"):
+        placeholder_order(ids, tq.IMG, tq.VIDEO, [6], [8, 5])
+    mixed = torch.tensor([[1, tq.IMG, tq.VIDEO, tq.IMG, tq.VIDEO, 2]])
+    with pytest.raises(ValueError, match="interleaved"):
+        placeholder_order(mixed, tq.IMG, tq.VIDEO, [2], [2])
+
+
+@pytest.mark.parametrize("kind", VIDEO_KINDS)
+def test_video_only_prompts_run_with_counts_known_in_advance(kind: str) -> None:
+    """Videos without images, Turbo's own method and a count per frame group: forward and
+    generate run, every frame group keeps the budget, the prompt shrinks by the rest."""
+    model = tq.build(kind)
+    feed = tq.feed_media([[("video", (2, 4, 6))], [("video", (1, 4, 4))]])
+    feed = {k: v for k, v in feed.items() if k not in ("pixel_values", "image_grid_thw")}
+    patch = ta.apply(model)
+    patch.connector = ConnectorReduction(budget=2)
+    with torch.no_grad():
+        logits = model(**feed).logits
+        out = model.generate(**feed, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    record = last_connector(patch)
+    assert record.tokens_in == (6, 6, 4)
+    assert record.tokens_out == tuple(connector_counts(2, [6, 6, 4])) == (2, 2, 2)
+    lengths = feed["attention_mask"].sum(1).tolist()  # rows drop 12 - 4 and 4 - 2 tokens
+    assert logits.shape[1] == max(lengths[0] - 8, lengths[1] - 2)
+    assert torch.isfinite(logits).all() and out.shape[1] == feed["input_ids"].shape[1] + NEW
