@@ -87,9 +87,6 @@ SKIP = {
     "torch_pruning": "no pruning rule for diffusers' transformer blocks here",
     "torchao_int8": "torchao is not in this environment's test set for diffusers models",
 }
-#: SD3 and FLUX rank by redundancy alone (no cross-attention map to take alpha from)
-JOINT_SKIP = {**SKIP, "alpha0_equals_redundancy": "no text cross-attention: alpha is 0 there"}
-
 CASES = [
     Case(
         "diffusers-pixart",
@@ -119,7 +116,7 @@ CASES = [
         blocks,
         None,
         None,
-        cannot=JOINT_SKIP,
+        cannot=SKIP,
         ops=DiTOps(64, ("attn1", "ff"), 2),
     ),
     Case(
@@ -135,7 +132,7 @@ CASES = [
         blocks,
         None,
         None,
-        cannot=JOINT_SKIP,
+        cannot=SKIP,
         ops=DiTOps(64, ("attn1", "ff"), 2),
     ),
     Case(
@@ -153,7 +150,7 @@ CASES = [
         blocks,
         None,
         None,
-        cannot=JOINT_SKIP,
+        cannot=SKIP,
         ops=DiTOps(64, ("ff",), 3),
     ),
 ]
