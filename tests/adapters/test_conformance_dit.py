@@ -136,8 +136,6 @@ CASES = [
         ops=DiTOps(64, ("attn1", "ff"), 2),
     ),
     Case(
-        # ff only: rows of a batch with different plans run FLUX's attention unmerged (one
-        # rotary table per call; reported, see test_dit.py), which the kit's batches are
         "diffusers-flux",
         tiny_dit.tiny_flux,
         lambda b: positional(
@@ -151,7 +149,7 @@ CASES = [
         None,
         None,
         cannot=SKIP,
-        ops=DiTOps(64, ("ff",), 3),
+        ops=DiTOps(64, ("attn1", "ff"), 3),
     ),
 ]
 

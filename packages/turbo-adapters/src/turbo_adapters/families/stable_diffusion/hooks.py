@@ -20,6 +20,11 @@ Diffusion transformers (:mod:`.layout` maps their blocks onto the same slots): a
 (MMDiT) block with the semantic term on is planned at its first slot call instead of
 its pre-hook, since the text's attention over the image
 (:func:`.guide.joint_text_attention`) needs the normed streams the attention receives.
+Under FLUX's rotary embedding, batch rows whose plans keep different tokens need
+different rows of the one ``(cos, sin)`` table the processor applies to the whole
+batch: the attention runs once per group of rows sharing their kept tokens (the hooked
+call takes the first group, the restore hook calls the module's ``forward`` for the
+others and puts the rows back in order).
 """
 
 from __future__ import annotations
@@ -78,11 +83,21 @@ class CallStats:
 
 
 @dataclasses.dataclass
+class _Split:
+    """A call whose batch rows need different rotary rows, run one group of rows at a
+    time: the hooked call runs the first group, the restore hook the others."""
+
+    order: torch.Tensor  # (B,) the rows, group after group
+    rest: list[tuple[tuple[Any, ...], dict[str, Any]]]  # (args, kwargs) of the other groups
+
+
+@dataclasses.dataclass
 class _Pending:
-    """What a slot's forward hook does to the output: restore it (or keep it merged)."""
+    """What a slot's forward hook does to the output: gather its row groups, restore."""
 
     plan: MergePlan | SoftPlan | None  # None: the output stays merged (a chained slot)
     prefix: int = 0
+    split: _Split | None = None
 
 
 @dataclasses.dataclass
@@ -412,8 +427,6 @@ class DenoiserHooks:
         extra = kwargs.get("joint_attention_kwargs") or {}
         if extra.get("attention_mask") is not None or extra.get("ip_adapter_masks") is not None:
             return
-        if kwargs.get("image_rotary_emb") is not None and not _one_plan(plan):
-            return
         call.chained[id(block)] = plan
 
     def _peer_plans(
@@ -527,9 +540,6 @@ class DenoiserHooks:
             reason = "IP-Adapter masks per position"
         elif isinstance(plan, ToDoPlan) and not slot.kv:
             reason = "ToDo needs a self-attention that takes its keys and values apart"
-        elif rotary is not None and not _one_plan(plan):
-            # one (cos, sin) table serves every row: rows must keep the same tokens
-            reason = "rows of the batch follow different plans under one rotary table"
         if reason is not None:
             call.stats.passed.append((name, component, reason))
             return None
@@ -548,8 +558,9 @@ class DenoiserHooks:
             return merger.merge(tokens, plan)[0]
 
         merged = torch.cat([x[:, :prefix], merge(x[:, prefix:])], 1) if prefix else merge(x)
-        call.pending[id(module)] = _Pending(plan, prefix)
-        return _merged_call(merged, plan, x, prefix, rotary, args, kwargs)
+        pending = _Pending(plan, prefix)
+        call.pending[id(module)] = pending
+        return _merged_call(pending, merged, plan, x, prefix, rotary, args, kwargs)
 
     def _plan_joint(
         self,
@@ -674,8 +685,9 @@ class DenoiserHooks:
                 image = call.site_call.reducer.merger.merge(x[:, prefix:], plan)[0]
             merged = torch.cat([x[:, :prefix], image], 1) if prefix else image
             call.chain_input[block] = (x, merged)
-        call.pending[id(module)] = _Pending(None, prefix)  # stays merged: ``out`` restores
-        return _merged_call(merged, plan, x, prefix, rotary, args, kwargs)
+        pending = _Pending(None, prefix)  # the output stays merged (``out`` restores)
+        call.pending[id(module)] = pending
+        return _merged_call(pending, merged, plan, x, prefix, rotary, args, kwargs)
 
     def _merge_keys(
         self,
@@ -700,6 +712,11 @@ class DenoiserHooks:
         pending = call.pending.pop(key, None)
         if pending is None:
             return None
+        if pending.split is not None:
+            # the other row groups, each with its own rotary rows (this module's own
+            # forward: its hooks, Turbo's included, ran once for the whole call)
+            outputs = [output] + [module.forward(*a, **k) for a, k in pending.split.rest]
+            output = _gather_rows(outputs, pending.split.order)
         plan, prefix = pending.plan, pending.prefix
         if plan is None:
             return output
@@ -736,6 +753,7 @@ def _fitting_mask(
 
 
 def _merged_call(
+    pending: _Pending,
     merged: torch.Tensor,
     plan: MergePlan | SoftPlan,
     x: torch.Tensor,
@@ -744,37 +762,82 @@ def _merged_call(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The slot's call on its merged input, with the merged sequence's rotary rows."""
-    if rotary is not None:
-        kwargs = {**kwargs, "image_rotary_emb": _rotary_rows(rotary, plan, x, prefix, kwargs)}
+    """The slot's call on its merged input; with rotary rows, rows whose plans keep
+    different tokens run group by group (each group its own rows of the table): the
+    hooked call takes the first group, ``pending.split`` holds the others."""
     if args:
-        return (merged, *args[1:]), kwargs
-    key = "hidden_states" if "hidden_states" in kwargs else "input"
-    return args, {**kwargs, key: merged}
+        args = (merged, *args[1:])
+    else:
+        key = "hidden_states" if "hidden_states" in kwargs else "input"
+        kwargs = {**kwargs, key: merged}
+    if rotary is None:
+        return args, kwargs
+    groups = _row_groups(plan)
+    if len(groups) == 1:
+        return args, {**kwargs, "image_rotary_emb": _rotary_rows(rotary, plan, x, prefix, kwargs)}
+    batch = merged.shape[0]
+    calls = []
+    for rows in groups:
+        table = _rotary_rows(rotary, plan, x, prefix, kwargs, row=int(rows[0]))
+        group_kwargs = {k: _take_rows(v, rows, batch) for k, v in kwargs.items()}
+        group_kwargs["image_rotary_emb"] = table
+        calls.append((_take_rows(args, rows, batch), group_kwargs))
+    pending.split = _Split(torch.cat(groups), calls[1:])
+    return calls[0]
 
 
-def _one_plan(plan: MergePlan | SoftPlan) -> bool:
-    """Whether every row of the batch keeps and merges the same tokens."""
-    if plan.batch_size == 1:
-        return True
-    if isinstance(plan, SoftPlan):
-        return bool((plan.dst_idx == plan.dst_idx[:1]).all())
-    return bool(
-        (plan.kept_idx == plan.kept_idx[:1]).all()
-        and (plan.merged_idx == plan.merged_idx[:1]).all()
-        and (plan.merged_into == plan.merged_into[:1]).all()
-    )
+def _row_groups(plan: MergePlan | SoftPlan) -> list[torch.Tensor]:
+    """Rows of the batch grouped by the tokens their plan keeps as slot seeds (rows of
+    a group share their rotary rows); the group of row 0 first."""
+    seeds = plan.dst_idx if isinstance(plan, SoftPlan) else plan.kept_idx
+    if seeds.shape[0] == 1:
+        return [torch.zeros(1, dtype=torch.long)]
+    inverse = torch.unique(seeds, dim=0, return_inverse=True)[1]
+    groups: dict[int, list[int]] = {}
+    for row, group in enumerate(inverse.tolist()):
+        groups.setdefault(group, []).append(row)
+    return [torch.tensor(rows) for rows in groups.values()]
+
+
+def _take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """``value`` (a tensor, or lists / tuples / dicts of them) at batch ``rows``; tensors
+    whose first dimension is not the batch stay whole."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == batch:
+            return value.index_select(0, rows.to(value.device))
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)([_take_rows(v, rows, batch) for v in value])
+    if isinstance(value, dict):
+        return {k: _take_rows(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+def _gather_rows(outputs: list[Any], order: torch.Tensor) -> Any:
+    """The groups' outputs put back in batch order (``order``: the rows, group by group)."""
+    first = outputs[0]
+    if isinstance(first, tuple):
+        return tuple(_gather_rows([o[i] for o in outputs], order) for i in range(len(first)))
+    if not isinstance(first, torch.Tensor):
+        return first
+    inverse = order.argsort().to(first.device)
+    return torch.cat(outputs, dim=0).index_select(0, inverse)
 
 
 def _rotary_rows(
-    rotary: Any, plan: MergePlan | SoftPlan, x: torch.Tensor, prefix: int, kwargs: dict[str, Any]
+    rotary: Any,
+    plan: MergePlan | SoftPlan,
+    x: torch.Tensor,
+    prefix: int,
+    kwargs: dict[str, Any],
+    row: int = 0,
 ) -> Any:
-    """The rotary rows of the merged sequence: the text's rows, then each slot's seed
-    token's row (a merged token takes its destination's position; rotated keys are
-    never averaged, the rotation applies after the merge)."""
+    """The rotary rows of row ``row`` 's merged sequence: the text's rows, then each
+    slot's seed token's row (a merged token takes its destination's position; rotated
+    keys are never averaged, the rotation applies after the merge)."""
     text = kwargs.get("encoder_hidden_states")
     text_len = prefix or (text.shape[1] if isinstance(text, torch.Tensor) else 0)
-    seeds = plan.dst_idx[0] if isinstance(plan, SoftPlan) else plan.kept_idx[0]
+    seeds = plan.dst_idx[row] if isinstance(plan, SoftPlan) else plan.kept_idx[row]
     keep = seeds.to(x.device) + text_len
     rows = torch.cat([torch.arange(text_len, device=x.device), keep])
 
