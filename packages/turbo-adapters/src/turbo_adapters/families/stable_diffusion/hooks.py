@@ -727,14 +727,23 @@ class DenoiserHooks:
                 return plan.restore(tokens)
             return restorer.restore(tokens, plan)
 
-        # joint attention returns (image, text): only the image part was merged
-        first = output[0] if isinstance(output, tuple) else output
-        first = (
-            torch.cat([first[:, :prefix], restore(first[:, prefix:])], 1)
-            if prefix
-            else restore(first)
-        )
-        return (first, *output[1:]) if isinstance(output, tuple) else first
+        def restore_image(tokens: torch.Tensor) -> torch.Tensor:
+            if prefix:
+                return torch.cat([tokens[:, :prefix], restore(tokens[:, prefix:])], 1)
+            return restore(tokens)
+
+        if not isinstance(output, tuple):
+            return restore_image(output)
+        # joint attention returns (image, text), only the image part was merged; FLUX's
+        # IP-Adapter processor adds a third output, its image tokens' attention to the
+        # reference image, as merged as its queries were: restored alike
+        merged_len = prefix + plan.num_tokens - plan.r
+        extra = [
+            restore_image(t) if isinstance(t, torch.Tensor) and t.dim() == 3
+            and t.shape[1] == merged_len else t
+            for t in output[2:]
+        ]  # fmt: skip
+        return (restore_image(output[0]), *output[1:2], *extra)
 
 
 #: diffusers' blocks with one joint attention over ``[text; image]`` (MMDiT)
