@@ -101,6 +101,7 @@ SETTINGS: list[tuple[str, dict[str, Any] | None]] = [
     ("unpatched", None),
     ("turbo 0.5", {"ratio": 0.5}),
     ("redundancy 0.5", {"ratio": 0.5, "alpha": 0.0, "mode": "redundancy"}),
+    ("turbo semantic 0.5", {"ratio": 0.5, "alpha": 0.1}),  # the "dit-semantic" preset
     ("turbo attn-only 0.5", {"ratio_attn1": 0.5, "ratio_ff": 0.0}),
     ("todo x2", {"ratio_attn1": 0.5, "ratio_ff": 0.0, "method": "todo"}),
     ("toma 0.5", {"ratio": 0.5, "method": "toma"}),
@@ -182,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="settings to run beside the unpatched model")
+    parser.add_argument(
+        "--cfg-halves",
+        action="store_true",
+        help="tell the patch the batch is a CFG pair (one plan and one semantic map for both "
+        "halves, as in a pipeline with classifier-free guidance)",
+    )
     parser.add_argument("--json", help="write the rows to this JSON file (for dit_pareto.py)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -198,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, kwargs in settings:
         models[name] = build(args.model, args.blocks, args.px)
         if kwargs is not None:
-            turbo_adapters.apply(models[name], use_rand=False, **kwargs)
+            pair = (
+                {"cfg_halves": True} if args.cfg_halves and kwargs.get("method") != "todo" else {}
+            )
+            turbo_adapters.apply(models[name], use_rand=False, **kwargs, **pair)
     params = sum(p.numel() for p in models["unpatched"].parameters()) / 1e6
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model} at "

@@ -30,6 +30,7 @@ from turbo_eval.generation import psnr, ssim
 SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("turbo 0.5", {"ratio": 0.5}),
     ("redundancy 0.5", {"ratio": 0.5, "alpha": 0.0, "mode": "redundancy"}),
+    ("turbo semantic 0.5", {"ratio": 0.5, "alpha": 0.1}),  # the "dit-semantic" preset
     ("turbo attn-only 0.5", {"ratio_attn1": 0.5, "ratio_ff": 0.0}),
     ("todo x2", {"ratio_attn1": 0.5, "ratio_ff": 0.0, "method": "todo"}),
     ("toma 0.5", {"ratio": 0.5, "method": "toma"}),

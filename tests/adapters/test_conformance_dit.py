@@ -87,9 +87,6 @@ SKIP = {
     "torch_pruning": "no pruning rule for diffusers' transformer blocks here",
     "torchao_int8": "torchao is not in this environment's test set for diffusers models",
 }
-#: SD3 and FLUX rank by redundancy alone (no cross-attention map to take alpha from)
-JOINT_SKIP = {**SKIP, "alpha0_equals_redundancy": "no text cross-attention: alpha is 0 there"}
-
 CASES = [
     Case(
         "diffusers-pixart",
@@ -119,7 +116,7 @@ CASES = [
         blocks,
         None,
         None,
-        cannot=JOINT_SKIP,
+        cannot=SKIP,
         ops=DiTOps(64, ("attn1", "ff"), 2),
     ),
     Case(
@@ -135,12 +132,10 @@ CASES = [
         blocks,
         None,
         None,
-        cannot=JOINT_SKIP,
+        cannot=SKIP,
         ops=DiTOps(64, ("attn1", "ff"), 2),
     ),
     Case(
-        # ff only: rows of a batch with different plans run FLUX's attention unmerged (one
-        # rotary table per call; reported, see test_dit.py), which the kit's batches are
         "diffusers-flux",
         tiny_dit.tiny_flux,
         lambda b: positional(
@@ -153,8 +148,8 @@ CASES = [
         blocks,
         None,
         None,
-        cannot=JOINT_SKIP,
-        ops=DiTOps(64, ("ff",), 3),
+        cannot=SKIP,
+        ops=DiTOps(64, ("attn1", "ff"), 3),
     ),
 ]
 

@@ -166,10 +166,9 @@ def test_batch_rows_equal_single_rows(name):
     build, inputs = MODELS[name]
     model = build()
     x = inputs(3)
-    # FLUX: one rotary table serves the batch, so rows with different plans run the
-    # attention unmerged (reported: see the pass-through test); the feed-forwards merge
-    settings = {"ratio_attn1": 0.0, "ratio_ff": 0.5} if name == "flux" else {"ratio": 0.5}
-    with ta.patched(model, **settings, alpha=0.0) as patch:
+    # FLUX: rows with different plans run the attention group by group, each with its
+    # own rotary rows (see test_flux_batch_rows_with_different_plans_equal_each_row_alone)
+    with ta.patched(model, ratio=0.5, alpha=0.0) as patch:
         batched = run(model, x)
         for b in range(3):
             patch.new_generation()
@@ -276,14 +275,35 @@ def test_flux_rotary_rows_follow_the_merge():
     torch.testing.assert_close(out["y"][0], expected, rtol=1e-9, atol=1e-10)
 
 
-def test_flux_batch_with_different_plans_reports_the_attention_pass_through():
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"alpha": 0.1}, {"method": "toma"}],
+    ids=["redundancy", "semantic", "toma"],
+)
+def test_flux_batch_rows_with_different_plans_equal_each_row_alone(settings):
+    """Rows that keep different tokens need different rotary rows: the attention runs
+    per group of rows, each with its own rows of the table. Oracle: each row alone."""
     model = tiny_flux()
-    with ta.patched(model, ratio=0.5) as patch:
-        run(model, flux_inputs(2))
-    stats = stats_of(patch)
-    assert stats.merged["attn1"] == 0 and stats.merged["ff"] > 0
-    assert {c for _, c, _ in stats.passed} == {"attn1"}
-    assert "different plans" in stats.passed[0][2]
+    x = flux_inputs(2)  # two different latents
+    recording = Recording()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TurboBypassWarning)
+        with ta.patched(model, ratio=0.5, restorer=recording, **settings) as patch:
+            batched = run(model, x)
+            stats = stats_of(patch)
+            for b in range(2):
+                patch.new_generation()
+                row = {
+                    k: v[b : b + 1] if k not in ("img_ids", "txt_ids") else v for k, v in x.items()
+                }
+                alone = run(model, row)
+                torch.testing.assert_close(alone, batched[b : b + 1], rtol=1e-4, atol=1e-5)
+    # 1 double and 2 single blocks, every attention merged, none passed through
+    assert stats.merged["attn1"] == 3 and not stats.passed
+    if settings.get("method") != "toma":
+        plan = recording.plans[0]  # the double block's attention
+        assert plan.batch_size == 2 and not torch.equal(plan.kept_idx[0], plan.kept_idx[1])
+    assert not torch.allclose(batched, run(model, x), atol=1e-6)  # merging acted
 
 
 def test_flux_single_blocks_merge_only_the_image_part():

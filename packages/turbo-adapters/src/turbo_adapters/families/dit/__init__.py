@@ -3,10 +3,15 @@ image tokens, through pipelines and bare transformers.
 
 The mechanism is the Stable Diffusion family's (:mod:`..stable_diffusion.hooks`) with
 the block layouts of :mod:`..stable_diffusion.layout`: text tokens never merge, the
-joint attentions restore their image output, FLUX's rotary rows follow the merge.
+joint attentions restore their image output, FLUX's rotary rows follow the merge (per
+batch row when rows keep different tokens). Redundancy alone by default; the
+``"dit-semantic"`` preset adds the text's attention over the image (see
+:mod:`.adapter`).
 """
 
 from .adapter import (
+    DIT_PRESETS,
+    DIT_SEMANTIC_ALPHA,
     DiTAdapter,
     FluxAdapter,
     PixArtAdapter,
@@ -16,6 +21,8 @@ from .adapter import (
 )
 
 __all__ = [
+    "DIT_PRESETS",
+    "DIT_SEMANTIC_ALPHA",
     "DiTAdapter",
     "FluxAdapter",
     "PixArtAdapter",

@@ -15,6 +15,16 @@ have (SDPA, sliced, IP-Adapter, LoRA). Hooks, per denoiser (a UNet or a ControlN
   residual. A call whose input does not match the plan (a self-attention mask, IP-Adapter
   masks per position, a chunk of a chunked feed-forward) passes through unmerged and is
   counted in the stats.
+
+Diffusion transformers (:mod:`.layout` maps their blocks onto the same slots): a joint
+(MMDiT) block with the semantic term on is planned at its first slot call instead of
+its pre-hook, since the text's attention over the image
+(:func:`.guide.joint_text_attention`) needs the normed streams the attention receives.
+Under FLUX's rotary embedding, batch rows whose plans keep different tokens need
+different rows of the one ``(cos, sin)`` table the processor applies to the whole
+batch: the attention runs once per group of rows sharing their kept tokens (the hooked
+call takes the first group, the restore hook calls the module's ``forward`` for the
+others and puts the rows back in order).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from torch import nn
 from turbo_core import MergePlan, score_windows, size_log_bias, window_destinations
 
 from ...blocks import TurboBypassWarning
-from .guide import text_to_image_attention, text_token_mask
+from .guide import joint_text_attention, text_to_image_attention, text_token_mask
 from .layout import Slot, block_slots, model_grid
 from .methods import SoftPlan, ToDoPlan, soft_plan
 from .settings import COMPONENTS, SDSettings
@@ -73,6 +83,40 @@ class CallStats:
 
 
 @dataclasses.dataclass
+class _Split:
+    """A call whose batch rows need different rotary rows, run one group of rows at a
+    time: the hooked call runs the first group, the restore hook the others."""
+
+    order: torch.Tensor  # (B,) the rows, group after group
+    rest: list[tuple[tuple[Any, ...], dict[str, Any]]]  # (args, kwargs) of the other groups
+
+
+@dataclasses.dataclass
+class _Pending:
+    """What a slot's forward hook does to the output: gather its row groups, restore."""
+
+    plan: MergePlan | SoftPlan | None  # None: the output stays merged (a chained slot)
+    prefix: int = 0
+    split: _Split | None = None
+
+
+@dataclasses.dataclass
+class _Deferred:
+    """A joint block whose plan waits for its first slot call: the semantic value (the
+    text's attention over the image) needs the normed streams the attention receives."""
+
+    block: nn.Module
+    name: str
+    index: int
+    x: torch.Tensor  # the block's input tokens (the redundancy metric)
+    dst: torch.Tensor
+    wanted: dict[str, int]
+    ratios: dict[str, float]
+    shared: bool
+    kwargs: dict[str, Any]
+
+
+@dataclasses.dataclass
 class _Call:
     site_call: SiteCall
     scope: Any  # the site's scope context manager, left in the exit hook
@@ -83,7 +127,9 @@ class _Call:
     text_mask: torch.Tensor | None
     grid: tuple[int, int] | None = None
     plans: dict[int, dict[str, MergePlan]] = dataclasses.field(default_factory=dict)
-    pending: dict[int, tuple[MergePlan, int] | None] = dataclasses.field(default_factory=dict)
+    pending: dict[int, _Pending | None] = dataclasses.field(default_factory=dict)
+    #: joint blocks planned at their first slot call (semantic value on)
+    deferred: dict[int, _Deferred] = dataclasses.field(default_factory=dict)
     #: text tokens before the image tokens in a block's joint sequence (FLUX single blocks)
     text_len: dict[int, int] = dataclasses.field(default_factory=dict)
     #: chained blocks (FLUX single blocks): the one plan of their ``in`` / ``out`` slots
@@ -314,6 +360,33 @@ class DenoiserHooks:
         semantic = None
         if config.uses_semantics and _cross_attention(block) is not None:
             semantic = self._semantic(block, x, kwargs, call, shared)
+        elif config.uses_semantics and type(block).__name__ in _JOINT_BLOCKS:
+            # the text's attention over the image needs the normed streams the joint
+            # attention receives: plan at the block's first slot call
+            deferred = _Deferred(block, name, index, x, dst, wanted, ratios, shared, kwargs)
+            call.deferred[id(block)] = deferred
+            return
+        self._finish_plan(
+            call, block, name, index, x, dst, semantic, shared, wanted, ratios, kwargs
+        )
+
+    def _finish_plan(
+        self,
+        call: _Call,
+        block: nn.Module,
+        name: str,
+        index: int,
+        x: torch.Tensor,
+        dst: torch.Tensor,
+        semantic: torch.Tensor | None,
+        shared: bool,
+        wanted: dict[str, int],
+        ratios: dict[str, float],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Rank the block's tokens, cut one plan per ratio, chain the block if it can."""
+        settings, config = call.settings, call.site_call.reducer.config
+        batch, num_tokens = x.shape[:2]
         scores = score_windows(x[batch // 2 :] if shared else x, dst, semantic, config, index)
         plans: dict[int, MergePlan] = {}
         chosen: dict[str, MergePlan] = {}
@@ -353,8 +426,6 @@ class DenoiserHooks:
             return  # different ratios per component: each slot merges and restores apart
         extra = kwargs.get("joint_attention_kwargs") or {}
         if extra.get("attention_mask") is not None or extra.get("ip_adapter_masks") is not None:
-            return
-        if kwargs.get("image_rotary_emb") is not None and not _one_plan(plan):
             return
         call.chained[id(block)] = plan
 
@@ -424,6 +495,7 @@ class DenoiserHooks:
             call.text_len.pop(id(block), None)
             call.chained.pop(id(block), None)
             call.chain_input.pop(id(block), None)
+            call.deferred.pop(id(block), None)
 
     def _merge(
         self,
@@ -439,13 +511,16 @@ class DenoiserHooks:
         if call is None:
             return None
         component = slot.component
-        plan = call.plans.get(block, {}).get(component)
         call.pending[id(module)] = None
-        if plan is None:
-            return None
         x = _first(args, kwargs, "hidden_states")
         if x is None:
             x = kwargs.get("input")  # nn.Linear called by keyword
+        deferred = call.deferred.pop(block, None)
+        if deferred is not None:
+            self._plan_joint(call, deferred, slot, x, kwargs)
+        plan = call.plans.get(block, {}).get(component)
+        if plan is None:
+            return None
         prefix = call.text_len.get(block, 0) if slot.prefix else 0
         rotary = kwargs.get("image_rotary_emb") if slot.rotary else None
         if slot.chain and call.chained.get(block) is plan:
@@ -465,9 +540,6 @@ class DenoiserHooks:
             reason = "IP-Adapter masks per position"
         elif isinstance(plan, ToDoPlan) and not slot.kv:
             reason = "ToDo needs a self-attention that takes its keys and values apart"
-        elif rotary is not None and not _one_plan(plan):
-            # one (cos, sin) table serves every row: rows must keep the same tokens
-            reason = "rows of the batch follow different plans under one rotary table"
         if reason is not None:
             call.stats.passed.append((name, component, reason))
             return None
@@ -486,13 +558,96 @@ class DenoiserHooks:
             return merger.merge(tokens, plan)[0]
 
         merged = torch.cat([x[:, :prefix], merge(x[:, prefix:])], 1) if prefix else merge(x)
-        call.pending[id(module)] = (plan, prefix)
-        if rotary is not None:
-            kwargs = {**kwargs, "image_rotary_emb": _rotary_rows(rotary, plan, x, prefix, kwargs)}
-        if args:
-            return (merged, *args[1:]), kwargs
-        key = "hidden_states" if "hidden_states" in kwargs else "input"
-        return args, {**kwargs, key: merged}
+        pending = _Pending(plan, prefix)
+        call.pending[id(module)] = pending
+        return _merged_call(pending, merged, plan, x, prefix, rotary, args, kwargs)
+
+    def _plan_joint(
+        self,
+        call: _Call,
+        deferred: _Deferred,
+        slot: Slot,
+        x: Any,
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Plan a deferred joint block at its first slot call, from the streams it gets."""
+        semantic = None
+        if isinstance(x, torch.Tensor) and x.dim() == 3:
+            semantic = self._joint_semantic(call, deferred, slot, x, kwargs)
+        if semantic is None:
+            reason = "no text attention over the image for the semantic value"
+            call.stats.passed.append((deferred.name, "block", reason))
+            return
+        self._finish_plan(
+            call,
+            deferred.block,
+            deferred.name,
+            deferred.index,
+            deferred.x,
+            deferred.dst,
+            semantic,
+            deferred.shared,
+            deferred.wanted,
+            deferred.ratios,
+            deferred.kwargs,
+        )
+
+    def _joint_semantic(
+        self,
+        call: _Call,
+        deferred: _Deferred,
+        slot: Slot,
+        x: torch.Tensor,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor | None:
+        """``(B, N)`` text-to-image attention of a joint block (the conditional half's
+        ``(B/2, N)`` alone when its plan is shared), or None if this call cannot give it.
+
+        The first slot a joint block calls receives the normed streams: the joint
+        attention ``attn`` gets the image and the text apart (SD3, FLUX double blocks);
+        a FLUX single block's ``proj_mlp`` gets ``[text; image]``, which its ``attn``
+        projects with one set of weights.
+        """
+        block, tokens = deferred.block, deferred.x
+        batch, num_image = tokens.shape[:2]
+        attn = getattr(block, "attn", None)
+        if attn is None or x.shape[0] != batch:
+            return None
+        if slot.prefix:  # FLUX single block: one [text; image] sequence
+            num_text = call.text_len.get(id(block))
+            if num_text is None or x.shape[1] != num_text + num_image:
+                return None
+            text, image, shared = x[:, :num_text], x[:, num_text:], True
+            rotary = deferred.kwargs.get("image_rotary_emb")
+        elif getattr(block, slot.module, None) is attn:
+            text = kwargs.get("encoder_hidden_states")
+            if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[0] != batch:
+                return None
+            if x.shape[1] != num_image:
+                return None
+            image, shared = x, False
+            rotary = kwargs.get("image_rotary_emb")
+        else:
+            return None
+        settings = call.settings
+        halves = deferred.shared or (
+            batch % 2 == 0 and settings.semantic_from == "cond" and self.owner.cfg_halves(batch)
+        )
+        rows = slice(batch // 2, batch) if halves else slice(0, batch)
+        image, text = image[rows], text[rows]
+        keep = _fitting_mask(call.text_mask, image.shape[0], text.shape[1], x.device)
+        semantic = joint_text_attention(
+            attn,
+            image,
+            text,
+            shared=shared,
+            rotary=rotary,
+            keep=keep,
+            reduce=settings.text_reduce,
+        )
+        if deferred.shared:
+            return semantic
+        return torch.cat([semantic, semantic]) if halves else semantic
 
     def _chain_merge(
         self,
@@ -517,7 +672,7 @@ class DenoiserHooks:
                 "was planned; the block's forward differs from diffusers' FluxSingleTransformerBlock"
             )
         if slot.chain == "out":
-            call.pending[id(module)] = (plan, prefix)  # restore its output, nothing to merge
+            call.pending[id(module)] = _Pending(plan, prefix)  # restore, nothing to merge
             return None
         call.stats.merged[slot.component] += 1
         cached = call.chain_input.get(block)
@@ -530,12 +685,9 @@ class DenoiserHooks:
                 image = call.site_call.reducer.merger.merge(x[:, prefix:], plan)[0]
             merged = torch.cat([x[:, :prefix], image], 1) if prefix else image
             call.chain_input[block] = (x, merged)
-        if rotary is not None:
-            kwargs = {**kwargs, "image_rotary_emb": _rotary_rows(rotary, plan, x, prefix, kwargs)}
-        if args:
-            return (merged, *args[1:]), kwargs
-        key = "hidden_states" if "hidden_states" in kwargs else "input"
-        return args, {**kwargs, key: merged}
+        pending = _Pending(None, prefix)  # the output stays merged (``out`` restores)
+        call.pending[id(module)] = pending
+        return _merged_call(pending, merged, plan, x, prefix, rotary, args, kwargs)
 
     def _merge_keys(
         self,
@@ -560,7 +712,14 @@ class DenoiserHooks:
         pending = call.pending.pop(key, None)
         if pending is None:
             return None
-        plan, prefix = pending
+        if pending.split is not None:
+            # the other row groups, each with its own rotary rows (this module's own
+            # forward: its hooks, Turbo's included, ran once for the whole call)
+            outputs = [output] + [module.forward(*a, **k) for a, k in pending.split.rest]
+            output = _gather_rows(outputs, pending.split.order)
+        plan, prefix = pending.plan, pending.prefix
+        if plan is None:
+            return output
         restorer = call.site_call.reducer.restorer
 
         def restore(tokens: torch.Tensor) -> torch.Tensor:
@@ -568,38 +727,126 @@ class DenoiserHooks:
                 return plan.restore(tokens)
             return restorer.restore(tokens, plan)
 
-        # joint attention returns (image, text): only the image part was merged
-        first = output[0] if isinstance(output, tuple) else output
-        first = (
-            torch.cat([first[:, :prefix], restore(first[:, prefix:])], 1)
-            if prefix
-            else restore(first)
-        )
-        return (first, *output[1:]) if isinstance(output, tuple) else first
+        def restore_image(tokens: torch.Tensor) -> torch.Tensor:
+            if prefix:
+                return torch.cat([tokens[:, :prefix], restore(tokens[:, prefix:])], 1)
+            return restore(tokens)
+
+        if not isinstance(output, tuple):
+            return restore_image(output)
+        # joint attention returns (image, text), only the image part was merged; FLUX's
+        # IP-Adapter processor adds a third output, its image tokens' attention to the
+        # reference image, as merged as its queries were: restored alike
+        merged_len = prefix + plan.num_tokens - plan.r
+        extra = [
+            restore_image(t) if isinstance(t, torch.Tensor) and t.dim() == 3
+            and t.shape[1] == merged_len else t
+            for t in output[2:]
+        ]  # fmt: skip
+        return (restore_image(output[0]), *output[1:2], *extra)
 
 
-def _one_plan(plan: MergePlan | SoftPlan) -> bool:
-    """Whether every row of the batch keeps and merges the same tokens."""
-    if plan.batch_size == 1:
-        return True
-    if isinstance(plan, SoftPlan):
-        return bool((plan.dst_idx == plan.dst_idx[:1]).all())
-    return bool(
-        (plan.kept_idx == plan.kept_idx[:1]).all()
-        and (plan.merged_idx == plan.merged_idx[:1]).all()
-        and (plan.merged_into == plan.merged_into[:1]).all()
-    )
+#: diffusers' blocks with one joint attention over ``[text; image]`` (MMDiT)
+_JOINT_BLOCKS = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+def _fitting_mask(
+    mask: torch.Tensor | None, batch: int, num_text: int, device: torch.device
+) -> torch.Tensor | None:
+    """``(B, T)`` bool keep mask from the prompts' mask when it fits the text, else None."""
+    if mask is None or mask.dim() != 2 or mask.shape[-1] != num_text:
+        return None
+    if mask.shape[0] not in (1, batch):
+        return None
+    return (mask.to(device) > 0).expand(batch, -1)
+
+
+def _merged_call(
+    pending: _Pending,
+    merged: torch.Tensor,
+    plan: MergePlan | SoftPlan,
+    x: torch.Tensor,
+    prefix: int,
+    rotary: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The slot's call on its merged input; with rotary rows, rows whose plans keep
+    different tokens run group by group (each group its own rows of the table): the
+    hooked call takes the first group, ``pending.split`` holds the others."""
+    if args:
+        args = (merged, *args[1:])
+    else:
+        key = "hidden_states" if "hidden_states" in kwargs else "input"
+        kwargs = {**kwargs, key: merged}
+    if rotary is None:
+        return args, kwargs
+    groups = _row_groups(plan)
+    if len(groups) == 1:
+        return args, {**kwargs, "image_rotary_emb": _rotary_rows(rotary, plan, x, prefix, kwargs)}
+    batch = merged.shape[0]
+    calls = []
+    for rows in groups:
+        table = _rotary_rows(rotary, plan, x, prefix, kwargs, row=int(rows[0]))
+        group_kwargs = {k: _take_rows(v, rows, batch) for k, v in kwargs.items()}
+        group_kwargs["image_rotary_emb"] = table
+        calls.append((_take_rows(args, rows, batch), group_kwargs))
+    pending.split = _Split(torch.cat(groups), calls[1:])
+    return calls[0]
+
+
+def _row_groups(plan: MergePlan | SoftPlan) -> list[torch.Tensor]:
+    """Rows of the batch grouped by the tokens their plan keeps as slot seeds (rows of
+    a group share their rotary rows); the group of row 0 first."""
+    seeds = plan.dst_idx if isinstance(plan, SoftPlan) else plan.kept_idx
+    if seeds.shape[0] == 1:
+        return [torch.zeros(1, dtype=torch.long)]
+    inverse = torch.unique(seeds, dim=0, return_inverse=True)[1]
+    groups: dict[int, list[int]] = {}
+    for row, group in enumerate(inverse.tolist()):
+        groups.setdefault(group, []).append(row)
+    return [torch.tensor(rows) for rows in groups.values()]
+
+
+def _take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """``value`` (a tensor, or lists / tuples / dicts of them) at batch ``rows``; tensors
+    whose first dimension is not the batch stay whole."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == batch:
+            return value.index_select(0, rows.to(value.device))
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)([_take_rows(v, rows, batch) for v in value])
+    if isinstance(value, dict):
+        return {k: _take_rows(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+def _gather_rows(outputs: list[Any], order: torch.Tensor) -> Any:
+    """The groups' outputs put back in batch order (``order``: the rows, group by group)."""
+    first = outputs[0]
+    if isinstance(first, tuple):
+        return tuple(_gather_rows([o[i] for o in outputs], order) for i in range(len(first)))
+    if not isinstance(first, torch.Tensor):
+        return first
+    inverse = order.argsort().to(first.device)
+    return torch.cat(outputs, dim=0).index_select(0, inverse)
 
 
 def _rotary_rows(
-    rotary: Any, plan: MergePlan | SoftPlan, x: torch.Tensor, prefix: int, kwargs: dict[str, Any]
+    rotary: Any,
+    plan: MergePlan | SoftPlan,
+    x: torch.Tensor,
+    prefix: int,
+    kwargs: dict[str, Any],
+    row: int = 0,
 ) -> Any:
-    """The rotary rows of the merged sequence: the text's rows, then each slot's seed
-    token's row (a merged token takes its destination's position; rotated keys are
-    never averaged, the rotation applies after the merge)."""
+    """The rotary rows of row ``row`` 's merged sequence: the text's rows, then each
+    slot's seed token's row (a merged token takes its destination's position; rotated
+    keys are never averaged, the rotation applies after the merge)."""
     text = kwargs.get("encoder_hidden_states")
     text_len = prefix or (text.shape[1] if isinstance(text, torch.Tensor) else 0)
-    seeds = plan.dst_idx[0] if isinstance(plan, SoftPlan) else plan.kept_idx[0]
+    seeds = plan.dst_idx[row] if isinstance(plan, SoftPlan) else plan.kept_idx[row]
     keep = seeds.to(x.device) + text_len
     rows = torch.cat([torch.arange(text_len, device=x.device), keep])
 
