@@ -57,15 +57,46 @@ IN_TOWER: dict[str, Any] = {
         "semantic_scale": 1.0,
     },
 }
+#: cache labels of the in-tower token passes
 IN_TOWER_LABEL = {_TOME: "tome", "turbo a=1 (in tower)": "turbo_a1"}
-#: patch tokens kept -> the r that leaves as many in a 12-block DINOv2-S (257 - 12 r = 1 + k)
-R_FOR_KEPT = {64: 16, 16: 20}
+#: patch tokens kept -> the r (tokens merged per block) that leaves CLS + k of 257 in a
+#: 12-block DINOv2-S: 16 a block for 64; for 16, 21 a block then 9 in the last (one bipartite
+#: step can merge at most half of its 26 tokens there; a flat r=20 would be clipped to 18)
+R_FOR_KEPT: dict[int, Any] = {64: 16, 16: [21] * 11 + [9]}
+
+
+class _ScoreCache:
+    """Per-question scores by config, stored under the model key and image count, so a
+    re-run (another budget, after a crash) re-scores nothing it already has."""
+
+    def __init__(self, model: Any, count: int, cache_dir: str | None) -> None:
+        from turbo_eval.easyvqa_real import _cache_root
+
+        self.folder = _cache_root(cache_dir) / "connector-scores" / f"{model.key}-{count}"
+
+    def _path(self, key: str) -> Path:
+        return self.folder / (key.replace(" ", "_").replace("/", "-") + ".npy")
+
+    def get(self, keys: list[str], compute: Any) -> dict[str, np.ndarray]:
+        """The scores of ``keys``; ``compute()`` returns them all (a dict) when any is missing."""
+        if all(self._path(k).is_file() for k in keys):
+            return {k: np.load(self._path(k)) for k in keys}
+        values = compute()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for k in keys:
+            np.save(self._path(k), np.asarray(values[k]))
+        return {k: np.asarray(values[k]) for k in keys}
+
+
+def _both(name: str, budget: int) -> list[str]:
+    return [f"{name} k={budget}", f"{name} k={budget} +log(size)"]
 
 
 def run(
     budgets: list[int], count: int, cache_dir: str | None, hyper: Hyper, in_tower: bool = True
 ) -> dict[str, Any]:
     model = build(hyper, cache_dir)
+    cache = _ScoreCache(model, count, cache_dir)
     start = time.perf_counter()
     data = tower_pass(model, count, cache_dir, progress=True)
     tower_seconds = time.perf_counter() - start
@@ -74,43 +105,61 @@ def run(
     flops = {"unpatched": _tower_gflops(model, None)}
     scores: dict[str, np.ndarray] = {}
     rows: list[tuple[str, str, int, bool]] = []
+
+    def add(name: str, budget: int, compute: Any) -> None:
+        keys = _both(name, budget)
+        scores.update(cache.get(keys, lambda: dict(zip(keys, compute(), strict=True))))
+        rows.extend(
+            (key, name, budget, bias) for key, bias in zip(keys, (False, True), strict=True)
+        )
+        print(f"{name} k={budget}: {100 * scores[keys[0]].mean():.2f} %", flush=True)
+
+    def fusion_scores(tokens: Any, sizes: Any) -> list[np.ndarray]:
+        return [score_questions(model, tokens, sizes, keep, size_bias=b) for b in (False, True)]
+
     for bias in (False, True):
         key = "unpatched" + (" +log(size)" if bias else "")
         scores[key] = score_questions(model, data["tokens"], None, keep, size_bias=bias)
         rows.append((key, "unpatched", 256, bias))
     for budget in budgets:
         for name in CONNECTOR_CONFIGS:
-            tokens, sizes = connector_tokens(data, name, budget)
-            for bias in (False, True):
-                key = f"{name} k={budget}" + (" +log(size)" if bias else "")
-                scores[key] = score_questions(model, tokens, sizes, keep, size_bias=bias)
-                rows.append((key, name, budget, bias))
-            print(f"{name} k={budget}: {100 * scores[key].mean():.2f} %", flush=True)
+            add(
+                name,
+                budget,
+                lambda name=name, budget=budget: fusion_scores(
+                    *connector_tokens(data, name, budget)
+                ),
+            )
         for name in TEXT_GUIDED_CONFIGS:
-            both = text_guided_scores(model, data, name, budget, keep)
-            for bias in (False, True):
-                key = f"{name} k={budget}" + (" +log(size)" if bias else "")
-                scores[key] = both[bias]
-                rows.append((key, name, budget, bias))
-            print(f"{name} k={budget}: {100 * scores[key].mean():.2f} %", flush=True)
+
+            def guided(name: str = name, budget: int = budget) -> list[np.ndarray]:
+                both = text_guided_scores(model, data, name, budget, keep)
+                return [both[False], both[True]]
+
+            add(name, budget, guided)
         if in_tower and budget in R_FOR_KEPT:
             r = R_FOR_KEPT[budget]
             for name, overrides in IN_TOWER.items():
-                # the cache label of benchmarks/easyvqa_real_methods.py, so the runs share it
-                label = IN_TOWER_LABEL[name] + f"-r{r}"
-                tokens, sizes = cached_tower_tokens(
-                    model, label, overrides(r), cache_dir, count, progress=True
-                )
-                if tokens.shape[1] != 1 + budget:
-                    raise RuntimeError(
-                        f"{name} r={r} left {tokens.shape[1]} tokens, not {1 + budget}"
-                    )
                 flops[f"{name} k={budget}"] = _tower_gflops(model, overrides(r))
-                for bias in (False, True):
-                    key = f"{name} k={budget}" + (" +log(size)" if bias else "")
-                    scores[key] = score_questions(model, tokens, sizes, keep, size_bias=bias)
-                    rows.append((key, name, budget, bias))
-                print(f"{name} k={budget}: {100 * scores[key].mean():.2f} %", flush=True)
+
+                def tower(
+                    name: str = name, overrides: Any = overrides, budget: int = budget, r: Any = r
+                ) -> list[np.ndarray]:
+                    tokens, sizes = cached_tower_tokens(
+                        model,
+                        IN_TOWER_LABEL[name] + (f"-r{r}" if isinstance(r, int) else f"-k{budget}"),
+                        overrides(r),
+                        cache_dir,
+                        count,
+                        progress=True,
+                    )
+                    if tokens.shape[1] != 1 + budget:
+                        raise RuntimeError(
+                            f"{name} r={r} left {tokens.shape[1]} tokens, not {1 + budget}"
+                        )
+                    return fusion_scores(tokens, sizes)
+
+                add(name, budget, tower)
     table = []
     for key, name, budget, bias in rows:
         suffix = " +log(size)" if bias else ""
