@@ -20,7 +20,7 @@ VisionZip at the same budget and fusion setting, and against in-tower ToMe with 
 tokens.
 
     python benchmarks/easyvqa_real_connector.py [--test-images 1000] [--cache-dir DIR]
-        [--budgets 64 32 16] [--plot-dir DIR] [--json out.json] [--no-in-tower]
+        [--budgets 64 32 16] [--plot-dir DIR] [--json out.json] [--in-tower 64 16]
 """
 
 from __future__ import annotations
@@ -93,7 +93,11 @@ def _both(name: str, budget: int) -> list[str]:
 
 
 def run(
-    budgets: list[int], count: int, cache_dir: str | None, hyper: Hyper, in_tower: bool = True
+    budgets: list[int],
+    count: int,
+    cache_dir: str | None,
+    hyper: Hyper,
+    in_tower: tuple[int, ...] = tuple(R_FOR_KEPT),
 ) -> dict[str, Any]:
     model = build(hyper, cache_dir)
     cache = _ScoreCache(model, count, cache_dir)
@@ -137,7 +141,7 @@ def run(
                 return [both[False], both[True]]
 
             add(name, budget, guided)
-        if in_tower and budget in R_FOR_KEPT:
+        if budget in in_tower:
             r = R_FOR_KEPT[budget]
             for name, overrides in IN_TOWER.items():
                 flops[f"{name} k={budget}"] = _tower_gflops(model, overrides(r))
@@ -321,7 +325,12 @@ def main() -> None:
     parser.add_argument("--plot-dir", default=None, help="write the plot into this folder")
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument(
-        "--no-in-tower", action="store_true", help="skip the in-tower ToMe / Turbo rows"
+        "--in-tower",
+        type=int,
+        nargs="*",
+        default=list(R_FOR_KEPT),
+        choices=list(R_FOR_KEPT),
+        help="budgets that also get in-tower ToMe / Turbo rows (none: skip them)",
     )
     args = parser.parse_args()
     start = time.perf_counter()
@@ -330,7 +339,7 @@ def main() -> None:
         args.test_images,
         args.cache_dir,
         Hyper(train_images=args.train_images),
-        in_tower=not args.no_in_tower,
+        in_tower=tuple(args.in_tower),
     )
     result["seconds"] = time.perf_counter() - start
     print(format_table(result))
