@@ -62,7 +62,7 @@ def plot(ax: Any, rows: list[dict[str, Any]], projected: bool) -> None:
     methods = sorted({r.get("method", r["setting"].split()[0]) for r in rows})
     for method in methods:
         group = [r for r in rows if r.get("method", r["setting"].split()[0]) == method]
-        group.sort(key=lambda r: r[speed])
+        group.sort(key=lambda r: (r.get("value", 0), r[speed]))  # along the sweep
         colour = COLOURS.get(method, "tab:gray")
         for r in group:
             low, high = r[interval]
@@ -92,7 +92,8 @@ def plot(ax: Any, rows: list[dict[str, Any]], projected: bool) -> None:
         )
     front = pareto(rows, speed)
     ax.plot([r[speed] for r in front], [r["rel_diff"] for r in front], "k--", lw=0.8)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.margins(x=0.08, y=0.12)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -146,7 +147,8 @@ def _blocks(row: dict[str, Any]) -> str:
     measured = row.get("measured_blocks")
     if not measured:
         return f"{row['blocks']} blocks"
-    return " + ".join(f"{n} {kind}" for kind, n in measured.items() if n)
+    names = {"block": "blocks"}  # PixArt's one kind
+    return " + ".join(f"{n} {names.get(kind, kind)}" for kind, n in measured.items() if n)
 
 
 if __name__ == "__main__":
