@@ -5,12 +5,14 @@ PixArt-Sigma, SD3 and FLUX pipelines built in code (the tiny transformers of
 download), 4 steps at 64 x 64 px, the same seed for every setting. Against the unpatched
 pipeline's images: relative difference, PSNR (dB) and SSIM (``turbo_eval.generation``).
 Speed is not measured here (tiny models time their Python, not their arithmetic): see
-``benchmarks/dit.py`` for the full-width speed-ups.
+``benchmarks/dit.py`` for the full-width speed-ups. Sweeps as in ``benchmarks/dit.py``
+(``--methods``, ``--ratios``, ``--todo-factors``); a setting the library refuses is
+printed with its reason.
 
 Usage::
 
     PYTHONPATH=.:packages/turbo-core/src:packages/turbo-adapters/src:packages/turbo-eval/src \\
-        python benchmarks/dit_fidelity.py [--steps 4] [--px 64] [--json out.json]
+        python benchmarks/dit_fidelity.py [--steps 4] [--px 64] [--ratios 0.3 0.5 0.7] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,18 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dit import METHODS, settings_for  # benchmarks/dit.py, beside this script
 
 import turbo_adapters
 from turbo_eval.generation import psnr, ssim
-
-SETTINGS: list[tuple[str, dict[str, Any]]] = [
-    ("turbo 0.5", {"ratio": 0.5}),
-    ("redundancy 0.5", {"ratio": 0.5, "alpha": 0.0, "mode": "redundancy"}),
-    ("turbo semantic 0.5", {"ratio": 0.5, "alpha": 0.1}),  # the "dit-semantic" preset
-    ("turbo attn-only 0.5", {"ratio_attn1": 0.5, "ratio_ff": 0.0}),
-    ("todo x2", {"ratio_attn1": 0.5, "ratio_ff": 0.0, "method": "todo"}),
-    ("toma 0.5", {"ratio": 0.5, "method": "toma"}),
-]
 
 
 def vae() -> torch.nn.Module:
@@ -116,11 +110,14 @@ def generate(pipe: Any, call: dict[str, Any], steps: int) -> torch.Tensor:
     return out.images.clamp(0, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="*", default=["pixart", "sd3", "flux"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--px", type=int, default=64)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5])
+    parser.add_argument("--todo-factors", nargs="+", type=int, default=[2])
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = []
@@ -128,15 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         pipe, call = pipeline(model, args.px)
         reference = generate(pipe, call, args.steps)
-        for name, kwargs in SETTINGS:
-            if kwargs.get("method") == "todo" and model != "pixart":
-                continue  # ToDo needs a self-attention (joint attention on SD3 / FLUX)
-            with turbo_adapters.patched(pipe, use_rand=False, **kwargs):
+        settings = settings_for(args.methods, args.ratios, args.todo_factors)[1:]
+        for name, method, value, kwargs in settings:
+            try:
+                patch = turbo_adapters.apply(pipe, use_rand=False, **kwargs)
+            except (ValueError, TypeError, NotImplementedError) as error:  # its reason, printed
+                print(f"{model:<7} {name:<21} refused: {error}")
+                rows.append(dict(model=model, setting=name, method=method, refused=str(error)))
+                continue
+            try:
                 images = generate(pipe, call, args.steps)
+            finally:
+                patch.remove()
             diff = float((images - reference).norm() / reference.norm())
             row = dict(
                 model=model,
                 setting=name,
+                method=method,
+                value=value,
                 rel_diff=diff,
                 psnr=psnr(images, reference),
                 ssim=ssim(images, reference),
@@ -151,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
+    raise SystemExit(0)
