@@ -43,7 +43,8 @@ ratio a connector or LLM method can reach, with its LLM free and at each budget.
 
 Long runs: ``--methods`` picks rows (unpatched always runs); ``--prompts 0`` takes the
 fidelity from the first timed round's first token (no separate fidelity pass); the json
-is rewritten after every phase and round, so a stopped run leaves what it measured.
+is rewritten after every call, so a stopped run leaves what it measured (``--render
+out.json [--static-json static.json]`` prints its table).
 
 Usage: python benchmarks/vlm_methods.py [--model llava|qwen2_5_vl --rounds 3 --batch 1
     --budgets 64 128 --methods turbo fastv --prompts 0 --json out.json] [--tiny]
@@ -537,6 +538,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="tokens kept")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     parser.add_argument("--json", default=None, help="write the raw figures here")
+    parser.add_argument(
+        "--render", default=None, help="print the table of a saved --json (measure nothing)"
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.prompts < 0 or args.new_tokens < 1:
         parser.error("--rounds and --new-tokens must be >= 1, --prompts >= 0")
@@ -547,14 +551,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = measure(args)
+    # --render: the table of a saved (maybe stopped) run, nothing measured
+    result = json.loads(Path(args.render).read_text()) if args.render else measure(args)
     if args.static_json:  # FLOPs and memory measured by another (--static-only) run
         static = json.loads(Path(args.static_json).read_text())["rows"]
         for key, row in result["rows"].items():
             for field in ("gflops", "peak_mib"):
                 if field in static.get(key, {}):
                     row[field] = static[key][field]
-    if args.json:
+    if args.json and not args.render:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print(table(result))
     return result

@@ -58,11 +58,14 @@ def test_qwen_marks_refusals_and_runs_the_others():
             assert math.isfinite(line[field]), (line["key"], field)
 
 
-def test_subset_takes_fidelity_from_the_rounds_and_prints_the_bound(capsys):
+def test_subset_takes_fidelity_from_the_rounds_and_prints_the_bound(capsys, tmp_path):
     argv = ["--tiny", "--model", "llava", "--rounds", "2", "--prompts", "0", "--no-static"]
-    result = vlm_methods.main([*argv, "--budgets", "128", "--methods", "turbo", "fastv"])
+    saved = str(tmp_path / "out.json")
+    result = vlm_methods.main(
+        [*argv, "--budgets", "128", "--methods", "fastv", "turbo", "--json", saved]
+    )
     lines = vlm_methods.summarise(result)
-    assert [line["method"] for line in lines] == ["unpatched", "turbo", "fastv"]
+    assert [line["method"] for line in lines] == ["unpatched", "fastv", "turbo"]  # as given
     for line in lines:
         for field in (*FIGURES, "tower_s"):
             assert math.isfinite(line[field]), (line["key"], field)
@@ -74,6 +77,10 @@ def test_subset_takes_fidelity_from_the_rounds_and_prints_the_bound(capsys):
     assert "fidelity of the first token of the timing prompt" in out
     assert "Amdahl bound (tower unreduced; PROJECTED to 32 layers" in out
     assert f"- {128 * result['n_image'] // 576} image tokens kept" in out
+    vlm_methods.main(["--render", saved])  # the saved run's table, nothing measured again
+    rendered = capsys.readouterr().out
+    assert rendered.strip() == vlm_methods.table(result).strip()
+    assert rendered.strip() in out  # the table the run printed
 
 
 def test_bound_arithmetic_on_hand_made_figures():
