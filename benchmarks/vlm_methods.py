@@ -37,10 +37,17 @@ and first-token agreement over ``--prompts`` prompts, and answer agreement (all
 ``--new-tokens`` greedy tokens equal to unpatched's). Projection to full depth (LLaVA-1.5-7B:
 32 layers, Qwen2.5-VL-7B: 28): TTFT - measured layer time + sum(weight * layer time), per
 round; the method's share is its time over that projected reduced TTFT. Projections are
-labelled as such.
+labelled as such. "tower s": seconds inside the vision tower (hooks on it). Below the
+table, Amdahl's bound with the tower unreduced (``bounds``): the largest projected TTFT
+ratio a connector or LLM method can reach, with its LLM free and at each budget.
+
+Long runs: ``--methods`` picks rows (unpatched always runs); ``--prompts 0`` takes the
+fidelity from the first timed round's first token (no separate fidelity pass); the json
+is rewritten after every call, so a stopped run leaves what it measured (``--render
+out.json [--static-json static.json]`` prints its table).
 
 Usage: python benchmarks/vlm_methods.py [--model llava|qwen2_5_vl --rounds 3 --batch 1
-    --json out.json] [--tiny]
+    --budgets 64 128 --methods turbo fastv --prompts 0 --json out.json] [--tiny]
 """
 
 from __future__ import annotations
@@ -110,21 +117,33 @@ class MethodTimer:
 
 class Clock:
     """Seconds inside each decoder layer, less the LLM-mode reduction run inside it (timed
-    once by ``timer``, not multiplied by the projection), and each layer's input length."""
+    once by ``timer``, not multiplied by the projection), each layer's input length, and
+    the seconds inside the vision tower (the part no connector or LLM method shortens)."""
 
-    def __init__(self, layers: Any, timer: MethodTimer) -> None:
+    def __init__(self, layers: Any, timer: MethodTimer, tower: Any) -> None:
         self.timer = timer
         self.times = [0.0] * len(layers)
         self.lengths = [0] * len(layers)
+        self.tower = 0.0
         self._start = 0.0
         self._method = 0.0
+        self._tower_start = 0.0
         for i, layer in enumerate(layers):
             layer.register_forward_pre_hook(self._enter(i), with_kwargs=True)
             layer.register_forward_hook(self._leave(i))
+        tower.register_forward_pre_hook(self._tower_enter)
+        tower.register_forward_hook(self._tower_leave)
 
     def reset(self) -> None:
         self.times = [0.0] * len(self.times)
         self.lengths = [0] * len(self.lengths)
+        self.tower = 0.0
+
+    def _tower_enter(self, *_: Any) -> None:
+        self._tower_start = time.perf_counter()
+
+    def _tower_leave(self, *_: Any) -> None:
+        self.tower += time.perf_counter() - self._tower_start
 
     def _enter(self, i: int) -> Callable[..., None]:
         def hook(_: Any, args: Any, kwargs: Any) -> None:
@@ -170,24 +189,24 @@ class Subject:
         self.name = args.model
         self.depth = FULL_DEPTH[args.model]
         shape = "tiny" if args.tiny else "medium"
+        prompts = max(1, args.prompts)  # --prompts 0: the timing prompt only
         if args.model == "llava":
             self.model = llava_ttft.build(SHALLOW_LAYERS, shape)
-            self.feeds = [
-                llava_ttft.inputs(args.batch, shape, seed=1 + p) for p in range(args.prompts)
-            ]
+            self.feeds = [llava_ttft.inputs(args.batch, shape, seed=1 + p) for p in range(prompts)]
             self.n_image = (llava_ttft.SHAPES[shape][0] // 14) ** 2
         else:
             self.model = build_qwen_shape(args.tiny)
             size = 112 if args.tiny else args.size
             self.feeds = [
-                connector_ttft.qwen_inputs(args.batch, size, seed=1 + p)
-                for p in range(args.prompts)
+                connector_ttft.qwen_inputs(args.batch, size, seed=1 + p) for p in range(prompts)
             ]
             self.n_image = (size // 14) ** 2 // 4
         self.patch = ta.apply(self.model)
         self.layers = self.model.model.language_model.layers
         self.timer = MethodTimer()
-        self.clock = Clock(self.layers, self.timer)
+        inner = self.model.model
+        tower = inner.vision_tower if args.model == "llava" else inner.visual
+        self.clock = Clock(self.layers, self.timer, tower)
         self.budgets = list(args.budgets or BUDGETS[args.model])
         if args.tiny:  # the same shares of the tiny image
             self.budgets = [max(1, b * self.n_image // (576 if args.model == "llava" else 1024))
@@ -240,15 +259,45 @@ def build_qwen_shape(tiny: bool) -> Any:
     return model
 
 
+def fidelity(row: dict[str, Any], ref: Any, out: Any, new: int) -> None:
+    """First-token KL(unpatched || method) and agreements of one call against unpatched's."""
+    ref_log = ref.logits[0].float().log_softmax(-1)
+    first = out.logits[0].float().log_softmax(-1)
+    row["kl"].append((ref_log.exp() * (ref_log - first)).sum(-1).mean().item())
+    row["first_agree"].append((first.argmax(-1) == ref_log.argmax(-1)).float().mean().item())
+    same = out.sequences[:, -new:] == ref.sequences[:, -new:]
+    row["answer_agree"].append(same.all(-1).float().mean().item())
+
+
+REFUSALS = (ValueError, RuntimeError, NotImplementedError)
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     subject = Subject(args)
-    runs = [(m, b) for m in METHODS for b in ([0] if m == "unpatched" else subject.budgets)]
+    # --methods: the rows in the order given (a stopped run has measured the first ones)
+    methods = ["unpatched", *(args.methods or METHODS[1:])]
+    runs = [(m, b) for m in methods for b in ([0] if m == "unpatched" else subject.budgets)]
     rows: dict[str, dict[str, Any]] = {}
     for method, budget in runs:
         key = f"{method}@{budget}" if budget else method
         rows[key] = {"method": method, "budget": budget, "ttft": [], "projected": [],
-                     "method_s": [], "kl": [], "first_agree": [], "answer_agree": []}  # fmt: skip
+                     "method_s": [], "tower_s": [], "kl": [], "first_agree": [],
+                     "answer_agree": []}  # fmt: skip
     active = list(rows)
+    result = {"args": vars(args), "n_image": subject.n_image, "depth": subject.depth,
+              "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+
+    def save() -> None:  # after every phase: a stopped run still leaves its figures
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+
+    def refuse(key: str, error: Exception) -> None:
+        if key == "unpatched":
+            raise error
+        rows[key] = {"method": rows[key]["method"], "budget": rows[key]["budget"],
+                     "refused": str(error).splitlines()[0]}  # fmt: skip
+        active.remove(key)  # a method the family refuses (the library said why)
+        print(f"  refused {key}: {rows[key]['refused']}", flush=True)
 
     def run_once(key: str, feed: dict[str, Any], new: int) -> tuple[Any, float]:
         row = rows[key]
@@ -267,37 +316,26 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             row["ttft"].append(elapsed)
             row["projected"].append(projected)
             row["method_s"].append(subject.timer.seconds)
+            row["tower_s"].append(subject.clock.tower)
             row["lengths"] = list(subject.clock.lengths)
             row.setdefault("layer_s", []).append(list(layer_s))
         return out, elapsed
 
-    # fidelity and the static figures: one pass per prompt (new tokens), FLOPs and memory once
-    for p, feed in enumerate([] if args.static_only else subject.feeds):
+    # fidelity: one pass per prompt (new tokens); --prompts 0 takes it from the first round
+    for p, feed in enumerate([] if args.static_only else subject.feeds[: args.prompts]):
         answers = {}
         for key in list(active):
             try:
                 answers[key], _ = run_once(key, feed, args.new_tokens)
-            except (ValueError, RuntimeError, NotImplementedError) as error:
-                if key == "unpatched":
-                    raise
-                rows[key] = {"method": rows[key]["method"], "budget": rows[key]["budget"],
-                             "refused": str(error).splitlines()[0]}  # fmt: skip
-                active.remove(key)  # a method the family refuses (the library said why)
-                print(f"  refused {key}: {rows[key]['refused']}", flush=True)
+            except REFUSALS as error:
+                refuse(key, error)
                 continue
             print(f"  [{time.strftime('%H:%M:%S')}] prompt {p} {key}", flush=True)
-        ref_seq = answers["unpatched"].sequences[:, -args.new_tokens :]
-        ref = answers["unpatched"].logits[0].float().log_softmax(-1)
         for key in active:
-            first = answers[key].logits[0].float().log_softmax(-1)
-            rows[key]["kl"].append((ref.exp() * (ref - first)).sum(-1).mean().item())
-            rows[key]["first_agree"].append(
-                (first.argmax(-1) == ref.argmax(-1)).float().mean().item()
-            )
-            same = answers[key].sequences[:, -args.new_tokens :] == ref_seq
-            rows[key]["answer_agree"].append(same.all(-1).float().mean().item())
-    if not args.no_static:
-        for key in active:
+            fidelity(rows[key], answers["unpatched"], answers[key], args.new_tokens)
+    save()
+    if not args.no_static:  # FLOPs and memory once
+        for key in list(active):
             kwargs, _ = subject.configure(rows[key]["method"], rows[key]["budget"])
             flops: list[int] = []
 
@@ -305,23 +343,42 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 with torch.inference_mode():
                     flops.append(count_flops(lambda: subject.generate(subject.feeds[0], kwargs, 1)))
 
-            rows[key]["peak_mib"] = llava_ttft.prefill_peak_bytes(prefill) / 2**20
+            try:
+                rows[key]["peak_mib"] = llava_ttft.prefill_peak_bytes(prefill) / 2**20
+            except REFUSALS as error:
+                refuse(key, error)
+                continue
             rows[key]["gflops"] = flops[0] / 1e9 / args.batch
             print(
                 f"  [{time.strftime('%H:%M:%S')}] static {key}: {rows[key]['gflops']:.0f} GFLOPs",
                 flush=True,
             )
+            save()
     for key in active:  # the timing passes start clean
-        for field in ("ttft", "projected", "method_s"):
+        for field in ("ttft", "projected", "method_s", "tower_s"):
             rows[key][field].clear()
+        rows[key].pop("layer_s", None)
+    if args.warmup and not args.static_only:  # untimed: the process's first call pays more
+        with torch.inference_mode():
+            subject.generate(subject.feeds[0], subject.configure("unpatched", 0)[0], 1)
+    firsts: dict[str, Any] = {}
     for r in range(0 if args.static_only else args.rounds):
         shift = r % len(active)
         for key in active[shift:] + active[:shift]:
-            run_once(key, subject.feeds[0], 1)
+            try:
+                out, _ = run_once(key, subject.feeds[0], 1)
+            except REFUSALS as error:
+                refuse(key, error)
+                continue
+            if not args.prompts and key not in firsts:  # fidelity from the timed calls
+                firsts[key] = out
+                if "unpatched" in firsts:  # one prompt, its first token
+                    fidelity(rows[key], firsts["unpatched"], out, 1)
+            save()
+            print(f"  [{time.strftime('%H:%M:%S')}] round {r + 1} {key}", flush=True)
         print(f"  [{time.strftime('%H:%M:%S')}] round {r + 1} done", flush=True)
     subject.timer.close()
-    return {"args": vars(args), "n_image": subject.n_image, "depth": subject.depth,
-            "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+    return result
 
 
 def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -335,7 +392,7 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
             line["refused"] = row["refused"]
             lines.append(line)
             continue
-        n = len(row["ttft"])
+        n = min(len(row["ttft"]), len(base["ttft"]))  # rounds both finished (a stopped run)
         med = lambda v: statistics.median(v) if v else None  # noqa: E731
         avg = lambda v: statistics.mean(v) if v else None  # noqa: E731
         speed = [base["ttft"][i] / row["ttft"][i] for i in range(n)]
@@ -343,7 +400,7 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
         share = [row["method_s"][i] / row["projected"][i] * 100 for i in range(n)]
         line.update(
             kept=row["lengths"][-1] - (base["lengths"][-1] - result["n_image"]) if row.get("lengths") and base.get("lengths") else None,
-            ttft=med(row["ttft"]), speedup=med(speed), speed_lo=min(speed, default=None),
+            ttft=med(row["ttft"]), tower_s=med(row.get("tower_s", [])), speedup=med(speed), speed_lo=min(speed, default=None),
             speed_hi=max(speed, default=None), proj_ttft=med(row["projected"]),
             proj_speedup=med(proj), proj_lo=min(proj, default=None), proj_hi=max(proj, default=None),
             method_share=med(share) if row["method"] not in ("unpatched", "turbo-tower") else None,
@@ -364,33 +421,104 @@ def _f(value: Any, spec: str) -> str:
 def table(result: dict[str, Any]) -> str:
     """The markdown table (measured shallow figures, projection columns labelled)."""
     args = result["args"]
+    fidelity = (
+        f"{args['prompts']} prompts x {args['new_tokens']} tokens"
+        if args["prompts"]
+        else "fidelity of the first token of the timing prompt (answer agr = 1st agr)"
+    )
     out = [
         f"{args['model']}{' (tiny)' if args['tiny'] else ''}: batch {args['batch']}, "
         f"{SHALLOW_LAYERS} LLM layers measured, {result['n_image']} image tokens, "
-        f"{args['rounds']} rounds, {args['prompts']} prompts x {args['new_tokens']} tokens, "
+        f"{args['rounds']} rounds, {fidelity}, "
         f"{result['threads']} threads (measured under load from parallel work); "
         f"proj. = PROJECTED to {result['depth']} layers",
         "",
-        "| method | budget | image tokens into last layer | GFLOPs (x) | peak MiB | TTFT s | TTFT x [min,max] "
-        "| proj. TTFT s | proj. x [min,max] | method % of proj. | KL | 1st agr | ans agr |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | budget | image tokens into last layer | GFLOPs (x) | peak MiB | TTFT s "
+        "| tower s | TTFT x [min,max] | proj. TTFT s | proj. x [min,max] | method % of proj. "
+        "| KL | 1st agr | ans agr |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for line in summarise(result):
         if line.get("refused"):
             reason = line["refused"][:90].replace("|", "/")
-            out.append(f"| {line['method']} | {line['budget']} | refused: {reason} |" + " - |" * 10)
+            out.append(f"| {line['method']} | {line['budget']} | refused: {reason} |" + " - |" * 11)
             continue
         out.append(
             f"| {line['method']} | {line['budget'] or 'all'} | {_f(line['kept'], 'd')} "
             f"| {_f(line['gflops'], '.0f')} ({_f(line['flops_ratio'], '.2f')}) "
             f"| {_f(line['peak_mib'], '.0f')} | {_f(line['ttft'], '.2f')} "
+            f"| {_f(line['tower_s'], '.2f')} "
             f"| {_f(line['speedup'], '.2f')} [{_f(line['speed_lo'], '.2f')},{_f(line['speed_hi'], '.2f')}] "
             f"| {_f(line['proj_ttft'], '.2f')} | {_f(line['proj_speedup'], '.2f')} "
             f"[{_f(line['proj_lo'], '.2f')},{_f(line['proj_hi'], '.2f')}] "
             f"| {_f(line['method_share'], '.2f')} | {_f(line['kl'], '.4f')} "
             f"| {_f(line['first_agree'], '.2f')} | {_f(line['answer_agree'], '.2f')} |"
         )
+    bound = bounds(result)
+    if bound:
+        out += ["", *bound]
     return "\n".join(out)
+
+
+def bounds(result: dict[str, Any], target: float | None = None) -> list[str]:
+    """Amdahl's bound with the vision tower unreduced, from the measured parts (medians).
+
+    The unpatched projected TTFT is tower + rest (embedding, head, generate's own work) +
+    the full-depth LLM layers. A connector or LLM method leaves the tower as it is, so no
+    such method beats ``(tower + rest + depth * layer) / (tower + rest)`` (its LLM free),
+    and one keeping K image tokens in every layer (at no cost of its own) beats no
+    ``... / (tower + rest + depth * layer(K))``, layer(K) being the per-layer time the
+    connector rows measured at K. The tower is the median over every row that runs it
+    whole (the same computation in each: under load one call's tower varies); rest and
+    the full layers are the unpatched rows'. The kept tokens a target ratio needs follow
+    from the per-layer time linear in the sequence length between the unpatched and the
+    connector rows' lengths. A PROJECTION, like the table's proj. columns."""
+    rows = result["rows"]
+    base = rows.get("unpatched", {})
+    if not base.get("ttft") or not base.get("tower_s"):
+        return []
+    depth, n_image = result["depth"], result["n_image"]
+    target = target or {"llava": 3.0, "qwen2_5_vl": 2.5}.get(result["args"]["model"], 2.5)
+    med = statistics.median
+    towers = [t for row in rows.values() if row["method"] != "turbo-tower"
+              for t in row.get("tower_s", [])]  # fmt: skip
+    tower = med(towers)
+    layers_u = med(sum(t) for t in base["layer_s"])
+    rest = med(base["ttft"]) - med(base["tower_s"]) - layers_u
+    proj_u = tower + rest + depth * layers_u / SHALLOW_LAYERS
+    full_len = base["lengths"][0]
+    out = [
+        f"Amdahl bound (tower unreduced; PROJECTED to {depth} layers from medians of the "
+        f"measured parts): proj. TTFT {proj_u:.2f} s = tower {tower:.2f} s ({tower / proj_u:.0%}, "
+        f"{len(towers)} calls) + rest {rest:.2f} s + {depth} LLM layers "
+        f"{proj_u - tower - rest:.2f} s ({full_len} tokens per row); ceiling with the LLM "
+        f"free: {proj_u / (tower + rest):.2f}x",
+    ]
+    for budget in sorted({row["budget"] for row in rows.values() if row.get("budget")}):
+        conn = [row for row in rows.values() if row["budget"] == budget
+                and row["method"] in CONNECTOR and row.get("layer_s")]  # fmt: skip
+        if not conn:
+            continue
+        layer_k = med(sum(t) / len(t) for row in conn for t in row["layer_s"])
+        length_k = conn[0]["lengths"][0]
+        ideal = tower + rest + depth * layer_k
+        line = (
+            f"- {budget} image tokens kept ({budget / n_image:.1%}; {length_k} tokens per row): "
+            f"bound {proj_u / ideal:.2f}x (measured layer {layer_k:.3f} s vs "
+            f"{layers_u / SHALLOW_LAYERS:.3f} s unpatched)"
+        )
+        layer_u = layers_u / SHALLOW_LAYERS
+        slope = (layer_u - layer_k) / (full_len - length_k) if full_len != length_k else 0.0
+        need = (proj_u / target - tower - rest) / depth  # per-layer time the target allows
+        if slope > 0:
+            length = length_k + (need - layer_k) / slope
+            image = length - (full_len - n_image)
+            if image <= 0:
+                line += f"; {target:g}x is out of reach even with no image tokens"
+            else:
+                line += f"; {target:g}x needs <= {image:.0f} image tokens ({image / n_image:.1%})"
+        out.append(line)
+    return out
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -399,10 +527,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=896, help="Qwen image px (896: 1024 tokens)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument(
+        "--prompts", type=int, default=2, help="fidelity prompts (0: the timed rounds' first token)"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS[1:], default=None, help="rows (unpatched always)"
+    )
     parser.add_argument("--new-tokens", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-static", action="store_true", help="skip FLOPs and memory")
+    parser.add_argument(
+        "--warmup", action="store_true", help="one untimed unpatched call before the rounds"
+    )
     parser.add_argument(
         "--static-only", action="store_true", help="FLOPs and memory only (no timing, fidelity)"
     )
@@ -412,9 +548,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="tokens kept")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     parser.add_argument("--json", default=None, help="write the raw figures here")
+    parser.add_argument(
+        "--render", default=None, help="print the table of a saved --json (measure nothing)"
+    )
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.prompts < 1 or args.new_tokens < 1:
-        parser.error("--rounds, --prompts and --new-tokens must be >= 1")
+    if args.rounds < 1 or args.prompts < 0 or args.new_tokens < 1:
+        parser.error("--rounds and --new-tokens must be >= 1, --prompts >= 0")
     return args
 
 
@@ -422,14 +561,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = measure(args)
+    # --render: the table of a saved (maybe stopped) run, nothing measured
+    result = json.loads(Path(args.render).read_text()) if args.render else measure(args)
     if args.static_json:  # FLOPs and memory measured by another (--static-only) run
         static = json.loads(Path(args.static_json).read_text())["rows"]
         for key, row in result["rows"].items():
             for field in ("gflops", "peak_mib"):
                 if field in static.get(key, {}):
                     row[field] = static[key][field]
-    if args.json:
+    if args.json and not args.render:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print(table(result))
     return result

@@ -58,6 +58,54 @@ def test_qwen_marks_refusals_and_runs_the_others():
             assert math.isfinite(line[field]), (line["key"], field)
 
 
+def test_subset_takes_fidelity_from_the_rounds_and_prints_the_bound(capsys, tmp_path):
+    argv = ["--tiny", "--model", "llava", "--rounds", "2", "--prompts", "0", "--no-static"]
+    saved = str(tmp_path / "out.json")
+    result = vlm_methods.main(
+        [*argv, "--budgets", "128", "--methods", "fastv", "turbo", "--json", saved]
+    )
+    lines = vlm_methods.summarise(result)
+    assert [line["method"] for line in lines] == ["unpatched", "fastv", "turbo"]  # as given
+    for line in lines:
+        for field in (*FIGURES, "tower_s"):
+            assert math.isfinite(line[field]), (line["key"], field)
+        assert line["tower_s"] > 0  # the tower's hooks saw it run
+        assert line["first_agree"] == line["answer_agree"]  # one token: the same figure
+    assert lines[0]["kl"] == 0.0 and lines[1]["kl"] > 0.0  # the connector changed the logits
+    assert all(len(row["ttft"]) == 2 for row in result["rows"].values())
+    out = capsys.readouterr().out
+    assert "fidelity of the first token of the timing prompt" in out
+    assert "Amdahl bound (tower unreduced; PROJECTED to 32 layers from medians" in out
+    assert f"- {128 * result['n_image'] // 576} image tokens kept" in out
+    vlm_methods.main(["--render", saved])  # the saved run's table, nothing measured again
+    rendered = capsys.readouterr().out
+    assert rendered.strip() == vlm_methods.table(result).strip()
+    assert rendered.strip() in out  # the table the run printed
+
+
+def test_bound_arithmetic_on_hand_made_figures():
+    """Unpatched: 10 s = tower 4 + rest 2 + 4 layers of 1 s (592 tokens, 576 of the image),
+    so 38 s projected to 32 layers; the connector row's layers take 0.25 s at 80 tokens."""
+    row = {"method": "turbo", "budget": 64, "layer_s": [[0.25] * 4], "lengths": [80] * 4}
+    base = {"method": "unpatched", "budget": 0, "ttft": [10.0], "tower_s": [4.0],
+            "projected": [38.0], "layer_s": [[1.0] * 4], "lengths": [592] * 4}  # fmt: skip
+    result = {"rows": {"unpatched": base, "turbo@64": row}, "depth": 32, "n_image": 576,
+              "args": {"model": "llava"}}  # fmt: skip
+    head, line = vlm_methods.bounds(result)
+    assert "tower 4.00 s (11%, 1 calls) + rest 2.00 s + 32 LLM layers 32.00 s" in head
+    assert head.endswith("ceiling with the LLM free: 6.33x")  # 38 / (4 + 2)
+    assert "bound 2.71x" in line  # 38 / (6 + 32 * 0.25)
+    # 3x: 38 / 3 - 6 = 32 * t, t = 0.2083 s per layer; linear in length between 80 and
+    # 592 tokens: 51.6 tokens, 16 of them text -> 36 image tokens (6.2 %)
+    assert line.endswith("3x needs <= 36 image tokens (6.2%)")
+    # the tower: the median over every call that runs it whole (4, 6, 6 s): 40 s / 8 s
+    row["tower_s"] = [6.0, 6.0]
+    assert vlm_methods.bounds(result)[0].endswith("ceiling with the LLM free: 5.00x")
+    row["tower_s"] = []
+    row["layer_s"] = [[0.9] * 4]  # a layer at 64 tokens is nearly the full one: 3x is out
+    assert vlm_methods.bounds(result)[1].endswith("3x is out of reach even with no image tokens")
+
+
 def test_bad_arguments_name_the_option():
     with pytest.raises(SystemExit):
         vlm_methods.parse(["--rounds", "0"])

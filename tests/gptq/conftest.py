@@ -37,8 +37,8 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _quantized(root: Path, kind: str) -> Path:
-    save_tiny_lm(root / "dense", kind)
+def _quantized(root: Path, kind: str, layers: int = 2) -> Path:
+    save_tiny_lm(root / "dense", kind, layers)
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.randint(4, VOCAB, (1, 32), generator=generator) for _ in range(4)]
     return gptq.quantize_gptq(root / "dense", root / "gptq", calibration, bits=4, group_size=32)
@@ -54,3 +54,10 @@ def quantized_folder(_logs_in_tmp: None, tmp_path_factory: pytest.TempPathFactor
 def quantized_opt_folder(_logs_in_tmp: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-bit GPTQ ``OPTForCausalLM`` (:func:`tiny_lm.opt_config`) and its tokenizer."""
     return _quantized(tmp_path_factory.mktemp("gptq-opt"), "opt")
+
+
+@pytest.fixture(scope="session")
+def quantized_deep_folder(_logs_in_tmp: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-bit GPTQ ``LlamaForCausalLM`` with 4 decoder layers (the staged LLM-mode methods
+    need at least 4: PyramidDrop drops at a quarter, half and three quarters of the depth)."""
+    return _quantized(tmp_path_factory.mktemp("gptq-llama4"), "llama", layers=4)

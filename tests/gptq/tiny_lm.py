@@ -15,9 +15,9 @@ PAD, EOS, BOS = 1, 2, 3
 IMAGE_TOKEN = VOCAB - 1
 
 
-def llama_config() -> Any:
+def llama_config(layers: int = 2) -> Any:
     return transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
     )  # fmt: skip
@@ -42,13 +42,14 @@ def peaked_lm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def save_tiny_lm(folder: Path, kind: str) -> None:
-    """A seeded ``LlamaForCausalLM`` or ``OPTForCausalLM`` and its tokenizer in ``folder``."""
+def save_tiny_lm(folder: Path, kind: str, layers: int = 2) -> None:
+    """A seeded ``LlamaForCausalLM`` (``layers`` deep) or ``OPTForCausalLM`` and its
+    tokenizer in ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(0)
     if kind == "llama":
-        model = transformers.LlamaForCausalLM(llama_config())
+        model = transformers.LlamaForCausalLM(llama_config(layers))
     elif kind == "opt":
         model = transformers.OPTForCausalLM(opt_config())
     else:
