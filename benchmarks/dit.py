@@ -318,7 +318,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--tiny", action="store_true", help="tiny widths (smoke test only)")
     parser.add_argument("--json", help="write the rows to this JSON file (for dit_pareto.py)")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
+    # no autograd for the whole run, and the caller's grad mode back afterwards (the tests
+    # call main in-process: a global switch would leak into every later test)
+    with torch.no_grad():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     spec = MODELS[args.model]
     x = inputs(args.model, args.px, tiny=args.tiny)
     settings = [
