@@ -33,6 +33,9 @@ from typing import Any
 
 import numpy as np
 
+# the shared table helpers live in the in-tower script beside this one
+from easyvqa_real_methods import format_difference, image_ids, points
+
 from turbo_eval.easyvqa_connector import (
     CONNECTOR_CONFIGS,
     REFUSED,
@@ -105,7 +108,7 @@ def run(
     data = tower_pass(model, count, cache_dir, progress=True)
     tower_seconds = time.perf_counter() - start
     keep = _keep(count)
-    groups = np.asarray(_image_ids())[keep]  # an image's questions resample together
+    groups = np.asarray(image_ids())[keep]  # an image's questions resample together
     flops = {"unpatched": _tower_gflops(model, None)}
     scores: dict[str, np.ndarray] = {}
     rows: list[tuple[str, str, int, bool]] = []
@@ -171,7 +174,7 @@ def run(
         def versus(other_key: str, key: str = key) -> dict[str, Any] | None:
             if other_key not in scores or other_key == key:
                 return None
-            return _pts(paired_difference(scores[key], scores[other_key], groups=groups))
+            return points(paired_difference(scores[key], scores[other_key], groups=groups))
 
         plain = key.removesuffix(" +log(size)")
         row: dict[str, Any] = {
@@ -200,12 +203,6 @@ def run(
     }
 
 
-def _image_ids() -> list[int]:
-    import easy_vqa
-
-    return list(easy_vqa.get_test_questions()[2])
-
-
 def _tower_gflops(model: Any, overrides: dict[str, Any] | None) -> float:
     """The tower's GFLOPs on one 224 px image with ``overrides`` applied (attention counted)."""
     import torch
@@ -228,22 +225,6 @@ def _keep(count: int) -> list[int]:
     return [i for i, im in enumerate(image_ids) if im < count]
 
 
-def _pts(interval: Any) -> dict[str, Any]:
-    return {
-        "mean": 100 * interval.mean,
-        "low": 100 * interval.low,
-        "high": 100 * interval.high,
-        "resolved": interval.excludes_zero,
-    }
-
-
-def _fmt(diff: dict[str, Any] | None) -> str:
-    if diff is None:
-        return "-"
-    star = " *" if diff["resolved"] else ""
-    return f"{diff['mean']:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}]{star}"
-
-
 def format_table(result: dict[str, Any]) -> str:
     """Markdown table, best accuracy first within each budget and fusion setting."""
     lines = [
@@ -263,9 +244,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {row['config']} | {row['kept']} | {row['tower_gflops']:.2f} "
             f"| {row['accuracy']:.2f} "
-            f"| {_fmt(row.get('vs_unpatched'))} | {_fmt(row.get('vs_redundancy'))} "
-            f"| {_fmt(row.get('vs_visionzip'))} | {_fmt(row.get('vs_tome_tower'))} "
-            f"| {_fmt(row.get('vs_no_log_size'))} |"
+            f"| {format_difference(row.get('vs_unpatched'))} | {format_difference(row.get('vs_redundancy'))} "
+            f"| {format_difference(row.get('vs_visionzip'))} | {format_difference(row.get('vs_tome_tower'))} "
+            f"| {format_difference(row.get('vs_no_log_size'))} |"
         )
     for name, why in result["refused"].items():
         lines.append(f"\n{name}: refused here ({why}).")

@@ -61,7 +61,7 @@ def run(
             scores[key] = score_questions(model, tokens, sizes, _keep(limit_images), size_bias=bias)
             rows.append((key, name, r, bias, int(tokens.shape[1])))
         print(f"{name} r={r}: {time.perf_counter() - start:.0f} s", flush=True)
-    groups = np.asarray(_image_ids())[_keep(limit_images) or slice(None)]
+    groups = np.asarray(image_ids())[_keep(limit_images) or slice(None)]
     table = []
     for key, name, r, bias, kept in rows:
         row: dict[str, Any] = {
@@ -74,13 +74,15 @@ def run(
         }
         base = "unpatched r=0" + (" +log(size)" if bias else "")
         if key != base:
-            row["vs_unpatched"] = _pts(paired_difference(scores[key], scores[base], groups=groups))
+            row["vs_unpatched"] = points(
+                paired_difference(scores[key], scores[base], groups=groups)
+            )
         tome = f"tome r={r}" + (" +log(size)" if bias else "")
         if name != "tome" and tome in scores:
-            row["vs_tome"] = _pts(paired_difference(scores[key], scores[tome], groups=groups))
+            row["vs_tome"] = points(paired_difference(scores[key], scores[tome], groups=groups))
         if bias:
             plain = key.removesuffix(" +log(size)")
-            row["vs_no_log_size"] = _pts(
+            row["vs_no_log_size"] = points(
                 paired_difference(scores[key], scores[plain], groups=groups)
             )
         table.append(row)
@@ -97,13 +99,15 @@ def _keep(limit_images: int | None) -> list[int] | None:
     return [i for i, im in enumerate(image_ids) if im < limit_images]
 
 
-def _image_ids() -> list[int]:
+def image_ids() -> list[int]:
+    """The image of every easy-VQA test question (the cluster of its bootstrap)."""
     import easy_vqa
 
     return list(easy_vqa.get_test_questions()[2])
 
 
-def _pts(interval: Any) -> dict[str, Any]:
+def points(interval: Any) -> dict[str, Any]:
+    """A difference interval in points, as the tables store it."""
     return {
         "mean": 100 * interval.mean,
         "low": 100 * interval.low,
@@ -112,7 +116,8 @@ def _pts(interval: Any) -> dict[str, Any]:
     }
 
 
-def _fmt(diff: dict[str, Any] | None) -> str:
+def format_difference(diff: dict[str, Any] | None) -> str:
+    """``+0.12 [-0.03, +0.27] *`` (``*``: the interval excludes 0), ``-`` for none."""
     if diff is None:
         return "-"
     star = " *" if diff["resolved"] else ""
@@ -134,8 +139,8 @@ def format_table(result: dict[str, Any]) -> str:
     for row in ordered:
         lines.append(
             f"| {row['config']} | {row['tokens_out']} | {row['accuracy']:.2f} "
-            f"| {_fmt(row.get('vs_unpatched'))} | {_fmt(row.get('vs_tome'))} "
-            f"| {_fmt(row.get('vs_no_log_size'))} |"
+            f"| {format_difference(row.get('vs_unpatched'))} | {format_difference(row.get('vs_tome'))} "
+            f"| {format_difference(row.get('vs_no_log_size'))} |"
         )
     return "\n".join(lines)
 
