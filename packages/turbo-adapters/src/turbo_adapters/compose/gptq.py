@@ -1,4 +1,4 @@
-"""GPTQ for the language model of a vision-language stack, with gptqmodel (7.6).
+"""GPTQ for the language model of a vision-language stack, with gptqmodel (7.6 and 7.7).
 
 Turbo reduces the vision tokens; GPTQ makes the language model that reads them
 cheaper. The two meet only at the language model's ``inputs_embeds``, so stacking
@@ -7,7 +7,7 @@ its tokenizer, :func:`quantize_gptq`), load it back (:func:`load_gptq`), put it 
 the VLM's language model was (:func:`attach_gptq`), and patch the model with
 ``turbo_adapters.apply``.
 
-gptqmodel pins numpy exactly and needs ``GPTQMODEL_CPU_WORKERS`` on small machines:
+gptqmodel pins numpy and torch and needs ``GPTQMODEL_CPU_WORKERS`` on small machines:
 install it in its own environment (``pip install 'turbo-adapters[gptq]'``; tox ``gptq``).
 """
 
@@ -25,9 +25,10 @@ from torch import nn
 __all__ = ["attach_gptq", "gptq_linear_classes", "language_model_of", "load_gptq", "quantize_gptq"]
 
 MISSING = (
-    "GPTQ needs the gptqmodel package (gptqmodel>=7.6,<7.7), which pins numpy exactly and "
-    "so lives in its own environment: pip install 'turbo-adapters[gptq]', or run the tests "
-    "with python -m tox -e gptq"
+    "GPTQ needs the gptqmodel package (gptqmodel>=7.6; tested 7.6.0 and 7.7.0), whose "
+    "numpy and torch pins differ from the other environments', so it lives in its own "
+    "environment: pip install 'turbo-adapters[gptq]', or run the tests with "
+    "python -m tox -e gptq"
 )
 
 
