@@ -128,3 +128,51 @@ def test_turbo_eval_methods_lists_the_tower_stage() -> None:
     assert "internvl" in rows["turbo", "tower"].families
     assert "vision_feature_layer" in rows["turbo", "tower"].limits["internvl"]
     assert ta.get_adapter("internvl").stages == ("tower", "connector", "llm")
+
+
+def test_tower_under_accelerate_hooks() -> None:
+    """accelerate's cpu_offload, added before and after apply: tower mode gives the patched
+    model's logits, greedy tokens and counts without hooks, the hooks still run around
+    every InternViT layer, and remove() leaves every hook (and accelerate's forward) as it
+    was, with the unpatched logits and tokens."""
+    pytest.importorskip("accelerate")
+    from accelerate import cpu_offload
+    from support.accelerate_hooks import count_calls, hooks_of
+
+    feed = tp.internvl_feed(ROWS)
+    model = tp.build_internvl()
+    ref_tokens, ref_logits = _generate(model, feed), _logits(model, feed)
+    patch = ta.apply(model, r=8)
+    patch.modes = "tower"
+    want_logits, want_counts = _logits(model, feed), list(patch.last_state.token_counts)
+    want_tokens = _generate(model, feed)
+    assert want_counts[-1] < TOKENS
+    ta.remove(model)
+
+    def layers(model) -> list:
+        return list(model.model.vision_tower.encoder.layer)
+
+    for hooks_first in (True, False):
+        model = tp.build_internvl()
+        if not hooks_first:
+            patch = ta.apply(model, r=8)
+            patch.modes = "tower"
+        cpu_offload(model, execution_device=torch.device("cpu"))
+        counting = count_calls(layers(model))
+        hooks = hooks_of(model)
+        assert len(hooks) > len(layers(model))
+        if hooks_first:
+            patch = ta.apply(model, r=8)
+            patch.modes = "tower"
+        before = counting.calls
+        got = _logits(model, feed)
+        assert counting.calls - before == len(layers(model))
+        assert list(patch.last_state.token_counts) == want_counts
+        torch.testing.assert_close(got, want_logits, atol=1e-6, rtol=1e-6)
+        assert torch.equal(_generate(model, feed), want_tokens)
+        ta.remove(model)
+        assert hooks_of(model) == hooks
+        before = counting.calls
+        torch.testing.assert_close(_logits(model, feed), ref_logits, atol=1e-6, rtol=1e-6)
+        assert counting.calls - before == len(layers(model))
+        assert torch.equal(_generate(model, feed), ref_tokens)
