@@ -307,3 +307,66 @@ def test_video_only_prompts_run_with_counts_known_in_advance(kind: str) -> None:
     lengths = feed["attention_mask"].sum(1).tolist()  # rows drop 12 - 4 and 4 - 2 tokens
     assert logits.shape[1] == max(lengths[0] - 8, lengths[1] - 2)
     assert torch.isfinite(logits).all() and out.shape[1] == feed["input_ids"].shape[1] + NEW
+
+
+def _run(model: Any, feed: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        logits = model(**feed).logits[:, -1]
+        out = model.generate(**feed, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    return logits, out
+
+
+@pytest.mark.parametrize("kind", VIDEO_KINDS)
+def test_video_remove_restores_exactly(kind: str) -> None:
+    model = tq.build(kind)
+    feed = _feed(kind, MEDIA)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref_logits, ref = _run(model, feed)
+    dicts = [set(m.__dict__) for m in model.modules()]  # after transformers' first-call hooks
+    patch = ta.apply(model)
+    patch.connector = ConnectorReduction(budget=FRACTION)
+    logits, _ = _run(model, feed)
+    assert not torch.allclose(logits, ref_logits, atol=1e-6)  # the stage acted
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    ta.remove(model)
+    got_logits, got = _run(model, feed)
+    assert torch.equal(got_logits, ref_logits) and torch.equal(got, ref)
+    assert [set(m.__dict__) for m in model.modules()] == dicts
+    assert ta.handle_of(model) is None
+
+
+@pytest.mark.parametrize("kind", VIDEO_KINDS)
+def test_video_under_accelerate_hooks(kind: str) -> None:
+    """cpu_offload before and after apply: the patched model's logits, greedy tokens and
+    counts as without hooks; remove() leaves every hook as it was, with the unpatched
+    logits and tokens."""
+    pytest.importorskip("accelerate")
+    from accelerate import cpu_offload
+    from support.accelerate_hooks import hooks_of
+
+    feed = _feed(kind, MEDIA)
+    model = tq.build(kind)
+    ref_logits, ref = _run(model, feed)
+    patch = ta.apply(model)
+    patch.connector = ConnectorReduction(budget=FRACTION)
+    want_logits, want = _run(model, feed)
+    counts = last_connector(patch).tokens_out
+    ta.remove(model)
+    for hooks_first in (True, False):
+        model = tq.build(kind)
+        if hooks_first:
+            cpu_offload(model, execution_device=torch.device("cpu"))
+        patch = ta.apply(model)
+        patch.connector = ConnectorReduction(budget=FRACTION)
+        if not hooks_first:
+            cpu_offload(model, execution_device=torch.device("cpu"))
+        hooks = hooks_of(model)
+        assert hooks
+        logits, out = _run(model, feed)
+        torch.testing.assert_close(logits, want_logits, atol=1e-6, rtol=1e-6)
+        assert torch.equal(out, want) and last_connector(patch).tokens_out == counts
+        ta.remove(model)
+        assert hooks_of(model) == hooks
+        logits, out = _run(model, feed)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
+        assert torch.equal(out, ref)
