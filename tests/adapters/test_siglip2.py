@@ -346,3 +346,24 @@ def test_padded_batch_under_accelerate_hooks() -> None:
     before = counting.calls
     assert torch.equal(run(model, args).pooler_output, ref.pooler_output)
     assert counting.calls - before == DEPTH
+
+
+def test_padded_batch_remove_restores_exactly() -> None:
+    """After a merged padded batch, remove() gives back the unpatched outputs bit for bit,
+    the same weights and no attribute of Turbo's on any module."""
+    model = build_vision()
+    args = naflex(SHAPES)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = run(model, args)
+    dicts = [set(m.__dict__) for m in model.modules()]
+    patch = ta.apply(model, r=3)
+    merged = run(model, args)
+    assert padded_rows(patch.last_state) is not None
+    assert not torch.allclose(merged.pooler_output, ref.pooler_output, atol=1e-4)
+    ta.remove(model)
+    got = run(model, args)
+    assert torch.equal(got.pooler_output, ref.pooler_output)
+    assert torch.equal(got.last_hidden_state, ref.last_hidden_state)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert [set(m.__dict__) for m in model.modules()] == dicts
+    assert ta.handle_of(model) is None
