@@ -1,7 +1,8 @@
 """Vision-language adapters through the conformance kit (turbo_adapters.testing).
 
 The kit's checks run on each model's tower mode (the reduction the kit can count);
-LLM mode has its own oracles in test_llava.py and test_minigpt.py. Model helpers
+LLM mode has its own oracles in test_llava.py and test_minigpt.py, and its conformance
+checks in test_conformance_llm.py. Model helpers
 (weights, images, q/k) are the ones test_conformance.py gives every family.
 """
 

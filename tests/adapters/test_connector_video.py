@@ -1,6 +1,8 @@
-"""Qwen2-VL / Qwen2.5-VL videos at the connector stage: each frame group (temporal patch)
-reduced like an image, against the unpatched model fed a hand-built oracle (the shortened
-prompt, the method's tokens, the FULL prompt's M-RoPE positions at the kept columns)."""
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL videos at the connector stage: each frame group (temporal
+patch) reduced like an image, against the unpatched model fed a hand-built oracle (the
+shortened prompt, the method's tokens, Qwen3-VL's deepstack features cut with the same
+indices, the FULL prompt's M-RoPE positions at the kept columns). Qwen3-VL prompts write
+each frame group in a run of its own after its timestamp, as its processor does."""
 
 from __future__ import annotations
 
@@ -24,13 +26,26 @@ from turbo_core.connector import ConnectorInputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NEW = 4
-VIDEO_KINDS = ("qwen2_vl", "qwen2_5_vl")
+VIDEO_KINDS = tq.KINDS
 #: two rows: an image then a 2-frame-group video; a video alone (different lengths)
 MEDIA = [
     [("image", (1, 4, 6)), ("video", (2, 4, 4))],
     [("video", (3, 2, 4))],
 ]
 FRACTION = 0.5
+
+
+def _feed(kind: str, media: list, seed: int = 1) -> dict:
+    return tq.feed_media(media, seed=seed, frame_runs=kind == "qwen3_vl")
+
+
+def _cut_deepstack(output: Any, kept: list[torch.Tensor]) -> None:
+    """Qwen3-VL: every item's deepstack features at its kept indices (in place)."""
+    if getattr(output, "deepstack_features", None) is not None:
+        output.deepstack_features = [
+            tuple(f[i] for f, i in zip(level, kept, strict=True))
+            for level in output.deepstack_features
+        ]
 
 
 def _types(ids: torch.Tensor) -> torch.Tensor:
@@ -69,24 +84,28 @@ def _oracle(model: Any, feed: dict[str, Any], fraction: float) -> tuple[dict, to
                 torch.cat([p[1] + i * n for i, p in enumerate(parts)]),
             )
         )
+    sizes = {"image": [f.shape[0] for f in images.pooler_output],
+             "video": [f.shape[0] for f in videos.pooler_output]}  # fmt: skip
     images, videos = copy.copy(images), copy.copy(videos)
     images.pooler_output = tuple(t for t, _ in kept["image"])
     videos.pooler_output = tuple(t for t, _ in kept["video"])
-    prompts, columns, seen, group_tokens = [], [], {"image": 0, "video": 0}, []
+    _cut_deepstack(images, [i for _, i in kept["image"]])
+    _cut_deepstack(videos, [i for _, i in kept["video"]])
+    # placeholders row-major: each item's tokens in order, over one run or (Qwen3-VL
+    # videos) one run per frame group
+    prompts, columns, at, group_tokens = [], [], {"image": [0, 0], "video": [0, 0]}, []
     for row in range(feed["input_ids"].shape[0]):
-        keep, run, kind = [], 0, None
+        keep = []
         for c in feed["attention_mask"][row].nonzero().squeeze(-1).tolist():
             token = int(feed["input_ids"][row, c])
             if token not in (tq.IMG, tq.VIDEO):
-                if kind is not None:
-                    seen[kind] += 1
                 keep.append(c)
-                run, kind = 0, None
                 continue
             kind = "image" if token == tq.IMG else "video"
-            if run in set(kept[kind][seen[kind]][1].tolist()):
+            item, offset = at[kind]
+            if offset in set(kept[kind][item][1].tolist()):
                 keep.append(c)
-            run += 1
+            at[kind] = [item, offset + 1] if offset + 1 < sizes[kind][item] else [item + 1, 0]
         prompts.append(feed["input_ids"][row, keep].tolist())
         columns.append(keep)
     ids, mask = tl.left_pad(prompts)
@@ -105,20 +124,22 @@ def _oracle(model: Any, feed: dict[str, Any], fraction: float) -> tuple[dict, to
 
 
 def _greedy(model: Any, oracle: dict, positions: torch.Tensor) -> torch.Tensor:
-    """Greedy decoding by full recomputation (no cache): new tokens take the positions
-    after each row's highest prompt position, one by one."""
-    ids, mask = oracle["input_ids"], oracle["attention_mask"]
+    """Greedy decoding of the oracle's prompt, one token at a time on its cache: new tokens
+    (text, whatever their id: a generated placeholder id is not an image) take the
+    positions after each row's highest prompt position."""
+    mask = oracle["attention_mask"]
     nxt = positions.amax(dim=(0, 2)) + 1
     out = []
-    for step in range(NEW):
-        feed = {**oracle, "input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                "mm_token_type_ids": _types(ids)}  # fmt: skip
-        with torch.no_grad():
-            token = model(**feed).logits[:, -1].argmax(-1)
-        out.append(token)
-        ids = torch.cat([ids, token[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        positions = torch.cat([positions, (nxt + step).view(1, -1, 1).expand(3, -1, 1)], 2)
+    with torch.no_grad():
+        step = model(**oracle, use_cache=True)
+        for i in range(NEW):
+            token = step.logits[:, -1].argmax(-1)
+            out.append(token)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            step = model(
+                input_ids=token[:, None], attention_mask=mask, cache=step.cache,
+                position_ids=(nxt + i).view(1, -1, 1).expand(3, -1, 1), use_cache=True,
+            )  # fmt: skip
     return torch.stack(out, 1)
 
 
@@ -134,7 +155,7 @@ def _positions_seen(model: Any) -> tuple[dict[str, torch.Tensor], Any]:
 @pytest.mark.parametrize("kind", VIDEO_KINDS)
 def test_video_keep_all_equals_the_unpatched_model(kind: str) -> None:
     model = tq.build(kind)
-    feed = tq.feed_media(MEDIA)
+    feed = _feed(kind, MEDIA)
     with torch.no_grad():
         ref_logits = model(**feed).logits
         ref = model.generate(**feed, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
@@ -152,7 +173,7 @@ def test_video_keep_all_equals_the_unpatched_model(kind: str) -> None:
 @pytest.mark.parametrize("kind", VIDEO_KINDS)
 def test_video_kept_half_equals_the_oracle_with_kept_positions(kind: str) -> None:
     model = tq.build(kind)
-    feed = tq.feed_media(MEDIA)
+    feed = _feed(kind, MEDIA)
     oracle, positions, group_tokens = _oracle(model, feed, FRACTION)
     with torch.no_grad():
         want_logits = model(**oracle).logits
@@ -175,18 +196,85 @@ def test_video_kept_half_equals_the_oracle_with_kept_positions(kind: str) -> Non
     assert oracle["input_ids"].shape[1] < feed["input_ids"].shape[1]
 
 
-def test_qwen3_vl_video_passes_through_with_a_warning() -> None:
+def _language_model_inputs(model: Any) -> tuple[dict[str, Any], Any]:
+    seen: dict[str, Any] = {}
+
+    def hook(module: Any, args: Any, kwargs: dict) -> None:
+        if kwargs.get("deepstack_visual_embeds") is not None:
+            seen.setdefault("mask", kwargs["visual_pos_masks"])
+            seen.setdefault("deepstack", kwargs["deepstack_visual_embeds"])
+
+    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_qwen3_vl_video_deepstack_is_cut_with_the_kept_indices() -> None:
+    """What Qwen3-VL's decoder layers add at the visual positions: the unpatched model's
+    image and video deepstack features, cut by hand at the strided indices of every image
+    and frame group (the oracle), in the shortened prompt's placeholder order."""
     model = tq.build("qwen3_vl")
-    feed = tq.feed_media([[("image", (1, 4, 4)), ("video", (1, 4, 4))]])
+    feed = _feed("qwen3_vl", MEDIA)
+    oracle, _, _ = _oracle(model, feed, FRACTION)
+    seen, handle = _language_model_inputs(model)
     with torch.no_grad():
-        ref = model(**feed).logits
+        model(**feed)
+        full = [level.shape[0] for level in seen.pop("deepstack")]
+        seen.clear()
+        model(**oracle)
+    want_mask, want = seen.pop("mask"), seen.pop("deepstack")
     patch = ta.apply(model)
-    patch.connector = ConnectorReduction(budget=1.0)
-    warns = pytest.warns(RuntimeWarning, match="video tokens pass through unreduced")
-    with warns, torch.no_grad():
-        got = model(**feed).logits
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    assert last_connector(patch).tokens_in == (4,)  # the image only
+    patch.connector = ConnectorReduction(budget=FRACTION, method=cm.STRIDED, size_bias=False)
+    seen.clear()
+    with torch.no_grad():
+        model(**feed)
+    handle.remove()
+    assert len(seen["deepstack"]) == len(want) == 2  # deepstack_visual_indexes [0, 1]
+    assert torch.equal(seen["mask"], want_mask)
+    for got, expected, n in zip(seen["deepstack"], want, full, strict=True):
+        assert got.shape[0] == int(want_mask.sum()) < n
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_qwen3_vl_video_in_one_run_is_refused() -> None:
+    """A Qwen3-VL video written as one run (Qwen2.5-VL's layout): M-RoPE numbers Qwen3-VL's
+    runs one per frame group, so kept tokens could not be placed; refused with the reason."""
+    model = tq.build("qwen3_vl")
+    feed = tq.feed_media([[("image", (1, 4, 4)), ("video", (2, 4, 4))]])
+    patch = ta.apply(model)
+    patch.connector = ConnectorReduction(budget=0.5)
+    refused = pytest.raises(ValueError, match=r"1 runs of video placeholders but the videos have 2")
+    with refused, torch.no_grad():
+        model(**feed)
+
+
+@pytest.mark.parametrize("kind", VIDEO_KINDS)
+def test_video_batch_rows_equal_single_rows(kind: str) -> None:
+    """Rows of images and videos, reduced in one batch, equal each row alone (logits at the
+    last position, greedy tokens, counts)."""
+    model = tq.build(kind)
+    rows = [_feed(kind, [media], seed=30 + r) for r, media in enumerate(MEDIA)]
+    prompts = [f["input_ids"][0][f["attention_mask"][0].bool()].tolist() for f in rows]
+    ids, mask = tl.left_pad(prompts)
+    batch = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": _types(ids)}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [f[key] for f in rows if key in f]
+        if parts:
+            batch[key] = torch.cat(parts)
+    patch = ta.apply(model)
+    patch.connector = ConnectorReduction(budget=0.5)
+    with torch.no_grad():
+        logits = model(**batch).logits[:, -1]
+        tokens = model.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    counts = last_connector(patch).tokens_out
+    assert sum(counts) < sum(last_connector(patch).tokens_in)
+    singles = []
+    for b, one in enumerate(rows):
+        with torch.no_grad():
+            alone = model(**one).logits[:, -1]
+            out = model.generate(**one, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+        singles += last_connector(patch).tokens_out
+        torch.testing.assert_close(alone[0], logits[b], atol=1e-4, rtol=1e-4)
+        assert torch.equal(out[0, one["input_ids"].shape[1] :], tokens[b, ids.shape[1] :])
+    assert tuple(singles) == counts
 
 
 def test_placeholders_that_do_not_match_the_media_are_refused() -> None:
@@ -206,7 +294,7 @@ def test_video_only_prompts_run_with_counts_known_in_advance(kind: str) -> None:
     """Videos without images, Turbo's own method and a count per frame group: forward and
     generate run, every frame group keeps the budget, the prompt shrinks by the rest."""
     model = tq.build(kind)
-    feed = tq.feed_media([[("video", (2, 4, 6))], [("video", (1, 4, 4))]])
+    feed = _feed(kind, [[("video", (2, 4, 6))], [("video", (1, 4, 4))]])
     feed = {k: v for k, v in feed.items() if k not in ("pixel_values", "image_grid_thw")}
     patch = ta.apply(model)
     patch.connector = ConnectorReduction(budget=2)
@@ -219,3 +307,66 @@ def test_video_only_prompts_run_with_counts_known_in_advance(kind: str) -> None:
     lengths = feed["attention_mask"].sum(1).tolist()  # rows drop 12 - 4 and 4 - 2 tokens
     assert logits.shape[1] == max(lengths[0] - 8, lengths[1] - 2)
     assert torch.isfinite(logits).all() and out.shape[1] == feed["input_ids"].shape[1] + NEW
+
+
+def _run(model: Any, feed: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        logits = model(**feed).logits[:, -1]
+        out = model.generate(**feed, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    return logits, out
+
+
+@pytest.mark.parametrize("kind", VIDEO_KINDS)
+def test_video_remove_restores_exactly(kind: str) -> None:
+    model = tq.build(kind)
+    feed = _feed(kind, MEDIA)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref_logits, ref = _run(model, feed)
+    dicts = [set(m.__dict__) for m in model.modules()]  # after transformers' first-call hooks
+    patch = ta.apply(model)
+    patch.connector = ConnectorReduction(budget=FRACTION)
+    logits, _ = _run(model, feed)
+    assert not torch.allclose(logits, ref_logits, atol=1e-6)  # the stage acted
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    ta.remove(model)
+    got_logits, got = _run(model, feed)
+    assert torch.equal(got_logits, ref_logits) and torch.equal(got, ref)
+    assert [set(m.__dict__) for m in model.modules()] == dicts
+    assert ta.handle_of(model) is None
+
+
+@pytest.mark.parametrize("kind", VIDEO_KINDS)
+def test_video_under_accelerate_hooks(kind: str) -> None:
+    """cpu_offload before and after apply: the patched model's logits, greedy tokens and
+    counts as without hooks; remove() leaves every hook as it was, with the unpatched
+    logits and tokens."""
+    pytest.importorskip("accelerate")
+    from accelerate import cpu_offload
+    from support.accelerate_hooks import hooks_of
+
+    feed = _feed(kind, MEDIA)
+    model = tq.build(kind)
+    ref_logits, ref = _run(model, feed)
+    patch = ta.apply(model)
+    patch.connector = ConnectorReduction(budget=FRACTION)
+    want_logits, want = _run(model, feed)
+    counts = last_connector(patch).tokens_out
+    ta.remove(model)
+    for hooks_first in (True, False):
+        model = tq.build(kind)
+        if hooks_first:
+            cpu_offload(model, execution_device=torch.device("cpu"))
+        patch = ta.apply(model)
+        patch.connector = ConnectorReduction(budget=FRACTION)
+        if not hooks_first:
+            cpu_offload(model, execution_device=torch.device("cpu"))
+        hooks = hooks_of(model)
+        assert hooks
+        logits, out = _run(model, feed)
+        torch.testing.assert_close(logits, want_logits, atol=1e-6, rtol=1e-6)
+        assert torch.equal(out, want) and last_connector(patch).tokens_out == counts
+        ta.remove(model)
+        assert hooks_of(model) == hooks
+        logits, out = _run(model, feed)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
+        assert torch.equal(out, ref)

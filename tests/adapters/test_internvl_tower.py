@@ -15,6 +15,8 @@ from support import tiny_prefix_vlms as tp
 import turbo_adapters as ta
 from turbo_adapters.method_support import method_support
 from turbo_adapters.patch import handle_of
+from turbo_adapters.testing import expected_counts
+from turbo_core import Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NEW = 4
@@ -128,3 +130,89 @@ def test_turbo_eval_methods_lists_the_tower_stage() -> None:
     assert "internvl" in rows["turbo", "tower"].families
     assert "vision_feature_layer" in rows["turbo", "tower"].limits["internvl"]
     assert ta.get_adapter("internvl").stages == ("tower", "connector", "llm")
+
+
+def test_tower_under_accelerate_hooks() -> None:
+    """accelerate's cpu_offload, added before and after apply: tower mode gives the patched
+    model's logits, greedy tokens and counts without hooks, the hooks still run around
+    every InternViT layer, and remove() leaves every hook (and accelerate's forward) as it
+    was, with the unpatched logits and tokens."""
+    pytest.importorskip("accelerate")
+    from accelerate import cpu_offload
+    from support.accelerate_hooks import count_calls, hooks_of
+
+    feed = tp.internvl_feed(ROWS)
+    model = tp.build_internvl()
+    ref_tokens, ref_logits = _generate(model, feed), _logits(model, feed)
+    patch = ta.apply(model, r=8)
+    patch.modes = "tower"
+    want_logits, want_counts = _logits(model, feed), list(patch.last_state.token_counts)
+    want_tokens = _generate(model, feed)
+    assert want_counts[-1] < TOKENS
+    ta.remove(model)
+
+    def layers(model) -> list:
+        return list(model.model.vision_tower.encoder.layer)
+
+    for hooks_first in (True, False):
+        model = tp.build_internvl()
+        if not hooks_first:
+            patch = ta.apply(model, r=8)
+            patch.modes = "tower"
+        cpu_offload(model, execution_device=torch.device("cpu"))
+        counting = count_calls(layers(model))
+        hooks = hooks_of(model)
+        assert len(hooks) > len(layers(model))
+        if hooks_first:
+            patch = ta.apply(model, r=8)
+            patch.modes = "tower"
+        before = counting.calls
+        got = _logits(model, feed)
+        assert counting.calls - before == len(layers(model))
+        assert list(patch.last_state.token_counts) == want_counts
+        torch.testing.assert_close(got, want_logits, atol=1e-6, rtol=1e-6)
+        assert torch.equal(_generate(model, feed), want_tokens)
+        ta.remove(model)
+        assert hooks_of(model) == hooks
+        before = counting.calls
+        torch.testing.assert_close(_logits(model, feed), ref_logits, atol=1e-6, rtol=1e-6)
+        assert counting.calls - before == len(layers(model))
+        assert torch.equal(_generate(model, feed), ref_tokens)
+
+
+@pytest.mark.parametrize("r", [3, [5, 0], (3, -1.0), Target(TOKENS - 4)], ids=str)
+def test_tower_counts_follow_the_schedule(r) -> None:
+    """Every tile's InternViT tokens after each layer follow the bipartite count rule of
+    the resolved schedule (CLS protected); the language model still sees the full count."""
+    model = tp.build_internvl()
+    feed = tp.internvl_feed(ROWS)
+    plain = _logits(model, feed)
+    patch = ta.apply(model, r=r)
+    patch.modes = "tower"
+    logits = _logits(model, feed)
+    depth = len(model.model.vision_tower.encoder.layer)
+    counts = list(patch.last_state.token_counts)
+    if isinstance(r, Target):  # one token per layer and more: reached exactly
+        assert counts[-1] == TOKENS - 4
+    else:
+        schedule = list(ta.resolve_config(None, r=r).schedule(depth))
+        assert counts == expected_counts(TOKENS, 1, schedule)
+    assert counts[-1] < TOKENS and logits.shape == plain.shape
+
+
+def test_tower_batch_rows_equal_single_rows() -> None:
+    """Rows of one and two tiles, merged in one batch, equal each row alone (logits at the
+    last position, greedy tokens, counts)."""
+    model = tp.build_internvl()
+    patch = ta.apply(model, r=8)
+    patch.modes = "tower"
+    feed = tp.internvl_feed(ROWS)
+    logits, tokens = _logits(model, feed)[:, -1], _generate(model, feed)
+    counts = list(patch.last_state.token_counts)
+    assert counts[-1] < TOKENS
+    for b, row in enumerate(ROWS):
+        one = tp.internvl_feed([row])
+        torch.testing.assert_close(_logits(model, one)[0, -1], logits[b], atol=1e-5, rtol=1e-5)
+        assert list(patch.last_state.token_counts) == counts
+        alone = _generate(model, one)[0, one["input_ids"].shape[1] :]
+        assert torch.equal(alone, tokens[b, feed["input_ids"].shape[1] :])

@@ -291,3 +291,79 @@ def test_names_resolve() -> None:
     assert ta.get_adapter("siglip2_vision_model").name == "hf-siglip2"
     assert ta.get_adapter("google/siglip-base-patch16-224").name == "hf-siglip"
     assert ta.adapter_for_model(build_vision()).name == "hf-siglip2"
+
+
+def test_padded_batch_under_accelerate_hooks() -> None:
+    """accelerate's device-alignment hooks (cpu_offload cannot run the unpatched pooling
+    head, see CASES), added before and after apply, on a padded batch: the patched model
+    gives its outputs and per-row counts without hooks, the hooks still run around every
+    layer, and remove() leaves every hook (and accelerate's forward) as it was, with the
+    unpatched outputs."""
+    from accelerate.hooks import attach_align_device_hook
+    from support.accelerate_hooks import count_calls, hooks_of
+
+    cpu = torch.device("cpu")
+    args = naflex(SHAPES)
+    model = build_vision()
+    ref = run(model, args)
+    patch = ta.apply(model, r=3)
+    want = run(model, args)
+    want_rows = padded_rows(patch.last_state).counts
+    assert len({tuple(c) for c in want_rows}) > 1  # rows reduced each by its own schedule
+    ta.remove(model)
+
+    # hooks before apply
+    model = build_vision()
+    attach_align_device_hook(model, execution_device=cpu)
+    counting = count_calls(layers(model))
+    hooks = hooks_of(model)
+    assert set(hooks) >= {f"encoder.layers.{i}" for i in range(DEPTH)}
+    patch = ta.apply(model, r=3)
+    before = counting.calls
+    got = run(model, args)
+    assert counting.calls - before == DEPTH
+    assert padded_rows(patch.last_state).counts == want_rows
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-6, rtol=1e-6)
+    for i, n in enumerate(real_rows(args)):
+        torch.testing.assert_close(got.last_hidden_state[i, :n], want.last_hidden_state[i, :n])
+    ta.remove(model)
+    assert hooks_of(model) == hooks
+    before = counting.calls
+    assert torch.equal(run(model, args).pooler_output, ref.pooler_output)
+    assert counting.calls - before == DEPTH
+
+    # hooks after apply
+    model = build_vision()
+    patch = ta.apply(model, r=3)
+    attach_align_device_hook(model, execution_device=cpu)
+    counting = count_calls(layers(model))
+    hooks = hooks_of(model)
+    got = run(model, args)
+    assert padded_rows(patch.last_state).counts == want_rows
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-6, rtol=1e-6)
+    ta.remove(model)
+    assert hooks_of(model) == hooks
+    before = counting.calls
+    assert torch.equal(run(model, args).pooler_output, ref.pooler_output)
+    assert counting.calls - before == DEPTH
+
+
+def test_padded_batch_remove_restores_exactly() -> None:
+    """After a merged padded batch, remove() gives back the unpatched outputs bit for bit,
+    the same weights and no attribute of Turbo's on any module."""
+    model = build_vision()
+    args = naflex(SHAPES)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = run(model, args)
+    dicts = [set(m.__dict__) for m in model.modules()]
+    patch = ta.apply(model, r=3)
+    merged = run(model, args)
+    assert padded_rows(patch.last_state) is not None
+    assert not torch.allclose(merged.pooler_output, ref.pooler_output, atol=1e-4)
+    ta.remove(model)
+    got = run(model, args)
+    assert torch.equal(got.pooler_output, ref.pooler_output)
+    assert torch.equal(got.last_hidden_state, ref.last_hidden_state)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert [set(m.__dict__) for m in model.modules()] == dicts
+    assert ta.handle_of(model) is None

@@ -15,6 +15,8 @@ IMG = 90
 START = 91
 END = 92
 VIDEO = 93
+TIME = 70  # timestamp tokens of Qwen3-VL frame groups: TIME + frame, SECONDS
+SECONDS = 80
 PAD = 0
 VOCAB = 100
 PATCH = 4
@@ -99,17 +101,28 @@ def feed(grids: list[list[tuple[int, int, int]]], seed: int = 1) -> dict[str, to
     }  # fmt: skip
 
 
-def feed_media(rows: list[list[tuple[str, tuple[int, int, int]]]], seed: int = 1) -> dict:
+def feed_media(
+    rows: list[list[tuple[str, tuple[int, int, int]]]], seed: int = 1, frame_runs: bool = False
+) -> dict:
     """One row per entry of ``rows``: its images and videos (``("image" | "video", grid)``)
     in prompt order, each in its own ``<vision_start> ... <vision_end>`` run, left padded,
     with ``mm_token_type_ids`` 1 at image and 2 at video placeholders (as the processor
-    writes them). A video's grid ``(t, h, w)`` has ``t`` temporal patches of two frames."""
+    writes them). A video's grid ``(t, h, w)`` has ``t`` temporal patches of two frames.
+
+    ``frame_runs``: Qwen3-VL's layout, each frame group of a video in a run of its own
+    after a two-token timestamp (``<TIME + frame> <SECONDS> <vision_start> ...``)."""
     g = torch.Generator().manual_seed(seed)
     prompts, grids = [], {"image": [], "video": []}
     for b, media in enumerate(rows):
         row = [1, 5 + b, 6]
         for i, (kind, grid) in enumerate(media):
-            row += [START, *[IMG if kind == "image" else VIDEO] * tokens(grid), END, 7 + i]
+            if kind == "video" and frame_runs:
+                t, h, w = grid
+                for frame in range(t):
+                    row += [TIME + frame, SECONDS, START, *[VIDEO] * tokens((1, h, w)), END]
+                row.append(7 + i)
+            else:
+                row += [START, *[IMG if kind == "image" else VIDEO] * tokens(grid), END, 7 + i]
             grids[kind].append(grid)
         prompts.append([*row, 8, 9 + b, 10 + b])
     width = max(len(p) for p in prompts)

@@ -7,12 +7,13 @@ Stages (``patch.modes`` or ``turbo_mode=`` per call, as for LLaVA):
   tokens, the rows re-padded, and M-RoPE gets the kept tokens' own ``(t, h, w)``
   positions (:mod:`.positions`), so the text after an image keeps its positions, in
   ``forward`` and ``generate``. Qwen3-VL's deepstack features are cut with the same
-  indices (a merged token keeps its kept token's deepstack feature). Qwen2/2.5-VL
-  videos are reduced like images, one frame group (temporal patch) at a time
-  (:mod:`.video`): the budget applies per frame group, the ``<|video_pad|>`` run keeps
-  the kept tokens and M-RoPE their ``(t, h, w)`` positions; the connector record lists
-  images and frame groups in prompt order. Qwen3-VL videos pass through unreduced (a
-  warning says so).
+  indices (a merged token keeps its kept token's deepstack feature). Videos are reduced
+  like images, one frame group (temporal patch) at a time (:mod:`.video`): the budget
+  applies per frame group, the ``<|video_pad|>`` runs keep the kept tokens and M-RoPE
+  their ``(t, h, w)`` positions; Qwen3-VL writes each frame group in a run of its own
+  after its timestamp (another layout is refused), its M-RoPE numbers the runs one by
+  one, and its video deepstack features are cut with the video's kept indices. The
+  connector record lists images and frame groups in prompt order.
 - ``"llm"``: FastV-style at decoder layer K (:mod:`..llava.llm`); Qwen3-VL needs K at or
   after its deepstack depth (deepstack adds features to the image positions of layers
   0..d-1, which must all still be there).
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +54,7 @@ from ..llava.llm import (
 from ..llava.modes import VisionLanguagePatch, mode_scope, shrunk_generate
 from ..llava.size_bias import install_size_bias
 from .positions import install_positions, kept_positions
-from .video import VisualGroup, per_video, unify_placeholders, visual_groups
+from .video import VisualGroup, check_frame_runs, per_video, unify_placeholders, visual_groups
 
 __all__ = ["QwenVLAdapter"]
 
@@ -136,16 +136,11 @@ class QwenVLAdapter(HFAdapter):
                 return named, None
             images = named.get("pixel_values") is not None
             videos = named.get("pixel_values_videos") is not None
-            if videos and deepstack:
-                warnings.warn(
-                    "connector mode reduces Qwen3-VL's images only (its videos come one frame "
-                    "per run, with timestamps and deepstack video features): this call's "
-                    "video tokens pass through unreduced",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            if not images and (deepstack or not videos):
-                return named, None  # nothing to reduce: the model encodes its videos itself
+            if not images and not videos:
+                return named, None  # nothing to reduce
+            ids = named.get("input_ids")
+            if videos and deepstack and ids is not None:
+                check_frame_runs(ids, video_token, named["video_grid_thw"])
             with module_weights(inner):
                 image_out = (
                     inner.get_image_features(
@@ -163,11 +158,10 @@ class QwenVLAdapter(HFAdapter):
                     if videos
                     else None
                 )
-            reduce_videos = video_out is not None and not deepstack
+            reduce_videos = video_out is not None
             image_features = list(image_out.pooler_output) if image_out is not None else []
             groups = [VisualGroup(False, j) for j in range(len(image_features))]
             features = image_features
-            ids = named.get("input_ids")
             if reduce_videos and ids is not None:  # (no ids: reduce_call says what it needs)
                 groups, features = visual_groups(
                     ids, image_token, video_token, image_features,
@@ -203,13 +197,21 @@ class QwenVLAdapter(HFAdapter):
                 named.pop("pixel_values")
             kept_videos = None
             if video_out is not None:
-                if reduce_videos:
-                    tokens, kept_videos = per_video(
-                        groups, [k.tokens for k in done.kept], [k.index for k in done.kept],
-                        len(video_out.pooler_output),
-                    )  # fmt: skip
-                    video_out = copy.copy(video_out)
-                    video_out.pooler_output = tuple(tokens)
+                tokens, kept_videos = per_video(
+                    groups, [k.tokens for k in done.kept], [k.index for k in done.kept],
+                    len(video_out.pooler_output),
+                )  # fmt: skip
+                video_out = copy.copy(video_out)
+                video_out.pooler_output = tuple(tokens)
+                if getattr(video_out, "deepstack_features", None) is not None:
+                    video_out.deepstack_features = [
+                        tuple(f[i.to(f.device)] for f, i in zip(level, kept_videos, strict=True))
+                        for level in video_out.deepstack_features
+                    ]
+                if deepstack:  # M-RoPE numbers Qwen3-VL's frame groups one by one
+                    kept_videos = [
+                        k.index for g, k in zip(groups, done.kept, strict=True) if g.video
+                    ]
                 encoded["video"] = video_out
                 named.pop("pixel_values_videos")
             named["mm_encoder_outputs"] = encoded

@@ -40,8 +40,10 @@ def kept_positions(
     kept: Sequence[torch.Tensor], videos: Sequence[torch.Tensor] | None = None
 ) -> Iterator[None]:
     """Inside, position computations give image ``j`` the positions of ``kept[j]`` only,
-    and video ``v`` those of ``videos[v]`` (indices into the video's ``t * h * w / 4``
-    tokens, frame group after frame group; None: videos keep all their positions)."""
+    and the ``v``-th video run of the prompt those of ``videos[v]`` (Qwen2/2.5-VL: one run
+    per video, indices into its ``t * h * w / 4`` tokens, frame group after frame group;
+    Qwen3-VL: one run per frame group, indices into its ``h * w / 4`` tokens; None: videos
+    keep all their positions)."""
     token = _KEPT.set((kept, videos))
     try:
         yield

@@ -1,9 +1,12 @@
-"""Video frames at the connector stage (Qwen2-VL, Qwen2.5-VL): one reduction per frame group.
+"""Video frames at the connector stage (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): one reduction per
+frame group.
 
 A Qwen2/2.5-VL video of ``t`` temporal patches (two frames each) is one ``<|video_pad|>``
-run of ``t * h * w / 4`` tokens, frame group after frame group. The stage reduces every
-frame group like an image of ``h * w / 4`` tokens (the budget applies per frame group),
-so counts depend only on the budget and the grids. Images and frame groups are handed to
+run of ``t * h * w / 4`` tokens, frame group after frame group; Qwen3-VL writes each frame
+group in a run of its own (after its timestamp), the same tokens in the same order
+(:func:`check_frame_runs`). The stage reduces every frame group like an image of
+``h * w / 4`` tokens (the budget applies per frame group), so counts depend only on the
+budget and the grids. Images and frame groups are handed to
 the stage in the order of their placeholders in the prompt (row-major), with every
 video placeholder shown to it as an image placeholder; the real token ids are put back
 afterwards from the kept columns.
@@ -18,6 +21,7 @@ import torch
 
 __all__ = [
     "VisualGroup",
+    "check_frame_runs",
     "frame_groups",
     "per_video",
     "placeholder_order",
@@ -92,6 +96,29 @@ def placeholder_order(
         seen[video] += 1
         position += n
     return order
+
+
+def check_frame_runs(
+    input_ids: torch.Tensor, video_token_id: int, video_grids: torch.Tensor
+) -> None:
+    """Qwen3-VL's layout: every frame group of every video in a placeholder run of its own
+    (the processor writes ``<timestamp> <vision_start> <video_pad> * n <vision_end>`` per
+    frame group, and M-RoPE numbers the runs one by one).
+
+    Raises:
+        ValueError: if the runs of video placeholders are not one per frame group.
+    """
+    is_video = input_ids == video_token_id
+    starts = is_video.clone()
+    starts[:, 1:] &= ~is_video[:, :-1]
+    runs, frames = int(starts.sum()), int(video_grids[:, 0].sum())
+    if runs != frames:
+        raise ValueError(
+            f"input_ids hold {runs} runs of video placeholders but the videos have {frames} "
+            "frame groups: Qwen3-VL numbers each frame group's run on its own (a timestamp "
+            "and <vision_start> ... <vision_end> per frame group, as its processor writes), "
+            "so the connector stage cannot place kept video tokens in other layouts"
+        )
 
 
 def unify_placeholders(
