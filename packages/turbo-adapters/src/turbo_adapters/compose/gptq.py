@@ -125,7 +125,7 @@ def language_model_of(model: nn.Module) -> tuple[str, nn.Module]:
         ``(kind, module)``: ``"whole"`` (``model`` is a causal LM), ``"causal"``
         (``model.language_model`` is a causal LM: BLIP-2, InstructBLIP), ``"base+head"``
         (``model.model.language_model`` and ``model.lm_head``: transformers 5 LLaVA,
-        LLaVA-NeXT; the module returned is the base model) or ``"peft"``
+        LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL; the module returned is the base model) or ``"peft"``
         (``model.llama_model`` is a peft model: MiniGPT-v2 with LoRA).
 
     Raises:
@@ -156,14 +156,56 @@ def _text_config(model: nn.Module, kind: str, lm: nn.Module) -> Any:
     return lm.config
 
 
-def _check_fits(dense: Any, quantized: Any) -> None:
-    for field in ("hidden_size", "vocab_size"):
+def _check_fits(
+    dense: Any, quantized: Any, fields: Sequence[str] = ("hidden_size", "vocab_size")
+) -> None:
+    for field in fields:
         want, got = getattr(dense, field, None), getattr(quantized, field, None)
         if want is not None and got is not None and want != got:
             raise ValueError(
                 f"the GPTQ model has {field}={got}, the model's language model {field}={want}: "
                 "quantize that language model (the same config and weights)"
             )
+
+
+#: what a VLM's own text model and the quantized decoder must agree on to share layers
+_SHAPE_FIELDS = (
+    "hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim",
+)  # fmt: skip
+
+
+def _transplant(lm: nn.Module, base: nn.Module, dense_config: Any, quantized_config: Any) -> None:
+    """Put the quantized base model ``base``'s parts into ``lm``, a VLM's text model of
+    another class (Qwen2-VL's and Qwen2.5-VL's, whose rotary embedding computes M-RoPE's
+    3-D positions, which a plain ``Qwen2Model`` cannot take).
+
+    Each child of ``lm`` that holds weights (embeddings, decoder layers, final norm) is
+    replaced by ``base``'s child of that name; the weight-free ones (the rotary
+    embedding) stay, and so does ``lm.forward``.
+
+    Raises:
+        ValueError: when the shapes differ. TypeError: when ``base`` lacks such a child.
+    """
+    _check_fits(dense_config, quantized_config, _SHAPE_FIELDS)
+    parts = {}
+    for name, child in lm.named_children():
+        if next(child.parameters(), None) is None:
+            continue
+        part = getattr(base, name, None)
+        if not isinstance(part, nn.Module):
+            raise TypeError(
+                f"the GPTQ model's {type(base).__name__} has no {name}, which "
+                f"{type(lm).__name__} holds: quantize that language model"
+            )
+        if isinstance(child, nn.ModuleList) and len(child) != len(part):
+            raise ValueError(
+                f"the GPTQ model has {len(part)} {name}, the model's language model "
+                f"{len(child)}: quantize that language model"
+            )
+        parts[name] = part
+    for name, part in parts.items():  # all checked first: a refusal changes nothing
+        setattr(lm, name, part)
 
 
 def _copy_sharing(model: nn.Module, *keep: nn.Module) -> nn.Module:
@@ -187,10 +229,14 @@ def attach_gptq(model: nn.Module, quantized: nn.Module, *, copy: bool = False) -
     Returns:
         the model holding ``quantized`` (``quantized`` itself when ``model`` is a causal
         LM). For MiniGPT-v2, ``quantized`` gets the dense model's LoRA (same config and
-        weights, through peft) around its GPTQ layers.
+        weights, through peft) around its GPTQ layers. Where the VLM's text model is a
+        class of its own (Qwen2-VL and Qwen2.5-VL: M-RoPE positions; quantize a
+        ``Qwen2ForCausalLM`` of the same shapes), it stays and receives ``quantized``'s
+        embeddings, decoder layers and norm; its rotary embedding and forward stay.
 
     Raises:
-        TypeError: when no language model is found. ValueError: when the widths differ.
+        TypeError: when no language model is found. ValueError: when the widths differ
+            (for a text model of its own: any of the layer count, heads and head width).
     """
     kind, lm = language_model_of(model)
     _check_fits(_text_config(model, kind, lm), quantized.config)
@@ -202,7 +248,11 @@ def attach_gptq(model: nn.Module, quantized: nn.Module, *, copy: bool = False) -
     if kind == "causal":
         target.language_model = quantized
     elif kind == "base+head":
-        target.model.language_model = quantized.base_model
+        base = quantized.base_model
+        if type(lm) is type(base):
+            target.model.language_model = base
+        else:  # the VLM's own text model (Qwen-VL: M-RoPE positions) keeps its forward
+            _transplant(lm, base, _text_config(model, kind, lm), quantized.config)
         target.lm_head = quantized.get_output_embeddings()
     else:
         target.llama_model = _with_lora_of(lm, quantized)
