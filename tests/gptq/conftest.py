@@ -61,3 +61,10 @@ def quantized_deep_folder(_logs_in_tmp: None, tmp_path_factory: pytest.TempPathF
     """A 4-bit GPTQ ``LlamaForCausalLM`` with 4 decoder layers (the staged LLM-mode methods
     need at least 4: PyramidDrop drops at a quarter, half and three quarters of the depth)."""
     return _quantized(tmp_path_factory.mktemp("gptq-llama4"), "llama", layers=4)
+
+
+@pytest.fixture(scope="session")
+def quantized_qwen2_folder(_logs_in_tmp: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-bit GPTQ ``Qwen2ForCausalLM`` with 4 decoder layers (:func:`tiny_lm.qwen2_config`):
+    the decoder of the tiny Qwen2-VL and Qwen2.5-VL."""
+    return _quantized(tmp_path_factory.mktemp("gptq-qwen2"), "qwen2", layers=4)

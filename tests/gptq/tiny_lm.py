@@ -31,6 +31,22 @@ def opt_config() -> Any:
     )  # fmt: skip
 
 
+#: the decoder of Qwen2-VL and Qwen2.5-VL at tiny size (grouped KV heads and q/k/v
+#: biases as in Qwen2); every width a multiple of the GPTQ group size (32)
+QWEN2 = {
+    "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "max_position_embeddings": 256,
+}  # fmt: skip
+
+
+def qwen2_config(layers: int = 2) -> Any:
+    return transformers.Qwen2Config(
+        **QWEN2, num_hidden_layers=layers, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def peaked_lm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Weights large enough that greedy answers depend on the input (the library's init
@@ -43,17 +59,19 @@ def peaked_lm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def save_tiny_lm(folder: Path, kind: str, layers: int = 2) -> None:
-    """A seeded ``LlamaForCausalLM`` (``layers`` deep) or ``OPTForCausalLM`` and its
-    tokenizer in ``folder``."""
+    """A seeded ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` (``layers`` deep), or an
+    ``OPTForCausalLM``, and its tokenizer in ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(0)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(llama_config(layers))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(qwen2_config(layers))
     elif kind == "opt":
         model = transformers.OPTForCausalLM(opt_config())
     else:
-        raise ValueError(f"kind must be 'llama' or 'opt', got {kind!r}")
+        raise ValueError(f"kind must be 'llama', 'qwen2' or 'opt', got {kind!r}")
     peaked_lm(model, seed=0).save_pretrained(folder)
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
