@@ -61,14 +61,15 @@ def _vision(kind: str) -> dict[str, Any]:
             "fullatt_block_indexes": [1]}  # fmt: skip
 
 
-def qwen_vl(kind: str, folder: Path, layers: int = DEPTH) -> nn.Module:
-    """A tiny ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen2VLForConditionalGeneration``
-    whose text model holds the GPTQ ``Qwen2ForCausalLM``'s layers."""
-    names = {
-        "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
-        "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
-    }
-    config_cls, model_cls = (getattr(transformers, n) for n in names[kind])
+NAMES = {
+    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+}
+
+
+def dense_qwen_vl(kind: str, layers: int = DEPTH) -> nn.Module:
+    """The tiny VLM before the GPTQ decoder goes in (seeded: the same tower every time)."""
+    config_cls, model_cls = (getattr(transformers, n) for n in NAMES[kind])
     text = {
         **QWEN2, "num_hidden_layers": layers, "pad_token_id": tq.PAD,
         # M-RoPE: the head's 8 frequencies split 2 / 3 / 3 over (t, h, w)
@@ -80,7 +81,13 @@ def qwen_vl(kind: str, folder: Path, layers: int = DEPTH) -> nn.Module:
         video_token_id=tq.VIDEO, vision_start_token_id=tq.START, vision_end_token_id=tq.END,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = model_cls(config).eval()
+    return model_cls(config).eval()
+
+
+def qwen_vl(kind: str, folder: Path, layers: int = DEPTH) -> nn.Module:
+    """A tiny ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen2VLForConditionalGeneration``
+    whose text model holds the GPTQ ``Qwen2ForCausalLM``'s layers."""
+    model = dense_qwen_vl(kind, layers)
     text_model = model.model.language_model
     gptq.attach_gptq(model, gptq.load_gptq(folder))
     assert model.model.language_model is text_model  # its M-RoPE text model stays
@@ -146,7 +153,26 @@ def test_the_text_model_runs_the_quantized_qwen2(model, quantized_qwen2_folder) 
     assert [type(layer).__name__ for layer in text_model.layers] == ["Qwen2DecoderLayer"] * DEPTH
 
 
-def test_attach_refuses_a_decoder_of_another_depth(quantized_qwen2_folder) -> None:
+def test_attach_with_copy_leaves_the_dense_model(model, quantized_qwen2_folder) -> None:
+    """``copy=True`` (turbo-eval's gptq side): a second VLM holds the quantized layers in a
+    text model of its own; the dense one keeps its layers and its logits."""
+    dense = dense_qwen_vl(model.config.model_type)
+    parts = dict(dense.model.language_model.named_children())
+    inputs = tq.feed(GRIDS)
+    with torch.no_grad():
+        before = dense(**inputs).logits
+        stacked = gptq.attach_gptq(dense, gptq.load_gptq(quantized_qwen2_folder), copy=True)
+        assert torch.equal(dense(**inputs).logits, before)
+        torch.testing.assert_close(stacked(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+    assert dict(dense.model.language_model.named_children()) == parts
+    assert not gptq.gptq_linear_classes(dense)
+    assert stacked.model.language_model is not dense.model.language_model
+    assert type(stacked.model.language_model) is type(dense.model.language_model)
+
+
+def test_attach_refuses_another_decoder_and_changes_nothing(
+    quantized_qwen2_folder, quantized_opt_folder
+) -> None:
     with pytest.raises(
         ValueError,
         match=re.escape(
@@ -155,6 +181,20 @@ def test_attach_refuses_a_decoder_of_another_depth(quantized_qwen2_folder) -> No
         ),
     ):
         qwen_vl("qwen2_5_vl", quantized_qwen2_folder, layers=3)
+    # a 2-layer OPT has the widths, not the parts: refused before anything moved
+    dense = dense_qwen_vl("qwen2_5_vl", layers=2)
+    parts = dict(dense.model.language_model.named_children())
+    head = dense.lm_head
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            "the GPTQ model's OPTModel has no embed_tokens, which Qwen2_5_VLTextModel holds: "
+            "quantize that language model"
+        ),
+    ):
+        gptq.attach_gptq(dense, gptq.load_gptq(quantized_opt_folder))
+    assert dict(dense.model.language_model.named_children()) == parts
+    assert dense.lm_head is head and not gptq.gptq_linear_classes(dense)
 
 
 @pytest.mark.parametrize(("method", "stage"), RUNS)
