@@ -4,8 +4,9 @@ Turbo reduces the vision tokens; GPTQ makes the language model that reads them
 cheaper. The two meet only at the language model's ``inputs_embeds``, so stacking
 needs no more than: quantize the language model (a saved transformers causal LM with
 its tokenizer, :func:`quantize_gptq`), load it back (:func:`load_gptq`), put it where
-the VLM's language model was (:func:`attach_gptq`), and patch the model with
-``turbo_adapters.apply``.
+the VLM's language model was (:func:`attach_gptq`; Qwen2-VL and Qwen2.5-VL keep their
+own M-RoPE text model, which takes the quantized layers), and patch the model with
+``turbo_adapters.apply`` or ``apply_vlm_method``.
 
 gptqmodel pins numpy and torch and needs ``GPTQMODEL_CPU_WORKERS`` on small machines:
 install it in its own environment (``pip install 'turbo-adapters[gptq]'``; tox ``gptq``).
