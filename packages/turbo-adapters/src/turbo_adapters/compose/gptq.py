@@ -34,8 +34,10 @@ MISSING = (
 
 
 def _workers() -> None:
-    # gptqmodel starts one worker per core by default; 2 cores are shared with torch
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+    # gptqmodel starts one worker per core by default (2 cores here are shared with torch);
+    # 7.7 loads models with a pool of 2 workers and refuses a parent pool of 1, so 2 is
+    # also the floor on a 1-core machine
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 
 def _gptqmodel() -> Any:
