@@ -340,7 +340,7 @@ def test_batch_rows_equal_single_rows(name):
 # ------------------------------------------------------------- what is refused, said
 def test_avg_is_refused_on_rotary_flux_at_apply_and_configure():
     model = build("flux")
-    with pytest.raises(ValueError, match="todo_mode='avg'.*rotary"):
+    with pytest.raises(ValueError, match=r"todo_mode='avg'.*rotary"):
         ta.apply(model, method="todo", todo_mode="avg")
     assert not any(m._forward_pre_hooks for m in model.modules())
     with ta.patched(model, method="todo") as patch:

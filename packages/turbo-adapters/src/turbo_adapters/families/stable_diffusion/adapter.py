@@ -131,6 +131,9 @@ class StableDiffusionPatch(TurboPatch):
             the patched pipeline's ``encode_prompt`` (or by the user for a bare UNet).
         pipeline_cfg: whether the last pipeline call used classifier-free guidance.
         cond_rows: rows of the last pipeline call's conditional prompt embeddings.
+
+    ``check`` (a family's own limits, e.g. :func:`~..dit.adapter.check_dit_settings`)
+    sees the settings of every :meth:`configure` and refuses those the model cannot take.
     """
 
     def __init__(

@@ -25,6 +25,13 @@ different rows of the one ``(cos, sin)`` table the processor applies to the whol
 batch: the attention runs once per group of rows sharing their kept tokens (the hooked
 call takes the first group, the restore hook calls the module's ``forward`` for the
 others and puts the rows back in order).
+
+ToDo (``method="todo"``) keeps every query, so nothing is restored: a self-attention
+(``attn1`` of a BasicTransformerBlock) gets the downsampled grid as its keys and values
+(``encoder_hidden_states``); a joint attention computes its keys and values inside its
+processor, so its slot hook puts :class:`.joint_todo.ToDoJointProcessor` around that
+processor (at the first call that needs it; ``remove`` takes it off) and passes the
+plan as the keyword ``turbo_todo``.
 """
 
 from __future__ import annotations
@@ -454,7 +461,7 @@ class DenoiserHooks:
         settings: SDSettings,
         batch: int,
     ) -> dict[str, ToDoPlan | SoftPlan]:
-        """ToDo's key/value grid (self-attention only) or ToMA's soft plans."""
+        """ToDo's key/value grid (``attn1``: self- or joint attention) or ToMA's soft plans."""
         if settings.method == "todo":
             if "attn1" not in wanted:
                 return {}

@@ -88,9 +88,7 @@ def _original_name(processor: Any) -> str:
     return type(processor).__name__
 
 
-def joint_todo_refusal(
-    attn: nn.Module, todo: JointToDo, rotary: Any, num_text: int
-) -> str | None:
+def joint_todo_refusal(attn: nn.Module, todo: JointToDo, rotary: Any, num_text: int) -> str | None:
     """Why ToDo cannot run on this joint attention call (``num_text`` text tokens beside
     the plan's image tokens), or None when it can."""
     processor = getattr(attn, "processor", None)
@@ -128,9 +126,7 @@ class ToDoJointProcessor:
     def __init__(self, original: Any) -> None:
         name = type(original).__name__
         if name not in JOINT_PROCESSORS:
-            raise TypeError(
-                f"ToDoJointProcessor wraps {' or '.join(JOINT_PROCESSORS)}, got {name}"
-            )
+            raise TypeError(f"ToDoJointProcessor wraps {' or '.join(JOINT_PROCESSORS)}, got {name}")
         self.original = original
         self.flux = name == "FluxAttnProcessor"
 
@@ -148,7 +144,9 @@ class ToDoJointProcessor:
     ) -> Any:
         if turbo_todo is None:
             extra = {} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+            return self.original(
+                attn, hidden_states, encoder_hidden_states, attention_mask, **extra
+            )
         if attention_mask is not None:
             raise ValueError("ToDo on a joint attention takes no attention_mask")
         if image_rotary_emb is not None and turbo_todo.plan.mode != "nearest-exact":
