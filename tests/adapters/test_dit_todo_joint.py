@@ -382,3 +382,20 @@ def test_todo_runs_quietly_on_every_block():
         with ta.patched(model, method="todo", todo_factor=2) as patch:
             run(model, inputs_for("sd3.5", 2, (8, 8)))
     assert patch.last_stats["SD3Transformer2DModel"].merged == {"attn1": 3, "attn2": 0, "ff": 0}
+
+
+def test_an_attention_backend_set_while_wrapped_reaches_the_model_and_todo_says_so():
+    model = build("flux")
+    x = inputs_for("flux", 1, (8, 8))
+    processors = {n: m.processor for n, m in attentions(model)}
+    with ta.patched(model, method="todo") as patch:
+        run(model, x)  # wrapped now
+        model.set_attention_backend("native")
+        assert all(p._attention_backend is not None for p in processors.values())
+        with pytest.warns(TurboBypassWarning, match="attention backend"):
+            run(model, x)
+    (stats,) = patch.last_stats.values()
+    assert stats.merged["attn1"] == 0
+    assert all(m.processor is processors[n] for n, m in attentions(model))
+    assert all(p._attention_backend.value == "native" for p in processors.values())
+    model.reset_attention_backend()

@@ -53,6 +53,8 @@ __all__ = [
 
 #: the diffusers processors whose computation :class:`ToDoJointProcessor` follows
 JOINT_PROCESSORS = ("JointAttnProcessor2_0", "FluxAttnProcessor")
+#: attributes diffusers sets on a processor, set on the wrapped one
+_FORWARDED = ("_attention_backend", "_parallel_config")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +134,20 @@ class ToDoJointProcessor:
 
     def __repr__(self) -> str:
         return f"ToDoJointProcessor({type(self.original).__name__})"
+
+    # diffusers' ``set_attention_backend`` (and context parallelism) set these on every
+    # processor that has them: they reach the wrapped processor, which keeps them after
+    # ``remove``; while one is set, ToDo passes the call through and says why
+    def __getattr__(self, name: str) -> Any:
+        if name == "original":
+            raise AttributeError(name)
+        return getattr(self.original, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FORWARDED:
+            setattr(self.original, name, value)
+        else:
+            object.__setattr__(self, name, value)
 
     def __call__(
         self,
