@@ -19,8 +19,9 @@ single blocks, SD3's last block without text output) is scaled to the real model
 count (``DEPTHS``). Projected figures are labelled so.
 
 Sweeps: ``--methods`` picks the methods, ``--ratios`` their merge ratios (Turbo,
-redundancy-only, attention-only, ToMA), ``--todo-factors`` ToDo's downsampling. A setting
-the library refuses (ToDo on a joint attention) is printed with the library's reason.
+redundancy-only, attention-only, ToMA), ``--todo-factors`` ToDo's downsampling (on every
+model: PixArt's self-attention, SD3's and FLUX's joint attention). A setting the library
+refuses is printed with the library's reason.
 All settings share the unpatched model's weights (patching never changes a weight).
 
 Usage::

@@ -15,7 +15,14 @@ import turbo_adapters as ta
 
 diffusers = pytest.importorskip("diffusers")
 
-from support.tiny_dit import pixart_inputs, sd3_inputs, tiny_flux, tiny_pixart, tiny_sd3  # noqa: E402
+from support.tiny_dit import (  # noqa: E402
+    flux_inputs,
+    pixart_inputs,
+    sd3_inputs,
+    tiny_flux,
+    tiny_pixart,
+    tiny_sd3,
+)
 
 from turbo_adapters.families.stable_diffusion.methods import (  # noqa: E402
     facility_location,
@@ -250,14 +257,25 @@ def test_toma_tiles_reach_the_plan():
     assert (outs[2] - reference).norm() < 0.2 * reference.norm()
 
 
-def test_toma_on_sd3_and_flux_todo_refused_there():
+def test_toma_and_todo_on_sd3_and_flux():
+    """Both peers run on joint attention (ToDo's oracle: tests/adapters/test_dit_todo_joint.py);
+    ToDo's window average is refused on FLUX's rotary attention, naming the parameter."""
     model = tiny_sd3()
     with ta.patched(model, ratio=0.5, method="toma") as patch, torch.no_grad():
         model(**sd3_inputs(2))
     assert patch.last_stats["SD3Transformer2DModel"].merged == {"attn1": 2, "attn2": 0, "ff": 2}
-    for build in (tiny_sd3, tiny_flux):
-        with pytest.raises(ValueError, match="method='todo'"):
-            ta.apply(build(), method="todo")
+    for build, x, calls in ((tiny_sd3, sd3_inputs(2), 2), (tiny_flux, flux_inputs(2), 3)):
+        model = build()
+        with torch.no_grad():
+            reference = model(**x).sample
+            with ta.patched(model, method="todo") as patch:
+                out = model(**x).sample
+        (stats,) = patch.last_stats.values()
+        assert stats.merged == {"attn1": calls, "attn2": 0, "ff": 0} and not stats.passed
+        assert not torch.equal(out, reference)
+        assert (out - reference).norm() < 0.2 * reference.norm()
+    with pytest.raises(ValueError, match="todo_mode='avg'"):
+        ta.apply(tiny_flux(), method="todo", todo_mode="avg")
 
 
 @pytest.mark.parametrize(

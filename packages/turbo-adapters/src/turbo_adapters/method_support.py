@@ -25,14 +25,10 @@ STAGE_METHODS: dict[str, tuple[str, ...]] = {
     "denoiser": ("turbo", "todo", "toma"),
 }
 
-#: (method, stage) -> {family: why it refuses although it offers the stage}
-REFUSED: dict[tuple[str, str], dict[str, str]] = {
-    ("todo", "denoiser"): {
-        family: "ToDo downsamples a self-attention's keys and values; joint attention "
-        "mixes text and image tokens"
-        for family in ("sd3", "flux")
-    },
-}
+#: (method, stage) -> {family: why it refuses although it offers the stage}; none now
+#: (ToDo runs on the joint attention of SD3 and FLUX too: its ``todo_mode="avg"`` alone
+#: is refused on FLUX, at ``apply``, a setting not a method)
+REFUSED: dict[tuple[str, str], dict[str, str]] = {}
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ keeps its own default (``alpha=0.1``, :data:`~..stable_diffusion.DEFAULT_ALPHA`)
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -65,6 +66,7 @@ __all__ = [
     "PixArtAdapter",
     "SD3Adapter",
     "SanaAdapter",
+    "check_dit_settings",
     "dit_default_settings",
 ]
 
@@ -149,20 +151,35 @@ class DiTAdapter:
                 "(class-conditional); use alpha=0 (the 'dit-redundancy' preset)"
             )
         settings = resolve_settings(dit_default_settings(transformer), options)
-        joint = not any(type(m).__name__ == "BasicTransformerBlock" for m in transformer.modules())
-        if joint and settings.attn1_kv:
-            raise ValueError(
-                f"attn1_kv=True: {type(transformer).__name__}'s joint attention takes the "
-                "text as its keys beside the image, so only attn1_kv=False applies"
-            )
-        if joint and settings.method == "todo":
-            raise ValueError(
-                f"method='todo': ToDo downsamples the keys and values of a self-attention; "
-                f"{type(transformer).__name__}'s joint attention computes them inside its "
-                "processor (use method='turbo' or 'toma')"
-            )
+        check = functools.partial(check_dit_settings, transformer)
+        check(settings)
         role = type(transformer).__name__ if transformer is model else "transformer"
-        return StableDiffusionPatch(model, config, settings, [(role, transformer)], self.name)
+        return StableDiffusionPatch(
+            model, config, settings, [(role, transformer)], self.name, check=check
+        )
+
+
+def check_dit_settings(transformer: nn.Module, settings: SDSettings) -> None:
+    """Refuse settings that cannot apply to ``transformer`` (at ``apply`` and ``configure``).
+
+    - ``attn1_kv=True`` on a joint attention (its keys hold the text beside the image);
+    - ``method="todo"`` with ``todo_mode="avg"`` on a rotary model (FLUX): an averaged
+      image token has no single rotary position (ToDo's ``"nearest-exact"`` keeps real
+      tokens, whose rotary rows follow them; :mod:`..stable_diffusion.joint_todo`).
+    """
+    name = type(transformer).__name__
+    joint = not any(type(m).__name__ == "BasicTransformerBlock" for m in transformer.modules())
+    if joint and settings.attn1_kv:
+        raise ValueError(
+            f"attn1_kv=True: {name}'s joint attention takes the text as its keys beside the "
+            "image, so only attn1_kv=False applies"
+        )
+    if settings.method == "todo" and settings.todo_mode == "avg" and _has_rotary(transformer):
+        raise ValueError(
+            f"todo_mode='avg': {name} places its tokens by a rotary embedding and an averaged "
+            "token has no single rotary position; use todo_mode='nearest-exact' (ToDo's "
+            "default: it keeps real tokens, whose rotary rows follow them)"
+        )
 
 
 class PixArtAdapter(DiTAdapter):
@@ -224,6 +241,12 @@ class SanaAdapter(DiTAdapter):
             "feed-forward GLUMBConv convolves the full token grid (a merged sequence has no "
             "grid); merging only around the attention was not measured to gain"
         )
+
+
+def _has_rotary(transformer: nn.Module) -> bool:
+    """Whether the model's attention takes a rotary embedding (FLUX's blocks)."""
+    rotary = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    return any(type(m).__name__ in rotary for m in transformer.modules())
 
 
 def _has_text_attention(transformer: nn.Module) -> bool:

@@ -17,6 +17,7 @@ token receives its group's output), before the gate and the residual. With
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -130,6 +131,9 @@ class StableDiffusionPatch(TurboPatch):
             the patched pipeline's ``encode_prompt`` (or by the user for a bare UNet).
         pipeline_cfg: whether the last pipeline call used classifier-free guidance.
         cond_rows: rows of the last pipeline call's conditional prompt embeddings.
+
+    ``check`` (a family's own limits, e.g. :func:`~..dit.adapter.check_dit_settings`)
+    sees the settings of every :meth:`configure` and refuses those the model cannot take.
     """
 
     def __init__(
@@ -139,9 +143,11 @@ class StableDiffusionPatch(TurboPatch):
         settings: SDSettings,
         denoisers: list[tuple[str, nn.Module]] | None = None,
         family: str = "stable-diffusion",
+        check: Callable[[SDSettings], None] | None = None,
     ) -> None:
         super().__init__(target, family)
         self.settings = settings
+        self._check = check
         self.text_mask: torch.Tensor | None = None
         self.pipeline_cfg: bool | None = None
         self.cond_rows: int | None = None
@@ -185,6 +191,8 @@ class StableDiffusionPatch(TurboPatch):
             )
         sd = {k: changes.pop(k) for k in list(changes) if k in SDSettings.field_names()}
         settings = self.settings.replace(**sd) if sd else self.settings
+        if self._check is not None:
+            self._check(settings)  # the model's own limits (a DiT adapter's checks)
         if changes:
             super().configure(site=site, **changes)
         self.settings = settings

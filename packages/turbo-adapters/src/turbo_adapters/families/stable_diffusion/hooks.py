@@ -25,6 +25,13 @@ different rows of the one ``(cos, sin)`` table the processor applies to the whol
 batch: the attention runs once per group of rows sharing their kept tokens (the hooked
 call takes the first group, the restore hook calls the module's ``forward`` for the
 others and puts the rows back in order).
+
+ToDo (``method="todo"``) keeps every query, so nothing is restored: a self-attention
+(``attn1`` of a BasicTransformerBlock) gets the downsampled grid as its keys and values
+(``encoder_hidden_states``); a joint attention computes its keys and values inside its
+processor, so its slot hook puts :class:`.joint_todo.ToDoJointProcessor` around that
+processor (at the first call that needs it; ``remove`` takes it off) and passes the
+plan as the keyword ``turbo_todo``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from turbo_core import MergePlan, score_windows, size_log_bias, window_destinati
 
 from ...blocks import TurboBypassWarning
 from .guide import joint_text_attention, text_to_image_attention, text_token_mask
+from .joint_todo import JointToDo, ToDoJointProcessor, joint_todo_refusal
 from .layout import Slot, block_slots, model_grid
 from .methods import SoftPlan, ToDoPlan, soft_plan
 from .settings import COMPONENTS, SDSettings
@@ -179,6 +187,8 @@ class DenoiserHooks:
         self.transformers = [m for m in root.modules() if _is_transformer_2d(m)]
         #: (block id, slot attribute) -> (the hooked sub-module, its hook handles)
         self._slot_hooks: dict[tuple[int, str], tuple[nn.Module, list[Any]]] = {}
+        #: joint attentions running ToDo: id -> (attention, its own processor, the wrapper)
+        self._processors: dict[int, tuple[nn.Module, Any, ToDoJointProcessor]] = {}
 
     # ----------------------------------------------------------------- install
     def install(self) -> None:
@@ -231,6 +241,20 @@ class DenoiserHooks:
             handle.remove()
         self._handles.clear()
         self._slot_hooks.clear()
+        for module, original, wrapper in self._processors.values():
+            if module.processor is wrapper:  # a processor set since by the user stays
+                module.processor = original
+        self._processors.clear()
+
+    def _todo_processor(self, module: nn.Module) -> None:
+        """Put :class:`.joint_todo.ToDoJointProcessor` around ``module`` 's processor
+        (once; again if the processor was replaced since); ``remove`` takes it off."""
+        current = module.processor
+        if isinstance(current, ToDoJointProcessor):
+            return
+        wrapper = ToDoJointProcessor(current)
+        module.processor = wrapper
+        self._processors[id(module)] = (module, current, wrapper)
 
     @property
     def handles(self) -> list[Any]:
@@ -437,7 +461,7 @@ class DenoiserHooks:
         settings: SDSettings,
         batch: int,
     ) -> dict[str, ToDoPlan | SoftPlan]:
-        """ToDo's key/value grid (self-attention only) or ToMA's soft plans."""
+        """ToDo's key/value grid (``attn1``: self- or joint attention) or ToMA's soft plans."""
         if settings.method == "todo":
             if "attn1" not in wanted:
                 return {}
@@ -539,13 +563,20 @@ class DenoiserHooks:
             # the processor maps its masks onto the query count as if it were a grid
             reason = "IP-Adapter masks per position"
         elif isinstance(plan, ToDoPlan) and not slot.kv:
-            reason = "ToDo needs a self-attention that takes its keys and values apart"
+            # a joint attention: its own processor, wrapped, downsamples the image keys
+            text = kwargs.get("encoder_hidden_states")
+            num_text = prefix or (text.shape[1] if isinstance(text, torch.Tensor) else 0)
+            todo = JointToDo(plan, prefix)
+            reason = joint_todo_refusal(module, todo, kwargs.get("image_rotary_emb"), num_text)
         if reason is not None:
             call.stats.passed.append((name, component, reason))
             return None
         call.stats.merged[component] += 1
         if isinstance(plan, ToDoPlan):  # every query stays: nothing to restore
-            return args, {**kwargs, "encoder_hidden_states": plan.keys(x)}
+            if slot.kv:
+                return args, {**kwargs, "encoder_hidden_states": plan.keys(x)}
+            self._todo_processor(module)
+            return args, {**kwargs, "turbo_todo": todo}
         cross = getattr(module, "is_cross_attention", False)
         kv = call.settings.attn1_kv and slot.kv and not isinstance(plan, SoftPlan)
         if component == "attn1" and kv and not cross:

@@ -92,11 +92,13 @@ class SDSettings:
         method: ``"turbo"`` (window matching, merge-and-restore), or a peer written from
             its paper (:mod:`.methods`): ``"todo"`` (ToDo: self-attention over keys and
             values of a grid downsampled by ``todo_factor``, where ``ratio_attn1 > 0``;
-            the other ratios are unused) or ``"toma"`` (ToMA: facility-location
+            the other ratios are unused; on a joint attention, SD3 / FLUX, the keys and
+            values are the text and the downsampled image, :mod:`.joint_todo`) or ``"toma"`` (ToMA: facility-location
             destinations, attention-weighted merge and un-merge, at the same ratios;
             it merges the queries too, whatever ``attn1_kv``).
         todo_factor: ToDo's downsampling of the grid in each direction (int >= 2).
-        todo_mode: ToDo's downsampling, ``"nearest-exact"`` (the paper's) or ``"avg"``.
+        todo_mode: ToDo's downsampling, ``"nearest-exact"`` (the paper's) or ``"avg"``
+            (refused on FLUX: an averaged token has no single rotary position).
         toma_tau: ToMA's softmax temperature over cosine similarities (> 0).
         toma_tile: ToMA's local selection: tiles of ``toma_tile x toma_tile`` tokens
             each choose their share of the destinations (int >= 1); 0 chooses them
