@@ -28,8 +28,11 @@ shallow layers, so their fidelity is that of the shallow variant.
 Measured per method and budget: prefill GFLOPs (``turbo_eval.measure.count_flops``, fused
 CPU attention counted by its registered formula), prefill peak MiB (torch's CPU allocator,
 from the profiler's memory events: ``llava_ttft.prefill_peak_bytes``; activations, KV cache
-and logits, not the weights), TTFT (``generate`` with one new token; methods interleaved in
-each round, the order rotated per round; speedup = median of per-round ratios to the
+and logits, not the weights; both split by default: the vision tower counted once, in
+the unpatched call, plus each row's call with the tower's output replayed and its peak
+bytes reserved in its place, exactly the whole call's figures (``TowerSplit``; the tests
+check it; ``--static-whole`` counts each whole call), TTFT (``generate`` with one new
+token; methods interleaved in each round, the order rotated per round; speedup = median of per-round ratios to the
 unpatched run of the same round, [min, max] over rounds), the method's own time (connector
 method calls; LLM-mode ``reduce_at_layer`` calls, ranking attention included; tower merging
 is inside the tower's layers and not separated: "-"), first-token KL(unpatched || method)
@@ -41,9 +44,9 @@ labelled as such. "tower s": seconds inside the vision tower (hooks on it). Belo
 table, Amdahl's bound with the tower unreduced (``bounds``): the largest projected TTFT
 ratio a connector or LLM method can reach, with its LLM free and at each budget.
 
-Long runs: ``--methods`` picks rows (unpatched always runs); ``--prompts 0`` takes the
-fidelity from the first timed round's first token (no separate fidelity pass); the json
-is rewritten after every call, so a stopped run leaves what it measured (``--render
+Long runs: ``--methods`` picks rows (unpatched always runs; rows run budget after budget);
+``--prompts 0`` takes the fidelity from the first timed round's first token (no separate
+fidelity pass); the json is rewritten after every call, so a stopped run leaves what it measured (``--render
 out.json [--static-json static.json]`` prints its table).
 
 Usage: python benchmarks/vlm_methods.py [--model llava|qwen2_5_vl --rounds 3 --batch 1
