@@ -587,10 +587,12 @@ def table(result: dict[str, Any]) -> str:
         if args["prompts"]
         else "fidelity of the first token of the timing prompt (answer agr = 1st agr)"
     )
+    if args.get("static_only"):  # no timing, no fidelity: their columns are "-"
+        fidelity = "static pass only (FLOPs and memory; no timing, no fidelity)"
     out = [
         f"{args['model']}{' (tiny)' if args['tiny'] else ''}: batch {args['batch']}, "
         f"{SHALLOW_LAYERS} LLM layers measured, {result['n_image']} image tokens, "
-        f"{args['rounds']} rounds, {fidelity}, "
+        f"{0 if args.get('static_only') else args['rounds']} rounds, {fidelity}, "
         f"{result['threads']} threads (measured under load from parallel work); "
         f"proj. = PROJECTED to {result['depth']} layers",
         "",

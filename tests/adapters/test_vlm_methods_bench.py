@@ -143,6 +143,7 @@ def test_split_static_pass_equals_the_whole_call(model, capsys):
     out = capsys.readouterr().out
     assert "activations, KV cache and logits; not the weights" in out
     assert "Both counted split: the vision tower once" in out
+    assert "0 rounds, static pass only (FLOPs and memory; no timing, no fidelity)" in out
 
 
 def test_replayed_tower_refuses_other_inputs():
