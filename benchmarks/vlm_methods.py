@@ -28,8 +28,11 @@ shallow layers, so their fidelity is that of the shallow variant.
 Measured per method and budget: prefill GFLOPs (``turbo_eval.measure.count_flops``, fused
 CPU attention counted by its registered formula), prefill peak MiB (torch's CPU allocator,
 from the profiler's memory events: ``llava_ttft.prefill_peak_bytes``; activations, KV cache
-and logits, not the weights), TTFT (``generate`` with one new token; methods interleaved in
-each round, the order rotated per round; speedup = median of per-round ratios to the
+and logits, not the weights; both split by default: the vision tower counted once, in
+the unpatched call, plus each row's call with the tower's output replayed and its peak
+bytes reserved in its place, exactly the whole call's figures (``TowerSplit``; the tests
+check it; ``--static-whole`` counts each whole call), TTFT (``generate`` with one new
+token; methods interleaved in each round, the order rotated per round; speedup = median of per-round ratios to the
 unpatched run of the same round, [min, max] over rounds), the method's own time (connector
 method calls; LLM-mode ``reduce_at_layer`` calls, ranking attention included; tower merging
 is inside the tower's layers and not separated: "-"), first-token KL(unpatched || method)
@@ -41,9 +44,9 @@ labelled as such. "tower s": seconds inside the vision tower (hooks on it). Belo
 table, Amdahl's bound with the tower unreduced (``bounds``): the largest projected TTFT
 ratio a connector or LLM method can reach, with its LLM free and at each budget.
 
-Long runs: ``--methods`` picks rows (unpatched always runs); ``--prompts 0`` takes the
-fidelity from the first timed round's first token (no separate fidelity pass); the json
-is rewritten after every call, so a stopped run leaves what it measured (``--render
+Long runs: ``--methods`` picks rows (unpatched always runs; rows run budget after budget);
+``--prompts 0`` takes the fidelity from the first timed round's first token (no separate
+fidelity pass); the json is rewritten after every call, so a stopped run leaves what it measured (``--render
 out.json [--static-json static.json]`` prints its table).
 
 Usage: python benchmarks/vlm_methods.py [--model llava|qwen2_5_vl --rounds 3 --batch 1
@@ -53,12 +56,14 @@ Usage: python benchmarks/vlm_methods.py [--model llava|qwen2_5_vl --rounds 3 --b
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +168,117 @@ class Clock:
         return hook
 
 
+class TowerInside(RuntimeError):
+    """The method works inside the vision tower this call (hooks on its layers): the tower's
+    output cannot be replayed for it."""
+
+
+def _hooks(module: Any) -> set[int]:
+    """The ids of the forward (pre-)hooks on the modules inside ``module`` (not on it)."""
+    found: set[int] = set()
+    for sub in list(module.modules())[1:]:
+        found.update(id(h) for h in sub._forward_pre_hooks.values())
+        found.update(id(h) for h in sub._forward_hooks.values())
+    return found
+
+
+def _clone(value: Any) -> Any:
+    """A fresh copy of a tower output: every tensor cloned (the same bytes allocated)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):  # transformers' ModelOutput is a dict
+        return type(value)(**{k: _clone(v) for k, v in value.items()})
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def _forward(module: Any, forward: Callable[..., Any]) -> Iterator[None]:
+    """``module.forward`` is ``forward`` while inside (its hooks still run around it)."""
+    saved = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+class TowerSplit:
+    """The static pass in two parts, exact: the vision tower counted once, and each row's
+    call after it.
+
+    ``capture`` runs one call (unpatched) with the tower's own forward counted alone: its
+    FLOPs and its peak bytes above the bytes live at its entry (``prefill_peak_bytes`` of
+    the tower's forward), and keeps a copy of its output and inputs. ``replay`` then stands
+    in for the tower in a row's call: it allocates and frees the tower's peak bytes (so the
+    live-bytes curve reaches the height the tower reached, from the row's own live bytes at
+    the tower's entry) and returns fresh clones of the output (the bytes the tower leaves
+    live), with no FLOPs. So a row's count under ``replay`` plus ``flops`` is its whole
+    call's FLOPs, and its peak under ``replay`` is its whole call's peak, as long as the
+    tower computes the same thing in the row's call: the same inputs (checked: else
+    RuntimeError) and nothing of the method inside it (forward hooks on the tower's layers
+    that the captured call did not have: ``TowerInside``, the row is counted whole).
+    ``tests/adapters/test_vlm_methods_bench.py`` checks split == whole on tiny configs."""
+
+    def __init__(self, tower: Any) -> None:
+        self.tower = tower
+        self.flops = 0
+        self.peak = 0
+        self._inputs: list[torch.Tensor] = []
+        self._output: Any = None
+        self._hooks: set[int] = set()
+
+    @staticmethod
+    def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        return [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+
+    def capture(self, call: Callable[[], Any]) -> None:
+        original = self.tower.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            box: list[Any] = []
+            flops: list[int] = []
+
+            def run() -> None:
+                flops.append(count_flops(lambda: box.append(original(*args, **kwargs))))
+
+            self.peak = llava_ttft.prefill_peak_bytes(run)
+            self.flops = flops[0]
+            self._inputs = [t.clone() for t in self._tensors(args, kwargs)]
+            self._output = _clone(box[0])
+            self._hooks = _hooks(self.tower)
+            return box[0]
+
+        with _forward(self.tower, forward):
+            call()
+        if self._output is None:
+            raise RuntimeError("the captured call did not run the vision tower")
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        if self._output is None:
+            raise RuntimeError("TowerSplit.replay needs a capture() first")
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if _hooks(self.tower) - self._hooks:
+                raise TowerInside("the method hooks the vision tower's layers in this call")
+            given = self._tensors(args, kwargs)
+            if len(given) != len(self._inputs) or not all(
+                a.shape == b.shape and torch.equal(a, b)
+                for a, b in zip(given, self._inputs, strict=True)
+            ):
+                raise RuntimeError("the replayed vision tower got other inputs than captured")
+            torch.empty(self.peak, dtype=torch.uint8)  # the tower's peak, freed at once
+            return _clone(self._output)
+
+        with _forward(self.tower, forward):
+            yield
+
+
 def llm_setting(method: str, budget: int, n_image: int, depth: int) -> tuple[LLMReduction, list]:
     """The shallow LLM-mode setting and the full-depth layers each shallow layer stands for."""
     if method == "fastv":
@@ -205,8 +321,8 @@ class Subject:
         self.layers = self.model.model.language_model.layers
         self.timer = MethodTimer()
         inner = self.model.model
-        tower = inner.vision_tower if args.model == "llava" else inner.visual
-        self.clock = Clock(self.layers, self.timer, tower)
+        self.tower = inner.vision_tower if args.model == "llava" else inner.visual
+        self.clock = Clock(self.layers, self.timer, self.tower)
         self.budgets = list(args.budgets or BUDGETS[args.model])
         if args.tiny:  # the same shares of the tiny image
             self.budgets = [max(1, b * self.n_image // (576 if args.model == "llava" else 1024))
@@ -274,9 +390,10 @@ REFUSALS = (ValueError, RuntimeError, NotImplementedError)
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     subject = Subject(args)
-    # --methods: the rows in the order given (a stopped run has measured the first ones)
-    methods = ["unpatched", *(args.methods or METHODS[1:])]
-    runs = [(m, b) for m in methods for b in ([0] if m == "unpatched" else subject.budgets)]
+    # --methods: the rows in the order given, budget after budget (a stopped run has
+    # measured every method at the first budgets)
+    methods = args.methods or METHODS[1:]
+    runs = [("unpatched", 0), *((m, b) for b in subject.budgets for m in methods)]
     rows: dict[str, dict[str, Any]] = {}
     for method, budget in runs:
         key = f"{method}@{budget}" if budget else method
@@ -335,25 +452,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             fidelity(rows[key], answers["unpatched"], answers[key], args.new_tokens)
     save()
     if not args.no_static:  # FLOPs and memory once
-        for key in list(active):
-            kwargs, _ = subject.configure(rows[key]["method"], rows[key]["budget"])
-            flops: list[int] = []
-
-            def prefill(kwargs: dict[str, Any] = kwargs, flops: list[int] = flops) -> None:
-                with torch.inference_mode():
-                    flops.append(count_flops(lambda: subject.generate(subject.feeds[0], kwargs, 1)))
-
-            try:
-                rows[key]["peak_mib"] = llava_ttft.prefill_peak_bytes(prefill) / 2**20
-            except REFUSALS as error:
-                refuse(key, error)
-                continue
-            rows[key]["gflops"] = flops[0] / 1e9 / args.batch
-            print(
-                f"  [{time.strftime('%H:%M:%S')}] static {key}: {rows[key]['gflops']:.0f} GFLOPs",
-                flush=True,
-            )
-            save()
+        static(args, subject, rows, active, refuse, save, result)
     for key in active:  # the timing passes start clean
         for field in ("ttft", "projected", "method_s", "tower_s"):
             rows[key][field].clear()
@@ -379,6 +478,68 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  [{time.strftime('%H:%M:%S')}] round {r + 1} done", flush=True)
     subject.timer.close()
     return result
+
+
+def static(
+    args: argparse.Namespace,
+    subject: Subject,
+    rows: dict[str, dict[str, Any]],
+    active: list[str],
+    refuse: Callable[[str, Exception], None],
+    save: Callable[[], None],
+    result: dict[str, Any],
+) -> None:
+    """Prefill FLOPs and peak bytes per row: split (``TowerSplit``: the tower once, each row
+    after it) unless ``--static-whole``; turbo-tower and a method working inside the tower
+    are counted whole."""
+    split = None
+    if not args.static_whole:
+        split = TowerSplit(subject.tower)
+        kwargs = subject.configure("unpatched", 0)[0]
+        with torch.inference_mode():
+            split.capture(lambda: subject.generate(subject.feeds[0], kwargs, 1))
+        result["static"] = {"split": True, "tower_gflops": split.flops / 1e9 / args.batch,
+                            "tower_peak_mib": split.peak / 2**20}  # fmt: skip
+        print(
+            f"  [{time.strftime('%H:%M:%S')}] static tower: {split.flops / 1e9:.0f} GFLOPs, "
+            f"peak {split.peak / 2**20:.0f} MiB",
+            flush=True,
+        )
+    else:
+        result["static"] = {"split": False}
+    for key in list(active):
+        kwargs, _ = subject.configure(rows[key]["method"], rows[key]["budget"])
+        parts = [split] if split is not None and rows[key]["method"] != "turbo-tower" else []
+        parts.append(None)  # the whole call: turbo-tower, or a method inside the tower
+        for part in parts:
+            gc.collect()  # a stopped attempt's tensors freed now, not inside the next count
+            flops: list[int] = []
+
+            def prefill(
+                kwargs: dict[str, Any] = kwargs, flops: list[int] = flops, part: Any = part
+            ) -> None:
+                scope = part.replay() if part is not None else contextlib.nullcontext()
+                with torch.inference_mode(), scope:
+                    flops.append(count_flops(lambda: subject.generate(subject.feeds[0], kwargs, 1)))
+
+            try:
+                peak = llava_ttft.prefill_peak_bytes(prefill)
+            except TowerInside:
+                continue  # counted whole (the next part)
+            except REFUSALS as error:
+                refuse(key, error)
+                break
+            total = flops[0] + (part.flops if part is not None else 0)
+            rows[key]["gflops"] = total / 1e9 / args.batch
+            rows[key]["peak_mib"] = peak / 2**20
+            rows[key]["static"] = "split" if part is not None else "whole"
+            print(
+                f"  [{time.strftime('%H:%M:%S')}] static {key} ({rows[key]['static']}): "
+                f"{rows[key]['gflops']:.0f} GFLOPs, peak {rows[key]['peak_mib']:.0f} MiB",
+                flush=True,
+            )
+            save()
+            break
 
 
 def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -426,10 +587,12 @@ def table(result: dict[str, Any]) -> str:
         if args["prompts"]
         else "fidelity of the first token of the timing prompt (answer agr = 1st agr)"
     )
+    if args.get("static_only"):  # no timing, no fidelity: their columns are "-"
+        fidelity = "static pass only (FLOPs and memory; no timing, no fidelity)"
     out = [
         f"{args['model']}{' (tiny)' if args['tiny'] else ''}: batch {args['batch']}, "
         f"{SHALLOW_LAYERS} LLM layers measured, {result['n_image']} image tokens, "
-        f"{args['rounds']} rounds, {fidelity}, "
+        f"{0 if args.get('static_only') else args['rounds']} rounds, {fidelity}, "
         f"{result['threads']} threads (measured under load from parallel work); "
         f"proj. = PROJECTED to {result['depth']} layers",
         "",
@@ -454,10 +617,36 @@ def table(result: dict[str, Any]) -> str:
             f"| {_f(line['method_share'], '.2f')} | {_f(line['kl'], '.4f')} "
             f"| {_f(line['first_agree'], '.2f')} | {_f(line['answer_agree'], '.2f')} |"
         )
+    out += static_note(result)
     bound = bounds(result)
     if bound:
         out += ["", *bound]
     return "\n".join(out)
+
+
+def static_note(result: dict[str, Any]) -> list[str]:
+    """What the GFLOPs and peak MiB columns count (and how: split or whole)."""
+    rows = result["rows"]
+    if not any("peak_mib" in row for row in rows.values()):
+        return []
+    note = (
+        "GFLOPs: the prefill (generate with one new token), matmul-like ops, per image; "
+        "peak MiB: the most bytes torch's CPU allocator held at once during the prefill "
+        "(activations, KV cache and logits; not the weights)"
+    )
+    static = result.get("static") or {}
+    whole = [key for key, row in rows.items() if row.get("static") == "whole"]
+    if static.get("split"):
+        note += (
+            f". Both counted split: the vision tower once (the unpatched call: "
+            f"{static['tower_gflops']:.0f} GFLOPs, its peak {static['tower_peak_mib']:.0f} MiB "
+            "above the bytes live at its entry), plus each row's call with the tower's output "
+            "replayed and its peak reserved in its place (exactly the whole call's figures: "
+            "the split is checked against the whole call in the tests)"
+        )
+        if whole:
+            note += f"; counted whole (the method acts in the tower): {', '.join(whole)}"
+    return ["", note]
 
 
 def bounds(result: dict[str, Any], target: float | None = None) -> list[str]:
@@ -545,6 +734,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--static-json", default=None, help="take FLOPs and memory from a --static-only run's json"
     )
+    parser.add_argument(
+        "--static-whole",
+        action="store_true",
+        help="count every row's whole call (default: the tower once, each row after it)",
+    )
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="tokens kept")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     parser.add_argument("--json", default=None, help="write the raw figures here")
@@ -564,11 +758,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # --render: the table of a saved (maybe stopped) run, nothing measured
     result = json.loads(Path(args.render).read_text()) if args.render else measure(args)
     if args.static_json:  # FLOPs and memory measured by another (--static-only) run
-        static = json.loads(Path(args.static_json).read_text())["rows"]
+        static_run = json.loads(Path(args.static_json).read_text())
+        static = static_run["rows"]
         for key, row in result["rows"].items():
             for field in ("gflops", "peak_mib"):
                 if field in static.get(key, {}):
                     row[field] = static[key][field]
+            if "static" in static.get(key, {}):
+                row["static"] = static[key]["static"]
+        if "static" in static_run:
+            result["static"] = static_run["static"]
     if args.json and not args.render:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print(table(result))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,3 +110,67 @@ def test_bound_arithmetic_on_hand_made_figures():
 def test_bad_arguments_name_the_option():
     with pytest.raises(SystemExit):
         vlm_methods.parse(["--rounds", "0"])
+
+
+def _static(model: str, *extra: str) -> dict:
+    argv = ["--tiny", "--model", model, "--static-only", "--prompts", "0", "--budgets", "128"]
+    return vlm_methods.main([*argv, *extra])
+
+
+@pytest.mark.parametrize("model", ["qwen2_5_vl", "llava"])
+def test_split_static_pass_equals_the_whole_call(model, capsys):
+    """The tower counted once plus each row's call after it: exactly the whole call's FLOPs
+    and peak bytes, for the unpatched model, every connector method and every LLM mode."""
+    split = _static(model)
+    whole = _static(model, "--static-whole")
+    assert split["static"]["split"] and not whole["static"]["split"]
+    tower = split["static"]["tower_gflops"]
+    assert 0 < tower < whole["rows"]["unpatched"]["gflops"]
+    assert split["static"]["tower_peak_mib"] > 0
+    kinds = {}
+    for key, row in whole["rows"].items():
+        if row.get("refused"):
+            assert split["rows"][key]["refused"] == row["refused"]
+            continue
+        kinds[row["method"]] = split["rows"][key]["static"]
+        assert split["rows"][key]["gflops"] == row["gflops"], key
+        assert split["rows"][key]["peak_mib"] == row["peak_mib"], key
+    assert kinds["unpatched"] == kinds["fastv"] == kinds["sparsevlm"] == "split"
+    if model == "qwen2_5_vl":  # no Qwen method acts in the tower (tower mode is refused)
+        assert set(kinds.values()) == {"split"}
+    else:  # LLaVA's connector methods take their guide from a hook in the tower
+        assert kinds["visionzip"] == kinds["turbo-tower"] == "whole"
+    out = capsys.readouterr().out
+    assert "activations, KV cache and logits; not the weights" in out
+    assert "Both counted split: the vision tower once" in out
+    assert "0 rounds, static pass only (FLOPs and memory; no timing, no fidelity)" in out
+
+
+def test_replayed_tower_refuses_other_inputs():
+    peak = vlm_methods.llava_ttft.prefill_peak_bytes
+    subject = vlm_methods.Subject(vlm_methods.parse(["--tiny", "--model", "qwen2_5_vl"]))
+    split = vlm_methods.TowerSplit(subject.tower)
+    kwargs = subject.configure("unpatched", 0)[0]
+    with pytest.raises(RuntimeError, match="needs a capture"), split.replay():
+        pass
+    other = vlm_methods.connector_ttft.qwen_inputs(1, 112, seed=7)
+    with torch.inference_mode():
+        split.capture(lambda: subject.generate(subject.feeds[0], kwargs, 1))
+        with pytest.raises(RuntimeError, match="other inputs than captured"), split.replay():
+            subject.generate(other, kwargs, 1)
+        with split.replay():  # the captured inputs: the tower's output, no tower FLOPs
+            rest = vlm_methods.count_flops(lambda: subject.generate(subject.feeds[0], kwargs, 1))
+        whole = vlm_methods.count_flops(lambda: subject.generate(subject.feeds[0], kwargs, 1))
+    assert 0 < split.flops < whole and rest + split.flops == whole
+    # the replay's live-bytes curve: the tower's peak, then the tower's output left live
+    pixels, grid = subject.feeds[0]["pixel_values"], subject.feeds[0]["image_grid_thw"]
+    outputs = []
+    with torch.inference_mode():
+        alone = peak(lambda: outputs.append(subject.tower(pixels, grid_thw=grid)))
+        with split.replay():
+            replayed = peak(lambda: outputs.append(subject.tower(pixels, grid_thw=grid)))
+    assert alone == split.peak == replayed
+    held = [sorted(t.untyped_storage().nbytes() for t in out.values()) for out in outputs]
+    assert held[0] == held[1] and sum(held[0]) > 0
+    assert "forward" not in subject.tower.__dict__  # the tower's own forward is back
+    subject.timer.close()
