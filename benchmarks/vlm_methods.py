@@ -546,6 +546,7 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One line per method and budget with medians, intervals and ratios."""
     rows = result["rows"]
     base = rows["unpatched"]
+    steady_tower = whole_tower_median(result)
     lines = []
     for key, row in rows.items():
         line: dict[str, Any] = {"key": key, "method": row["method"], "budget": row["budget"]}
@@ -559,11 +560,13 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
         speed = [base["ttft"][i] / row["ttft"][i] for i in range(n)]
         proj = [base["projected"][i] / row["projected"][i] for i in range(n)]
         share = [row["method_s"][i] / row["projected"][i] * 100 for i in range(n)]
+        steady = _steady_ratios(base, row, n, steady_tower)
         line.update(
             kept=row["lengths"][-1] - (base["lengths"][-1] - result["n_image"]) if row.get("lengths") and base.get("lengths") else None,
             ttft=med(row["ttft"]), tower_s=med(row.get("tower_s", [])), speedup=med(speed), speed_lo=min(speed, default=None),
             speed_hi=max(speed, default=None), proj_ttft=med(row["projected"]),
             proj_speedup=med(proj), proj_lo=min(proj, default=None), proj_hi=max(proj, default=None),
+            steady_speedup=med(steady), steady_lo=min(steady, default=None), steady_hi=max(steady, default=None),
             method_share=med(share) if row["method"] not in ("unpatched", "turbo-tower") else None,
             gflops=row.get("gflops"), flops_ratio=(base["gflops"] / row["gflops"]) if row.get("gflops") else None,
             peak_mib=row.get("peak_mib"), kl=avg(row["kl"]),
@@ -571,6 +574,34 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
         )  # fmt: skip
         lines.append(line)
     return lines
+
+
+def whole_tower_median(result: dict[str, Any]) -> float | None:
+    """The median time of the unreduced vision tower over every call that ran it whole
+    (every row but the tower stage's): the same computation on the same image each time,
+    so its spread is the machine's load, not the method."""
+    times = [
+        t
+        for row in result["rows"].values()
+        if row.get("method") != "turbo-tower" and not row.get("refused")
+        for t in row.get("tower_s", [])
+    ]
+    return statistics.median(times) if times else None
+
+
+def _steady_ratios(
+    base: dict[str, Any], row: dict[str, Any], n: int, tower: float | None
+) -> list[float]:
+    """Per round, the projected ratio with every whole tower's time replaced by ``tower``
+    (the tower stage's row keeps its own, reduced tower time)."""
+    if tower is None or len(base.get("tower_s", [])) < n or len(row.get("tower_s", [])) < n:
+        return []
+    ratios = []
+    for i in range(n):
+        unpatched = base["projected"][i] - base["tower_s"][i] + tower
+        own = row["tower_s"][i] if row["method"] == "turbo-tower" else tower
+        ratios.append(unpatched / (row["projected"][i] - row["tower_s"][i] + own))
+    return ratios
 
 
 def _f(value: Any, spec: str) -> str:
@@ -597,14 +628,14 @@ def table(result: dict[str, Any]) -> str:
         f"proj. = PROJECTED to {result['depth']} layers",
         "",
         "| method | budget | image tokens into last layer | GFLOPs (x) | peak MiB | TTFT s "
-        "| tower s | TTFT x [min,max] | proj. TTFT s | proj. x [min,max] | method % of proj. "
-        "| KL | 1st agr | ans agr |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tower s | TTFT x [min,max] | proj. TTFT s | proj. x [min,max] "
+        "| proj. x, tower at median [min,max] | method % of proj. | KL | 1st agr | ans agr |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for line in summarise(result):
         if line.get("refused"):
             reason = line["refused"][:90].replace("|", "/")
-            out.append(f"| {line['method']} | {line['budget']} | refused: {reason} |" + " - |" * 11)
+            out.append(f"| {line['method']} | {line['budget']} | refused: {reason} |" + " - |" * 12)
             continue
         out.append(
             f"| {line['method']} | {line['budget'] or 'all'} | {_f(line['kept'], 'd')} "
@@ -614,9 +645,20 @@ def table(result: dict[str, Any]) -> str:
             f"| {_f(line['speedup'], '.2f')} [{_f(line['speed_lo'], '.2f')},{_f(line['speed_hi'], '.2f')}] "
             f"| {_f(line['proj_ttft'], '.2f')} | {_f(line['proj_speedup'], '.2f')} "
             f"[{_f(line['proj_lo'], '.2f')},{_f(line['proj_hi'], '.2f')}] "
+            f"| {_f(line['steady_speedup'], '.2f')} "
+            f"[{_f(line['steady_lo'], '.2f')},{_f(line['steady_hi'], '.2f')}] "
             f"| {_f(line['method_share'], '.2f')} | {_f(line['kl'], '.4f')} "
             f"| {_f(line['first_agree'], '.2f')} | {_f(line['answer_agree'], '.2f')} |"
         )
+    steady = whole_tower_median(result)
+    if steady is not None:
+        out += [
+            "",
+            f"proj. x, tower at median: the projected ratio with the unreduced vision tower's "
+            f"time in every call replaced by its median over all such calls ({steady:.2f} s: "
+            "the same computation on the same image, so its spread across calls is the "
+            "machine's load); the tower stage's row keeps its own tower time (a PROJECTION).",
+        ]
     out += static_note(result)
     bound = bounds(result)
     if bound:

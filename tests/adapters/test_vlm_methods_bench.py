@@ -174,3 +174,24 @@ def test_replayed_tower_refuses_other_inputs():
     assert held[0] == held[1] and sum(held[0]) > 0
     assert "forward" not in subject.tower.__dict__  # the tower's own forward is back
     subject.timer.close()
+
+
+def test_tower_at_median_replaces_only_whole_towers():
+    """Hand-made rounds: the whole tower took 10 or 30 s (load), the tower stage 4 s; the
+    column puts the median of the whole towers (20 s) in every whole-tower call."""
+    row = lambda method, projected, tower: {
+        "method": method, "budget": 8, "projected": projected, "tower_s": tower,
+    }  # fmt: skip
+    result = {
+        "rows": {
+            "unpatched": row("unpatched", [110.0, 130.0], [10.0, 30.0]),
+            "turbo@8": row("turbo", [40.0, 60.0], [10.0, 30.0]),
+            "turbo-tower@8": row("turbo-tower", [34.0, 34.0], [4.0, 4.0]),
+        }
+    }
+    assert vlm_methods.whole_tower_median(result) == 20.0
+    base, connector, tower = result["rows"].values()
+    # unpatched without its tower is 100 s in both rounds; the connector row 30 s
+    assert vlm_methods._steady_ratios(base, connector, 2, 20.0) == [120 / 50, 120 / 50]
+    assert vlm_methods._steady_ratios(base, tower, 2, 20.0) == [120 / 34, 120 / 34]
+    assert vlm_methods._steady_ratios(base, connector, 2, None) == []
