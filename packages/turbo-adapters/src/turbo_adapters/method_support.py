@@ -32,6 +32,10 @@ REFUSED: dict[tuple[str, str], dict[str, str]] = {
         "mixes text and image tokens"
         for family in ("sd3", "flux")
     },
+    ("semantics", "tower"): {
+        "qwen-vl": "Qwen's vision tower has no CLS token to guide it: its tower stage ranks "
+        "2x2 units by redundancy only"
+    },
 }
 
 
