@@ -483,3 +483,22 @@ def test_qwen3_vl_refuses_the_tower_stage_naming_its_deepstack() -> None:
     assert not patch.tower_available
     with pytest.raises(ValueError, match="deepstack"):
         patch.modes = "tower"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_videos_pass_through_the_tower_stage_unreduced_with_a_warning(kind) -> None:
+    model = tq.build(kind)
+    feed = tq.feed_media([[("image", (1, 10, 14)), ("video", (2, 4, 6))]])
+    with torch.no_grad():
+        want = model(**feed).logits
+    patch = ta.apply(model)
+    patch.tower = QwenTowerReduction(budget=1.0, layers=(0, 1))
+    with pytest.warns(RuntimeWarning, match="video tokens pass through unreduced"), torch.no_grad():
+        same = model(**feed, turbo_mode="tower").logits
+    assert torch.equal(same, want)  # keeping every image token: the unpatched model
+    patch.tower = QwenTowerReduction(budget=0.4, layers=(0, 1))
+    with pytest.warns(RuntimeWarning, match="unreduced"), torch.no_grad():
+        cut = model(**feed, turbo_mode="tower").logits
+    record = last_connector(patch)
+    assert record.tokens_in == (35,) and record.tokens_out == (14,)
+    assert cut.shape[1] == want.shape[1] - (35 - 14)  # the video's 12 tokens all stay

@@ -353,7 +353,20 @@ def reduced_tower(
                 describe = keys.reshape(-1, unit, keys.shape[-1]).mean(1)
             else:
                 describe = rows.mean(1)
-            keep, destination = _choose(describe, segments, targets)
+            # image by image (windows never cross images): similarities stay per image
+            keeps, destinations, at = [], [], 0
+            for j in range(len(image_units)):
+                mine = [i for i, im in enumerate(segment_image) if im == j]
+                count = sum(segments[i] for i in mine)
+                keep, destination = _choose(
+                    describe[at : at + count],
+                    [segments[i] for i in mine],
+                    [targets[i] for i in mine],
+                )
+                keeps.append(keep)
+                destinations.append(destination + at)
+                at += count
+            keep, destination = torch.cat(keeps), torch.cat(destinations)
             rows, sizes = _merge(rows, sizes, keep, destination)
             cos, sin, units = cos[keep], sin[keep], units[keep]
             segments = targets
