@@ -502,3 +502,24 @@ def test_videos_pass_through_the_tower_stage_unreduced_with_a_warning(kind) -> N
     record = last_connector(patch)
     assert record.tokens_in == (35,) and record.tokens_out == (14,)
     assert cut.shape[1] == want.shape[1] - (35 - 14)  # the video's 12 tokens all stay
+
+
+@pytest.mark.parametrize("grid", [(1, 10, 14), (1, 8, 8), (1, 16, 6), (1, 2, 2), (1, 18, 34)])
+def test_the_window_partition_is_the_librarys(grid) -> None:
+    from transformers.vision_utils import get_vision_window_index
+
+    from turbo_adapters.families.qwen_vl.tower import _windows
+
+    grids = torch.tensor([grid, (1, 6, 8)])
+    want, cu = get_vision_window_index(grids, spatial_merge_size=2, window_size=16, patch_size=4)
+    got, lengths = _windows(grids.tolist(), 2, 2, torch.device("cpu"))
+    assert torch.equal(got, want)
+    assert [4 * n for n in lengths] == (cu[1:] - cu[:-1]).tolist()
+
+
+def test_a_tower_without_the_expected_parts_is_refused_with_the_reason() -> None:
+    model = tq.build("qwen2_5_vl")
+    model.model.visual.rotary_pos_emb = torch.nn.Identity()
+    patch = ta.apply(model)
+    with pytest.raises(ValueError, match="takes no position_ids"):
+        patch.modes = "tower"

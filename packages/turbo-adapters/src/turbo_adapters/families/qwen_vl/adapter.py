@@ -61,7 +61,7 @@ from ..llava.llm import (
 from ..llava.modes import mode_scope, shrunk_generate
 from ..llava.size_bias import install_size_bias
 from .positions import install_positions, kept_positions
-from .tower import QwenTowerReduction, QwenVLPatch, install_tower, tower_call
+from .tower import QwenTowerReduction, QwenVLPatch, install_tower, tower_call, tower_support
 from .video import VisualGroup, per_video, unify_placeholders, visual_groups
 
 __all__ = ["QwenTowerReduction", "QwenVLAdapter", "QwenVLPatch"]
@@ -121,6 +121,8 @@ class QwenVLAdapter(HFAdapter):
         if isinstance(inner, classes["deepstack"]):
             deepstack = len(inner.config.vision_config.deepstack_visual_indexes)
             patch.tower_refusal = TOWER_REFUSAL
+        elif (why := tower_support(inner.visual)) is not None:
+            patch.tower_refusal = f"the installed transformers' Qwen tower differs: {why}"
         else:
             install_tower(patch, inner.visual)
             patch.tower_depth = len(inner.visual.blocks)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -63,6 +64,7 @@ __all__ = [
     "install_tower",
     "reduced_tower",
     "tower_call",
+    "tower_support",
     "window_counts",
 ]
 
@@ -192,6 +194,33 @@ def window_counts(sizes: Sequence[int], kept: int) -> list[int]:
     return [1 + s for s in share]
 
 
+def tower_support(visual: nn.Module) -> str | None:
+    """Why the installed library's Qwen tower cannot run the tower stage, or None.
+
+    The stage calls the tower's parts itself: ``patch_embed``, ``rotary_pos_emb(x,
+    position_ids) -> (cos, sin)``, each block as ``block(x, cu_seqlens=...,
+    position_embeddings=(cos, sin))`` with ``block.attn.qkv`` / ``num_heads``, and
+    ``merger``; Qwen2.5-VL also ``window_size``, ``patch_size``, ``fullatt_block_indexes``.
+    """
+    needs = ["patch_embed", "rotary_pos_emb", "blocks", "merger", "spatial_merge_size"]
+    if hasattr(visual, "fullatt_block_indexes"):
+        needs += ["window_size", "patch_size"]
+    missing = [name for name in needs if not hasattr(visual, name)]
+    if missing:
+        return f"{type(visual).__name__} has no {', '.join(missing)}"
+    rotary = inspect.signature(visual.rotary_pos_emb.forward).parameters
+    if "position_ids" not in rotary:
+        return f"{type(visual.rotary_pos_emb).__name__}.forward takes no position_ids"
+    block = visual.blocks[0]
+    params = inspect.signature(block.forward).parameters
+    if not {"cu_seqlens", "position_embeddings"} <= set(params):
+        return f"{type(block).__name__}.forward takes no cu_seqlens / position_embeddings"
+    attn = getattr(block, "attn", None)
+    if not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
+        return f"{type(block).__name__}.attn has no fused qkv / num_heads"
+    return None
+
+
 #: the settings of the tower call being run (None: the tower runs as the model's)
 _CALL: contextvars.ContextVar[tuple[QwenTowerReduction, Budget] | None] = contextvars.ContextVar(
     "turbo_qwen_tower", default=None
@@ -257,8 +286,6 @@ def reduced_tower(
         ValueError: an image of more than one temporal patch, scheduled layers beyond the
             tower's depth, or a budget below an image's window count.
     """
-    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
-
     merge = int(visual.spatial_merge_size)
     unit = merge * merge
     grids = [tuple(int(v) for v in g) for g in grid_thw.tolist()]
@@ -276,17 +303,10 @@ def reduced_tower(
 
     hidden = visual.patch_embed(pixel_values.type(visual.dtype))
     width = hidden.shape[-1]
-    position_ids = get_vision_position_ids(grid_thw, merge)
-    cos, sin = visual.rotary_pos_emb(hidden, position_ids)
+    cos, sin = visual.rotary_pos_emb(hidden, _positions(grids, merge, device))
     if windowed:
-        order, cu_windows = get_vision_window_index(
-            grid_thw,
-            spatial_merge_size=merge,
-            window_size=visual.window_size,
-            patch_size=visual.patch_size,
-        )
-        order = order.to(device)
-        segments = [int(v) // unit for v in (cu_windows[1:] - cu_windows[:-1]).tolist()]
+        side = int(visual.window_size) // merge // int(visual.patch_size)
+        order, segments = _windows(grids, merge, side, device)
         full_layers = set(visual.fullatt_block_indexes)
     else:
         order = torch.arange(sum(image_units), device=device)
@@ -383,6 +403,47 @@ def reduced_tower(
         out.append(KeptTokens(merged[chosen], sizes[chosen], index))
         start += n
     return out
+
+
+def _positions(grids: Sequence[tuple[int, ...]], merge: int, device: torch.device) -> torch.Tensor:
+    """``(rows, 2)`` every patch row's ``(h, w)``, the rows of each ``merge x merge`` unit
+    consecutive, units in raster order (the tower's rotary positions)."""
+    out = []
+    for _, h, w in grids:
+        shape = (h // merge, merge, w // merge, merge)
+        hh = torch.arange(h, device=device).view(h // merge, merge, 1, 1).expand(shape)
+        ww = torch.arange(w, device=device).view(1, 1, w // merge, merge).expand(shape)
+        out.append(
+            torch.stack(
+                [hh.permute(0, 2, 1, 3).reshape(-1), ww.permute(0, 2, 1, 3).reshape(-1)], -1
+            )
+        )
+    return torch.cat(out)
+
+
+def _windows(
+    grids: Sequence[tuple[int, ...]], merge: int, side: int, device: torch.device
+) -> tuple[torch.Tensor, list[int]]:
+    """Qwen2.5-VL's window partition: the units (call-wide raster indices) in window order
+    and each window's unit count. Windows of ``side x side`` units tile each image from
+    its top-left corner, in raster order (the edge windows at the bottom and right are
+    smaller); units within a window in raster order."""
+    order: list[int] = []
+    lengths: list[int] = []
+    offset = 0
+    for _, h, w in grids:
+        rows, cols = h // merge, w // merge
+        for top in range(0, rows, side):
+            for left in range(0, cols, side):
+                window = [
+                    offset + y * cols + x
+                    for y in range(top, min(top + side, rows))
+                    for x in range(left, min(left + side, cols))
+                ]
+                order += window
+                lengths.append(len(window))
+        offset += rows * cols
+    return torch.tensor(order, dtype=torch.long, device=device), lengths
 
 
 def _choose(
