@@ -21,6 +21,7 @@ from support import tiny_qwen_vl as tq
 
 import turbo_adapters as ta
 from turbo_adapters.connector import ConnectorReduction, connector_counts, last_connector
+from turbo_adapters.families.llava.llm import LLMReduction
 from turbo_adapters.families.qwen_vl import QwenTowerReduction
 from turbo_adapters.families.qwen_vl.tower import tower_call
 
@@ -428,17 +429,25 @@ def test_text_after_the_image_keeps_its_positions_in_forward_and_generate(kind) 
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_tower_with_llm_mode_runs_and_the_size_bias_reaches_the_decoder(kind) -> None:
-    model = tq.build(kind)
+def test_tower_with_llm_mode_and_the_size_bias(kind) -> None:
+    """tower + llm: LLM mode keeping everything is the tower stage alone; keeping half
+    changes the answer and generate runs; the merged sizes reach the decoder."""
+    model = tq.build(kind, layers=4)
     feed = tq.feed(GRIDS)
     patch = ta.apply(model)
     patch.tower = QwenTowerReduction(budget=0.4, layers=(0,), size_bias=False)
+    patch.llm = LLMReduction(layer=2, keep=1.0)
     with torch.no_grad():
-        plain = model(**feed, turbo_mode="tower").logits
-        both = model(**feed, turbo_mode="both").logits
+        plain = model(**feed, turbo_mode="tower").logits[:, -1]
+        both = model(**feed, turbo_mode="both").logits[:, -1]
+        torch.testing.assert_close(both, plain, atol=1e-5, rtol=1e-5)
+        patch.llm = LLMReduction(layer=2, keep=0.5)
+        half = model(**feed, turbo_mode={"tower", "llm"}).logits[:, -1]
+        out = model.generate(**feed, max_new_tokens=NEW, do_sample=False, turbo_mode="both")
         patch.tower = QwenTowerReduction(budget=0.4, layers=(0,))
-        biased = model(**feed, turbo_mode="tower").logits
-    assert both.shape[0] == plain.shape[0] and bool(both[:, -1].isfinite().all())
+        biased = model(**feed, turbo_mode="tower").logits[:, -1]
+    assert not torch.allclose(half, plain, atol=1e-4)
+    assert out.shape[1] == feed["input_ids"].shape[1] + NEW
     assert not torch.equal(biased, plain)  # merged sizes enter the decoder's attention
 
 
