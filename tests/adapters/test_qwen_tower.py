@@ -181,7 +181,7 @@ def _oracle(visual, pixels, grids, budget, layers, similarity="keys", mutate=Non
 
 def _patched_tower(model, feed, settings):
     """The patched tower's kept tokens per image (``settings.budget`` set)."""
-    with torch.no_grad(), tower_call(settings, settings.budget):
+    with torch.no_grad(), tower_call(model.model.visual, settings, settings.budget):
         return model.model.visual(feed["pixel_values"], grid_thw=feed["image_grid_thw"])
 
 

@@ -158,7 +158,7 @@ class QwenVLAdapter(HFAdapter):
             check_call(named, tokens, image_token)
             encoded = dict(named.get("mm_encoder_outputs") or {})
             with module_weights(inner):
-                with tower_call(patch.tower, patch.tower_budget()):
+                with tower_call(inner.visual, patch.tower, patch.tower_budget()):
                     pixels = named["pixel_values"].type(inner.visual.dtype)
                     kept = inner.visual(pixels, grid_thw=grid)
                 if named.get("pixel_values_videos") is not None:

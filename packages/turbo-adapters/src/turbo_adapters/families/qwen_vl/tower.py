@@ -222,15 +222,16 @@ def tower_support(visual: nn.Module) -> str | None:
 
 
 #: the settings of the tower call being run (None: the tower runs as the model's)
-_CALL: contextvars.ContextVar[tuple[QwenTowerReduction, Budget] | None] = contextvars.ContextVar(
-    "turbo_qwen_tower", default=None
+_CALL: contextvars.ContextVar[tuple[nn.Module, QwenTowerReduction, Budget] | None] = (
+    contextvars.ContextVar("turbo_qwen_tower", default=None)
 )
 
 
 @contextlib.contextmanager
-def tower_call(settings: QwenTowerReduction, budget: Budget) -> Iterator[None]:
-    """Inside, the patched tower reduces (its forward returns a list of :class:`KeptTokens`)."""
-    token = _CALL.set((settings, budget))
+def tower_call(visual: nn.Module, settings: QwenTowerReduction, budget: Budget) -> Iterator[None]:
+    """Inside, the patched tower ``visual`` reduces (its forward returns a list of
+    :class:`KeptTokens`); other towers run as they are."""
+    token = _CALL.set((visual, settings, budget))
     try:
         yield
     finally:
@@ -242,10 +243,10 @@ def install_tower(patch: TurboPatch, visual: nn.Module) -> None:
 
     def forward(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         call = _CALL.get()
-        if call is None:
+        if call is None or call[0] is not visual:
             return original(*args, **kwargs)
         hidden, grid = _pixels_and_grid(args, kwargs)
-        return reduced_tower(visual, hidden, grid, call[0], call[1])
+        return reduced_tower(visual, hidden, grid, call[1], call[2])
 
     patch.override(visual, "forward", forward)
 
