@@ -7,8 +7,12 @@ image. Rounds alternate the two (the order swapped every round); the ratio is pe
 (unpatched / tower stage), reported as the median with [min, max] over rounds. Timings on
 a shared machine are under load: quote the ratios, not the seconds.
 
+``--flops`` also counts both calls' FLOPs once (``turbo_eval.measure.count_flops``: matmuls
+and attention, the stage's similarity matmuls included; independent of load); ``--rounds
+0`` then times nothing.
+
 Usage: python benchmarks/qwen_tower_time.py [--size 672 --budget 144 --layers 0 1 2 3
-    --rounds 3 --threads 2 --json out.json]
+    --rounds 3 --threads 2 --flops --json out.json]
 """
 
 from __future__ import annotations
@@ -47,15 +51,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=672, help="image side in px (multiple of 28)")
     parser.add_argument("--budget", type=int, default=144, help="tokens kept per image (>= 1)")
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (>= 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (>= 1; 0 with --flops)")
+    parser.add_argument("--flops", action="store_true", help="count both calls' FLOPs once")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (>= 1)")
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args(argv)
     if args.size < 28 or args.size % 28:
         parser.error(f"--size must be a multiple of 28 (>= 28), got {args.size}")
     for name in ("budget", "rounds", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        least = 0 if name == "rounds" and args.flops else 1
+        if getattr(args, name) < least:
+            parser.error(f"--{name} must be >= {least}, got {getattr(args, name)}")
     return args
 
 
@@ -75,10 +81,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def stage() -> torch.Tensor:
         return reduced_tower(visual, pixels, grid, settings, args.budget)[0].tokens
 
+    result: dict[str, Any] = {"args": vars(args)}
     with torch.inference_mode():
-        full = unpatched()  # warm-up (and the token counts)
-        kept = stage()
+        if args.flops:
+            from turbo_eval.measure import count_flops
+
+            flops = {"unpatched": count_flops(unpatched), "tower": count_flops(stage)}
+            result["gflops"] = {k: v / 1e9 for k, v in flops.items()}
+            result["flops_ratio"] = flops["unpatched"] / flops["tower"]
+            print(
+                f"GFLOPs: unpatched {flops['unpatched'] / 1e9:.1f}, tower stage "
+                f"{flops['tower'] / 1e9:.1f} ({result['flops_ratio']:.2f}x fewer)",
+                flush=True,
+            )
+        result["tokens_in"] = side * side // 4
         times: dict[str, list[float]] = {"unpatched": [], "tower": []}
+        if args.rounds:  # warm-up
+            unpatched()
+            result["tokens_out"] = int(stage().shape[0])
         for r in range(args.rounds):
             order = [("unpatched", unpatched), ("tower", stage)]
             for name, fn in order if r % 2 == 0 else order[::-1]:
@@ -86,24 +106,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 fn()
                 times[name].append(time.perf_counter() - start)
                 print(f"  round {r} {name}: {times[name][-1]:.2f} s", flush=True)
-    ratios = [u / t for u, t in zip(times["unpatched"], times["tower"], strict=True)]
-    result = {
-        "args": vars(args),
-        "tokens_in": int(full.shape[0]),
-        "tokens_out": int(kept.shape[0]),
-        "seconds": times,
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    print(
-        f"Qwen2.5-VL-7B tower at {args.size} px, {result['tokens_in']} -> "
-        f"{result['tokens_out']} tokens, merges after blocks {args.layers}, "
-        f"{args.threads} threads, under load: tower time unpatched / tower stage "
-        f"{result['ratio_median']:.2f}x [{result['ratio_min']:.2f}, {result['ratio_max']:.2f}] "
-        f"over {args.rounds} rounds; peak RSS {result['peak_rss_mib']:.0f} MiB"
-    )
+    result["seconds"] = times
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.rounds:
+        ratios = [u / t for u, t in zip(times["unpatched"], times["tower"], strict=True)]
+        result.update(
+            ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios)
+        )
+        print(
+            f"Qwen2.5-VL-7B tower at {args.size} px, {result['tokens_in']} -> "
+            f"{result['tokens_out']} tokens, merges after blocks {args.layers}, "
+            f"{args.threads} threads, under load: tower time unpatched / tower stage "
+            f"{result['ratio_median']:.2f}x [{result['ratio_min']:.2f}, "
+            f"{result['ratio_max']:.2f}] over {args.rounds} rounds; peak RSS "
+            f"{result['peak_rss_mib']:.0f} MiB"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
