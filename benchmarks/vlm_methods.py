@@ -10,9 +10,12 @@ shrinks both to a few seconds (the smoke test's path; the figures then mean noth
 Methods (rows), all on one patched model, selected per call:
   unpatched                     ``turbo_mode="none"``
   turbo/visionzip/divprune/cdpruner  the connector stage (``ConnectorReduction``)
-  turbo-tower                   Turbo in the vision tower, ``Target(tokens=K + 1)``
-A method the family refuses (Qwen's windowed tower; VisionZip without a guide) is a row
-marked refused with the library's error.
+  turbo-tower                   Turbo in the vision tower: LLaVA ``Target(tokens=K + 1)``;
+                                Qwen2.5-VL ``QwenTowerReduction(budget=K)``, whole 2x2
+                                units merged within windows after blocks 0..3 (fewer on
+                                the tiny tower)
+A method the family refuses (VisionZip without a guide; Qwen's tower at a budget below
+an image's window count) is a row marked refused with the library's error.
   fastv, pyramiddrop, sparsevlm LLM mode (``LLMReduction``)
 
 LLM mode on a shallow model: its full-depth schedule (in LLaVA-1.5-7B / Qwen2.5-VL-7B
@@ -73,6 +76,7 @@ import turbo_adapters as ta
 from turbo_adapters.connector import ConnectorReduction
 from turbo_adapters.families.llava import llm as llm_mode
 from turbo_adapters.families.llava.llm import LLMReduction
+from turbo_adapters.families.qwen_vl import QwenTowerReduction
 from turbo_core.connector import CONNECTOR_METHODS
 from turbo_core.schedule import Target
 from turbo_eval.measure import count_flops
@@ -337,7 +341,12 @@ class Subject:
             self.patch.connector = ConnectorReduction(budget=budget, method=method)
             return {"turbo_mode": "connector"}, uniform
         if method == "turbo-tower":
-            self.patch.r = Target(tokens=budget + 1)  # the CLS token is in the tower's count
+            if self.name == "llava":
+                self.patch.r = Target(tokens=budget + 1)  # the CLS token is in the count
+            else:  # Qwen: K units kept per image, merged after blocks 0..3
+                depth = len(self.model.model.visual.blocks)
+                layers = tuple(range(min(4, depth)))
+                self.patch.tower = QwenTowerReduction(budget=budget, layers=layers)
             return {"turbo_mode": "tower"}, uniform
         setting, weights = llm_setting(method, budget, self.n_image, self.depth)
         self.patch.llm = setting

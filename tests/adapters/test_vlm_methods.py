@@ -100,7 +100,9 @@ def test_method_support_meets_stages_and_refusals() -> None:
     assert "llava" in rows["tome", "tower"].families
     assert "LLaVA-NeXT" in rows["tome", "tower"].limits["llava"]
     assert "internvl" in rows["tome", "tower"].families  # InternViT, restored before the shuffle
-    assert "qwen-vl" not in rows["tome", "tower"].families
+    assert "qwen-vl" in rows["tome", "tower"].families  # Qwen2/2.5-VL, whole 2x2 units
+    assert "Qwen3-VL" in rows["tome", "tower"].limits["qwen-vl"]
+    assert "qwen-vl" in rows["semantics", "tower"].refused
     todo = rows["todo", "denoiser"]
     assert not todo.refused and {"pixart", "sd3", "flux"} <= set(todo.families)
     assert all("sana" not in row.families for row in rows.values())  # refused outright

@@ -18,9 +18,9 @@ vlm_methods = pytest.importorskip("vlm_methods")
 FIGURES = ("ttft", "speedup", "proj_ttft", "proj_speedup", "kl", "first_agree", "answer_agree")
 
 
-def _run(model: str, *extra: str) -> tuple[dict, list[dict]]:
+def _run(model: str, *extra: str, budget: str = "128") -> tuple[dict, list[dict]]:
     argv = ["--tiny", "--model", model, "--rounds", "1", "--prompts", "1", "--new-tokens", "2"]
-    result = vlm_methods.main([*argv, "--budgets", "128", *extra])
+    result = vlm_methods.main([*argv, "--budgets", budget, *extra])
     return result, vlm_methods.summarise(result)
 
 
@@ -45,18 +45,23 @@ def test_llava_table_has_every_method_with_finite_figures(capsys):
     assert len(rows) == 1 + len(vlm_methods.METHODS)  # the header, then one row per method
 
 
-def test_qwen_marks_refusals_and_runs_the_others():
-    _, lines = _run("qwen2_5_vl", "--no-static")
+def test_qwen_runs_every_method_including_its_tower_stage():
+    # 512 of 1024 scaled to the tiny image: 8 of its 16 units, its tower has 4 windows
+    result, lines = _run("qwen2_5_vl", "--no-static", budget="512")
     assert [line["method"] for line in lines] == list(vlm_methods.METHODS)
-    refused = {line["method"]: line["refused"] for line in lines if "refused" in line}
-    # no merging in Qwen's windowed tower; VisionZip runs on the mean-query guide
-    assert set(refused) == {"turbo-tower"}
-    assert "tower mode is not available" in refused["turbo-tower"]
+    assert not [line for line in lines if "refused" in line]  # VisionZip: mean-query guide
     for line in lines:
-        if "refused" in line:
-            continue
         for field in FIGURES:
             assert math.isfinite(line[field]), (line["key"], field)
+    tower = next(line for line in lines if line["method"] == "turbo-tower")
+    assert tower["tower_s"] > 0  # the tower's hooks saw the reducing tower run
+    assert result["rows"]["turbo-tower@8"]["lengths"][0] < result["rows"]["unpatched"]["lengths"][0]
+
+
+def test_qwen_tower_below_the_window_count_is_a_refused_row():
+    _, lines = _run("qwen2_5_vl", "--no-static", "--methods", "turbo-tower")
+    refused = {line["method"]: line["refused"] for line in lines if "refused" in line}
+    assert "attention windows" in refused["turbo-tower"]  # 2 tokens kept, 4 windows
 
 
 def test_subset_takes_fidelity_from_the_rounds_and_prints_the_bound(capsys, tmp_path):
@@ -151,6 +156,7 @@ def test_replayed_tower_refuses_other_inputs():
     subject = vlm_methods.Subject(vlm_methods.parse(["--tiny", "--model", "qwen2_5_vl"]))
     split = vlm_methods.TowerSplit(subject.tower)
     kwargs = subject.configure("unpatched", 0)[0]
+    own = subject.tower.__dict__.get("forward")  # Turbo's tower-stage wrapper, if installed
     with pytest.raises(RuntimeError, match="needs a capture"), split.replay():
         pass
     other = vlm_methods.connector_ttft.qwen_inputs(1, 112, seed=7)
@@ -172,7 +178,7 @@ def test_replayed_tower_refuses_other_inputs():
     assert alone == split.peak == replayed
     held = [sorted(t.untyped_storage().nbytes() for t in out.values()) for out in outputs]
     assert held[0] == held[1] and sum(held[0]) > 0
-    assert "forward" not in subject.tower.__dict__  # the tower's own forward is back
+    assert subject.tower.__dict__.get("forward") is own  # the forward it had is back
     subject.timer.close()
 
 

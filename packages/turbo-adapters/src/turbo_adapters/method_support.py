@@ -25,10 +25,15 @@ STAGE_METHODS: dict[str, tuple[str, ...]] = {
     "denoiser": ("turbo", "todo", "toma"),
 }
 
-#: (method, stage) -> {family: why it refuses although it offers the stage}; none now
-#: (ToDo runs on the joint attention of SD3 and FLUX too: its ``todo_mode="avg"`` alone
-#: is refused on FLUX, at ``apply``, a setting not a method)
-REFUSED: dict[tuple[str, str], dict[str, str]] = {}
+#: (method, stage) -> {family: why it refuses although it offers the stage} (ToDo runs on
+#: the joint attention of SD3 and FLUX too: its ``todo_mode="avg"`` alone is refused on
+#: FLUX, at ``apply``, a setting not a method)
+REFUSED: dict[tuple[str, str], dict[str, str]] = {
+    ("semantics", "tower"): {
+        "qwen-vl": "Qwen's vision tower has no CLS token to guide it: its tower stage ranks "
+        "2x2 units by redundancy only"
+    },
+}
 
 
 @dataclass(frozen=True)

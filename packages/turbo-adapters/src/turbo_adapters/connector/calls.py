@@ -22,7 +22,7 @@ from .runs import Shortened, shorten_runs
 from .size_bias import key_bias, set_call_bias
 from .stage import ImageTokens, KeptTokens, reduce_images
 
-__all__ = ["PER_TOKEN", "ReducedCall", "module_weights", "reduce_call"]
+__all__ = ["PER_TOKEN", "ReducedCall", "check_call", "cut_call", "module_weights", "reduce_call"]
 
 #: per-token arguments that are re-laid with ``input_ids``
 PER_TOKEN = ("labels", "mm_token_type_ids", "token_type_ids")
@@ -89,26 +89,11 @@ def reduce_call(
         ValueError: no ``input_ids`` (placeholders cannot be found in ``inputs_embeds``), a
             bad budget, or placeholders that do not match the features.
     """
-    ids = named.get("input_ids")
-    if ids is None:
-        raise ValueError(
-            "connector mode needs input_ids (to shorten the image placeholders); got "
-            "inputs_embeds. Pass turbo_mode='none' (or another mode) for this call"
-        )
-    mask = named.get("attention_mask")
-    if mask is not None and mask.dim() != 2:
-        raise ValueError(f"connector mode needs a 2-D attention_mask, got {tuple(mask.shape)}")
     tokens = [int(f.shape[0]) for f in features]
+    ids, _, is_image, valid = _check_call(named, tokens, image_token_id)
     counts = settings.counts(tokens)
-    is_image = ids == image_token_id
-    valid = mask.bool() if mask is not None else torch.ones_like(is_image)
     # each image's row: the row of its first placeholder (the model's scatter order)
     flat_rows = is_image.nonzero()[:, 0]
-    if int(flat_rows.numel()) != sum(tokens):
-        raise ValueError(
-            f"input_ids hold {int(flat_rows.numel())} image placeholders but the images have "
-            f"{sum(tokens)} tokens ({tokens} per image)"
-        )
     starts = torch.tensor([0, *tokens[:-1]]).cumsum(0).tolist() if tokens else []
     rows = [int(flat_rows[s]) for s in starts]
     texts = _row_texts(ids, is_image, valid, embed) if embed is not None else None
@@ -130,16 +115,80 @@ def reduce_call(
             else:
                 image.guide = text_guide(image.features, image.text)
     kept = reduce_images(images, counts, settings.method)
+    return _cut(patch, named, tokens, kept, image_token_id, pad_token_id, settings.size_bias)
+
+
+def check_call(named: dict[str, Any], tokens: Sequence[int], image_token_id: int) -> None:
+    """Raise the errors :func:`reduce_call` raises for a call whose images have ``tokens``
+    tokens each (before a family spends time reducing them elsewhere, e.g. in a tower)."""
+    _check_call(named, tokens, image_token_id)
+
+
+def _check_call(
+    named: dict[str, Any], tokens: Sequence[int], image_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    ids = named.get("input_ids")
+    if ids is None:
+        raise ValueError(
+            "connector mode needs input_ids (to shorten the image placeholders); got "
+            "inputs_embeds. Pass turbo_mode='none' (or another mode) for this call"
+        )
+    mask = named.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(f"connector mode needs a 2-D attention_mask, got {tuple(mask.shape)}")
+    is_image = ids == image_token_id
+    valid = mask.bool() if mask is not None else torch.ones_like(is_image)
+    found = int(is_image.sum())
+    if found != sum(tokens):
+        raise ValueError(
+            f"input_ids hold {found} image placeholders but the images have "
+            f"{sum(tokens)} tokens ({list(tokens)} per image)"
+        )
+    return ids, mask, is_image, valid
+
+
+def cut_call(
+    patch: TurboPatch,
+    named: dict[str, Any],
+    tokens: Sequence[int],
+    kept: Sequence[KeptTokens],
+    image_token_id: int,
+    pad_token_id: int,
+    size_bias: bool | None = None,
+) -> ReducedCall:
+    """The second half of :func:`reduce_call` for images reduced elsewhere (a family's tower
+    stage): image ``j`` had ``tokens[j]`` placeholders and keeps ``kept[j]``; the runs are
+    cut, the ``log(size)`` bias set (``size_bias`` as in :class:`.ConnectorReduction`) and
+    the connector record written, exactly as after a connector method.
+
+    Raises:
+        ValueError: as :func:`reduce_call` does for the prompt.
+    """
+    _check_call(named, tokens, image_token_id)
+    return _cut(patch, named, tokens, list(kept), image_token_id, pad_token_id, size_bias)
+
+
+def _cut(
+    patch: TurboPatch,
+    named: dict[str, Any],
+    tokens: Sequence[int],
+    kept: list[KeptTokens],
+    image_token_id: int,
+    pad_token_id: int,
+    size_bias: bool | None,
+) -> ReducedCall:
+    ids = named["input_ids"]
+    mask = named.get("attention_mask")
     short = shorten_runs(
-        ids, image_token_id, [k.index for k in kept], tokens, pad_token_id,
+        ids, image_token_id, [k.index for k in kept], list(tokens), pad_token_id,
         attention_mask=mask, per_token={name: named.get(name) for name in PER_TOKEN},
     )  # fmt: skip
     merged = any(bool((k.sizes > 1).any()) for k in kept)
     bias = None
-    if merged and settings.size_bias is not False:
+    if merged and size_bias is not False:
         if getattr(patch, "connector_size_bias", False):
             bias = key_bias(short.input_ids, image_token_id, [k.sizes for k in kept])
-        elif settings.size_bias:
+        elif size_bias:
             why = getattr(patch, "connector_size_bias_refusal", None)
             because = f" ({why})" if why else ""
             raise ValueError(

@@ -17,9 +17,15 @@ Stages (``patch.modes`` or ``turbo_mode=`` per call, as for LLaVA):
 - ``"llm"``: FastV-style at decoder layer K (:mod:`..llava.llm`); Qwen3-VL needs K at or
   after its deepstack depth (deepstack adds features to the image positions of layers
   0..d-1, which must all still be there).
-- ``"tower"`` is refused: Qwen's tower runs packed images split by ``cu_seqlens`` (and by
-  windows in Qwen2.5-VL) with per-token rotary positions, and its PatchMerger needs full
-  2x2 groups; merging inside it would need all of them rebuilt.
+- ``"tower"`` (Qwen2-VL and Qwen2.5-VL): whole 2x2 units merge inside the vision tower,
+  within each attention window (:mod:`.tower`, settings ``patch.tower =
+  QwenTowerReduction(budget=..., layers=(0, 1, 2, 3))``, the budget by default
+  ``patch.connector.budget``), and the kept tokens go down the connector's path (runs
+  cut, kept M-RoPE positions, ``log(size)`` in the decoder). Images only: videos pass
+  through unreduced (a warning says so). ``"tower"`` with ``"llm"`` runs both;
+  ``"tower"`` with ``"connector"`` is refused. Qwen3-VL refuses the tower stage: its
+  tower's intermediate layers feed the deepstack mergers, which would need the kept
+  units at every tap.
 
 Guide: Qwen's tower has no CLS token (and no pooling head); ``ConnectorReduction.guide``
 chooses ``"mean"`` (the default) or ``"text"`` (:mod:`...connector.guides`); methods also
@@ -30,7 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -39,7 +47,7 @@ from torch import nn
 from turbo_core import TurboConfig
 
 from ...compat import IncompatibleLibraryError
-from ...connector.calls import module_weights, reduce_call
+from ...connector.calls import check_call, cut_call, module_weights, reduce_call
 from ...connector.guides import resolve_guide
 from ...patch import TurboPatch
 from ..hf_base import HFAdapter
@@ -51,20 +59,21 @@ from ..llava.llm import (
     install_decoder_layers,
     start_call,
 )
-from ..llava.modes import VisionLanguagePatch, mode_scope, shrunk_generate
+from ..llava.modes import mode_scope, shrunk_generate
 from ..llava.size_bias import install_size_bias
 from .positions import install_positions, kept_positions
+from .tower import QwenTowerReduction, QwenVLPatch, install_tower, tower_call, tower_support
 from .video import VisualGroup, check_frame_runs, per_video, unify_placeholders, visual_groups
 
-__all__ = ["QwenVLAdapter"]
+__all__ = ["QwenTowerReduction", "QwenVLAdapter", "QwenVLPatch"]
 
 #: per image its kept indices, and per video its kept indices (None: no video reduced)
 Kept = tuple[list[Any], list[torch.Tensor] | None]
 
 TOWER_REFUSAL = (
-    "Qwen's vision tower runs packed images split by cu_seqlens (and by windows in "
-    "Qwen2.5-VL) with per-token rotary positions, and its PatchMerger needs full 2x2 "
-    "groups: merging inside it is not supported; use 'connector' or 'llm'"
+    "Qwen3-VL's vision tower feeds its intermediate layers to the deepstack mergers "
+    "(deepstack_visual_indexes), whose features would all need the merged units: the "
+    "tower stage runs on Qwen2-VL and Qwen2.5-VL only; use 'connector' or 'llm'"
 )
 
 
@@ -73,7 +82,11 @@ class QwenVLAdapter(HFAdapter):
     the LM head)."""
 
     name = "qwen-vl"
-    stages = ("connector", "llm")
+    stages = ("tower", "connector", "llm")
+    stage_limits = MappingProxyType(
+        {"tower": "Qwen2-VL and Qwen2.5-VL only (not Qwen3-VL, whose deepstack taps "
+                  "intermediate tower layers); images only, redundancy ranking (no CLS)"}
+    )  # fmt: skip
     model_names = (
         "Qwen/Qwen2-VL-*", "Qwen/Qwen2.5-VL-*", "Qwen/Qwen3-VL-*",
         "qwen2-vl*", "qwen2.5-vl*", "qwen3-vl*",
@@ -87,7 +100,7 @@ class QwenVLAdapter(HFAdapter):
         "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLForConditionalGeneration",
         "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLModel",
     )
-    patch_class = VisionLanguagePatch
+    patch_class = QwenVLPatch
 
     def classes(self) -> dict[str, Any]:
         from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as q25
@@ -98,19 +111,23 @@ class QwenVLAdapter(HFAdapter):
         return {"inner": inner, "deepstack": (q3.Qwen3VLModel,)}
 
     def install(self, patch: TurboPatch, model: nn.Module, config: TurboConfig) -> None:
-        if not isinstance(patch, VisionLanguagePatch):
-            raise TypeError(
-                "the Qwen-VL adapter needs a VisionLanguagePatch (use turbo_adapters.apply)"
-            )
+        if not isinstance(patch, QwenVLPatch):
+            raise TypeError("the Qwen-VL adapter needs a QwenVLPatch (use turbo_adapters.apply)")
         classes = self.classes()
         inner = model if isinstance(model, classes["inner"]) else model.model
         layers = list(inner.language_model.layers)
         patch.num_text_layers = len(layers)
-        patch.tower_refusal = TOWER_REFUSAL
         patch.connector_available = True
         deepstack = 0
         if isinstance(inner, classes["deepstack"]):
             deepstack = len(inner.config.vision_config.deepstack_visual_indexes)
+            patch.tower_refusal = TOWER_REFUSAL
+        elif (why := tower_support(inner.visual)) is not None:
+            patch.tower_refusal = f"the installed transformers' Qwen tower differs: {why}"
+        else:
+            install_tower(patch, inner.visual)
+            patch.tower_depth = len(inner.visual.blocks)
+            patch.tower_available = True
         patch.first_llm_layer = deepstack
         # log(size) of connector-merged tokens in the decoder's attention
         install_size_bias(patch, [layer.self_attn for layer in layers], inner.language_model.config)
@@ -124,15 +141,57 @@ class QwenVLAdapter(HFAdapter):
         self._install_entries(patch, model, inner, deepstack)
 
     def _install_entries(
-        self, patch: VisionLanguagePatch, model: nn.Module, inner: nn.Module, deepstack: int
+        self, patch: QwenVLPatch, model: nn.Module, inner: nn.Module, deepstack: int
     ) -> None:
         image_token = int(inner.config.image_token_id)
         video_token = int(inner.config.video_token_id)
 
+        def tower_shrink(named: dict[str, Any]) -> tuple[dict[str, Any], Kept | None]:
+            """Tower mode: encode the images reducing in the tower, cut the runs; the kept
+            indices per image (videos pass through unreduced)."""
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            if named.get("pixel_values") is None:
+                return named, None
+            grid = named["image_grid_thw"]
+            merge = int(inner.visual.spatial_merge_size) ** 2
+            tokens = [int(n) for n in (grid.prod(-1) // merge).tolist()]
+            check_call(named, tokens, image_token)
+            encoded = dict(named.get("mm_encoder_outputs") or {})
+            with module_weights(inner):
+                with tower_call(inner.visual, patch.tower, patch.tower_budget()):
+                    pixels = named["pixel_values"].type(inner.visual.dtype)
+                    kept = inner.visual(pixels, grid_thw=grid)
+                if named.get("pixel_values_videos") is not None:
+                    warnings.warn(
+                        "tower mode reduces Qwen-VL's images only: this call's video tokens "
+                        "pass through unreduced",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                    encoded["video"] = inner.get_video_features(
+                        named["pixel_values_videos"], named["video_grid_thw"], return_dict=True
+                    )
+            done = cut_call(
+                patch, named, tokens, kept, image_token, _pad_id(model), patch.tower.size_bias
+            )
+            named = done.named
+            encoded["image"] = BaseModelOutputWithPooling(
+                pooler_output=tuple(k.tokens for k in kept)
+            )
+            named.pop("pixel_values")
+            named.pop("pixel_values_videos", None)
+            named["mm_encoder_outputs"] = encoded
+            named["position_ids"] = None  # recomputed for the shortened prompt
+            return named, ([k.index for k in kept], None)
+
         def shrink(named: dict[str, Any]) -> tuple[dict[str, Any], Kept | None]:
             """Connector mode: encode, reduce, cut the runs; the kept indices per image
-            and per video."""
-            if "connector" not in patch.active_modes():
+            and per video (tower mode: :func:`tower_shrink`)."""
+            modes = patch.active_modes()
+            if "tower" in modes:
+                return tower_shrink(named)
+            if "connector" not in modes:
                 return named, None
             images = named.get("pixel_values") is not None
             videos = named.get("pixel_values_videos") is not None
@@ -265,6 +324,7 @@ class QwenVLAdapter(HFAdapter):
                 args,
                 kwargs,
                 generate_shrink,
+                stages=frozenset({"tower", "connector"}),
                 check=check_llm,
                 media=("pixel_values", "pixel_values_videos"),
             )
