@@ -10,8 +10,9 @@ equal t, h, w positions is RoPE: identical logits); the same quantized VLM unpat
 (keeping every token: identical greedy ids, logits to 1e-5); each method's budget rule
 written here from its paper (the connector's count per image; FastV's cut; PyramidDrop's
 powers; SparseVLM's counts plus its recycled clusters) against the sequence length each
-quantized decoder layer receives; and the reasons Qwen gives for what it refuses
-(merging in its tower, an LLM-mode budget in tokens).
+quantized decoder layer receives; the reasons Qwen gives for what it refuses (Turbo's
+tower stage by method name, an LLM-mode budget in tokens); and the tower stage
+(``patch.modes = "tower"``) on the quantized stack.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from probes import answer, layer_lengths  # noqa: E402
 from support import tiny_qwen_vl as tq  # noqa: E402
 from tiny_lm import QWEN2  # noqa: E402
 
@@ -35,6 +37,7 @@ from turbo_adapters import VLM_METHODS, apply_vlm_method  # noqa: E402
 from turbo_adapters.compose import gptq  # noqa: E402
 from turbo_adapters.connector import last_connector  # noqa: E402
 from turbo_adapters.families.llava.llm import LLMReduction  # noqa: E402
+from turbo_adapters.families.qwen_vl import QwenTowerReduction  # noqa: E402
 
 KINDS = ("qwen2_5_vl", "qwen2_vl")
 NEW = 4
@@ -100,33 +103,6 @@ def qwen_vl(kind: str, folder: Path, layers: int = DEPTH) -> nn.Module:
 @pytest.fixture(scope="module", params=KINDS)
 def model(request: pytest.FixtureRequest, quantized_qwen2_folder: Path) -> nn.Module:
     return qwen_vl(request.param, quantized_qwen2_folder)
-
-
-@torch.no_grad()
-def answer(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    out = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-    return out[:, -NEW:]
-
-
-def _length(out: Any) -> int:
-    return (out[0] if isinstance(out, tuple) else out).shape[1]
-
-
-@torch.no_grad()
-def layer_lengths(model: nn.Module, inputs: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
-    """The sequence length each quantized decoder layer puts out in one forward (after
-    the reduction a stage makes at that layer), and the last position's logits."""
-    seen: list[int] = []
-    handles = [
-        layer.register_forward_hook(lambda _m, _a, out: seen.append(_length(out)))
-        for layer in model.model.language_model.layers
-    ]
-    try:
-        logits = model(**inputs).logits[:, -1]
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen, logits
 
 
 @pytest.fixture(scope="module")
@@ -281,17 +257,11 @@ def test_budgets_are_exact_in_the_quantized_decoder(model, method, stage, budget
     assert again == plain and torch.equal(logits, plain_logits)  # remove restores exactly
 
 
-TOWER_REASON = (
-    "tower mode is not available: Qwen's vision tower runs packed images split by "
-    "cu_seqlens (and by windows in Qwen2.5-VL) with per-token rotary positions, and its "
-    "PatchMerger needs full 2x2 groups: merging inside it is not supported; use "
-    "'connector' or 'llm'"
-)
-
-
 def test_refusals_name_the_reason(model, reference) -> None:
-    """Qwen refuses Turbo in its tower and LLM-mode budgets in tokens (its image token
-    count varies per image), saying why; a refusal leaves the model as it was."""
+    """Qwen refuses LLM-mode budgets in tokens (its image token count varies per image)
+    and the tower stage by method name, saying why; a refusal leaves the model as it was.
+    The tower stage itself (``patch.modes = "tower"``) runs on the quantized stack: keeping
+    every unit gives the quantized model's logits, half of them the budget's counts."""
     name = type(model).__name__
     for method in ("turbo", "fastv", "pyramiddrop", "sparsevlm"):
         with pytest.raises(
@@ -313,10 +283,16 @@ def test_refusals_name_the_reason(model, reference) -> None:
     inputs = tq.feed(GRIDS)
     patch = ta.apply(model)
     try:
-        with pytest.raises(ValueError, match=re.escape(TOWER_REASON)):
-            patch.modes = "tower"
-        with pytest.raises(ValueError, match=re.escape(TOWER_REASON)), torch.no_grad():
-            model(**inputs, turbo_mode="tower")
+        patch.modes = "tower"
+        patch.tower = QwenTowerReduction(budget=1.0, layers=(0,))
+        _, logits = layer_lengths(model, inputs)
+        torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=1e-5)
+        patch.tower = QwenTowerReduction(budget=0.5, layers=(0,))
+        _, logits = layer_lengths(model, inputs)
+        record = last_connector(patch)
+        assert record.tokens_out == tuple(math.ceil(n / 2) for n in record.tokens_in)
+        assert not torch.allclose(logits, reference["logits"])  # the tower stage acted
+        assert gptq.gptq_linear_classes(model.model.language_model)
     finally:
         patch.remove()
     assert ta.handle_of(model) is None

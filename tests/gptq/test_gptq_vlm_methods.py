@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from probes import answer, layer_lengths  # noqa: E402
 from tiny_lm import IMAGE_TOKEN, PAD, llama_config  # noqa: E402
 
 import turbo_adapters as ta  # noqa: E402
@@ -83,34 +83,6 @@ def feed(batch: int) -> dict[str, torch.Tensor]:
         mask[b, width - len(row) :] = 1
     pixels = torch.randn(batch, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(batch))
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
-
-
-@torch.no_grad()
-def answer(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    # greedy: gptqmodel's loader sets do_sample=True in the LM's generation config
-    out = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-    return out[:, -NEW:]
-
-
-def _length(out: Any) -> int:
-    return (out[0] if isinstance(out, tuple) else out).shape[1]
-
-
-@torch.no_grad()
-def layer_lengths(model: nn.Module, inputs: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
-    """The sequence length each quantized decoder layer puts out in one forward (after
-    the reduction a stage makes at that layer), and the last position's logits."""
-    seen: list[int] = []
-    handles = [
-        layer.register_forward_hook(lambda _m, _a, out: seen.append(_length(out)))
-        for layer in model.model.language_model.layers
-    ]
-    try:
-        logits = model(**inputs).logits[:, -1]
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen, logits
 
 
 @pytest.fixture(scope="module")
