@@ -307,6 +307,7 @@ class Subject:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.name = args.model
+        self.tower_layers = tuple(getattr(args, "tower_layers", (0, 1, 2, 3)))
         self.depth = FULL_DEPTH[args.model]
         shape = "tiny" if args.tiny else "medium"
         prompts = max(1, args.prompts)  # --prompts 0: the timing prompt only
@@ -343,9 +344,9 @@ class Subject:
         if method == "turbo-tower":
             if self.name == "llava":
                 self.patch.r = Target(tokens=budget + 1)  # the CLS token is in the count
-            else:  # Qwen: K units kept per image, merged after blocks 0..3
+            else:  # Qwen: K units kept per image, merged after --tower-layers (0..3)
                 depth = len(self.model.model.visual.blocks)
-                layers = tuple(range(min(4, depth)))
+                layers = tuple(v for v in self.tower_layers if v < depth) or (0,)
                 self.patch.tower = QwenTowerReduction(budget=budget, layers=layers)
             return {"turbo_mode": "tower"}, uniform
         setting, weights = llm_setting(method, budget, self.n_image, self.depth)
@@ -791,6 +792,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="count every row's whole call (default: the tower once, each row after it)",
     )
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="tokens kept")
+    parser.add_argument(
+        "--tower-layers", type=int, nargs="+", default=[0, 1, 2, 3],
+        help="Qwen's tower stage: the blocks after which units merge (ascending, >= 0)",
+    )  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="tiny configs (smoke test)")
     parser.add_argument("--json", default=None, help="write the raw figures here")
     parser.add_argument(
