@@ -1,8 +1,9 @@
-"""What the GPTQ method tests read from a VLM: greedy answers, and the sequence length
-each (quantized) decoder layer puts out."""
+"""What the GPTQ method tests read from a VLM (greedy answers, the sequence length each
+(quantized) decoder layer puts out) and SparseVLM's budget rule written from its paper."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -40,3 +41,19 @@ def layer_lengths(model: nn.Module, inputs: dict[str, Any]) -> tuple[list[int], 
         for handle in handles:
             handle.remove()
     return seen, logits
+
+
+def sparse_counts(keeps: list[float], recycle: float, image_tokens: int) -> list[int]:
+    """SparseVLM: each stage keeps ``ceil(keep * N)`` of the image tokens still present;
+    ``int(recycle * dropped) + 1`` of the dropped ones form ``int(that / 10) + 1``
+    clusters, each taking one more slot."""
+    present, counts = image_tokens, []
+    for keep in keeps:
+        kept = min(present, math.ceil(keep * image_tokens - 1e-9))
+        dropped = present - kept
+        if dropped:
+            chosen = min(int(dropped * recycle) + 1, dropped)
+            kept += int(chosen / 10) + 1
+        counts.append(kept)
+        present = kept
+    return counts

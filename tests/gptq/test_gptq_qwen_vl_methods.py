@@ -28,7 +28,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from probes import answer, layer_lengths  # noqa: E402
+from probes import answer, layer_lengths, sparse_counts  # noqa: E402
 from support import tiny_qwen_vl as tq  # noqa: E402
 from tiny_lm import QWEN2  # noqa: E402
 
@@ -196,22 +196,6 @@ def test_keeping_every_token_equals_the_quantized_model(model, reference, method
     finally:
         patch.remove()
     assert ta.handle_of(model) is None
-
-
-def sparse_counts(keeps: list[float], recycle: float, image_tokens: int) -> list[int]:
-    """SparseVLM: each stage keeps ``ceil(keep * N)`` of the image tokens still present;
-    ``int(recycle * dropped) + 1`` of the dropped ones form ``int(that / 10) + 1``
-    clusters, each taking one more slot."""
-    present, counts = image_tokens, []
-    for keep in keeps:
-        kept = min(present, math.ceil(keep * image_tokens - 1e-9))
-        dropped = present - kept
-        if dropped:
-            chosen = min(int(dropped * recycle) + 1, dropped)
-            kept += int(chosen / 10) + 1
-        counts.append(kept)
-        present = kept
-    return counts
 
 
 @pytest.mark.parametrize(

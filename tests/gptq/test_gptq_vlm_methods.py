@@ -18,7 +18,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from probes import answer, layer_lengths  # noqa: E402
+from probes import answer, layer_lengths, sparse_counts  # noqa: E402
 from tiny_lm import IMAGE_TOKEN, PAD, llama_config  # noqa: E402
 
 import turbo_adapters as ta  # noqa: E402
@@ -124,22 +124,6 @@ def pyramid_counts(keep: float, stages: int) -> list[int]:
     return [math.ceil(keep ** (s + 1) * PER_IMAGE - 1e-9) for s in range(stages)]
 
 
-def sparse_counts(keeps: list[float], recycle: float) -> list[int]:
-    """SparseVLM: each stage keeps ``ceil(keep * N)`` of the image tokens still present;
-    ``int(recycle * dropped) + 1`` of the dropped ones form ``int(that / 10) + 1``
-    clusters, each taking one more slot."""
-    present, counts = PER_IMAGE, []
-    for keep in keeps:
-        kept = min(present, math.ceil(keep * PER_IMAGE - 1e-9))
-        dropped = present - kept
-        if dropped:
-            chosen = min(int(dropped * recycle) + 1, dropped)
-            kept += int(chosen / 10) + 1
-        counts.append(kept)
-        present = kept
-    return counts
-
-
 @pytest.mark.parametrize(
     ("method", "budget"), [("pyramiddrop", 0.5), ("sparsevlm", 0.5), ("divprune", 5),
                            ("visionzip", 6), ("cdpruner", 0.25), ("turbo", 3)],
@@ -158,7 +142,7 @@ def test_budgets_are_exact_in_the_quantized_decoder(model, method, budget) -> No
             assert counts == [8, 4, 2]
         elif method == "sparsevlm":  # raters at layers 0, 1, 2 (3/32, 7/32, 16/32 of 4)
             keeps = [budget * c / 66 for c in (66, 30, 17)]
-            counts = sparse_counts(keeps, recycle=0.3)
+            counts = sparse_counts(keeps, recycle=0.3, image_tokens=PER_IMAGE)
             assert lengths == [text + c for c in (*counts, counts[-1])]
             assert counts == [9, 5, 4]  # 8 + 1 cluster, 4 + 1, 3 + 1
         else:  # the connector: every layer sees the budget
